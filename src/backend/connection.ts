@@ -1,0 +1,360 @@
+/**
+ * connection.ts — one SMTP client connection to the backend MTA.
+ *
+ * Opens the TCP connection (optionally sending a PROXY protocol header first), reads the
+ * greeting, says EHLO, upgrades with STARTTLS when the backend offers it (policy `auto`), and
+ * passes the real client to Postfix with XCLIENT when offered. After that it is a command FIFO:
+ * `command()` may be called several times without waiting (backend PIPELINING); replies are
+ * matched to commands in order. DATA bytes are written raw with back-pressure (`writeData`
+ * returns false until `drain`).
+ *
+ * Every wait has a deadline (connect, greeting, command, end of data). Any failure — refused,
+ * timed out, closed, garbage — rejects the pending commands with a BackendError and destroys
+ * the socket; the session turns that into a 4xx for the client, never a 250.
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { EventEmitter } from 'node:events';
+import { parseReplyLines, replyClass, type Reply } from '../smtp/reply.js';
+import { proxyHeaderV1, proxyHeaderV2, type ProxiedAddress } from './proxy-protocol.js';
+
+export interface BackendOptions {
+  host: string;
+  port: number;
+  /** Name doorman gives in its own EHLO to the backend. */
+  heloName: string;
+  /** TCP connect deadline, ms. */
+  connectTimeout: number;
+  /** Deadline for the backend's greeting, ms. */
+  greetingTimeout: number;
+  /** Deadline for a reply to a command, ms. */
+  commandTimeout: number;
+  /** Deadline for the reply to the end of data, ms. */
+  dataTimeout: number;
+  /** STARTTLS towards the backend: when offered (`auto`), never, or required. */
+  starttls: 'auto' | 'off' | 'require';
+  /** Verify the backend's certificate. */
+  tlsVerify: boolean;
+  /** Pass the client with XCLIENT when the backend offers it. */
+  xclient: boolean;
+  /** Send a PROXY protocol header to the backend. */
+  proxyProtocol: 'off' | 'v1' | 'v2';
+}
+
+/** What the backend should learn of the real client. */
+export interface ClientIdentity extends ProxiedAddress {
+  /** The client's reverse name if known (XCLIENT NAME), else undefined → [UNAVAILABLE]. */
+  name?: string;
+}
+
+export type BackendFailure = 'connect' | 'timeout' | 'closed' | 'protocol' | 'refused' | 'tls';
+
+export class BackendError extends Error {
+  constructor(
+    readonly kind: BackendFailure,
+    message: string,
+    readonly reply?: Reply,
+  ) {
+    super(message);
+    this.name = 'BackendError';
+  }
+}
+
+/** EHLO keywords → their parameters (upper-cased keyword). */
+export type Capabilities = Map<string, string>;
+
+export function parseCapabilities(r: Reply): Capabilities {
+  const caps: Capabilities = new Map();
+  for (const line of r.lines.slice(1)) {
+    const [kw, ...rest] = line.trim().split(/\s+/);
+    if (kw) caps.set(kw.toUpperCase(), rest.join(' '));
+  }
+  return caps;
+}
+
+interface Pending {
+  resolve: (r: Reply) => void;
+  reject: (e: BackendError) => void;
+  timeout: number;
+  what: string;
+}
+
+/** Longest reply line and whole reply accepted from the backend (garbage protection). */
+const MAX_REPLY_LINE = 4096;
+const MAX_REPLY_LINES = 200;
+
+export class BackendConnection extends EventEmitter {
+  private socket: net.Socket;
+  private buf = '';
+  private lines: string[] = [];
+  private pending: Pending[] = [];
+  private timer: NodeJS.Timeout | null = null;
+  private failure: BackendError | null = null;
+  /** Capabilities from the last EHLO answered 250. */
+  caps: Capabilities = new Map();
+  /** The TLS state towards the backend. */
+  tls = false;
+  /** Milliseconds from connect() to the greeting. */
+  connectMs = 0;
+
+  private constructor(
+    socket: net.Socket,
+    private readonly opts: BackendOptions,
+  ) {
+    super();
+    this.socket = socket;
+    this.attach(socket);
+  }
+
+  /**
+   * Connects and prepares a session: greeting, EHLO, STARTTLS (policy), EHLO again, XCLIENT.
+   * Rejects with BackendError when the backend cannot take the session.
+   */
+  static async open(opts: BackendOptions, client: ClientIdentity): Promise<BackendConnection> {
+    const started = Date.now();
+    const socket = await connect(opts, client);
+    const conn = new BackendConnection(socket, opts);
+    try {
+      const greeting = await conn.expect(opts.greetingTimeout, 'greeting');
+      if (greeting.code !== 220) {
+        throw new BackendError('refused', `greeting ${greeting.code}`, greeting);
+      }
+      conn.connectMs = Date.now() - started;
+      await conn.ehlo(opts.heloName);
+      if (opts.starttls !== 'off' && conn.caps.has('STARTTLS')) {
+        await conn.startTls();
+        await conn.ehlo(opts.heloName);
+      } else if (opts.starttls === 'require') {
+        throw new BackendError('tls', 'backend offers no STARTTLS');
+      }
+      if (opts.xclient && conn.caps.has('XCLIENT')) await conn.xclient(client);
+      return conn;
+    } catch (err) {
+      conn.destroy();
+      throw err instanceof BackendError ? err : new BackendError('protocol', String(err));
+    }
+  }
+
+  /** The backend accepted XCLIENT for this session. */
+  xclientDone = false;
+
+  private async ehlo(name: string): Promise<Reply> {
+    const r = await this.command(`EHLO ${name}`);
+    if (r.code !== 250) throw new BackendError('refused', `EHLO ${r.code}`, r);
+    this.caps = parseCapabilities(r);
+    return r;
+  }
+
+  /** Sends EHLO (or HELO) for the client and records the capabilities. */
+  async hello(verb: 'EHLO' | 'HELO', name: string): Promise<Reply> {
+    const r = await this.command(`${verb} ${name}`);
+    if (r.code === 250) this.caps = verb === 'EHLO' ? parseCapabilities(r) : new Map();
+    return r;
+  }
+
+  private async startTls(): Promise<void> {
+    const r = await this.command('STARTTLS');
+    if (r.code !== 220) {
+      if (this.opts.starttls === 'require') throw new BackendError('tls', `STARTTLS ${r.code}`, r);
+      return;
+    }
+    const plain = this.socket;
+    plain.removeAllListeners('data');
+    plain.removeAllListeners('close');
+    plain.removeAllListeners('error');
+    plain.on('error', () => undefined);
+    const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
+      const s = tls.connect({
+        socket: plain,
+        rejectUnauthorized: this.opts.tlsVerify,
+        servername: net.isIP(this.opts.host) ? undefined : this.opts.host,
+      });
+      const t = setTimeout(() => reject(new BackendError('timeout', 'TLS handshake timeout')), this.opts.commandTimeout);
+      s.once('secureConnect', () => {
+        clearTimeout(t);
+        resolve(s);
+      });
+      s.once('error', (e) => {
+        clearTimeout(t);
+        reject(new BackendError('tls', `TLS: ${e.message}`));
+      });
+    });
+    this.socket = secure;
+    this.attach(secure);
+    this.tls = true;
+  }
+
+  /** XCLIENT with the attributes the backend lists; values xtext-encoded (RFC 3461 §4). */
+  private async xclient(client: ClientIdentity): Promise<void> {
+    const allowed = new Set((this.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
+    const attrs: string[] = [];
+    const add = (k: string, v: string | number | undefined) => {
+      if (v !== undefined && allowed.has(k)) attrs.push(`${k}=${xtext(String(v))}`);
+    };
+    add('ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
+    add('PORT', client.port);
+    add('NAME', client.name ?? '[UNAVAILABLE]');
+    add('DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
+    add('DESTPORT', client.destPort);
+    if (attrs.length === 0) return;
+    const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
+    // Postfix answers 220 (a new greeting); smtp-sink answers 250.
+    if (replyClass(r) !== 2) throw new BackendError('refused', `XCLIENT ${r.code}`, r);
+    this.xclientDone = true;
+    this.caps = new Map();
+  }
+
+  /** Sends one command line; resolves with its reply. May be called again before it resolves. */
+  command(line: string, timeout = this.opts.commandTimeout): Promise<Reply> {
+    if (/[\r\n\0]/.test(line)) return Promise.reject(new BackendError('protocol', 'refusing to send CR/LF/NUL'));
+    const p = this.expect(timeout, line.split(' ')[0] ?? line);
+    if (!this.failure) this.socket.write(`${line}\r\n`);
+    return p;
+  }
+
+  /** Writes message bytes (already dot-stuffed, CRLF). Returns false under back-pressure. */
+  writeData(chunk: Buffer): boolean {
+    if (this.failure) return true;
+    return this.socket.write(chunk);
+  }
+
+  /** Ends the message (CRLF.CRLF is completed by ".\r\n") and waits for the final reply. */
+  endData(): Promise<Reply> {
+    const p = this.expect(this.opts.dataTimeout, 'end of data');
+    if (!this.failure) this.socket.write('.\r\n');
+    return p;
+  }
+
+  /** Polite close: QUIT, then end the socket without waiting long. */
+  quit(): void {
+    if (this.failure) return;
+    this.command('QUIT', 2000).then(
+      () => this.destroy(),
+      () => this.destroy(),
+    );
+    this.failure = new BackendError('closed', 'quit');
+  }
+
+  /** Drops the connection at once (message aborted: the backend never saw its end). */
+  destroy(): void {
+    if (!this.failure) this.failure = new BackendError('closed', 'closed by doorman');
+    this.fail(this.failure);
+    this.socket.destroy();
+  }
+
+  get alive(): boolean {
+    return this.failure === null;
+  }
+
+  /** Waits until the socket can take more data. */
+  onceDrain(cb: () => void): void {
+    this.socket.once('drain', cb);
+  }
+
+  private expect(timeout: number, what: string): Promise<Reply> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise<Reply>((resolve, reject) => {
+      this.pending.push({ resolve, reject, timeout, what });
+      if (this.pending.length === 1) this.arm();
+    });
+  }
+
+  private arm(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    const head = this.pending[0];
+    if (!head) return;
+    this.timer = setTimeout(() => {
+      this.fail(new BackendError('timeout', `no reply to ${head.what} within ${head.timeout} ms`));
+      this.socket.destroy();
+    }, head.timeout);
+  }
+
+  private attach(socket: net.Socket): void {
+    socket.setNoDelay(true);
+    socket.on('data', (d: Buffer) => this.onData(d.toString('latin1')));
+    socket.on('error', (e) => this.fail(new BackendError('closed', e.message)));
+    socket.on('close', () => {
+      this.fail(new BackendError('closed', 'connection closed by backend'));
+      this.emit('close');
+    });
+  }
+
+  private onData(d: string): void {
+    this.buf += d;
+    for (;;) {
+      const nl = this.buf.indexOf('\n');
+      if (nl < 0) {
+        if (this.buf.length > MAX_REPLY_LINE) this.garbage('reply line too long');
+        return;
+      }
+      const line = this.buf.slice(0, nl).replace(/\r$/, '');
+      this.buf = this.buf.slice(nl + 1);
+      if (!/^[2-5]\d\d([ -]|$)/.test(line) || line.length > MAX_REPLY_LINE) return this.garbage(`bad reply line`);
+      this.lines.push(line);
+      if (this.lines.length > MAX_REPLY_LINES) return this.garbage('reply too long');
+      if (line[3] === '-') continue;
+      const lines = this.lines;
+      this.lines = [];
+      if (lines.some((l) => l.slice(0, 3) !== line.slice(0, 3))) return this.garbage('inconsistent reply codes');
+      const raw = Buffer.from(lines.map((l) => l + '\r\n').join(''), 'latin1');
+      const reply = parseReplyLines(lines, raw);
+      const head = this.pending.shift();
+      if (!head) {
+        // Unsolicited: typically "421 … timeout" before closing.
+        this.fail(new BackendError('closed', `unsolicited ${reply.code}`, reply));
+        return;
+      }
+      this.arm();
+      head.resolve(reply);
+      if (reply.code === 421) {
+        this.fail(new BackendError('closed', 'backend sent 421', reply));
+        this.socket.end();
+      }
+    }
+  }
+
+  private garbage(why: string): void {
+    this.fail(new BackendError('protocol', why));
+    this.socket.destroy();
+  }
+
+  private fail(err: BackendError): void {
+    if (!this.failure) this.failure = err;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    const pending = this.pending;
+    this.pending = [];
+    for (const p of pending) p.reject(err);
+  }
+}
+
+function connect(opts: BackendOptions, client: ClientIdentity): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: opts.host, port: opts.port });
+    const t = setTimeout(() => {
+      socket.destroy();
+      reject(new BackendError('timeout', `connect timeout after ${opts.connectTimeout} ms`));
+    }, opts.connectTimeout);
+    socket.once('connect', () => {
+      clearTimeout(t);
+      socket.removeAllListeners('error');
+      if (opts.proxyProtocol === 'v1') socket.write(proxyHeaderV1(client));
+      else if (opts.proxyProtocol === 'v2') socket.write(proxyHeaderV2(client));
+      resolve(socket);
+    });
+    socket.once('error', (e) => {
+      clearTimeout(t);
+      reject(new BackendError('connect', e.message));
+    });
+  });
+}
+
+/** RFC 3461 §4 xtext: "+" and characters outside "!".."~" and "=" become +HH. */
+export function xtext(s: string): string {
+  let out = '';
+  for (const ch of Buffer.from(s, 'utf8')) {
+    out += ch < 0x21 || ch > 0x7e || ch === 0x2b || ch === 0x3d ? '+' + ch.toString(16).toUpperCase().padStart(2, '0') : String.fromCharCode(ch);
+  }
+  return out;
+}

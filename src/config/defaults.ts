@@ -1,0 +1,76 @@
+/**
+ * defaults.ts — every named limit and setting, with its default and unit.
+ *
+ * docs/configuration.md documents each key; test/unit/config-docs.test.ts checks that every
+ * limit here is named there.
+ */
+
+export const LIMIT_DEFAULTS = {
+  /** Concurrent client sessions in total; above it new clients get 421 4.7.0. */
+  maxClients: 1000,
+  /** Concurrent sessions from one client IP address; above it 421 4.7.0. */
+  maxClientsPerIp: 20,
+  /** Longest command line, octets including CRLF (RFC 5321 §4.5.3.1.4). */
+  maxCommandLine: 512,
+  /** Extra octets allowed on MAIL/RCPT lines for extension parameters (SIZE, BODY, ORCPT…). */
+  extensionAllowance: 512,
+  /** Longest AUTH command or SASL response line, octets including CRLF (RFC 4954 §4). */
+  maxAuthLine: 12288,
+  /** Longest text line in a message, octets including CRLF (RFC 5321 §4.5.3.1.6); 0 = no limit. */
+  maxDataLine: 1000,
+  /** Largest message, octets; the smaller of this and the backend's SIZE is advertised. */
+  maxMessageSize: 52_428_800, // 50 MiB
+  /** Recipients per message; more get 452 4.5.3 (RFC 5321 §4.5.3.1.8 requires at least 100). */
+  maxRecipients: 1000,
+  /** Error replies (4xx/5xx) in one session before 421 4.7.0 and close. */
+  maxErrors: 20,
+  /** Unknown or unimplemented commands in one session before 421 4.7.0 and close. */
+  maxUnknownCommands: 10,
+  /** Waiting for a command, ms (RFC 5321 §4.5.3.2.7 server timeout: 5 minutes). */
+  commandTimeout: 300_000,
+  /** Waiting for the next DATA block, ms (RFC 5321 §4.5.3.2.5: 3 minutes). */
+  dataTimeout: 180_000,
+  /** Time open sessions get to finish after SIGTERM before they are sent 421, ms. */
+  drainTimeout: 30_000,
+  /** Bytes buffered from a client before doorman stops reading from it (back-pressure). */
+  maxBuffered: 65_536, // 64 KiB
+  /** Deadline for a trusted load balancer's PROXY header, ms (Postfix: 5 s). */
+  proxyHeaderTimeout: 5_000,
+  /** Largest header block held for data_headers rules, octets; past it rules see a prefix. */
+  maxHeaderBytes: 65_536, // 64 KiB
+  /** Bare CR or LF in commands and data: `normalize` to CRLF (safely re-stuffed) or `reject`. */
+  bareNewline: 'normalize' as 'normalize' | 'reject',
+} as const;
+
+export const BACKEND_DEFAULTS = {
+  address: '127.0.0.1:25',
+  /** TCP connect deadline, ms. */
+  connectTimeout: 10_000,
+  /** Deadline for the backend's 220 greeting, ms. */
+  greetingTimeout: 30_000,
+  /** Deadline for the reply to each command, ms. */
+  commandTimeout: 60_000,
+  /** Deadline for the reply to the end of data, ms (RFC 5321 §4.5.3.2.6 allows 10 min). */
+  dataTimeout: 300_000,
+  /** STARTTLS towards the backend: `auto` (when offered), `off`, `require`. */
+  starttls: 'auto' as 'auto' | 'off' | 'require',
+  /** Verify the backend's TLS certificate. */
+  tlsVerify: false,
+  /** Pass the real client with XCLIENT when the backend offers it. */
+  xclient: true,
+  /** Send a PROXY protocol header to the backend: `off`, `v1`, `v2`. */
+  proxyProtocol: 'off' as 'off' | 'v1' | 'v2',
+};
+
+export const RULE_DEFAULTS = {
+  /** Per-rule evaluation deadline, ms; a rule that takes longer gets its onError action. */
+  timeout: 5_000,
+  /** What a rule that throws or times out does: `pass` (fail open) or `tempfail` (451 4.3.0). */
+  onError: 'pass' as 'pass' | 'tempfail',
+  /** What a rule's findings do: enforce, dry-run (log only), tempfail (5xx become 4xx), tag. */
+  action: 'enforce' as 'enforce' | 'dry-run' | 'tempfail' | 'tag',
+};
+
+export const DEFAULT_LISTEN = '127.0.0.1:2525';
+export const DEFAULT_RULES_DIR = 'rules';
+export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9725';

@@ -1,0 +1,106 @@
+/**
+ * schema.ts — the deployment configuration file (doorman.yaml), validated with zod.
+ * Unknown keys are errors (a typo must not silently fall back to a default).
+ * docs/configuration.md documents every key.
+ */
+import { z } from 'zod';
+import { BACKEND_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
+
+const ms = z.number().int().nonnegative();
+const positive = z.number().int().positive();
+
+export const hostPort = z.string().refine((s) => parseHostPort(s) !== null, { message: 'expected host:port ([v6]:port for IPv6)' });
+
+export const listenerSchema = z.strictObject({
+  /** host:port to listen on. */
+  address: hostPort,
+  /** smtp (port 25 role: STARTTLS), submission (587 role), smtps (465 role: implicit TLS). */
+  role: z.enum(['smtp', 'submission', 'smtps']).default('smtp'),
+  /** Name in logs and metrics; default: role@address. */
+  name: z.string().min(1).optional(),
+  /** Expect a PROXY protocol v1/v2 header from the trusted proxies. */
+  proxyProtocol: z.boolean().default(false),
+  /** Addresses or CIDRs allowed to send a PROXY header. */
+  trustedProxies: z.array(z.string()).default([]),
+  /** Offer AUTH without TLS (default only under TLS). */
+  authPlaintext: z.boolean().default(false),
+});
+
+export const configSchema = z.strictObject({
+  /** Name in the greeting and EHLO reply. */
+  hostname: z.string().regex(/^[A-Za-z0-9.-]+$/, 'a host name').optional(),
+  listen: z.array(listenerSchema).min(1).default([{ address: DEFAULT_LISTEN, role: 'smtp', proxyProtocol: false, trustedProxies: [], authPlaintext: false }]),
+  backend: z
+    .strictObject({
+      address: hostPort.default(BACKEND_DEFAULTS.address),
+      connectTimeout: ms.default(BACKEND_DEFAULTS.connectTimeout),
+      greetingTimeout: ms.default(BACKEND_DEFAULTS.greetingTimeout),
+      commandTimeout: ms.default(BACKEND_DEFAULTS.commandTimeout),
+      dataTimeout: ms.default(BACKEND_DEFAULTS.dataTimeout),
+      starttls: z.enum(['auto', 'off', 'require']).default(BACKEND_DEFAULTS.starttls),
+      tlsVerify: z.boolean().default(BACKEND_DEFAULTS.tlsVerify),
+      xclient: z.boolean().default(BACKEND_DEFAULTS.xclient),
+      proxyProtocol: z.enum(['off', 'v1', 'v2']).default(BACKEND_DEFAULTS.proxyProtocol),
+    })
+    .prefault({}),
+  tls: z
+    .strictObject({
+      cert: z.string().optional(),
+      key: z.string().optional(),
+    })
+    .prefault({}),
+  rules: z
+    .strictObject({
+      dir: z.string().default(DEFAULT_RULES_DIR),
+      /** Reload rule files when they change (SIGHUP always reloads). */
+      watch: z.boolean().default(true),
+    })
+    .prefault({}),
+  redis: z.strictObject({ url: z.string().optional() }).prefault({}),
+  dns: z.strictObject({ servers: z.array(z.string()).default([]) }).prefault({}),
+  metrics: z
+    .strictObject({
+      /** host:port for /metrics, /healthz, /readyz; "off" disables. */
+      listen: z.string().default(DEFAULT_METRICS_LISTEN),
+    })
+    .prefault({}),
+  log: z
+    .strictObject({
+      level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+    })
+    .prefault({}),
+  limits: z
+    .strictObject({
+      maxClients: positive.default(LIMIT_DEFAULTS.maxClients),
+      maxClientsPerIp: positive.default(LIMIT_DEFAULTS.maxClientsPerIp),
+      maxCommandLine: z.number().int().min(512).default(LIMIT_DEFAULTS.maxCommandLine),
+      extensionAllowance: z.number().int().nonnegative().default(LIMIT_DEFAULTS.extensionAllowance),
+      maxAuthLine: z.number().int().min(512).default(LIMIT_DEFAULTS.maxAuthLine),
+      maxDataLine: z.number().int().refine((n) => n === 0 || n >= 1000, '0 (no limit) or at least 1000').default(LIMIT_DEFAULTS.maxDataLine),
+      maxMessageSize: positive.default(LIMIT_DEFAULTS.maxMessageSize),
+      maxRecipients: z.number().int().min(1).default(LIMIT_DEFAULTS.maxRecipients),
+      maxErrors: positive.default(LIMIT_DEFAULTS.maxErrors),
+      maxUnknownCommands: positive.default(LIMIT_DEFAULTS.maxUnknownCommands),
+      commandTimeout: positive.default(LIMIT_DEFAULTS.commandTimeout),
+      dataTimeout: positive.default(LIMIT_DEFAULTS.dataTimeout),
+      drainTimeout: ms.default(LIMIT_DEFAULTS.drainTimeout),
+      maxBuffered: z.number().int().min(4096).default(LIMIT_DEFAULTS.maxBuffered),
+      proxyHeaderTimeout: positive.default(LIMIT_DEFAULTS.proxyHeaderTimeout),
+      maxHeaderBytes: z.number().int().min(1024).default(LIMIT_DEFAULTS.maxHeaderBytes),
+      bareNewline: z.enum(['normalize', 'reject']).default(LIMIT_DEFAULTS.bareNewline),
+    })
+    .prefault({}),
+});
+
+export type Config = z.output<typeof configSchema>;
+export type ListenerConfig = z.output<typeof listenerSchema>;
+export type Limits = Config['limits'];
+
+/** `host:port`, `[v6]:port`. Returns null when malformed. */
+export function parseHostPort(s: string): { host: string; port: number } | null {
+  const m = /^\[([^\]]+)\]:(\d{1,5})$/.exec(s) ?? /^([^:[\]]+):(\d{1,5})$/.exec(s);
+  if (!m || m[1] === undefined || m[2] === undefined) return null;
+  const port = Number(m[2]);
+  if (port > 65535) return null;
+  return { host: m[1], port };
+}

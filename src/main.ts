@@ -1,0 +1,148 @@
+/**
+ * main.ts — wiring only: configuration → logger → metrics → rules → listeners → metrics
+ * endpoint → reload and shutdown signals.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import tls from 'node:tls';
+import type { Logger } from 'pino';
+import type { BackendOptions } from './backend/connection.js';
+import { loadConfig, type LoadedConfig } from './config/load.js';
+import { closeRuleSet, loadRuleSet, type RuleSet } from './config/rules.js';
+import { parseHostPort } from './config/schema.js';
+import { watchRules } from './config/watch.js';
+import { DoormanError } from './errors.js';
+import { startMetricsServer } from './metrics/http.js';
+import { createMetrics, type Metrics } from './metrics/registry.js';
+import { Proxy } from './listener.js';
+import { createLogger } from './log.js';
+import type { RuleDeps } from './pipeline/rule.js';
+import { VERSION } from './version.js';
+
+export interface Running {
+  proxy: Proxy;
+  metrics: Metrics;
+  log: Logger;
+  /** Reloads the rule files; false when they were invalid (the old set stays). */
+  reload(): boolean;
+  /** Drains and stops everything. */
+  stop(deadline?: number): Promise<void>;
+}
+
+export function backendOptions(loaded: LoadedConfig): BackendOptions {
+  const b = loaded.config.backend;
+  const hp = parseHostPort(b.address);
+  if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `backend.address ${b.address}`);
+  return { ...b, host: hp.host, port: hp.port, heloName: loaded.hostname };
+}
+
+export function ruleDeps(loaded: LoadedConfig): RuleDeps {
+  return {
+    ownNames: [loaded.hostname.toLowerCase()],
+    ownAddresses: loaded.config.listen.map((l) => parseHostPort(l.address)?.host ?? '').filter((h) => net.isIP(h) !== 0),
+    now: () => Date.now(),
+  };
+}
+
+export function loadSecureContext(loaded: LoadedConfig): tls.SecureContext | null {
+  const { cert, key } = loaded.config.tls;
+  if (!cert && !key) {
+    if (loaded.config.listen.some((l) => l.role === 'smtps')) {
+      throw new DoormanError('DMN_ERR_TLS', 'an smtps listener needs tls.cert and tls.key (DOORMAN_TLS_CERT, DOORMAN_TLS_KEY)');
+    }
+    return null;
+  }
+  if (!cert || !key) throw new DoormanError('DMN_ERR_TLS', 'set both tls.cert and tls.key');
+  try {
+    return tls.createSecureContext({ cert: fs.readFileSync(cert), key: fs.readFileSync(key), minVersion: 'TLSv1.2' });
+  } catch (e) {
+    throw new DoormanError('DMN_ERR_TLS', (e as Error).message);
+  }
+}
+
+export async function start(loaded: LoadedConfig): Promise<Running> {
+  const { config } = loaded;
+  const log = createLogger(config.log.level);
+  const metrics = createMetrics({ version: VERSION });
+  const deps = ruleDeps(loaded);
+  let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
+  metrics.rulesInfo.set({ version: rules.version }, 1);
+  metrics.rulesLoaded.set(rules.rules.length);
+  const proxy: Proxy = new Proxy({
+    hostname: loaded.hostname,
+    limits: config.limits,
+    backend: backendOptions(loaded),
+    listeners: config.listen,
+    secureContext: loadSecureContext(loaded),
+    metrics,
+    log,
+    rules: () => rules,
+    onRuleSetUnused: (set) => closeRuleSet(set),
+  });
+  try {
+    await proxy.start();
+  } catch (e) {
+    closeRuleSet(rules);
+    throw new DoormanError('DMN_ERR_LISTEN', (e as Error).message);
+  }
+
+  const reload = (): boolean => {
+    try {
+      const next = loadRuleSet(config.rules.dir, deps);
+      const old = rules;
+      rules = next;
+      if (!proxy.ruleSetInUse(old)) closeRuleSet(old);
+      metrics.rulesInfo.reset();
+      metrics.rulesInfo.set({ version: next.version }, 1);
+      metrics.rulesLoaded.set(next.rules.length);
+      metrics.configReloads.inc({ result: 'success' });
+      log.info({ version: next.version, rules: next.rules.map((r) => r.rule.name) }, 'rules reloaded');
+      return true;
+    } catch (e) {
+      metrics.configReloads.inc({ result: 'failure' });
+      log.error({ err: e instanceof Error ? e.message : String(e), version: rules.version }, 'rule reload failed; keeping the last good rules');
+      return false;
+    }
+  };
+  const watcher = config.rules.watch ? watchRules(config.rules.dir, reload) : null;
+
+  let metricsServer: import('node:http').Server | null = null;
+  if (config.metrics.listen !== 'off') {
+    const hp = parseHostPort(config.metrics.listen);
+    if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
+    const backend = backendOptions(loaded);
+    metricsServer = await startMetricsServer(hp.host, hp.port, metrics.registry, async () => {
+      const reachable = await tcpReachable(backend.host, backend.port, 1000);
+      return { ready: reachable, checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable' } };
+    });
+  }
+  log.info({ version: VERSION, listeners: proxy.addresses(), backend: config.backend.address, rules: rules.rules.map((r) => r.rule.name), rulesVersion: rules.version }, 'doorman started');
+
+  return {
+    proxy,
+    metrics,
+    log,
+    reload,
+    async stop(deadline = config.limits.drainTimeout) {
+      watcher?.close();
+      log.info({ sessions: proxy.activeSessions, deadline }, 'draining');
+      await proxy.drain(deadline);
+      metricsServer?.close();
+      closeRuleSet(rules);
+      log.info('stopped');
+    },
+  };
+}
+
+function tcpReachable(host: string, port: number, timeout: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ host, port });
+    const done = (ok: boolean) => {
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(timeout, () => done(false));
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}

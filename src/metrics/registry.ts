@@ -1,0 +1,51 @@
+/**
+ * registry.ts — every doorman metric, declared in one place on doorman's own registry.
+ *
+ * Conventions (Prometheus naming guide): `doorman_` prefix, base units, `_total` counters.
+ * No label ever carries an IP address, a sender or a recipient. docs/metrics.md lists every
+ * metric; test/unit/metrics-doc.test.ts checks that the two agree.
+ */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export interface MetricsOptions {
+  version: string;
+  /** Collect Node's default process metrics (off in unit tests). */
+  defaults?: boolean;
+}
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+const SESSION_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900];
+const SIZE_BUCKETS = [1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 52428800];
+
+export function createMetrics(opts: MetricsOptions) {
+  const registry = new Registry();
+  const r = [registry];
+  const m = {
+    registry,
+    buildInfo: new Gauge({ name: 'doorman_build_info', help: 'Build information; value is always 1.', labelNames: ['version', 'node'], registers: r }),
+    connections: new Counter({ name: 'doorman_connections_total', help: 'Client connections accepted, by listener.', labelNames: ['listener'], registers: r }),
+    connectionsActive: new Gauge({ name: 'doorman_connections_active', help: 'Client sessions open now, by listener.', labelNames: ['listener'], registers: r }),
+    connectionsRefused: new Counter({ name: 'doorman_connections_refused_total', help: 'Connections refused before the greeting, by reason.', labelNames: ['listener', 'reason'], registers: r }),
+    tlsSessions: new Counter({ name: 'doorman_tls_sessions_total', help: 'Client TLS handshakes, by listener and how (starttls, implicit) and result.', labelNames: ['listener', 'mode', 'result'], registers: r }),
+    sessionDuration: new Histogram({ name: 'doorman_session_duration_seconds', help: 'Client session duration.', labelNames: ['listener'], buckets: SESSION_BUCKETS, registers: r }),
+    commands: new Counter({ name: 'doorman_commands_total', help: 'Client commands, by verb and reply class.', labelNames: ['verb', 'class'], registers: r }),
+    messages: new Counter({ name: 'doorman_messages_total', help: 'Message transactions that reached end of data, by outcome (accepted, rejected, tempfailed).', labelNames: ['outcome'], registers: r }),
+    messageSize: new Histogram({ name: 'doorman_message_size_bytes', help: 'Size of messages received from clients.', buckets: SIZE_BUCKETS, registers: r }),
+    rejections: new Counter({ name: 'doorman_rejections_total', help: 'Refusals made by rules, by rule, stage, code and enhanced code.', labelNames: ['rule', 'stage', 'code', 'enhanced_code'], registers: r }),
+    ruleEvaluations: new Counter({ name: 'doorman_rule_evaluations_total', help: 'Rule evaluations, by rule, stage and outcome (pass, reject, tempfail, accept, tag, dry_run, error).', labelNames: ['rule', 'stage', 'outcome'], registers: r }),
+    ruleDuration: new Histogram({ name: 'doorman_rule_duration_seconds', help: 'Rule evaluation time, by rule.', labelNames: ['rule'], buckets: LATENCY_BUCKETS, registers: r }),
+    ruleErrors: new Counter({ name: 'doorman_rule_errors_total', help: 'Rules that threw or timed out, by rule and kind (error, timeout).', labelNames: ['rule', 'kind'], registers: r }),
+    protocolViolations: new Counter({ name: 'doorman_protocol_violations_total', help: 'Client protocol violations, by kind.', labelNames: ['kind'], registers: r }),
+    backendConnectDuration: new Histogram({ name: 'doorman_backend_connect_duration_seconds', help: 'Time from connecting to the backend to its greeting.', buckets: LATENCY_BUCKETS, registers: r }),
+    backendReplies: new Counter({ name: 'doorman_backend_replies_total', help: 'Backend replies, by command and reply class.', labelNames: ['command', 'class'], registers: r }),
+    backendFailures: new Counter({ name: 'doorman_backend_failures_total', help: 'Backend failures, by kind (connect, timeout, closed, protocol, refused, tls).', labelNames: ['kind'], registers: r }),
+    configReloads: new Counter({ name: 'doorman_config_reloads_total', help: 'Rule file reloads, by result (success, failure).', labelNames: ['result'], registers: r }),
+    rulesInfo: new Gauge({ name: 'doorman_rules_loaded_info', help: 'The loaded rule set; version is a hash of the rule files.', labelNames: ['version'], registers: r }),
+    rulesLoaded: new Gauge({ name: 'doorman_rules_loaded', help: 'Number of enabled rules loaded.', registers: r }),
+  };
+  m.buildInfo.set({ version: opts.version, node: process.version }, 1);
+  if (opts.defaults !== false) collectDefaultMetrics({ register: registry });
+  return m;
+}
+
+export type Metrics = ReturnType<typeof createMetrics>;

@@ -1,0 +1,51 @@
+/**
+ * events.ts — the typed events of a session, as rules see them.
+ *
+ * A session is a stream of these events (connect, helo, auth, mail, rcpt, data_headers,
+ * data_end, quit). Each carries a read-only snapshot of the session so far; rules never get the
+ * socket or the session object.
+ */
+import type { ParsedPath } from '../smtp/address.js';
+import type { MailParam } from '../smtp/commands.js';
+import type { ClientAddress } from '../net/ip.js';
+
+export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end'] as const;
+export type Stage = (typeof STAGES)[number];
+
+export interface SessionSnapshot {
+  /** Session id, also in the log line. */
+  readonly id: string;
+  /** The real client (after PROXY protocol). */
+  readonly client: ClientAddress;
+  readonly clientPort: number;
+  /** Listener name and role. */
+  readonly listener: { readonly name: string; readonly role: 'smtp' | 'submission' | 'smtps' };
+  /** doorman's own address the client reached. */
+  readonly localAddress: string;
+  readonly tls: boolean;
+  /** HELO/EHLO argument, once given. */
+  readonly helo: string | null;
+  readonly esmtp: boolean;
+  /** Set after the backend answered 235 to AUTH. */
+  readonly auth: { readonly mechanism: string; readonly login: string | null } | null;
+  /** Current transaction (null outside one). */
+  readonly sender: ParsedPath | null;
+  readonly recipients: readonly ParsedPath[];
+  /** The rule whose `accept` finding allowlisted this session, if any. */
+  readonly acceptedBy: string | null;
+}
+
+interface Base {
+  readonly session: SessionSnapshot;
+}
+
+export type SessionEvent =
+  | (Base & { readonly stage: 'connect' })
+  | (Base & { readonly stage: 'helo'; readonly verb: 'HELO' | 'EHLO'; readonly name: string })
+  | (Base & { readonly stage: 'auth'; readonly mechanism: string; readonly login: string | null })
+  | (Base & { readonly stage: 'mail'; readonly sender: ParsedPath; readonly params: readonly MailParam[] })
+  | (Base & { readonly stage: 'rcpt'; readonly recipient: ParsedPath; readonly params: readonly MailParam[] })
+  | (Base & { readonly stage: 'data_headers'; readonly headers: Buffer; readonly truncated: boolean })
+  | (Base & { readonly stage: 'data_end'; readonly size: number });
+
+export type EventOf<S extends Stage> = Extract<SessionEvent, { stage: S }>;

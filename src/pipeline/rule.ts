@@ -1,0 +1,75 @@
+/**
+ * rule.ts — the plug-in interface every rule implements.
+ *
+ * A rule names the stages it acts on and returns a Finding for an event, as a value, a Promise
+ * or an Observable (the first value counts). It never writes to a socket, never decides the
+ * reply on its own: the rule file's `action` does (pipeline/verdict.ts), and the runner
+ * (pipeline/run.ts) owns timeouts, crashes and metrics.
+ */
+import type { Observable } from 'rxjs';
+import type { z } from 'zod';
+import type { SessionEvent, Stage } from './events.js';
+
+/** A reply a rule suggests; code and enhanced code must agree in class (5xx ↔ 5.x.x). */
+export interface ReplySpec {
+  readonly code: number;
+  readonly enhanced: string;
+  readonly text: string;
+}
+
+export type Finding =
+  /** Nothing to report. */
+  | { readonly kind: 'pass' }
+  /** A permanent problem: suggest 5xx. */
+  | { readonly kind: 'reject'; readonly reason: string; readonly reply?: ReplySpec }
+  /** A temporary problem: suggest 4xx. */
+  | { readonly kind: 'tempfail'; readonly reason: string; readonly reply?: ReplySpec }
+  /** Allowlisted: rules marked `bypassable` no longer refuse this session / recipient. */
+  | { readonly kind: 'accept'; readonly reason: string }
+  /** Noteworthy but not refused: tagged in a header. */
+  | { readonly kind: 'tag'; readonly reason: string };
+
+export const PASS: Finding = Object.freeze({ kind: 'pass' });
+
+export type FindingResult = Finding | Promise<Finding> | Observable<Finding>;
+
+export interface Rule {
+  /** Instance name from the rule file (unique), used in logs and metric labels. */
+  readonly name: string;
+  /** Rule type (the file name under src/rules/). */
+  readonly type: string;
+  readonly stages: readonly Stage[];
+  /** An `accept` finding from another rule overrides this rule's refusals. */
+  readonly bypassable: boolean;
+  check(event: SessionEvent): FindingResult;
+  /** Releases timers or connections on reload/shutdown. */
+  close?(): void;
+}
+
+/** Services passed to rule factories (resolver, store, clock come in later issues). */
+export interface RuleDeps {
+  /** doorman's own names (greeting hostname) and listening addresses. */
+  readonly ownNames: readonly string[];
+  readonly ownAddresses: readonly string[];
+  readonly now: () => number;
+}
+
+/** A rule type: its settings schema and a constructor. */
+export interface RuleType<S extends z.ZodType = z.ZodType> {
+  readonly type: string;
+  readonly description: string;
+  readonly settings: S;
+  create(name: string, settings: z.output<S>, deps: RuleDeps): Rule;
+}
+
+export function defineRuleType<S extends z.ZodType>(t: RuleType<S>): RuleType<S> {
+  return t;
+}
+
+/** Parses "550 5.7.1 text" into a ReplySpec (used by rule settings). */
+export function parseReplySpec(s: string): ReplySpec | null {
+  const m = /^([45]\d\d) ([45]\.\d{1,3}\.\d{1,3}) (.+)$/.exec(s.trim());
+  if (!m || m[1] === undefined || m[2] === undefined || m[3] === undefined) return null;
+  if (m[1][0] !== m[2][0]) return null;
+  return { code: Number(m[1]), enhanced: m[2], text: m[3] };
+}

@@ -1,0 +1,115 @@
+/**
+ * run.ts — the pipeline runner: evaluates one stage's rules for one event.
+ *
+ * The rules of a stage run concurrently (rxjs mergeMap). Each is wrapped so that nothing a rule
+ * does can harm the session: a synchronous throw, a rejected Promise, an Observable that errors
+ * or completes empty, and a rule slower than its `timeout` all become the rule's `onError`
+ * outcome (`pass`: fail open, the default; `tempfail`: 451 4.3.0), are counted in
+ * doorman_rule_errors_total{rule,kind} and logged with the rule's name. The outcomes are then
+ * combined by verdict.ts. A stage with no applicable rule costs nothing (no Promise, no timer).
+ */
+import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
+import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
+import { reply } from '../smtp/reply.js';
+import type { Metrics } from '../metrics/registry.js';
+import type { SessionEvent } from './events.js';
+import type { Finding, ReplySpec, Rule } from './rule.js';
+import { applyAction, combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
+
+/** A rule with the settings of its rule file. */
+export interface LoadedRule {
+  readonly rule: Rule;
+  readonly action: Action;
+  readonly onError: OnError;
+  /** Evaluation deadline, ms. */
+  readonly timeout: number;
+  /** Reply that replaces the rule's own for refusals (rule file `reply`). */
+  readonly reply?: ReplySpec;
+  /** Source file, for logs. */
+  readonly file: string;
+}
+
+export interface RunnerHooks {
+  metrics?: Metrics;
+  /** Called for a rule that threw or timed out (the session logs it). */
+  onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
+}
+
+class RuleTimeoutError extends Error {}
+
+/** Evaluates the stage of `event`. Synchronous EMPTY_VERDICT when no rule applies. */
+export function evaluate(
+  rules: readonly LoadedRule[],
+  event: SessionEvent,
+  hooks: RunnerHooks = {},
+): StageVerdict | Promise<StageVerdict> {
+  const accepted = event.session.acceptedBy;
+  const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable));
+  if (applicable.length === 0) return EMPTY_VERDICT;
+  return firstValueFrom(runStage(applicable, event, hooks));
+}
+
+export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): Observable<StageVerdict> {
+  return from(rules.map((lr, order) => ({ lr, order }))).pipe(
+    mergeMap(({ lr, order }) => checkOne(lr, event, hooks).pipe(map((outcome) => ({ outcome, order })))),
+    toArray(),
+    map((list) => combine(list.sort((a, b) => a.order - b.order).map((x) => x.outcome), event.session.acceptedBy)),
+  );
+}
+
+function checkOne(lr: LoadedRule, event: SessionEvent, hooks: RunnerHooks): Observable<RuleOutcome> {
+  const started = performance.now();
+  const stage = event.stage;
+  const name = lr.rule.name;
+  return defer(() => toObservable(lr.rule.check(event))).pipe(
+    take(1),
+    defaultIfEmpty<Finding, Finding>({ kind: 'pass' }),
+    timeout({ first: lr.timeout, with: () => { throw new RuleTimeoutError(`rule ${name} timed out after ${lr.timeout} ms`); } }),
+    map((finding): RuleOutcome => {
+      const applied = applyAction(finding, lr.action, stage, lr.reply);
+      return {
+        rule: name,
+        stage,
+        finding: finding.kind,
+        ...(finding.kind !== 'pass' ? { reason: finding.reason } : {}),
+        action: lr.action,
+        ...applied,
+        bypassable: lr.rule.bypassable,
+        ms: performance.now() - started,
+      };
+    }),
+    catchError((err: unknown) => {
+      const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
+      hooks.metrics?.ruleErrors.inc({ rule: name, kind });
+      hooks.onRuleError?.(name, kind, err);
+      const tempfail = lr.onError === 'tempfail';
+      const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
+      const outcome: RuleOutcome = {
+        rule: name,
+        stage,
+        finding: kind,
+        reason: err instanceof Error ? err.message : String(err),
+        action: lr.action,
+        effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
+        ...(r ? { reply: r } : {}),
+        bypassable: lr.rule.bypassable,
+        ms: performance.now() - started,
+      };
+      return of(outcome);
+    }),
+    map((o) => {
+      if (hooks.metrics) {
+        const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
+        hooks.metrics.ruleEvaluations.inc({ rule: name, stage, outcome });
+        hooks.metrics.ruleDuration.observe({ rule: name }, o.ms / 1000);
+      }
+      return o;
+    }),
+  );
+}
+
+function toObservable(r: Finding | Promise<Finding> | Observable<Finding>): Observable<Finding> {
+  if (isObservable(r)) return r;
+  if (r instanceof Promise) return from(r);
+  return of(r);
+}

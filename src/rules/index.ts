@@ -1,0 +1,12 @@
+/**
+ * index.ts — the rule types doorman knows, by the name rule files use in `rule:`.
+ * Adding a rule: one file in src/rules/, one line here, docs/rules.md, an example in rules/.
+ */
+import type { RuleType } from '../pipeline/rule.js';
+import { accessRule } from './access.js';
+import { heloRule } from './helo.js';
+
+export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleType>([
+  [accessRule.type, accessRule as unknown as RuleType],
+  [heloRule.type, heloRule as unknown as RuleType],
+]);

@@ -1,0 +1,954 @@
+/**
+ * session.ts — one client session: the SMTP state machine between a client and the backend.
+ *
+ * Order of work for a session:
+ *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
+ *   2. the backend connection (greeting, EHLO, STARTTLS, XCLIENT), then doorman's own greeting;
+ *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
+ *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
+ *      together when the client's group is read; the backend gets them without waiting.
+ *   4. DATA streams chunk by chunk to the backend with back-pressure; the final "." is sent only
+ *      after the size, line and bare-newline checks and the data_end rules passed. Otherwise
+ *      the backend connection is dropped (the backend never sees an end of data) and reopened
+ *      for the next transaction.
+ * The client gets 250 for a message only when the backend said 250 for it; any backend failure
+ * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in reply.ts.
+ */
+import crypto from 'node:crypto';
+import type net from 'node:net';
+import tls from 'node:tls';
+import type { Logger } from 'pino';
+import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
+import type { ProxiedAddress } from '../backend/proxy-protocol.js';
+import type { Limits } from '../config/schema.js';
+import type { RuleSet } from '../config/rules.js';
+import type { Metrics } from '../metrics/registry.js';
+import { parseAddress, type ClientAddress } from '../net/ip.js';
+import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
+import { evaluate } from '../pipeline/run.js';
+import type { RuleOutcome, StageVerdict } from '../pipeline/verdict.js';
+import { addressOf, type ParsedPath } from './address.js';
+import { formatMailRcpt, heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, parseMailRcpt, type Command, type MailParam } from './commands.js';
+import { Framing, type CommandEvent } from './framing.js';
+import { describeReply, formatReply, R, reply, replyClass, type Reply } from './reply.js';
+
+export interface ListenerRuntime {
+  readonly name: string;
+  readonly role: 'smtp' | 'submission' | 'smtps';
+  readonly authPlaintext: boolean;
+  /** For STARTTLS; null when no certificate is configured (STARTTLS not offered). */
+  readonly secureContext: tls.SecureContext | null;
+}
+
+export interface SessionDeps {
+  readonly hostname: string;
+  readonly limits: Limits;
+  readonly listener: ListenerRuntime;
+  readonly backend: BackendOptions;
+  readonly rules: RuleSet;
+  readonly metrics: Metrics;
+  readonly log: Logger;
+}
+
+interface Transaction {
+  sender: ParsedPath;
+  params: readonly MailParam[];
+  smtputf8: boolean;
+  /** Recipients the backend accepted. */
+  rcpts: ParsedPath[];
+  /** RCPT commands forwarded (accepted or pending). */
+  rcptForwarded: number;
+  /** RCPT commands tried (any outcome). */
+  rcptTried: number;
+  tags: string[];
+}
+
+interface MessageLog {
+  from: string;
+  to: string[];
+  size: number;
+  outcome: 'accepted' | 'rejected' | 'tempfailed';
+  reply: string;
+  queueId?: string;
+  rule?: string;
+}
+
+type Pending = Reply | Promise<Reply>;
+
+/** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
+const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
+/** Keep at most this many unanswered pipelined commands before writing replies. */
+const MAX_QUEUED_REPLIES = 100;
+/** EHLO keywords doorman passes through when the backend offers them. */
+const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN'];
+
+export class Session {
+  readonly id = crypto.randomBytes(6).toString('hex');
+  readonly started = Date.now();
+  private socket: net.Socket;
+  private readonly framing: Framing;
+  private backend: BackendConnection | null = null;
+  private readonly client: ClientAddress;
+  private tls: boolean;
+  private helo: string | null = null;
+  private esmtp = false;
+  private auth: { mechanism: string; login: string | null } | null = null;
+  private txn: Transaction | null = null;
+  private acceptedBy: string | null = null;
+  private sessionTags: string[] = [];
+  private refusedAtConnect = false;
+  private outq: Pending[] = [];
+  private pumping = false;
+  /** Greeting sent: commands may be read. */
+  private greeted = false;
+  /** A closing reply was written; the socket ends once it is flushed. */
+  private closing = false;
+  private closed = false;
+  private dataWaiter: (() => void) | null = null;
+  private errors = 0;
+  private unknown = 0;
+  private commands = 0;
+  private caps: Capabilities = new Map();
+  private readonly outcomes: RuleOutcome[] = [];
+  private readonly messages: MessageLog[] = [];
+  private endReason = 'closed';
+  private data: DataState | null = null;
+  private backendCongested = false;
+  /** Resolves when the session has ended. */
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+
+  constructor(
+    socket: net.Socket,
+    private readonly peer: ProxiedAddress,
+    private readonly deps: SessionDeps,
+    opts: { tls: boolean; initial?: Buffer },
+  ) {
+    this.socket = socket;
+    this.tls = opts.tls;
+    this.client = parseAddress(peer.address);
+    const l = deps.limits;
+    this.framing = new Framing({
+      maxCommandLine: l.maxCommandLine,
+      extensionAllowance: l.extensionAllowance,
+      maxAuthLine: l.maxAuthLine,
+      maxDataLine: l.maxDataLine,
+      bareNewline: l.bareNewline,
+    });
+    this.done = new Promise((r) => (this.resolveDone = r));
+    if (opts.initial?.length) this.framing.push(opts.initial);
+    this.attach(socket);
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  async start(): Promise<void> {
+    const connect = await this.runRules('connect', { stage: 'connect', session: this.snapshot() });
+    if (this.closed) return;
+    if (connect.reply) {
+      if (connect.reply.code >= 500) {
+        // RFC 5321 §3.1: 554 instead of 220, then wait for QUIT and answer 503 meanwhile.
+        this.refusedAtConnect = true;
+        this.endReason = 'refused';
+        this.greeted = true;
+        this.send(connect.reply);
+        this.pump();
+        return;
+      }
+      this.endReason = 'refused';
+      this.send(connect.reply.closes ? connect.reply : R.unavailable(this.deps.hostname));
+      return;
+    }
+    try {
+      this.backend = await this.openBackend();
+    } catch (err) {
+      if (this.closed) return;
+      this.endReason = 'backend-unavailable';
+      const be = err instanceof BackendError ? err : null;
+      if (be?.reply && be.reply.code >= 500 && be.kind === 'refused') {
+        this.refusedAtConnect = true;
+        this.greeted = true;
+        this.send(reply(554, '5.3.2', `${this.deps.hostname} Service not available`));
+        this.pump();
+        return;
+      }
+      this.send(R.unavailable(this.deps.hostname));
+      return;
+    }
+    if (this.closed) {
+      this.backend.destroy();
+      return;
+    }
+    this.greeted = true;
+    this.send(R.greeting(this.deps.hostname));
+    this.pump();
+  }
+
+  /** SIGTERM deadline: tell the client and close. */
+  shutdown(): void {
+    if (this.closed) return;
+    this.endReason = 'shutdown';
+    this.send(R.shuttingDown(this.deps.hostname));
+  }
+
+  private async openBackend(): Promise<BackendConnection> {
+    const t0 = Date.now();
+    try {
+      const b = await BackendConnection.open(this.deps.backend, { ...this.peer, address: this.client.text });
+      this.deps.metrics.backendConnectDuration.observe(b.connectMs / 1000);
+      b.on('close', () => this.onBackendClosed());
+      return b;
+    } catch (err) {
+      const kind = err instanceof BackendError ? err.kind : 'connect';
+      this.deps.metrics.backendFailures.inc({ kind });
+      this.deps.log.warn({ session: this.id, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
+      throw err;
+    }
+  }
+
+  /** A backend for the next command: reopened (XCLIENT + HELO again) if it was lost. */
+  private async ensureBackend(): Promise<BackendConnection | Reply> {
+    if (this.backend?.alive) return this.backend;
+    if (this.auth) return R.lostBackend(this.deps.hostname); // the login cannot be replayed
+    try {
+      const b = await this.openBackend();
+      this.backend = b;
+      if (this.helo) {
+        const r = await b.hello(this.esmtp ? 'EHLO' : 'HELO', this.helo);
+        if (r.code !== 250) return R.lostBackend(this.deps.hostname);
+        this.caps = b.caps;
+      }
+      return b;
+    } catch {
+      return R.lostBackend(this.deps.hostname);
+    }
+  }
+
+  private onBackendClosed(): void {
+    if (this.data && !this.data.aborted) this.data.aborted = 'backend';
+  }
+
+  private attach(socket: net.Socket): void {
+    socket.setNoDelay(true);
+    socket.setTimeout(this.deps.limits.commandTimeout);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('timeout', () => {
+      this.endReason = 'timeout';
+      this.send(R.timeout(this.deps.hostname));
+    });
+    socket.on('error', () => this.close('error'));
+    socket.on('close', () => this.close('client-closed'));
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.closed || this.closing) return;
+    this.framing.push(chunk);
+    if (this.framing.buffered > this.deps.limits.maxBuffered) this.socket.pause();
+    const w = this.dataWaiter;
+    this.dataWaiter = null;
+    w?.();
+    this.pump();
+  }
+
+  private close(reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.endReason === 'closed') this.endReason = reason;
+    const w = this.dataWaiter;
+    this.dataWaiter = null;
+    w?.();
+    if (this.data) {
+      // Client vanished mid-DATA: the backend must never see an end of data.
+      this.backend?.destroy();
+    } else {
+      this.backend?.quit();
+    }
+    this.socket.destroy();
+    this.logSession();
+    this.resolveDone();
+  }
+
+  // ---------------------------------------------------------------- output
+
+  /** Writes a reply now (after anything queued is flushed by the caller). */
+  private send(r: Reply): void {
+    if (this.closed || this.closing) return;
+    this.account(r);
+    this.socket.write(formatReply(r));
+    if (r.closes) this.closeAfterWrite();
+  }
+
+  /** Ends the socket once written; the session closes when it has finished (or 2 s later). */
+  private closeAfterWrite(): void {
+    this.closing = true;
+    this.outq = [];
+    this.socket.end();
+    const t = setTimeout(() => this.close(this.endReason), 2000);
+    t.unref();
+    this.socket.once('finish', () => this.close(this.endReason));
+  }
+
+  private account(r: Reply): void {
+    if (r.code >= 400) this.errors++;
+  }
+
+  /** Waits for every queued reply, in order, and writes them in one go. */
+  private async flush(): Promise<void> {
+    while (this.outq.length) {
+      const batch = this.outq;
+      this.outq = [];
+      const out: (string | Buffer)[] = [];
+      let closes = false;
+      for (const p of batch) {
+        const r = await p;
+        out.push(formatReply(r));
+        this.account(r);
+        if (r.closes) {
+          closes = true;
+          break;
+        }
+      }
+      if (this.closed || this.closing) return;
+      if (!closes && this.errors > this.deps.limits.maxErrors) {
+        out.push(formatReply(R.tooManyErrors(this.deps.hostname)));
+        closes = true;
+        this.endReason = 'too-many-errors';
+      }
+      this.socket.write(out.length === 1 ? (out[0] as string | Buffer) : Buffer.concat(out.map((o) => (typeof o === 'string' ? Buffer.from(o, 'latin1') : o))));
+      if (closes) return this.closeAfterWrite();
+    }
+  }
+
+  private queue(verb: string, r: Pending): void {
+    const counted = Promise.resolve(r).then((x) => {
+      this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
+      return x;
+    });
+    this.outq.push(counted);
+  }
+
+  // ---------------------------------------------------------------- input loop
+
+  private pump(): void {
+    if (this.pumping || this.closed || this.closing || !this.greeted) return;
+    this.pumping = true;
+    this.loop()
+      .catch((err: unknown) => {
+        this.deps.log.error({ session: this.id, err: err instanceof Error ? err.stack : String(err) }, 'session error');
+        this.endReason = 'internal-error';
+        this.outq = [];
+        this.send(reply(421, '4.3.0', `${this.deps.hostname} Error: internal error, closing connection`));
+      })
+      .finally(() => {
+        this.pumping = false;
+        if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+      });
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.closed && !this.closing) {
+      if (this.framing.inData) {
+        if (this.backendCongested) return;
+        const ev = this.framing.nextData();
+        if (!ev) return;
+        this.forward(ev.chunks);
+        if (this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+        if (ev.end) await this.finishData();
+        else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
+        continue;
+      }
+      const ev = this.framing.nextCommand();
+      if (!ev) {
+        if (this.outq.length === 0) return;
+        await this.flush();
+        continue;
+      }
+      this.socket.resume();
+      await this.onCommandEvent(ev);
+      if (this.outq.length >= MAX_QUEUED_REPLIES) await this.flush();
+    }
+  }
+
+  /** Next client line inside a handler (SASL exchange); null if the client went away. */
+  private async readLine(): Promise<CommandEvent | null> {
+    for (;;) {
+      if (this.closed) return null;
+      const ev = this.framing.nextCommand();
+      if (ev) return ev;
+      await new Promise<void>((r) => (this.dataWaiter = r));
+    }
+  }
+
+  // ---------------------------------------------------------------- guards and dispatch
+
+  private async onCommandEvent(ev: CommandEvent): Promise<void> {
+    this.commands++;
+    if (ev.type === 'too_long') {
+      this.violation('line_too_long');
+      return this.reject('TOO_LONG', R.lineTooLong());
+    }
+    const { line } = ev;
+    if (line.includes(0)) {
+      this.violation('nul');
+      return this.reject('NUL', R.nulInCommand());
+    }
+    if (ev.bareCr || (ev.bareLf && this.deps.limits.bareNewline === 'reject')) {
+      this.violation('bare_lf');
+      return this.reject('BARE', R.bareNewlineCommand());
+    }
+    if (ev.bareLf) this.violation('bare_lf');
+    const cmd = parseCommand(line);
+    if (this.refusedAtConnect) {
+      if (cmd.verb === 'QUIT') return this.quit();
+      return this.reject(cmd.verb, reply(503, '5.5.1', 'Error: no valid greeting; send QUIT'));
+    }
+    if (this.unknown >= this.deps.limits.maxUnknownCommands) {
+      this.endReason = 'too-many-errors';
+      return this.reject(cmd.verb, R.tooManyErrors(this.deps.hostname));
+    }
+    if (NON_SMTP_VERBS.has(cmd.verb) || /^[A-Za-z-]+:/.test(cmd.verb)) {
+      this.violation('non_smtp');
+      this.endReason = 'non-smtp';
+      return this.reject('NONSMTP', reply(421, '4.7.0', `${this.deps.hostname} Error: non-SMTP command, closing connection`));
+    }
+    if (!KNOWN_VERBS.has(cmd.verb)) {
+      this.unknown++;
+      return this.reject('UNKNOWN', NOT_IMPLEMENTED_VERBS.has(cmd.verb) ? R.notImplemented() : R.unknown());
+    }
+    // Without backend PIPELINING every command waits for the previous reply.
+    if (!PIPELINABLE.has(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
+    if (this.closed || this.closing) return;
+    const handler = this.handlers[cmd.verb as keyof Session['handlers']];
+    await handler(cmd);
+  }
+
+  private reject(verb: string, r: Reply): void {
+    this.queue(verb, r);
+  }
+
+  private violation(kind: string): void {
+    this.deps.metrics.protocolViolations.inc({ kind });
+  }
+
+  private readonly handlers = {
+    HELO: (c: Command) => this.onHelo(c, 'HELO'),
+    EHLO: (c: Command) => this.onHelo(c, 'EHLO'),
+    MAIL: (c: Command) => this.onMail(c),
+    RCPT: (c: Command) => this.onRcpt(c),
+    DATA: (c: Command) => this.onData_(c),
+    RSET: (c: Command) => this.onRset(c),
+    NOOP: (_c: Command) => this.queue('NOOP', R.noop()),
+    QUIT: (_c: Command) => this.quit(),
+    VRFY: (c: Command) => this.queue('VRFY', c.arg.trim() ? R.vrfy() : R.syntax('VRFY address')),
+    EXPN: (_c: Command) => this.queue('EXPN', R.expn()),
+    HELP: (_c: Command) => this.queue('HELP', R.help()),
+    STARTTLS: (c: Command) => this.onStartTls(c),
+    AUTH: (c: Command) => this.onAuth(c),
+  } as const;
+
+  // ---------------------------------------------------------------- handlers
+
+  private async onHelo(c: Command, verb: 'HELO' | 'EHLO'): Promise<void> {
+    const name = heloArgument(c.arg);
+    if (!name) return this.queue(verb, R.syntax(`${verb} hostname`));
+    // eslint-disable-next-line no-control-regex
+    if (/[^\x21-\x7e]/.test(name)) return this.queue(verb, R.badSyntax('invalid characters in hostname'));
+    const v = await this.runRules('helo', { stage: 'helo', session: this.snapshot(), verb, name });
+    if (v.reply) return this.queue(verb, v.reply);
+    if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
+    this.sessionTags.push(...v.tags);
+    const b = await this.ensureBackend();
+    if (!(b instanceof BackendConnection)) return this.queue(verb, b);
+    const r = await b.hello(verb, name).catch((e: unknown) => this.backendFailed(e));
+    if (r.code !== 250) return this.queue(verb, r);
+    this.helo = name;
+    this.esmtp = verb === 'EHLO';
+    this.txn = null;
+    this.caps = b.caps;
+    if (verb === 'HELO') return this.queue(verb, reply(250, '', this.deps.hostname));
+    return this.queue(verb, reply(250, '', [this.deps.hostname, ...this.extensions()]));
+  }
+
+  /** The EHLO keywords: what doorman implements ∩ what the backend offers. */
+  private extensions(): string[] {
+    const ext = PASSTHROUGH_CAPS.filter((k) => this.caps.has(k));
+    ext.splice(this.caps.has('PIPELINING') ? 1 : 0, 0, `SIZE ${this.sizeLimit()}`);
+    if (this.deps.listener.secureContext && !this.tls) ext.push('STARTTLS');
+    const mechs = this.authMechanisms();
+    if (mechs && this.authAllowed() && !this.auth) ext.push(`AUTH ${mechs}`);
+    return ext;
+  }
+
+  private sizeLimit(): number {
+    const own = this.deps.limits.maxMessageSize;
+    const theirs = Number.parseInt(this.caps.get('SIZE') ?? '', 10);
+    return Number.isFinite(theirs) && theirs > 0 ? Math.min(own, theirs) : own;
+  }
+
+  private authMechanisms(): string | null {
+    const m = this.caps.get('AUTH');
+    return m ? m.trim() : null;
+  }
+
+  private authAllowed(): boolean {
+    return this.tls || this.deps.listener.authPlaintext;
+  }
+
+  private async onMail(c: Command): Promise<void> {
+    if (!this.helo) return this.queue('MAIL', R.needHelo());
+    if (this.txn) return this.queue('MAIL', R.nestedMail());
+    const p = parseMailRcpt(c.arg, 'FROM');
+    if (!p.ok) {
+      if (p.code === 'syntax') return this.queue('MAIL', R.syntax('MAIL FROM:<address>'));
+      if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
+      return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
+    }
+    const checked = this.checkParams('MAIL', p.params);
+    if (checked) return this.queue('MAIL', checked);
+    const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
+    if (p.path.utf8 && !smtputf8) return this.queue('MAIL', R.utf8NotDeclared());
+    const v = await this.runRules('mail', { stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params });
+    if (v.reply) return this.queue('MAIL', v.reply);
+    if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
+    const b = await this.ensureBackend();
+    if (!(b instanceof BackendConnection)) return this.queue('MAIL', b);
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags] };
+    this.txn = txn;
+    const r = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
+      (x) => {
+        if (x.code !== 250 && this.txn === txn) this.txn = null;
+        return x;
+      },
+      (e: unknown) => this.backendFailed(e),
+    );
+    this.queue('MAIL', r);
+  }
+
+  /** MAIL/RCPT parameters doorman lets through: only those of advertised extensions. */
+  private checkParams(verb: 'MAIL' | 'RCPT', params: readonly MailParam[]): Reply | null {
+    for (const { key, value } of params) {
+      if (verb === 'MAIL' && key === 'SIZE') {
+        if (!value || !/^\d{1,20}$/.test(value)) return R.badParam('bad SIZE parameter');
+        if (Number(value) > this.sizeLimit()) return R.tooBig();
+        continue;
+      }
+      if (verb === 'MAIL' && key === 'BODY') {
+        const v = (value ?? '').toUpperCase();
+        if (v === '7BIT' || (v === '8BITMIME' && this.caps.has('8BITMIME'))) continue;
+        return R.badParam(`unsupported BODY=${value ?? ''}`);
+      }
+      if (verb === 'MAIL' && key === 'SMTPUTF8' && value === null && this.caps.has('SMTPUTF8')) continue;
+      if (verb === 'MAIL' && key === 'AUTH' && this.caps.has('AUTH')) continue;
+      if (this.caps.has('DSN') && ((verb === 'MAIL' && (key === 'RET' || key === 'ENVID')) || (verb === 'RCPT' && (key === 'NOTIFY' || key === 'ORCPT')))) continue;
+      return R.badParam(`unsupported option ${key}`);
+    }
+    return null;
+  }
+
+  private async onRcpt(c: Command): Promise<void> {
+    if (!this.helo) return this.queue('RCPT', R.needHelo());
+    const txn = this.txn;
+    if (!txn) return this.queue('RCPT', R.needMail());
+    const p = parseMailRcpt(c.arg, 'TO');
+    if (!p.ok) {
+      txn.rcptTried++;
+      if (p.code === 'syntax') return this.queue('RCPT', R.syntax('RCPT TO:<address>'));
+      if (p.code === 'param') return this.queue('RCPT', R.badParam(p.reason));
+      return this.queue('RCPT', reply(501, '5.1.3', `Bad recipient address syntax: ${p.reason}`));
+    }
+    txn.rcptTried++;
+    const checked = this.checkParams('RCPT', p.params);
+    if (checked) return this.queue('RCPT', checked);
+    if (p.path.utf8 && !txn.smtputf8) return this.queue('RCPT', R.utf8NotDeclared());
+    if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return this.queue('RCPT', R.tooManyRcpts());
+    const v = await this.runRules('rcpt', { stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params });
+    if (v.reply) return this.queue('RCPT', v.reply);
+    if (this.txn !== txn) return this.queue('RCPT', R.needMail());
+    const b = this.backend;
+    if (!b?.alive) return this.queue('RCPT', R.lostBackend(this.deps.hostname));
+    txn.rcptForwarded++;
+    txn.tags.push(...v.tags);
+    const r = b.command(formatMailRcpt('RCPT TO', p.path, p.params)).then(
+      (x) => {
+        if (replyClass(x) === 2) txn.rcpts.push(p.path);
+        else txn.rcptForwarded--;
+        return x;
+      },
+      (e: unknown) => this.backendFailed(e),
+    );
+    this.queue('RCPT', r);
+  }
+
+  private onRset(c: Command): void {
+    if (c.arg.trim()) return this.queue('RSET', R.syntax('RSET'));
+    this.txn = null;
+    const b = this.backend;
+    if (!b?.alive) return this.queue('RSET', R.rsetOk());
+    this.queue('RSET', b.command('RSET').catch(() => R.rsetOk()));
+  }
+
+  private quit(): void {
+    this.endReason = 'quit';
+    this.queue('QUIT', R.bye(this.deps.hostname));
+  }
+
+  private async onStartTls(c: Command): Promise<void> {
+    const ctx = this.deps.listener.secureContext;
+    if (!ctx) return this.queue('STARTTLS', R.tlsUnavailable());
+    if (this.tls) return this.queue('STARTTLS', R.tlsActive());
+    if (c.arg.trim()) return this.queue('STARTTLS', R.syntax('STARTTLS'));
+    // CVE-2011-0411: plaintext pipelined after STARTTLS must not be executed after the handshake.
+    const injected = this.framing.discard();
+    if (injected > 0) {
+      this.violation('starttls_injection');
+      this.deps.log.warn({ session: this.id, bytes: injected }, 'plaintext after STARTTLS discarded');
+    }
+    this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
+    this.socket.write(formatReply(R.tlsReady()));
+    const plain = this.socket;
+    plain.removeAllListeners('data');
+    plain.removeAllListeners('timeout');
+    plain.removeAllListeners('close');
+    plain.removeAllListeners('error');
+    plain.on('error', () => undefined);
+    const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
+    this.socket = secure;
+    this.attach(secure);
+    const ok = await new Promise<boolean>((resolve) => {
+      secure.once('secure', () => resolve(true));
+      secure.once('error', () => resolve(false));
+      secure.once('close', () => resolve(false));
+    });
+    this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
+    if (!ok) return this.close('tls-failed');
+    // RFC 3207 §4.2: forget everything learnt from the client before TLS.
+    this.tls = true;
+    this.helo = null;
+    this.esmtp = false;
+    this.txn = null;
+    this.framing.discard();
+  }
+
+  private async onAuth(c: Command): Promise<void> {
+    if (!this.helo || !this.esmtp) return this.queue('AUTH', R.needHelo());
+    if (this.auth) return this.queue('AUTH', R.authAlready());
+    if (this.txn) return this.queue('AUTH', R.authInTransaction());
+    const mechs = this.authMechanisms();
+    if (!mechs) return this.queue('AUTH', R.authNotAvailable());
+    if (!this.authAllowed()) return this.queue('AUTH', R.authNeedsTls());
+    const [mechRaw = '', initial] = c.arg.trim().split(/\s+/);
+    const mechanism = mechRaw.toUpperCase();
+    if (!/^[A-Z0-9_-]{1,20}$/.test(mechanism) || (initial !== undefined && !/^([A-Za-z0-9+/]+=*|=)$/.test(initial))) {
+      return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
+    }
+    let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
+    const v = await this.runRules('auth', { stage: 'auth', session: this.snapshot(), mechanism, login });
+    if (v.reply) return this.queue('AUTH', v.reply);
+    const b = await this.ensureBackend();
+    if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
+    let r = await b.command(`AUTH ${mechanism}${initial !== undefined ? ' ' + initial : ''}`).catch((e: unknown) => this.backendFailed(e));
+    let step = 0;
+    this.framing.sasl = true;
+    try {
+      while (r.code === 334 && !this.closed) {
+        this.socket.write(formatReply(r));
+        const ev = await this.readLine();
+        if (!ev) return;
+        if (ev.type !== 'line' || ev.bareCr || ev.line.includes(0)) {
+          // Cancel at the backend and tell the client.
+          await b.command('*').catch(() => undefined);
+          return this.queue('AUTH', ev.type === 'too_long' ? R.lineTooLong() : R.authCancelled());
+        }
+        const resp = ev.line.toString('latin1');
+        if (resp !== '*' && !/^([A-Za-z0-9+/]*=*)$/.test(resp)) {
+          await b.command('*').catch(() => undefined);
+          return this.queue('AUTH', reply(501, '5.5.2', 'Error: cannot decode response'));
+        }
+        if (mechanism === 'PLAIN' && step === 0 && login === null) login = plainLogin(resp);
+        if (mechanism === 'LOGIN' && step === 0 && initial === undefined) login = b64(resp);
+        step++;
+        r = await b.command(resp).catch((e: unknown) => this.backendFailed(e));
+      }
+    } finally {
+      this.framing.sasl = false;
+    }
+    if (r.code === 235) {
+      this.auth = { mechanism, login: login ?? (mechanism === 'LOGIN' && initial ? b64(initial) : null) };
+      this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
+    }
+    this.queue('AUTH', r);
+  }
+
+  // ---------------------------------------------------------------- DATA
+
+  private async onData_(c: Command): Promise<void> {
+    if (!this.helo) return this.queue('DATA', R.needHelo());
+    const txn = this.txn;
+    if (!txn) return this.queue('DATA', R.needMail());
+    if (c.arg.trim()) return this.queue('DATA', R.syntax('DATA'));
+    if (txn.rcpts.length === 0) return this.queue('DATA', txn.rcptTried > 0 ? R.noValidRcpt() : R.needRcpt());
+    const b = this.backend;
+    if (!b?.alive) {
+      this.txn = null;
+      return this.queue('DATA', R.lostBackend(this.deps.hostname));
+    }
+    const r = await b.command('DATA').catch((e: unknown) => this.backendFailed(e));
+    this.deps.metrics.backendReplies.inc({ command: 'DATA', class: `${replyClass(r)}xx` });
+    if (r.code !== 354) {
+      if (!r.closes) this.txn = null;
+      return this.queue('DATA', r);
+    }
+    const hasHeaderRules = this.deps.rules.rules.some((x) => x.rule.stages.includes('data_headers'));
+    this.data = {
+      aborted: null,
+      pendingHeaders: hasHeaderRules ? [] : null,
+      headerBytes: 0,
+      headerRule: null,
+    };
+    this.send(R.startData());
+    this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
+    this.socket.setTimeout(this.deps.limits.dataTimeout);
+    this.framing.beginData();
+    const tags = [...this.sessionTags, ...txn.tags];
+    if (!hasHeaderRules && tags.length) this.writeBackend(tagHeaders(tags));
+  }
+
+  /** Forwards message bytes unless the message is already refused. */
+  private forward(chunks: Buffer[]): void {
+    const d = this.data;
+    if (!d) return;
+    const f = this.framing;
+    if (!d.aborted) {
+      if (f.dataBytes > this.sizeLimit()) d.aborted = 'size';
+      else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
+      else if (f.longLine) d.aborted = 'long_line';
+      if (d.aborted) {
+        this.backend?.destroy();
+        return;
+      }
+    } else return;
+    if (d.pendingHeaders) {
+      for (const c of chunks) {
+        d.pendingHeaders.push(Buffer.from(c));
+        d.headerBytes += c.length;
+      }
+      return;
+    }
+    for (const c of chunks) this.writeBackend(c);
+  }
+
+  private writeBackend(chunk: Buffer): void {
+    const b = this.backend;
+    if (!b?.alive) return;
+    if (!b.writeData(chunk) && !this.backendCongested) {
+      this.backendCongested = true;
+      this.socket.pause();
+      b.onceDrain(() => {
+        this.backendCongested = false;
+        this.socket.resume();
+        this.pump();
+      });
+    }
+  }
+
+  /** With data_headers rules: hold the header block, evaluate, then release it. */
+  private async maybeRunHeaderRules(final = false): Promise<void> {
+    const d = this.data;
+    if (!d?.pendingHeaders) return;
+    const held = Buffer.concat(d.pendingHeaders);
+    const end = held.indexOf('\r\n\r\n');
+    const limit = this.deps.limits.maxHeaderBytes;
+    const startsWithBlank = held.subarray(0, 2).equals(Buffer.from('\r\n'));
+    if (end < 0 && !startsWithBlank && held.length < limit && !final) {
+      d.pendingHeaders = [held];
+      return;
+    }
+    d.pendingHeaders = null;
+    const headerLen = startsWithBlank ? 0 : end >= 0 ? end + 2 : Math.min(held.length, limit);
+    const v = await this.runRules('data_headers', {
+      stage: 'data_headers',
+      session: this.snapshot(),
+      headers: held.subarray(0, headerLen),
+      truncated: end < 0 && !startsWithBlank,
+    });
+    if (!d.aborted && v.reply) {
+      d.aborted = 'rule';
+      d.headerRule = { reply: v.reply, rule: v.decidedBy ?? '' };
+      this.backend?.destroy();
+      return;
+    }
+    const tags = [...this.sessionTags, ...(this.txn?.tags ?? []), ...v.tags];
+    if (tags.length) this.writeBackend(tagHeaders(tags));
+    if (!d.aborted) this.writeBackend(held);
+  }
+
+  private async finishData(): Promise<void> {
+    const d = this.data;
+    const txn = this.txn;
+    if (!d || !txn) return;
+    if (d.pendingHeaders) await this.maybeRunHeaderRules(true);
+    this.socket.setTimeout(this.deps.limits.commandTimeout);
+    const size = this.framing.dataBytes;
+    this.deps.metrics.messageSize.observe(size);
+    const msg: MessageLog = { from: addressOf(txn.sender), to: txn.rcpts.map(addressOf), size, outcome: 'accepted', reply: '' };
+    let r: Reply;
+    if (!d.aborted && this.framing.dataBytes > this.sizeLimit()) d.aborted = 'size';
+    if (d.aborted) {
+      this.backend?.destroy();
+      r = this.abortReply(d);
+      if (d.headerRule) msg.rule = d.headerRule.rule;
+    } else {
+      const v = await this.runRules('data_end', { stage: 'data_end', session: this.snapshot(), size });
+      if (v.reply) {
+        this.backend?.destroy();
+        r = v.reply;
+        msg.rule = v.decidedBy ?? undefined;
+      } else {
+        const b = this.backend;
+        r = b?.alive ? await b.endData().catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+        this.deps.metrics.backendReplies.inc({ command: 'DATA_END', class: `${replyClass(r)}xx` });
+        const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
+        if (q?.[1]) msg.queueId = q[1];
+      }
+    }
+    msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
+    msg.reply = describeReply(r);
+    this.messages.push(msg);
+    this.deps.metrics.messages.inc({ outcome: msg.outcome });
+    this.data = null;
+    this.txn = null;
+    this.queue('DATA_END', r);
+  }
+
+  private abortReply(d: DataState): Reply {
+    switch (d.aborted) {
+      case 'size':
+        return R.tooBig();
+      case 'bare_newline':
+        this.violation('bare_lf');
+        return R.bareNewline();
+      case 'long_line':
+        this.violation('line_too_long');
+        return R.dataLineTooLong();
+      case 'rule':
+        return d.headerRule?.reply ?? R.tempfailLocal();
+      default:
+        return R.backendTempfail();
+    }
+  }
+
+  private dataFailed(e: unknown): Reply {
+    const kind = e instanceof BackendError ? e.kind : 'protocol';
+    this.deps.metrics.backendFailures.inc({ kind });
+    this.deps.log.warn({ session: this.id, err: (e as Error).message }, 'backend failed at end of data');
+    return R.backendTempfail();
+  }
+
+  /** A backend failure during a command: the client gets 421 and the session ends. */
+  private backendFailed(e: unknown): Reply {
+    const kind = e instanceof BackendError ? e.kind : 'protocol';
+    this.deps.metrics.backendFailures.inc({ kind });
+    this.deps.log.warn({ session: this.id, err: (e as Error).message, kind }, 'backend failed');
+    this.endReason = 'backend-failed';
+    return R.lostBackend(this.deps.hostname);
+  }
+
+  // ---------------------------------------------------------------- rules
+
+  private async runRules(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
+    const v = await evaluate(this.deps.rules.rules, event, {
+      metrics: this.deps.metrics,
+      onRuleError: (rule, kind, err) =>
+        this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
+    });
+    for (const o of v.outcomes) if (o.finding !== 'pass') this.outcomes.push(o);
+    if (v.reply && v.decidedBy) {
+      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+    }
+    if (stage === 'connect' && v.acceptedBy) this.acceptedBy = v.acceptedBy;
+    if (stage === 'connect') this.sessionTags.push(...v.tags);
+    return v;
+  }
+
+  private snapshot(): SessionSnapshot {
+    return {
+      id: this.id,
+      client: this.client,
+      clientPort: this.peer.port,
+      listener: { name: this.deps.listener.name, role: this.deps.listener.role },
+      localAddress: this.peer.destAddress,
+      tls: this.tls,
+      helo: this.helo,
+      esmtp: this.esmtp,
+      auth: this.auth,
+      sender: this.txn?.sender ?? null,
+      recipients: this.txn ? [...this.txn.rcpts] : [],
+      acceptedBy: this.acceptedBy,
+    };
+  }
+
+  // ---------------------------------------------------------------- log
+
+  private logged = false;
+
+  private logSession(): void {
+    if (this.logged) return;
+    this.logged = true;
+    this.deps.log.info(
+      {
+        session: this.id,
+        client: this.client.text,
+        port: this.peer.port,
+        listener: this.deps.listener.name,
+        helo: this.helo,
+        tls: this.tls,
+        login: this.auth?.login ?? null,
+        messages: this.messages,
+        rules: this.outcomes.map((o) => ({
+          rule: o.rule,
+          stage: o.stage,
+          finding: o.finding,
+          action: o.action,
+          effect: o.effect,
+          ...(o.wouldBe ? { would: o.wouldBe } : {}),
+          ...(o.reason ? { reason: o.reason } : {}),
+          ...(o.reply ? { reply: describeReply(o.reply) } : {}),
+        })),
+        outcome: this.endReason,
+        commands: this.commands,
+        errors: this.errors,
+        ms: Date.now() - this.started,
+      },
+      'session',
+    );
+  }
+}
+
+interface DataState {
+  aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend';
+  /** Held header chunks while data_headers rules are pending; null when streaming. */
+  pendingHeaders: Buffer[] | null;
+  headerBytes: number;
+  headerRule: { reply: Reply; rule: string } | null;
+}
+
+function tagHeaders(tags: readonly string[]): Buffer {
+  // eslint-disable-next-line no-control-regex
+  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${t.replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 900)}\r\n`).join(''), 'utf8');
+}
+
+function b64(s: string): string | null {
+  try {
+    const v = Buffer.from(s, 'base64').toString('utf8');
+    // eslint-disable-next-line no-control-regex
+    return v && !/[\x00-\x1f]/.test(v) ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+/** RFC 4616: authzid NUL authcid NUL passwd → authcid (never the password). */
+function plainLogin(resp: string): string | null {
+  const parts = Buffer.from(resp, 'base64').toString('utf8').split('\0');
+  return parts.length === 3 && parts[1] ? parts[1] : null;
+}
