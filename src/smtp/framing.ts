@@ -203,6 +203,8 @@ export class Framing {
             flush(i);
             from = i + 1;
           }
+          // RFC 5321 §4.5.3.1.6: the stuffing dot does not count towards the line length.
+          this.lineLen = -1;
         }
         this.lineStart = false;
       }

@@ -99,6 +99,7 @@ export class Session {
   private refusedAtConnect = false;
   private outq: Pending[] = [];
   private pumping = false;
+  private repump = false;
   /** Greeting sent: commands may be read. */
   private greeted = false;
   /** A closing reply was written; the socket ends once it is flushed. */
@@ -330,8 +331,14 @@ export class Session {
   // ---------------------------------------------------------------- input loop
 
   private pump(): void {
-    if (this.pumping || this.closed || this.closing || !this.greeted) return;
+    if (this.closed || this.closing || !this.greeted) return;
+    if (this.pumping) {
+      // Asked while the loop is finishing (e.g. a 'drain' in a nextTick): run again after it.
+      this.repump = true;
+      return;
+    }
     this.pumping = true;
+    this.repump = false;
     this.loop()
       .catch((err: unknown) => {
         this.deps.log.error({ session: this.id, err: err instanceof Error ? err.stack : String(err) }, 'session error');
@@ -342,6 +349,7 @@ export class Session {
       .finally(() => {
         this.pumping = false;
         if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+        if (this.repump) this.pump();
       });
   }
 

@@ -163,3 +163,8 @@ test('discard drops buffered plaintext (STARTTLS injection)', () => {
   assert.equal(f.discard(), 'MAIL FROM:<evil>\r\n'.length);
   assert.equal(f.nextCommand(), null);
 });
+
+test('the stuffing dot does not count towards the 1000-octet line limit', () => {
+  assert.equal(runData(['..' + 'y'.repeat(997) + '\r\n.\r\n']).f.longLine, false);
+  assert.equal(runData(['..' + 'y'.repeat(998) + '\r\n.\r\n']).f.longLine, true);
+});
