@@ -54,6 +54,8 @@ export class BackendError extends Error {
     readonly kind: BackendFailure,
     message: string,
     readonly reply?: Reply,
+    /** The backend refused the session in its greeting (a 554 there is meant for the client). */
+    readonly atGreeting = false,
   ) {
     super(message);
     this.name = 'BackendError';
@@ -117,7 +119,7 @@ export class BackendConnection extends EventEmitter {
     try {
       const greeting = await conn.expect(opts.greetingTimeout, 'greeting');
       if (greeting.code !== 220) {
-        throw new BackendError('refused', `greeting ${greeting.code}`, greeting);
+        throw new BackendError('refused', `greeting ${greeting.code}`, greeting, true);
       }
       conn.connectMs = Date.now() - started;
       await conn.ehlo(opts.heloName);

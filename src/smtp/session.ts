@@ -166,7 +166,7 @@ export class Session {
       if (this.closed) return;
       this.endReason = 'backend-unavailable';
       const be = err instanceof BackendError ? err : null;
-      if (be?.reply && be.reply.code >= 500 && be.kind === 'refused') {
+      if (be?.atGreeting && be.reply && be.reply.code >= 500) {
         this.refusedAtConnect = true;
         this.greeted = true;
         this.send(reply(554, '5.3.2', `${this.deps.hostname} Service not available`));

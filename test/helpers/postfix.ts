@@ -72,7 +72,7 @@ export async function startPostfix(opts: PostfixOptions): Promise<Postfix> {
     'mail_owner = postfix',
     'setgid_group = postdrop',
     'inet_interfaces = 127.0.0.1',
-    'inet_protocols = ipv4',
+    'inet_protocols = all',
     'myhostname = backend.test',
     'mydomain = backend.test',
     'mydestination =',

@@ -1,0 +1,158 @@
+/**
+ * TLS and AUTH against a real Postfix with Cyrus SASL (sasldb): STARTTLS with swaks, the
+ * STARTTLS injection case (CVE-2011-0411), a second STARTTLS, implicit TLS (smtps), AUTH not
+ * offered on plaintext, AUTH PLAIN/LOGIN relayed to Postfix (235 lets the session relay,
+ * 535 does not), and XCLIENT showing the real client address in Postfix's log and headers.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { makeCert } from '../helpers/certs.js';
+import { startDoorman, type Doorman } from '../helpers/doorman.js';
+import { startPostfix, type Postfix } from '../helpers/postfix.js';
+import { startSink, type Sink } from '../helpers/sink.js';
+import { SmtpClient } from '../helpers/smtp.js';
+import { swaks } from '../helpers/swaks.js';
+import { eventually, useCleanup } from '../helpers/procs.js';
+
+useCleanup();
+let sink: Sink;
+let postfix: Postfix;
+let dm: Doorman;
+let cert: ReturnType<typeof makeCert>;
+
+before(async () => {
+  cert = makeCert();
+  sink = await startSink();
+  postfix = await startPostfix({ relayPort: sink.port, sasl: { alice: 'wonderland' } });
+  dm = await startDoorman({
+    backendPort: postfix.port,
+    listen: 'smtp://127.0.0.1:{PORT},submission://127.0.0.1:{PORT},smtps://127.0.0.1:{PORT}',
+    env: { DOORMAN_TLS_CERT: cert.cert, DOORMAN_TLS_KEY: cert.key },
+  });
+});
+after(async () => {
+  await dm?.stop();
+  await postfix?.stop();
+  await sink?.stop();
+  if (cert) fs.rmSync(cert.dir, { recursive: true, force: true });
+});
+
+test('STARTTLS is offered on plaintext; AUTH only after TLS', async () => {
+  const c = await SmtpClient.connect(dm.port);
+  await c.reply();
+  const plain = await c.ehlo();
+  assert.ok(plain.keywords.has('STARTTLS'));
+  assert.equal(plain.keywords.has('AUTH'), false, 'no AUTH on plaintext');
+  const a = await c.cmd('AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=');
+  assert.equal(a.code, 530);
+  assert.match(a.text, /^5\.7\.0 Must issue a STARTTLS command first/);
+  assert.equal((await c.cmd('STARTTLS')).code, 220);
+  await c.upgrade();
+  const secure = await c.ehlo();
+  assert.equal(secure.keywords.has('STARTTLS'), false, 'no STARTTLS under TLS');
+  assert.match(secure.keywords.get('AUTH') ?? '', /PLAIN/);
+  const again = await c.cmd('STARTTLS');
+  assert.equal(again.code, 554);
+  assert.match(again.text, /^5\.5\.1 Error: TLS already active/);
+  c.close();
+});
+
+test('swaks over STARTTLS delivers a message through doorman and Postfix', async () => {
+  const r = await swaks(['--server', `127.0.0.1:${dm.port}`, '--tls', '--from', 'tls@example.org', '--to', 'bob@example.com', '--helo', 'client.example.net']);
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.out, /<~\s+250 2\.0\.0 Ok: queued as/);
+  const m = await sink.bySender('tls@example.org');
+  assert.deepEqual(m.rcpts.map((x) => x.split(' ')[0]), ['<bob@example.com>']);
+});
+
+test('STARTTLS injection: plaintext pipelined after STARTTLS is discarded and state reset', async () => {
+  const c = await SmtpClient.connect(dm.port);
+  await c.reply();
+  await c.ehlo();
+  // A man in the middle appends commands to STARTTLS in the same segment.
+  c.write('STARTTLS\r\nMAIL FROM:<injected@example.org>\r\nRCPT TO:<bob@example.com>\r\n');
+  const r = await c.reply();
+  assert.equal(r.code, 220);
+  await c.upgrade();
+  // Had the injected MAIL run, this would be "503 nested MAIL"; had HELO survived, 250.
+  const mail = await c.cmd('MAIL FROM:<after@example.org>');
+  assert.equal(mail.code, 503, 'HELO forgotten after TLS (RFC 3207 §4.2)');
+  assert.match(mail.text, /send HELO\/EHLO first/);
+  await c.ehlo();
+  assert.equal((await c.cmd('MAIL FROM:<after@example.org>')).code, 250, 'no injected transaction is open');
+  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+  c.close();
+  const metrics = await dm.metric('doorman_protocol_violations_total', { kind: 'starttls_injection' });
+  assert.equal(metrics, 1);
+});
+
+test('implicit TLS (smtps role) greets inside TLS', async () => {
+  const c = await SmtpClient.connect(dm.ports[2]!, { tls: true });
+  const g = await c.reply();
+  assert.equal(g.code, 220);
+  const { keywords } = await c.ehlo();
+  assert.equal(keywords.has('STARTTLS'), false);
+  assert.match(keywords.get('AUTH') ?? '', /LOGIN/);
+  c.close();
+});
+
+test('AUTH PLAIN is relayed to Postfix; 235 lets the session relay to a foreign domain', async () => {
+  const r = await swaks([
+    '--server', `127.0.0.1:${dm.ports[1]}`, '--tls', '--auth', 'PLAIN', '--auth-user', 'alice@backend.test', '--auth-password', 'wonderland',
+    '--from', 'alice@example.org', '--to', 'someone@elsewhere.example', '--helo', 'laptop.example.net',
+  ]);
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.out, /<~\s+235 2\.7\.0 Authentication successful/);
+  assert.match(r.out, /<~\s+250 2\.1\.5 Ok/, 'relay allowed by Postfix for the authenticated session');
+  const logs = await eventually(() => dm.sessions().find((s) => s.login === 'alice@backend.test'));
+  assert.ok(logs, 'session log names the login');
+  assert.equal(logs.tls, true);
+});
+
+test('AUTH LOGIN with a wrong password: 535 from Postfix, no relaying', async () => {
+  const r = await swaks([
+    '--server', `127.0.0.1:${dm.ports[1]}`, '--tls', '--auth', 'LOGIN', '--auth-user', 'alice@backend.test', '--auth-password', 'wrong',
+    '--from', 'alice@example.org', '--to', 'someone@elsewhere.example',
+  ]);
+  assert.notEqual(r.status, 0);
+  assert.match(r.out, /<~\*\s+535 5\.7\.8 Error: authentication failed/);
+});
+
+test('AUTH cancelled by the client with "*"', async () => {
+  const c = await SmtpClient.connect(dm.ports[1]!);
+  await c.reply();
+  await c.ehlo();
+  await c.cmd('STARTTLS');
+  await c.upgrade();
+  await c.ehlo();
+  const ch = await c.cmd('AUTH LOGIN');
+  assert.equal(ch.code, 334);
+  const r = await c.cmd('*');
+  assert.equal(r.code, 501);
+  // The session goes on.
+  assert.equal((await c.cmd('NOOP')).code, 250);
+  c.close();
+});
+
+test('XCLIENT: Postfix logs and stamps the real client address, not doorman’s', async () => {
+  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.7' });
+  await c.reply();
+  await c.ehlo('seven.example.net');
+  assert.equal((await c.cmd('MAIL FROM:<xclient@example.org>')).code, 250);
+  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+  assert.equal((await c.cmd('DATA')).code, 354);
+  c.write('Subject: xclient\r\n\r\nhi\r\n.\r\n');
+  const r = await c.reply();
+  assert.equal(r.code, 250);
+  const queueId = /queued as ([A-F0-9]+)/.exec(r.text)?.[1];
+  assert.ok(queueId, r.raw);
+  await c.cmd('QUIT');
+  const logLine = await eventually(() => postfix.log().split('\n').find((l) => l.includes(`${queueId}: client=`)));
+  assert.match(logLine ?? '', /client=unknown\[127\.0\.0\.7\]/);
+  const m = await sink.bySender('xclient@example.org');
+  assert.match(m.body, /Received: from seven\.example\.net \(unknown \[127\.0\.0\.7\]\)/);
+  const s = await eventually(() => dm.sessions().find((x) => (x.messages as { queueId?: string }[]).some((mm) => mm.queueId === queueId)));
+  assert.ok(s, 'session log carries the backend queue id');
+  assert.equal(s.client, '127.0.0.7');
+});
