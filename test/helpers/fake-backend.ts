@@ -1,0 +1,100 @@
+/**
+ * fake-backend.ts — a deliberately misbehaving SMTP backend for fault cases that a real MTA
+ * will not produce on demand: greeting never sent or refused, replies that never come,
+ * garbage, a connection dropped in the middle of DATA. Everything else is answered like a
+ * minimal server so doorman reaches the state under test.
+ */
+import net from 'node:net';
+
+export type Fault =
+  | 'none'
+  | 'no-greeting'
+  | 'refuse-greeting'
+  | 'garbage-greeting'
+  | 'stall-after-data'
+  | 'close-mid-data'
+  | 'close-after-message'
+  | 'stall-mail';
+
+export interface FakeBackend {
+  port: number;
+  /** Complete messages received (end of data seen). */
+  messages: string[];
+  /** Connections accepted. */
+  connections: number;
+  /** Bytes of DATA received so far, over all connections. */
+  dataBytes: number;
+  fault: Fault;
+  close(): Promise<void>;
+}
+
+export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
+  const sockets = new Set<net.Socket>();
+  const state: FakeBackend = {
+    port: 0,
+    messages: [],
+    connections: 0,
+    dataBytes: 0,
+    fault,
+    close: () =>
+      new Promise((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
+  };
+  const server = net.createServer((s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => undefined);
+    state.connections++;
+    const f = state.fault;
+    if (f === 'no-greeting') return;
+    if (f === 'refuse-greeting') return void s.write('554 5.7.1 go away\r\n');
+    if (f === 'garbage-greeting') return void s.write('HTTP/1.1 400 Bad Request\r\n\r\n');
+    s.write('220 fake.backend ESMTP\r\n');
+    let buf = '';
+    let inData = false;
+    let msg = '';
+    s.on('data', (d: Buffer) => {
+      buf += d.toString('latin1');
+      for (;;) {
+        if (inData) {
+          // The end marker may straddle TCP segments: look for it in everything received.
+          const before = msg.length;
+          msg += buf;
+          state.dataBytes += buf.length;
+          buf = '';
+          if (f === 'close-mid-data' && state.dataBytes > 2000) return void s.destroy();
+          const end = ('\r\n' + msg).indexOf('\r\n.\r\n', Math.max(0, before - 3));
+          if (end < 0) return;
+          buf = msg.slice(end + 3);
+          state.messages.push(msg.slice(0, Math.max(0, end - 2)));
+          msg = '';
+          inData = false;
+          if (f === 'stall-after-data') continue;
+          s.write('250 2.0.0 Ok: queued as FAKE\r\n');
+          if (f === 'close-after-message') return void s.end();
+          continue;
+        }
+        const nl = buf.indexOf('\r\n');
+        if (nl < 0) return;
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 2);
+        const verb = line.split(' ')[0]?.toUpperCase();
+        if (verb === 'EHLO') s.write('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
+        else if (verb === 'HELO') s.write('250 fake.backend\r\n');
+        else if (verb === 'MAIL' && f === 'stall-mail') continue;
+        else if (verb === 'DATA') {
+          s.write('354 go ahead\r\n');
+          inData = true;
+        } else if (verb === 'QUIT') {
+          s.write('221 bye\r\n');
+          s.end();
+        } else s.write('250 2.0.0 Ok\r\n');
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  state.port = (server.address() as net.AddressInfo).port;
+  return state;
+}

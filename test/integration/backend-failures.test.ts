@@ -1,0 +1,146 @@
+/**
+ * The backend down, slow, refusing, lying or dying: the client always gets a 4xx (or the
+ * backend's own refusal), never a 250 for a message the backend did not accept, and is never
+ * left hanging. Real smtp-sink where it can show the case (down, killed mid-DATA); a
+ * deliberately misbehaving socket where a real MTA cannot (stalls, garbage).
+ */
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startDoorman, type Doorman } from '../helpers/doorman.js';
+import { startFakeBackend, type Fault } from '../helpers/fake-backend.js';
+import { freePort } from '../helpers/net.js';
+import { startSink } from '../helpers/sink.js';
+import { SmtpClient } from '../helpers/smtp.js';
+import { useCleanup } from '../helpers/procs.js';
+
+useCleanup();
+const running: Doorman[] = [];
+after(async () => {
+  await Promise.all(running.map((d) => d.stop()));
+});
+
+/** Short backend deadlines so the stall cases finish quickly. */
+const FAST = 'backend:\n  connectTimeout: 1000\n  greetingTimeout: 1000\n  commandTimeout: 1000\n  dataTimeout: 1500\n';
+
+async function doorman(backendPort: number): Promise<Doorman> {
+  const d = await startDoorman({ backendPort, config: FAST });
+  running.push(d);
+  return d;
+}
+
+async function begin(port: number): Promise<SmtpClient> {
+  const c = await SmtpClient.connect(port);
+  assert.equal((await c.reply()).code, 220);
+  await c.ehlo();
+  assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+  assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+  assert.equal((await c.cmd('DATA')).code, 354);
+  return c;
+}
+
+test('backend down: 421 4.4.1 instead of a greeting, and the connection closes', async () => {
+  const d = await doorman(await freePort());
+  const c = await SmtpClient.connect(d.port);
+  const r = await c.reply();
+  assert.equal(r.code, 421);
+  assert.match(r.text, /^4\.4\.1 /);
+  assert.doesNotMatch(r.text, /backend|127\.0\.0\.1/i, 'the client is not told about the backend');
+  assert.equal(await c.waitClosed(), true);
+  assert.ok((await d.metric('doorman_backend_failures_total', { kind: 'connect' })) >= 1);
+});
+
+const greetingCases: [Fault, number, string][] = [
+  ['no-greeting', 421, '4.4.1'],
+  ['garbage-greeting', 421, '4.4.1'],
+  ['refuse-greeting', 554, '5.3.2'],
+];
+for (const [fault, code, enhanced] of greetingCases) {
+  test(`backend ${fault}: the client gets ${code} ${enhanced}`, async () => {
+    const fb = await startFakeBackend(fault);
+    const d = await doorman(fb.port);
+    const c = await SmtpClient.connect(d.port);
+    const r = await c.reply(5000);
+    assert.equal(r.code, code);
+    assert.ok(r.text.startsWith(enhanced), r.raw);
+    if (code === 554) {
+      // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
+      assert.equal((await c.cmd('EHLO x.example')).code, 503);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+    }
+    assert.equal(await c.waitClosed(), true);
+    await fb.close();
+  });
+}
+
+test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
+  const sink = await startSink();
+  const d = await doorman(sink.port);
+  const c = await begin(d.port);
+  c.write('Subject: dies\r\n\r\n' + 'line of text\r\n'.repeat(2000));
+  await new Promise((r) => setTimeout(r, 200));
+  await sink.proc.stop('SIGKILL');
+  c.write('more text after the backend is gone\r\n'.repeat(2000));
+  c.write('.\r\n');
+  const r = await c.reply();
+  assert.ok(r.code === 451 || r.code === 421, r.raw);
+  assert.match(r.text, /^4\.4\.2 /);
+  await sink.stop();
+});
+
+test('backend drops the connection mid-DATA: 451 4.4.2 after the client’s end of data', async () => {
+  const fb = await startFakeBackend('close-mid-data');
+  const d = await doorman(fb.port);
+  const c = await begin(d.port);
+  c.write('Subject: x\r\n\r\n' + 'y'.repeat(70).concat('\r\n').repeat(500) + '.\r\n');
+  const r = await c.reply();
+  assert.equal(r.code, 451, r.raw);
+  assert.equal(fb.messages.length, 0);
+  await fb.close();
+});
+
+test('backend never answers the end of data: 451 4.4.2 after the data deadline', async () => {
+  const fb = await startFakeBackend('stall-after-data');
+  const d = await doorman(fb.port);
+  const c = await begin(d.port);
+  const t0 = Date.now();
+  c.write('Subject: x\r\n\r\nbody\r\n.\r\n');
+  const r = await c.reply(10_000);
+  assert.equal(r.code, 451, r.raw);
+  assert.match(r.text, /^4\.4\.2 /);
+  assert.ok(Date.now() - t0 >= 1400, 'waited for the data deadline');
+  assert.ok((await d.metric('doorman_backend_failures_total', { kind: 'timeout' })) >= 1);
+  await fb.close();
+});
+
+test('backend stalls on a command: 421 4.4.2 and the session ends', async () => {
+  const fb = await startFakeBackend('stall-mail');
+  const d = await doorman(fb.port);
+  const c = await SmtpClient.connect(d.port);
+  await c.reply();
+  await c.ehlo();
+  const r = await c.cmd('MAIL FROM:<a@example.org>', 5000);
+  assert.equal(r.code, 421);
+  assert.match(r.text, /^4\.4\.2 /);
+  assert.equal(await c.waitClosed(), true);
+  await fb.close();
+});
+
+test('backend closes after each message: doorman reconnects for the next transaction', async () => {
+  const fb = await startFakeBackend('close-after-message');
+  const d = await doorman(fb.port);
+  const c = await SmtpClient.connect(d.port);
+  await c.reply();
+  await c.ehlo();
+  for (let i = 0; i < 3; i++) {
+    assert.equal((await c.cmd(`MAIL FROM:<m${i}@example.org>`)).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write(`Subject: ${i}\r\n\r\nbody\r\n.\r\n`);
+    assert.equal((await c.reply()).code, 250);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.equal(fb.messages.length, 3);
+  assert.equal(fb.connections, 3);
+  c.close();
+  await fb.close();
+});
