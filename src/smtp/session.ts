@@ -596,7 +596,7 @@ export class Session {
   }
 
   private quit(): void {
-    this.endReason = 'quit';
+    if (!this.refusedAtConnect) this.endReason = 'quit';
     this.queue('QUIT', R.bye(this.deps.hostname));
   }
 

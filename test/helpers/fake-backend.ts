@@ -14,7 +14,9 @@ export type Fault =
   | 'stall-after-data'
   | 'close-mid-data'
   | 'close-after-message'
-  | 'stall-mail';
+  | 'stall-mail'
+  /** Answers every command 50 ms late, in order, to see whether commands come pipelined. */
+  | 'slow-replies';
 
 export interface FakeBackend {
   port: number;
@@ -24,6 +26,10 @@ export interface FakeBackend {
   connections: number;
   /** Bytes of DATA received so far, over all connections. */
   dataBytes: number;
+  /** Most commands received and not yet answered at one time (> 1: the client pipelines). */
+  maxOutstanding: number;
+  /** Command lines received, in order. */
+  commands: string[];
   fault: Fault;
   close(): Promise<void>;
 }
@@ -35,6 +41,8 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     messages: [],
     connections: 0,
     dataBytes: 0,
+    maxOutstanding: 0,
+    commands: [],
     fault,
     close: () =>
       new Promise((r) => {
@@ -55,6 +63,17 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     let buf = '';
     let inData = false;
     let msg = '';
+    let outstanding = 0;
+    let chain = Promise.resolve();
+    const reply = (text: string) => {
+      if (f !== 'slow-replies') return void s.write(text);
+      outstanding++;
+      state.maxOutstanding = Math.max(state.maxOutstanding, outstanding);
+      chain = chain.then(() => new Promise((r) => setTimeout(r, 50))).then(() => {
+        outstanding--;
+        s.write(text);
+      });
+    };
     s.on('data', (d: Buffer) => {
       buf += d.toString('latin1');
       for (;;) {
@@ -72,7 +91,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           msg = '';
           inData = false;
           if (f === 'stall-after-data') continue;
-          s.write('250 2.0.0 Ok: queued as FAKE\r\n');
+          reply('250 2.0.0 Ok: queued as FAKE\r\n');
           if (f === 'close-after-message') return void s.end();
           continue;
         }
@@ -81,16 +100,17 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 2);
         const verb = line.split(' ')[0]?.toUpperCase();
-        if (verb === 'EHLO') s.write('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
-        else if (verb === 'HELO') s.write('250 fake.backend\r\n');
+        state.commands.push(line);
+        if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
+        else if (verb === 'HELO') reply('250 fake.backend\r\n');
         else if (verb === 'MAIL' && f === 'stall-mail') continue;
         else if (verb === 'DATA') {
-          s.write('354 go ahead\r\n');
+          reply('354 go ahead\r\n');
           inData = true;
         } else if (verb === 'QUIT') {
           s.write('221 bye\r\n');
           s.end();
-        } else s.write('250 2.0.0 Ok\r\n');
+        } else reply('250 2.0.0 Ok\r\n');
       }
     });
   });
