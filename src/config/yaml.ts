@@ -13,7 +13,7 @@ export function validateYaml<S extends z.ZodType>(text: string, file: string, sc
   const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
   const problems: Problem[] = [];
   for (const e of [...doc.errors, ...doc.warnings]) {
-    problems.push({ file, line: e.linePos?.[0]?.line ?? null, key: '', message: e.message.split('\n')[0] ?? e.message });
+    problems.push({ file, line: lineCounter.linePos(e.pos[0]).line, key: '', message: e.message.split('\n')[0] ?? e.message });
   }
   if (problems.length) return { ok: false, problems };
   const data: unknown = doc.toJS() ?? {};
