@@ -1,0 +1,117 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { NEVER, of, throwError, EMPTY, timer, map } from 'rxjs';
+import { evaluate, type LoadedRule } from '../../src/pipeline/run.js';
+import type { SessionEvent, SessionSnapshot, Stage } from '../../src/pipeline/events.js';
+import type { Finding, FindingResult, Rule } from '../../src/pipeline/rule.js';
+import { combine, type RuleOutcome } from '../../src/pipeline/verdict.js';
+import { parseAddress } from '../../src/net/ip.js';
+import { createMetrics } from '../../src/metrics/registry.js';
+
+const session: SessionSnapshot = {
+  id: 't', client: parseAddress('192.0.2.1'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
+  tls: false, helo: null, esmtp: false, auth: null, sender: null, recipients: [], acceptedBy: null,
+};
+const ev = (stage: Stage = 'connect', acceptedBy: string | null = null): SessionEvent => ({ stage: 'connect', session: { ...session, acceptedBy } }) as SessionEvent & { stage: typeof stage };
+
+function rule(name: string, check: () => FindingResult, opts: Partial<LoadedRule> & { bypassable?: boolean } = {}): LoadedRule {
+  const r: Rule = { name, type: 'test', stages: ['connect'], bypassable: opts.bypassable ?? true, check };
+  return { rule: r, action: 'enforce', onError: 'pass', timeout: 100, file: `${name}.yaml`, ...opts };
+}
+const reject = (reason = 'bad'): Finding => ({ kind: 'reject', reason });
+
+test('no applicable rule: a synchronous empty verdict (no Promise on the hot path)', () => {
+  const v = evaluate([], ev());
+  assert.ok(!(v instanceof Promise));
+  assert.equal((v as { reply: unknown }).reply, null);
+});
+
+test('values, Promises and Observables are all findings; the first value counts', async () => {
+  for (const check of [() => reject(), () => Promise.resolve(reject()), () => of(reject(), { kind: 'pass' } as Finding)]) {
+    const v = await evaluate([rule('r', check)], ev());
+    assert.equal(v.reply?.code, 554, 'connect-stage default reply');
+    assert.equal(v.decidedBy, 'r');
+  }
+});
+
+test('a rule that throws, rejects, errors or times out fails open by default and is counted', async () => {
+  const metrics = createMetrics({ version: 't', defaults: false });
+  const errors: string[] = [];
+  const cases: [string, () => FindingResult][] = [
+    ['sync', () => { throw new Error('boom'); }],
+    ['promise', () => Promise.reject(new Error('boom'))],
+    ['observable', () => throwError(() => new Error('boom'))],
+    ['hang', () => NEVER],
+    ['slow', () => timer(500).pipe(map(() => reject()))],
+  ];
+  for (const [name, check] of cases) {
+    const v = await evaluate([rule(name, check)], ev(), { metrics, onRuleError: (r, kind) => errors.push(`${r}:${kind}`) });
+    assert.equal(v.reply, null, name);
+    assert.ok(['error', 'timeout'].includes(v.outcomes[0]?.finding ?? ''), name);
+  }
+  assert.deepEqual(errors, ['sync:error', 'promise:error', 'observable:error', 'hang:timeout', 'slow:timeout']);
+  const text = await metrics.registry.getSingleMetricAsString('doorman_rule_errors_total');
+  assert.match(text, /rule="hang",kind="timeout"} 1/);
+});
+
+test('an Observable that completes empty is a pass', async () => {
+  const v = await evaluate([rule('e', () => EMPTY)], ev());
+  assert.equal(v.reply, null);
+  assert.equal(v.outcomes[0]?.finding, 'pass');
+});
+
+test('onError: tempfail turns a crash into 421 4.3.0 at connect', async () => {
+  const v = await evaluate([rule('t', () => { throw new Error('x'); }, { onError: 'tempfail' })], ev());
+  assert.equal(v.reply?.code, 421);
+  assert.equal(v.reply?.enhanced, '4.3.0');
+});
+
+test('actions: dry-run never refuses, tempfail softens 5xx to 4xx, tag adds a header', async () => {
+  const dry = await evaluate([rule('d', () => reject(), { action: 'dry-run' })], ev());
+  assert.equal(dry.reply, null);
+  assert.equal(dry.outcomes[0]?.wouldBe, 'reject');
+  const soft = await evaluate([rule('s', () => ({ kind: 'reject', reason: 'x', reply: { code: 550, enhanced: '5.7.1', text: 'no' } }), { action: 'tempfail' })], { stage: 'mail', session } as unknown as SessionEvent);
+  // stage mail is not in the rule's stages: nothing runs
+  assert.equal(soft.reply, null);
+  const r: Rule = { name: 'm', type: 't', stages: ['mail'], bypassable: true, check: () => ({ kind: 'reject', reason: 'x', reply: { code: 550, enhanced: '5.7.1', text: 'no' } }) };
+  const v = await evaluate([{ rule: r, action: 'tempfail', onError: 'pass', timeout: 100, file: 'm' }], { stage: 'mail', session, sender: { raw: '' }, params: [] } as unknown as SessionEvent);
+  assert.equal(v.reply?.code, 450);
+  assert.equal(v.reply?.enhanced, '4.7.1');
+  const tag = await evaluate([rule('g', () => reject('odd'), { action: 'tag' })], ev());
+  assert.equal(tag.reply, null);
+  assert.deepEqual(tag.tags, ['g; odd']);
+});
+
+test('precedence: hard refusals, then accept, then bypassable refusals; 5xx before 4xx', () => {
+  const o = (rule: string, effect: RuleOutcome['effect'], code: number, bypassable: boolean): RuleOutcome => ({
+    rule, stage: 'rcpt', finding: effect === 'accept' ? 'accept' : 'reject', action: 'enforce', effect, bypassable, ms: 0,
+    ...(code ? { reply: { code, enhanced: code >= 500 ? '5.7.1' : '4.7.1', lines: ['x'], closes: false } } : {}),
+  });
+  assert.equal(combine([o('soft4', 'tempfail', 450, true), o('soft5', 'reject', 550, true)], null).decidedBy, 'soft5');
+  assert.equal(combine([o('allow', 'accept', 0, false), o('soft5', 'reject', 550, true)], null).decidedBy, null);
+  assert.equal(combine([o('allow', 'accept', 0, false), o('hard', 'tempfail', 450, false), o('soft5', 'reject', 550, true)], null).decidedBy, 'hard');
+  assert.equal(combine([o('soft5', 'reject', 550, true)], 'earlier-allow').decidedBy, null, 'a session allowlisted earlier');
+  assert.equal(combine([o('first', 'reject', 550, false), o('second', 'reject', 554, false)], null).decidedBy, 'first', 'ties: rule order');
+});
+
+test('rules of a stage run concurrently: each is started before any has finished', async () => {
+  const started: string[] = [];
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const check = (name: string) => async (): Promise<Finding> => {
+    started.push(name);
+    if (started.length === 3) release();
+    await gate; // sequential evaluation would never get past the first rule
+    return { kind: 'pass' };
+  };
+  const v = await evaluate([rule('a', check('a'), { timeout: 1000 }), rule('b', check('b'), { timeout: 1000 }), rule('c', check('c'), { timeout: 1000 })], ev());
+  assert.deepEqual(started, ['a', 'b', 'c']);
+  assert.deepEqual(v.outcomes.map((o) => o.finding), ['pass', 'pass', 'pass']);
+});
+
+test('allowlisted sessions skip bypassable rules entirely', async () => {
+  let called = 0;
+  const v = await evaluate([rule('b', () => { called++; return reject(); })], ev('connect', 'access'));
+  assert.equal(called, 0);
+  assert.equal(v.reply, null);
+});
