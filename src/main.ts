@@ -7,7 +7,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
-import { loadConfig, type LoadedConfig } from './config/load.js';
+import type { LoadedConfig } from './config/load.js';
 import { closeRuleSet, loadRuleSet, type RuleSet } from './config/rules.js';
 import { parseHostPort } from './config/schema.js';
 import { watchRules } from './config/watch.js';

@@ -98,6 +98,8 @@ export class BackendConnection extends EventEmitter {
   tls = false;
   /** Milliseconds from connect() to the greeting. */
   connectMs = 0;
+  /** Called with each reply and the command it answers (metrics). */
+  onReply: ((command: string, reply: Reply) => void) | null = null;
 
   private constructor(
     socket: net.Socket,
@@ -117,7 +119,7 @@ export class BackendConnection extends EventEmitter {
     const socket = await connect(opts, client);
     const conn = new BackendConnection(socket, opts);
     try {
-      const greeting = await conn.expect(opts.greetingTimeout, 'greeting');
+      const greeting = await conn.expect(opts.greetingTimeout, 'GREETING');
       if (greeting.code !== 220) {
         throw new BackendError('refused', `greeting ${greeting.code}`, greeting, true);
       }
@@ -209,7 +211,9 @@ export class BackendConnection extends EventEmitter {
   /** Sends one command line; resolves with its reply. May be called again before it resolves. */
   command(line: string, timeout = this.opts.commandTimeout): Promise<Reply> {
     if (/[\r\n\0]/.test(line)) return Promise.reject(new BackendError('protocol', 'refusing to send CR/LF/NUL'));
-    const p = this.expect(timeout, line.split(' ')[0] ?? line);
+    const verb = line.split(' ')[0] ?? line;
+    // SASL responses are not commands: never let a credential become a metric label.
+    const p = this.expect(timeout, /^[A-Z]{4,8}$/.test(verb) ? verb : 'AUTH_RESPONSE');
     if (!this.failure) this.socket.write(`${line}\r\n`);
     return p;
   }
@@ -222,7 +226,7 @@ export class BackendConnection extends EventEmitter {
 
   /** Ends the message (CRLF.CRLF is completed by ".\r\n") and waits for the final reply. */
   endData(): Promise<Reply> {
-    const p = this.expect(this.opts.dataTimeout, 'end of data');
+    const p = this.expect(this.opts.dataTimeout, 'DATA_END');
     if (!this.failure) this.socket.write('.\r\n');
     return p;
   }
@@ -308,6 +312,7 @@ export class BackendConnection extends EventEmitter {
         return;
       }
       this.arm();
+      this.onReply?.(head.what, reply);
       head.resolve(reply);
       if (reply.code === 421) {
         this.fail(new BackendError('closed', 'backend sent 421', reply));

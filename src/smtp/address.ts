@@ -61,6 +61,7 @@ export function splitPathArg(arg: string): { path: string; rest: string } | null
 
 /** Parses the inside of a path (without the angle brackets). */
 export function parsePath(raw: string): PathResult {
+  // eslint-disable-next-line no-control-regex
   const utf8 = /[^\x00-\x7f]/.test(raw);
   // eslint-disable-next-line no-control-regex
   if (/[\x00-\x1f\x7f]/.test(raw)) return { ok: false, reason: 'control character in address' };

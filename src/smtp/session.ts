@@ -197,6 +197,7 @@ export class Session {
     try {
       const b = await BackendConnection.open(this.deps.backend, { ...this.peer, address: this.client.text });
       this.deps.metrics.backendConnectDuration.observe(b.connectMs / 1000);
+      b.onReply = (command, r) => this.deps.metrics.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
       b.on('close', () => this.onBackendClosed());
       return b;
     } catch (err) {
@@ -459,7 +460,6 @@ export class Session {
   private async onHelo(c: Command, verb: 'HELO' | 'EHLO'): Promise<void> {
     const name = heloArgument(c.arg);
     if (!name) return this.queue(verb, R.syntax(`${verb} hostname`));
-    // eslint-disable-next-line no-control-regex
     if (/[^\x21-\x7e]/.test(name)) return this.queue(verb, R.badSyntax('invalid characters in hostname'));
     const v = await this.runRules('helo', { stage: 'helo', session: this.snapshot(), verb, name });
     if (v.reply) return this.queue(verb, v.reply);
@@ -701,7 +701,6 @@ export class Session {
       return this.queue('DATA', R.lostBackend(this.deps.hostname));
     }
     const r = await b.command('DATA').catch((e: unknown) => this.backendFailed(e));
-    this.deps.metrics.backendReplies.inc({ command: 'DATA', class: `${replyClass(r)}xx` });
     if (r.code !== 354) {
       if (!r.closes) this.txn = null;
       return this.queue('DATA', r);
@@ -814,7 +813,6 @@ export class Session {
       } else {
         const b = this.backend;
         r = b?.alive ? await b.endData().catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-        this.deps.metrics.backendReplies.inc({ command: 'DATA_END', class: `${replyClass(r)}xx` });
         const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
         if (q?.[1]) msg.queueId = q[1];
       }

@@ -97,13 +97,13 @@ export function parseDump(file: string): SinkMessage {
     while (lines[i]?.startsWith('\t') || lines[i]?.startsWith(' ')) i++;
   }
   // smtp-sink ends each dump with one extra empty line.
-  let body = lines.slice(i).join('\n').replace(/\n$/, '');
+  const body = lines.slice(i).join('\n').replace(/\n$/, '');
   return {
     file,
     clientAddr: meta['X-Client-Addr']?.[0] ?? '',
     helo: meta['X-Helo-Args']?.[0] ?? '',
     mail: meta['X-Mail-Args']?.[0] ?? '',
     rcpts: meta['X-Rcpt-Args'] ?? [],
-    body: (body = body),
+    body,
   };
 }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs — Debian packages included — and runs the whole suite.
+#   ./scripts/test.sh            (as root: installs missing packages with apt-get)
+# Tests start their own Postfix, smtp-sink and doorman processes on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests run for real: Postfix (smtpd, smtp-sink, smtp-source), swaks,
+# Cyrus SASL (AUTH against Postfix), openssl (test certificates), script(1) from bsdutils.
+PACKAGES=(postfix swaks libsasl2-modules sasl2-bin openssl bsdutils ca-certificates)
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "missing Debian packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if ! need_cmd node || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+  echo "doorman needs Node.js 20 or newer (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
+
+npm ci --no-audit --no-fund
+npm run lint
+npm test
