@@ -2,14 +2,15 @@
  * events.ts — the typed events of a session, as rules see them.
  *
  * A session is a stream of these events (connect, helo, auth, mail, rcpt, data_headers,
- * data_end, quit). Each carries a read-only snapshot of the session so far; rules never get the
+ * data_end, quit): `Session.events$` emits each one, and the runner evaluates the rules of its
+ * stage. Each carries a read-only snapshot of the session so far; rules never get the
  * socket or the session object.
  */
 import type { ParsedPath } from '../smtp/address.js';
 import type { MailParam } from '../smtp/commands.js';
 import type { ClientAddress } from '../net/ip.js';
 
-export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end'] as const;
+export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end', 'quit'] as const;
 export type Stage = (typeof STAGES)[number];
 
 export interface SessionSnapshot {
@@ -46,6 +47,8 @@ export type SessionEvent =
   | (Base & { readonly stage: 'mail'; readonly sender: ParsedPath; readonly params: readonly MailParam[] })
   | (Base & { readonly stage: 'rcpt'; readonly recipient: ParsedPath; readonly params: readonly MailParam[] })
   | (Base & { readonly stage: 'data_headers'; readonly headers: Buffer; readonly truncated: boolean })
-  | (Base & { readonly stage: 'data_end'; readonly size: number });
+  | (Base & { readonly stage: 'data_end'; readonly size: number })
+  /** The session ended (QUIT, timeout, disconnect…): for bookkeeping; findings are ignored. */
+  | (Base & { readonly stage: 'quit'; readonly reason: string });
 
 export type EventOf<S extends Stage> = Extract<SessionEvent, { stage: S }>;

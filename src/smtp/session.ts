@@ -15,6 +15,7 @@
  * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in reply.ts.
  */
 import crypto from 'node:crypto';
+import { Subject } from 'rxjs';
 import type net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
@@ -61,17 +62,27 @@ interface Transaction {
   /** RCPT commands tried (any outcome). */
   rcptTried: number;
   tags: string[];
+  log: TxnLog;
 }
 
-interface MessageLog {
+/** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
+interface TxnLog {
   from: string;
-  to: string[];
-  size: number;
-  outcome: 'accepted' | 'rejected' | 'tempfailed';
-  reply: string;
+  /** Reply code to MAIL. */
+  mail: number;
+  rcpts: { to: string; code: number }[];
+  /** Recipients past MAX_LOGGED_RCPTS, counted only. */
+  moreRcpts?: number;
+  size?: number;
+  outcome?: 'accepted' | 'rejected' | 'tempfailed';
+  reply?: string;
   queueId?: string;
   rule?: string;
 }
+
+/** Bounds on one session's log line. */
+const MAX_LOGGED_TXNS = 50;
+const MAX_LOGGED_RCPTS = 100;
 
 type Pending = Reply | Promise<Reply>;
 
@@ -111,12 +122,15 @@ export class Session {
   private commands = 0;
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
-  private readonly messages: MessageLog[] = [];
+  private readonly txnLogs: TxnLog[] = [];
+  private droppedTxnLogs = 0;
   private endReason = 'closed';
   private data: DataState | null = null;
   private backendCongested = false;
   /** Resolves when the session has ended. */
   readonly done: Promise<void>;
+  /** The session as a stream of typed events; completes when the session ends. */
+  readonly events$ = new Subject<SessionEvent>();
   private resolveDone!: () => void;
 
   constructor(
@@ -266,6 +280,11 @@ export class Session {
       this.backend?.quit();
     }
     this.socket.destroy();
+    const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
+    this.events$.next(quit);
+    this.events$.complete();
+    // Bookkeeping only: quit-stage findings are ignored and cannot fail the session.
+    void Promise.resolve(evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics })).catch(() => undefined);
     this.logSession();
     this.resolveDone();
   }
@@ -321,12 +340,20 @@ export class Session {
     }
   }
 
-  private queue(verb: string, r: Pending): void {
+  private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
     const counted = Promise.resolve(r).then((x) => {
       this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
+      note?.(x);
       return x;
     });
     this.outq.push(counted);
+  }
+
+  private newTxnLog(from: string): TxnLog {
+    const log: TxnLog = { from, mail: 0, rcpts: [] };
+    if (this.txnLogs.length < MAX_LOGGED_TXNS) this.txnLogs.push(log);
+    else this.droppedTxnLogs++;
+    return log;
   }
 
   // ---------------------------------------------------------------- input loop
@@ -511,16 +538,18 @@ export class Session {
       if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
       return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
     }
+    const log = this.newTxnLog(addressOf(p.path));
+    const answer = (r: Pending) => this.queue('MAIL', r, (x) => (log.mail = x.code));
     const checked = this.checkParams('MAIL', p.params);
-    if (checked) return this.queue('MAIL', checked);
+    if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
-    if (p.path.utf8 && !smtputf8) return this.queue('MAIL', R.utf8NotDeclared());
+    if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
     const v = await this.runRules('mail', { stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params });
-    if (v.reply) return this.queue('MAIL', v.reply);
+    if (v.reply) return answer(v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
-    if (!(b instanceof BackendConnection)) return this.queue('MAIL', b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags] };
+    if (!(b instanceof BackendConnection)) return answer(b);
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags], log };
     this.txn = txn;
     const r = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
       (x) => {
@@ -529,7 +558,7 @@ export class Session {
       },
       (e: unknown) => this.backendFailed(e),
     );
-    this.queue('MAIL', r);
+    answer(r);
   }
 
   /** MAIL/RCPT parameters doorman lets through: only those of advertised extensions. */
@@ -565,15 +594,21 @@ export class Session {
       return this.queue('RCPT', reply(501, '5.1.3', `Bad recipient address syntax: ${p.reason}`));
     }
     txn.rcptTried++;
+    const to = addressOf(p.path);
+    const answer = (r: Pending) =>
+      this.queue('RCPT', r, (x) => {
+        if (txn.log.rcpts.length < MAX_LOGGED_RCPTS) txn.log.rcpts.push({ to, code: x.code });
+        else txn.log.moreRcpts = (txn.log.moreRcpts ?? 0) + 1;
+      });
     const checked = this.checkParams('RCPT', p.params);
-    if (checked) return this.queue('RCPT', checked);
-    if (p.path.utf8 && !txn.smtputf8) return this.queue('RCPT', R.utf8NotDeclared());
-    if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return this.queue('RCPT', R.tooManyRcpts());
+    if (checked) return answer(checked);
+    if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
+    if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
     const v = await this.runRules('rcpt', { stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params });
-    if (v.reply) return this.queue('RCPT', v.reply);
-    if (this.txn !== txn) return this.queue('RCPT', R.needMail());
+    if (v.reply) return answer(v.reply);
+    if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
-    if (!b?.alive) return this.queue('RCPT', R.lostBackend(this.deps.hostname));
+    if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
     txn.rcptForwarded++;
     txn.tags.push(...v.tags);
     const r = b.command(formatMailRcpt('RCPT TO', p.path, p.params)).then(
@@ -584,7 +619,7 @@ export class Session {
       },
       (e: unknown) => this.backendFailed(e),
     );
-    this.queue('RCPT', r);
+    answer(r);
   }
 
   private onRset(c: Command): void {
@@ -797,7 +832,8 @@ export class Session {
     this.socket.setTimeout(this.deps.limits.commandTimeout);
     const size = this.framing.dataBytes;
     this.deps.metrics.messageSize.observe(size);
-    const msg: MessageLog = { from: addressOf(txn.sender), to: txn.rcpts.map(addressOf), size, outcome: 'accepted', reply: '' };
+    const msg = txn.log;
+    msg.size = size;
     let r: Reply;
     if (!d.aborted && this.framing.dataBytes > this.sizeLimit()) d.aborted = 'size';
     if (d.aborted) {
@@ -819,7 +855,6 @@ export class Session {
     }
     msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
     msg.reply = describeReply(r);
-    this.messages.push(msg);
     this.deps.metrics.messages.inc({ outcome: msg.outcome });
     this.data = null;
     this.txn = null;
@@ -862,6 +897,7 @@ export class Session {
   // ---------------------------------------------------------------- rules
 
   private async runRules(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
+    this.events$.next(event);
     const v = await evaluate(this.deps.rules.rules, event, {
       metrics: this.deps.metrics,
       onRuleError: (rule, kind, err) =>
@@ -909,7 +945,8 @@ export class Session {
         helo: this.helo,
         tls: this.tls,
         login: this.auth?.login ?? null,
-        messages: this.messages,
+        transactions: this.txnLogs,
+        ...(this.droppedTxnLogs ? { moreTransactions: this.droppedTxnLogs } : {}),
         rules: this.outcomes.map((o) => ({
           rule: o.rule,
           stage: o.stage,

@@ -22,6 +22,8 @@ export interface PostfixOptions {
   proxyProtocol?: boolean;
   /** XCLIENT allowed from loopback (default true). */
   xclient?: boolean;
+  /** Offer STARTTLS with this certificate (PEM files). */
+  tls?: { cert: string; key: string };
   /** Extra main.cf lines. */
   main?: string[];
 }
@@ -88,6 +90,7 @@ export async function startPostfix(opts: PostfixOptions): Promise<Postfix> {
     'smtpd_recipient_restrictions = check_recipient_access inline:{ rejected@example.com=REJECT }',
     `smtpd_authorized_xclient_hosts = ${opts.xclient === false ? '' : '127.0.0.0/8'}`,
     ...(opts.proxyProtocol ? ['smtpd_upstream_proxy_protocol = haproxy'] : []),
+    ...(opts.tls ? [`smtpd_tls_cert_file = ${opts.tls.cert}`, `smtpd_tls_key_file = ${opts.tls.key}`, 'smtpd_tls_security_level = may', 'smtpd_tls_loglevel = 1'] : []),
     ...(opts.main ?? []),
   ];
   if (opts.sasl) {

@@ -19,6 +19,7 @@ const CONFIG = `limits:
   maxClients: 4
   maxClientsPerIp: 2
   commandTimeout: 1500
+  dataTimeout: 1500
   maxRecipients: 3
   maxErrors: 5
   maxUnknownCommands: 3
@@ -171,4 +172,19 @@ test('a message line over 1000 octets: 500 5.5.2 and nothing is delivered', asyn
   c.close();
   await sleep(300);
   assert.equal(sink.messages().some((m) => m.mail.startsWith('<longline@')), false);
+});
+
+test('a client that stalls inside DATA gets 421 4.4.2 after the data timeout; nothing is delivered', async () => {
+  const c = await open();
+  await c.ehlo();
+  assert.equal((await c.cmd('MAIL FROM:<stall@example.org>')).code, 250);
+  assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+  assert.equal((await c.cmd('DATA')).code, 354);
+  c.write('Subject: stall\r\n\r\nhalf a message\r\n');
+  const r = await c.reply(5000);
+  assert.equal(r.code, 421);
+  assert.match(r.text, /^4\.4\.2 /);
+  assert.equal(await c.waitClosed(), true);
+  await sleep(300);
+  assert.equal(sink.messages().some((m) => m.mail.startsWith('<stall@')), false);
 });

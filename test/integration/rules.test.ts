@@ -88,6 +88,15 @@ test('sender and recipient denials carry the rule’s reply; the transaction goe
   assert.equal(await dm.metric('doorman_rejections_total', { rule: '10-access', stage: 'mail' }), 1);
   assert.equal(await dm.metric('doorman_rejections_total', { rule: '10-access', stage: 'rcpt' }), 1);
   assert.ok(!fb.commands.some((x) => x.includes('spammer.example')), 'refused commands never reach the backend');
+  const log = await eventually(() => dm.sessions().find((x) => (x.transactions as { from: string }[]).some((t) => t.from === 'bulk@spammer.example')));
+  assert.deepEqual(log?.transactions, [
+    { from: 'bulk@spammer.example', mail: 550, rcpts: [] },
+    { from: 'ok@example.org', mail: 250, rcpts: [{ to: 'nobody@example.com', code: 550 }, { to: 'somebody@example.com', code: 250 }] },
+  ]);
+  assert.deepEqual(
+    (log?.rules as { rule: string; stage: string; reply: string }[]).map((r) => [r.rule, r.stage, r.reply]),
+    [['10-access', 'mail', '550 5.7.1 Sender address rejected: spammer'], ['10-access', 'rcpt', '550 5.7.1 Recipient address rejected: Access denied']],
+  );
 });
 
 test('an enforced HELO rule refuses; an allowlisted client is exempt', async () => {

@@ -152,7 +152,56 @@ test('XCLIENT: Postfix logs and stamps the real client address, not doorman’s'
   assert.match(logLine ?? '', /client=unknown\[127\.0\.0\.7\]/);
   const m = await sink.bySender('xclient@example.org');
   assert.match(m.body, /Received: from seven\.example\.net \(unknown \[127\.0\.0\.7\]\)/);
-  const s = await eventually(() => dm.sessions().find((x) => (x.messages as { queueId?: string }[]).some((mm) => mm.queueId === queueId)));
+  const s = await eventually(() => dm.sessions().find((x) => (x.transactions as { queueId?: string }[]).some((mm) => mm.queueId === queueId)));
   assert.ok(s, 'session log carries the backend queue id');
   assert.equal(s.client, '127.0.0.7');
+});
+
+test('STARTTLS towards the backend when it offers it; `require` refuses a backend without it', async () => {
+  const tlsPf = await startPostfix({ relayPort: sink.port, tls: { cert: cert.cert, key: cert.key } });
+  const d = await startDoorman({ backendPort: tlsPf.port });
+  const strict = await startDoorman({ backendPort: postfix.port, config: 'backend:\n  starttls: require\n' });
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    await c.ehlo();
+    assert.equal((await c.cmd('MAIL FROM:<backend-tls@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write('Subject: backend tls\r\n\r\nhi\r\n.\r\n');
+    assert.equal((await c.reply()).code, 250);
+    c.close();
+    const line = await eventually(() => tlsPf.log().split('\n').find((l) => /TLS connection established from/.test(l)));
+    assert.ok(line, 'Postfix logged a TLS session from doorman');
+    const s = await SmtpClient.connect(strict.port);
+    const r = await s.reply();
+    assert.equal(r.code, 421, 'no STARTTLS at the backend: the client is told to come back later');
+    assert.ok((await strict.metric('doorman_backend_failures_total', { kind: 'tls' })) >= 1);
+  } finally {
+    await d.stop();
+    await strict.stop();
+    await tlsPf.stop();
+  }
+});
+
+test('authPlaintext: a listener configured for it offers AUTH without TLS', async () => {
+  const d = await startDoorman({
+    backendPort: postfix.port,
+    env: { DOORMAN_LISTEN: '' },
+    config: 'listen:\n  - address: 127.0.0.1:0\n    role: submission\n    authPlaintext: true\n',
+  }).catch((e: unknown) => e as Error);
+  // Port 0 cannot be named in advance: use the address doorman logged.
+  assert.ok(!(d instanceof Error), String(d));
+  try {
+    const port = ((d.logs().find((l) => l.msg === 'doorman started')?.listeners as { port: number }[])[0]?.port) ?? 0;
+    const c = await SmtpClient.connect(port);
+    await c.reply();
+    const { keywords } = await c.ehlo();
+    assert.match(keywords.get('AUTH') ?? '', /PLAIN/);
+    const r = await c.cmd('AUTH PLAIN ' + Buffer.from('\0alice@backend.test\0wonderland').toString('base64'));
+    assert.equal(r.code, 235);
+    c.close();
+  } finally {
+    await d.stop();
+  }
 });
