@@ -124,8 +124,14 @@ test('dry-run logs what it would do and counts it, without refusing', async () =
 
 test('hot reload: a changed file applies to new sessions; an invalid one keeps the last good rules', async () => {
   const file = path.join(dm.rulesDir, '10-access.yaml');
+  const old = await open();
+  await old.ehlo('client.example.net');
   fs.writeFileSync(file, ACCESS.replace('@spammer.example', '@other.example'));
   await eventually(async () => (await dm.metric('doorman_config_reloads_total', { result: 'success' })) >= 1, 5000);
+  // A session opened before the reload goes on, with the rules it started with.
+  assert.equal((await old.cmd('MAIL FROM:<x@spammer.example>')).code, 550);
+  assert.equal((await old.cmd('MAIL FROM:<x@other.example>')).code, 250);
+  old.close();
   let c = await open();
   await c.ehlo('client.example.net');
   assert.equal((await c.cmd('MAIL FROM:<x@other.example>')).code, 550, 'new rule in force');
