@@ -4,6 +4,7 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
@@ -17,6 +18,8 @@ import { createMetrics, type Metrics } from './metrics/registry.js';
 import { Proxy } from './listener.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
+import { createResolver } from './net/dns.js';
+import { parseAddress } from './net/ip.js';
 import { VERSION } from './version.js';
 
 export interface Running {
@@ -37,11 +40,25 @@ export function backendOptions(loaded: LoadedConfig): BackendOptions {
 }
 
 export function ruleDeps(loaded: LoadedConfig): RuleDeps {
+  const { dns } = loaded.config;
   return {
     ownNames: [loaded.hostname.toLowerCase()],
-    ownAddresses: loaded.config.listen.map((l) => parseHostPort(l.address)?.host ?? '').filter((h) => net.isIP(h) !== 0),
+    ownAddresses: ownAddresses(loaded),
+    resolver: createResolver({ servers: dns.servers, timeout: dns.timeout, tries: dns.tries }),
     now: () => Date.now(),
   };
+}
+
+/** The listeners' addresses; for a wildcard listener, every local interface address. */
+function ownAddresses(loaded: LoadedConfig): string[] {
+  const hosts = loaded.config.listen.map((l) => parseHostPort(l.address)?.host ?? '');
+  const out = new Set<string>();
+  for (const h of hosts) {
+    if (h === '0.0.0.0' || h === '::') {
+      for (const list of Object.values(os.networkInterfaces())) for (const i of list ?? []) out.add(parseAddress(i.address).text);
+    } else if (net.isIP(h)) out.add(parseAddress(h).text);
+  }
+  return [...out];
 }
 
 export function loadSecureContext(loaded: LoadedConfig): tls.SecureContext | null {

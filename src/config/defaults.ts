@@ -62,6 +62,13 @@ export const BACKEND_DEFAULTS = {
   proxyProtocol: 'off' as 'off' | 'v1' | 'v2',
 };
 
+export const DNS_DEFAULTS = {
+  /** Per-try DNS timeout, ms (Haraka's 25 s outran its plugin timeouts: Haraka#2436). */
+  timeout: 2_000,
+  /** Tries per DNS query. */
+  tries: 2,
+};
+
 export const RULE_DEFAULTS = {
   /** Per-rule evaluation deadline, ms; a rule that takes longer gets its onError action. */
   timeout: 5_000,

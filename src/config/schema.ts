@@ -4,7 +4,7 @@
  * docs/configuration.md documents every key.
  */
 import { z } from 'zod';
-import { BACKEND_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
+import { BACKEND_DEFAULTS, DNS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
 
 const ms = z.number().int().nonnegative();
 const positive = z.number().int().positive();
@@ -57,7 +57,16 @@ export const configSchema = z.strictObject({
     })
     .prefault({}),
   redis: z.strictObject({ url: z.string().optional() }).prefault({}),
-  dns: z.strictObject({ servers: z.array(z.string()).default([]) }).prefault({}),
+  dns: z
+    .strictObject({
+      /** DNS servers (host or host:port); empty: the system's. */
+      servers: z.array(z.string()).default([]),
+      /** Per-try timeout, ms: well under the SMTP deadlines. */
+      timeout: positive.default(DNS_DEFAULTS.timeout),
+      /** Tries per query. */
+      tries: z.number().int().min(1).max(5).default(DNS_DEFAULTS.tries),
+    })
+    .prefault({}),
   metrics: z
     .strictObject({
       /** host:port for /metrics, /healthz, /readyz; "off" disables. */

@@ -8,6 +8,7 @@
  */
 import type { Observable } from 'rxjs';
 import type { z } from 'zod';
+import type { DnsResolver } from '../net/dns.js';
 import type { SessionEvent, Stage } from './events.js';
 
 /** A reply a rule suggests; code and enhanced code must agree in class (5xx ↔ 5.x.x). */
@@ -46,11 +47,13 @@ export interface Rule {
   close?(): void;
 }
 
-/** Services passed to rule factories (resolver, store, clock come in later issues). */
+/** Services passed to rule factories: nothing a rule needs from outside is imported directly. */
 export interface RuleDeps {
-  /** doorman's own names (greeting hostname) and listening addresses. */
+  /** doorman's own names (greeting hostname) and addresses (listeners, local interfaces). */
   readonly ownNames: readonly string[];
   readonly ownAddresses: readonly string[];
+  /** doorman's resolver (dns.servers, timeout, tries), shared by all DNS rules. */
+  readonly resolver: DnsResolver;
   readonly now: () => number;
 }
 

@@ -5,8 +5,14 @@
 import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
 import { heloRule } from './helo.js';
+import { relayRule } from './relay.js';
+import { senderRule } from './sender.js';
+import { spfRule } from './spf.js';
 
 export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleType>([
   [accessRule.type, accessRule as unknown as RuleType],
   [heloRule.type, heloRule as unknown as RuleType],
+  [relayRule.type, relayRule as unknown as RuleType],
+  [senderRule.type, senderRule as unknown as RuleType],
+  [spfRule.type, spfRule as unknown as RuleType],
 ]);

@@ -50,3 +50,38 @@ export function matchHost(pattern: string, name: string): boolean {
   if (p.startsWith('*.')) return n.endsWith(p.slice(1));
   return n === p;
 }
+
+/**
+ * A list of domains: `example.com` (exactly), `*.example.com` (any subdomain, not the domain
+ * itself), `[192.0.2.1]` / `[IPv6:2001:db8::1]` (an address literal). Normalised like paths.
+ */
+export class DomainList {
+  private readonly exact = new Set<string>();
+  private readonly suffixes: string[] = [];
+
+  constructor(patterns: readonly string[]) {
+    for (const p of patterns) {
+      const d = normaliseDomain(p.trim());
+      if (d.startsWith('*.')) this.suffixes.push(d.slice(1));
+      else if (d.startsWith('[')) this.exact.add(d.replace(/^\[ipv6:/i, '[ipv6:'));
+      else this.exact.add(d);
+    }
+  }
+
+  /** `domain` as ParsedPath.domain gives it (lower case, literals as `[…]`). */
+  has(domain: string): boolean {
+    if (this.exact.has(domain)) return true;
+    return this.suffixes.some((s) => domain.endsWith(s));
+  }
+
+  get size(): number {
+    return this.exact.size + this.suffixes.length;
+  }
+}
+
+/** Valid entries for a DomainList (used by rule schemas). */
+export function isDomainPattern(p: string): boolean {
+  const d = p.trim();
+  if (/^\[(ipv6:)?[0-9a-f:.]+\]$/i.test(d)) return true;
+  return /^(\*\.)?([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?$/i.test(d);
+}

@@ -22,6 +22,8 @@ export interface PostfixOptions {
   proxyProtocol?: boolean;
   /** XCLIENT allowed from loopback (default true). */
   xclient?: boolean;
+  /** Relay anything for anyone (to prove that doorman is what refuses). */
+  openRelay?: boolean;
   /** Offer STARTTLS with this certificate (PEM files). */
   tls?: { cert: string; key: string };
   /** Extra main.cf lines. */
@@ -86,7 +88,8 @@ export async function startPostfix(opts: PostfixOptions): Promise<Postfix> {
     'alias_maps =',
     'alias_database =',
     'biff = no',
-    'smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination',
+    // Postfix refuses a literal open relay; every test client is in mynetworks (XCLIENT 127.0.0.x).
+    opts.openRelay ? 'smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination' : 'smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination',
     'smtpd_recipient_restrictions = check_recipient_access inline:{ rejected@example.com=REJECT }',
     `smtpd_authorized_xclient_hosts = ${opts.xclient === false ? '' : '127.0.0.0/8'}`,
     ...(opts.proxyProtocol ? ['smtpd_upstream_proxy_protocol = haproxy'] : []),

@@ -1,0 +1,43 @@
+/**
+ * dns.ts — doorman's own resolver, shared by every DNS rule.
+ *
+ * Servers come from `dns.servers` / DOORMAN_DNS_SERVERS (default: the system's), with doorman's
+ * own per-query timeout and tries (never the 25 s defaults that outrun SMTP deadlines). The
+ * `resolve(name, rrtype)` shape is that of dns.promises.resolve, which is what mailauth and
+ * other libraries of the field take. Errors keep Node's codes: ENOTFOUND and ENODATA mean
+ * "no such record", ETIMEOUT / ESERVFAIL / EREFUSED / ECONNREFUSED mean "could not tell".
+ */
+import dns from 'node:dns';
+
+export type RecordType = 'A' | 'AAAA' | 'TXT' | 'MX' | 'PTR' | 'CNAME' | 'NS' | 'SOA' | 'SRV';
+
+export interface DnsResolver {
+  /** dns.promises.resolve semantics (TXT → string[][], A → string[], MX → {exchange, priority}[], …). */
+  resolve(name: string, rrtype: string): Promise<string[] | string[][]>;
+  /** The servers in use ([] = the system's). */
+  readonly servers: readonly string[];
+}
+
+export interface ResolverOptions {
+  /** host or host:port ([v6]:port), in order. Empty: the system's resolver configuration. */
+  servers: readonly string[];
+  /** Per-try timeout, ms. */
+  timeout: number;
+  /** Tries per query. */
+  tries: number;
+}
+
+export function createResolver(opts: ResolverOptions): DnsResolver {
+  const r = new dns.promises.Resolver({ timeout: opts.timeout, tries: opts.tries });
+  if (opts.servers.length) r.setServers([...opts.servers]);
+  return {
+    servers: r.getServers(),
+    resolve: (name, rrtype) => r.resolve(name, rrtype) as Promise<string[] | string[][]>,
+  };
+}
+
+/** True for the errors that mean "the name or record does not exist" (not a failure). */
+export function isNoRecord(err: unknown): boolean {
+  const code = (err as { code?: string } | null)?.code;
+  return code === 'ENOTFOUND' || code === 'ENODATA';
+}

@@ -1,0 +1,111 @@
+/**
+ * relay — open-relay prevention (Postfix reject_unauth_destination + allow_untrusted_routing=no).
+ *
+ * Relay rights: the client is in `relayNetworks`, or authenticated at the backend (AUTH 235) when
+ * `authenticatedMayRelay`. Clients with relay rights are not checked further.
+ * Detects, for clients without relay rights:
+ *   stage mail  auth_required   the listener's role is in `requireAuthOn` (default submission,
+ *                               smtps) and the client is not authenticated → 530 5.7.0
+ *   stage rcpt  foreign_domain  the recipient's domain (normalised: case, trailing dot) is not in
+ *                               `localDomains` → relayReply (554 5.7.1 <addr>: Relay access denied)
+ *               source_route    `@a,@b:user@local` — judged on the final domain, refused anyway
+ *               percent_hack    `user%other@local`
+ *               bang_path       `other!user@local`, `other!user`
+ *               double_at       `"user@other"@local`, a second @ in the local part
+ *               address_literal `user@[192.0.2.1]`, `user@[IPv6:…]` unless listed in localDomains
+ *               no_domain       `user` without a domain (only `postmaster` is accepted, RFC 5321 §4.5.1)
+ *               null_sender_rcpts  more than `nullSenderMaxRecipients` recipients for `<>`
+ * Settings: localDomains ([]), relayNetworks ([]), authenticatedMayRelay (true),
+ *   requireAuthOn ([submission, smtps]), nullSenderMaxRecipients (null: no limit),
+ *   relayReply ("554 5.7.1 <{address}>: Relay access denied"; {address} is replaced).
+ * Not bypassable: an allowlist never opens the relay.
+ * Metrics: doorman_rejections_total{rule,stage}; the reason is in the session log.
+ * Errors: none expected (pure matching); onError applies regardless.
+ */
+import { z } from 'zod';
+import { inAnyCidr, parseCidr } from '../net/ip.js';
+import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
+import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
+import type { ParsedPath } from '../smtp/address.js';
+import { DomainList, isDomainPattern } from './match.js';
+
+export const DEFAULT_RELAY_REPLY = '554 5.7.1 <{address}>: Relay access denied';
+
+const cidrs = z.array(z.string()).superRefine((list, ctx) => {
+  for (const c of list) {
+    try {
+      parseCidr(c);
+    } catch {
+      ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
+    }
+  }
+});
+export const domains = z.array(z.string()).superRefine((list, ctx) => {
+  for (const d of list) if (!isDomainPattern(d)) ctx.addIssue({ code: 'custom', message: `not a domain pattern: ${d}` });
+});
+const replyTemplate = z.string().refine((s) => parseReplySpec(s.replace('{address}', 'x')) !== null, 'expected "<5xx> <5.x.y> text" ({address} allowed)');
+
+const settings = z.strictObject({
+  localDomains: domains.default([]),
+  relayNetworks: cidrs.default([]),
+  authenticatedMayRelay: z.boolean().default(true),
+  requireAuthOn: z.array(z.enum(['smtp', 'submission', 'smtps'])).default(['submission', 'smtps']),
+  nullSenderMaxRecipients: z.number().int().positive().nullable().default(null),
+  relayReply: replyTemplate.default(DEFAULT_RELAY_REPLY),
+});
+
+/** Why a recipient needs relay rights, or null when it is a plain local address. */
+export function routingTrick(p: ParsedPath, local: DomainList): string | null {
+  if (p.route.length) return 'source_route';
+  if (!p.domain) return p.local.toLowerCase() === 'postmaster' ? null : p.local.includes('!') ? 'bang_path' : 'no_domain';
+  if (p.literal !== undefined && !local.has(p.domain)) return 'address_literal';
+  if (p.local.includes('@')) return 'double_at';
+  if (p.local.includes('%')) return 'percent_hack';
+  if (p.local.includes('!')) return 'bang_path';
+  if (!local.has(p.domain)) return 'foreign_domain';
+  return null;
+}
+
+export function hasRelayRights(s: SessionSnapshot, networks: ReturnType<typeof parseCidr>[], authMayRelay: boolean): boolean {
+  return inAnyCidr(s.client, networks) || (authMayRelay && s.auth !== null);
+}
+
+/** Client text is echoed in replies: keep it printable and short. */
+export function echo(raw: string): string {
+  // eslint-disable-next-line no-control-regex
+  return raw.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 256);
+}
+
+export const relayRule = defineRuleType({
+  type: 'relay',
+  description: 'Open-relay prevention: local domains, relay networks, AUTH, routing tricks',
+  settings,
+  create(name, s) {
+    const local = new DomainList(s.localDomains);
+    const networks = s.relayNetworks.map(parseCidr);
+    const template = s.relayReply;
+    const relayReply = (address: string): ReplySpec => parseReplySpec(template.replace('{address}', echo(address))) as ReplySpec;
+    return {
+      name,
+      type: 'relay',
+      stages: ['mail', 'rcpt'],
+      bypassable: false,
+      check(ev: SessionEvent): Finding {
+        if (ev.stage !== 'mail' && ev.stage !== 'rcpt') return PASS;
+        if (hasRelayRights(ev.session, networks, s.authenticatedMayRelay)) return PASS;
+        if (ev.stage === 'mail') {
+          if (!s.requireAuthOn.includes(ev.session.listener.role)) return PASS;
+          return { kind: 'reject', reason: 'auth_required', reply: { code: 530, enhanced: '5.7.0', text: 'Authentication required' } };
+        }
+        const p = ev.recipient;
+        const trick = routingTrick(p, local);
+        if (trick) return { kind: 'reject', reason: trick, reply: relayReply(p.raw) };
+        const max = s.nullSenderMaxRecipients;
+        if (max !== null && ev.session.sender?.isNull && ev.session.recipients.length >= max) {
+          return { kind: 'reject', reason: 'null_sender_rcpts', reply: { code: 550, enhanced: '5.5.3', text: `<${echo(p.raw)}>: Too many recipients for the null sender` } };
+        }
+        return PASS;
+      },
+    };
+  },
+});
