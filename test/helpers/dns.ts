@@ -1,0 +1,46 @@
+/**
+ * dns.ts — DNS servers for tests: dnsmasq on a free loopback port serving the records a test
+ * names (authoritative for *.test: unknown names are NXDOMAIN), and a black hole that never
+ * answers (for timeouts).
+ */
+import dgram from 'node:dgram';
+import { freePort } from './net.js';
+import { spawnProc, type Proc } from './procs.js';
+
+export interface DnsRecords {
+  txt?: [string, string][];
+  a?: [string, string][];
+  aaaa?: [string, string][];
+  ptr?: [string, string][];
+  mx?: [string, string, number][];
+}
+
+export interface Dnsmasq {
+  port: number;
+  server: string;
+  proc: Proc;
+  stop(): Promise<void>;
+}
+
+export async function startDnsmasq(records: DnsRecords): Promise<Dnsmasq> {
+  const port = await freePort();
+  const args = ['-k', `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', '--conf-file=/dev/null', '--user=root', '--local=/test/', '--log-facility=-', '--log-queries'];
+  for (const [name, text] of records.txt ?? []) args.push(`--txt-record=${name},${text}`);
+  for (const [name, ip] of records.a ?? []) args.push(`--host-record=${name},${ip}`);
+  for (const [name, ip] of records.aaaa ?? []) args.push(`--host-record=${name},${ip}`);
+  for (const [name, target] of records.ptr ?? []) args.push(`--ptr-record=${name},${target}`);
+  for (const [name, host, pref] of records.mx ?? []) args.push(`--mx-host=${name},${host},${pref}`);
+  const proc = spawnProc('dnsmasq', 'dnsmasq', args);
+  await proc.waitFor(/started, version/, 5000);
+  return { port, server: `127.0.0.1:${port}`, proc, stop: async () => void (await proc.stop()) };
+}
+
+/** A UDP port that reads queries and never answers. */
+export async function startBlackHole(): Promise<{ server: string; queries: () => number; stop(): Promise<void> }> {
+  const sock = dgram.createSocket('udp4');
+  let n = 0;
+  sock.on('message', () => n++);
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+  const port = sock.address().port;
+  return { server: `127.0.0.1:${port}`, queries: () => n, stop: () => new Promise((r) => sock.close(() => r())) };
+}
