@@ -11,6 +11,7 @@ import { loadRuleSet } from './config/rules.js';
 import { DoormanError } from './errors.js';
 import { loadSecureContext, ruleDeps, start } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
+import { createMetrics } from './metrics/registry.js';
 import { VERSION } from './version.js';
 
 const HELP = `doorman ${VERSION} — a spam-filtering SMTP proxy in front of your mail server
@@ -61,7 +62,9 @@ export async function main(argv: string[]): Promise<number | undefined> {
       const loaded = loadConfig(file ? { file } : {});
       if (rulesDir) loaded.config.rules.dir = rulesDir;
       loadSecureContext(loaded);
-      const set = loadRuleSet(loaded.config.rules.dir, ruleDeps(loaded));
+      // check builds the rules to validate them, but starts nothing (no self-tests run).
+      const quiet = { warn: () => undefined, info: () => undefined };
+      const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, createMetrics({ version: VERSION, defaults: false }), quiet), checkOnly: true });
       process.stdout.write(
         `ok: ${loaded.file ?? 'defaults + environment'}; ${set.rules.length} rule(s) from ${loaded.config.rules.dir}: ${set.rules.map((r) => `${r.rule.name} (${r.rule.type}, ${r.action})`).join(', ') || 'none'}\n`,
       );

@@ -39,12 +39,14 @@ export function backendOptions(loaded: LoadedConfig): BackendOptions {
   return { ...b, host: hp.host, port: hp.port, heloName: loaded.hostname };
 }
 
-export function ruleDeps(loaded: LoadedConfig): RuleDeps {
+export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log']): RuleDeps {
   const { dns } = loaded.config;
   return {
     ownNames: [loaded.hostname.toLowerCase()],
     ownAddresses: ownAddresses(loaded),
     resolver: createResolver({ servers: dns.servers, timeout: dns.timeout, tries: dns.tries }),
+    metrics,
+    log,
     now: () => Date.now(),
   };
 }
@@ -81,7 +83,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   const { config } = loaded;
   const log = createLogger(config.log.level);
   const metrics = createMetrics({ version: VERSION });
-  const deps = ruleDeps(loaded);
+  const deps = ruleDeps(loaded, metrics, log);
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
   metrics.rulesInfo.set({ version: rules.version }, 1);
   metrics.rulesLoaded.set(rules.rules.length);

@@ -8,12 +8,19 @@
  * "no such record", ETIMEOUT / ESERVFAIL / EREFUSED / ECONNREFUSED mean "could not tell".
  */
 import dns from 'node:dns';
+import ipaddr from 'ipaddr.js';
 
 export type RecordType = 'A' | 'AAAA' | 'TXT' | 'MX' | 'PTR' | 'CNAME' | 'NS' | 'SOA' | 'SRV';
 
 export interface DnsResolver {
   /** dns.promises.resolve semantics (TXT → string[][], A → string[], MX → {exchange, priority}[], …). */
   resolve(name: string, rrtype: string): Promise<string[] | string[][]>;
+  /** A records with their TTLs (seconds). */
+  resolveA(name: string): Promise<{ address: string; ttl: number }[]>;
+  /** AAAA records with their TTLs (seconds). */
+  resolveAAAA(name: string): Promise<{ address: string; ttl: number }[]>;
+  /** PTR names of an address. */
+  reverse(ip: string): Promise<string[]>;
   /** The servers in use ([] = the system's). */
   readonly servers: readonly string[];
 }
@@ -33,6 +40,9 @@ export function createResolver(opts: ResolverOptions): DnsResolver {
   return {
     servers: r.getServers(),
     resolve: (name, rrtype) => r.resolve(name, rrtype) as Promise<string[] | string[][]>,
+    resolveA: (name) => r.resolve4(name, { ttl: true }),
+    resolveAAAA: (name) => r.resolve6(name, { ttl: true }),
+    reverse: (ip) => r.reverse(ip),
   };
 }
 
@@ -40,4 +50,13 @@ export function createResolver(opts: ResolverOptions): DnsResolver {
 export function isNoRecord(err: unknown): boolean {
   const code = (err as { code?: string } | null)?.code;
   return code === 'ENOTFOUND' || code === 'ENODATA';
+}
+
+/** The DNSBL query name of an address (RFC 5782 §2.1, §2.4): reversed octets or 32 reversed nibbles. */
+export function reversedName(ip: string, unwrapMapped = true): string {
+  // RFC 5782 §5 tests IPv6 lists with ::FFFF:7F00:2 itself, as nibbles: no unwrapping there.
+  const parsed = unwrapMapped ? ipaddr.process(ip) : ipaddr.parse(ip);
+  if (parsed.kind() === 'ipv4') return parsed.toByteArray().reverse().join('.');
+  const hex = parsed.toByteArray().map((b) => b.toString(16).padStart(2, '0')).join('');
+  return [...hex].reverse().join('.');
 }

@@ -8,6 +8,7 @@
  */
 import type { Observable } from 'rxjs';
 import type { z } from 'zod';
+import type { Metrics } from '../metrics/registry.js';
 import type { DnsResolver } from '../net/dns.js';
 import type { SessionEvent, Stage } from './events.js';
 
@@ -54,7 +55,13 @@ export interface RuleDeps {
   readonly ownAddresses: readonly string[];
   /** doorman's resolver (dns.servers, timeout, tries), shared by all DNS rules. */
   readonly resolver: DnsResolver;
+  /** doorman's metrics registry (rules with their own metrics: DNSBL zones). */
+  readonly metrics: Metrics;
+  /** Logger for state changes a rule must report (a zone disabled, …). */
+  readonly log: { warn(obj: object, msg: string): void; info(obj: object, msg: string): void };
   readonly now: () => number;
+  /** `doorman check`: build and validate only; start no timers or lookups. */
+  readonly checkOnly?: boolean;
 }
 
 /** A rule type: its settings schema and a constructor. */

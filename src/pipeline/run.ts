@@ -44,7 +44,8 @@ export function evaluate(
   hooks: RunnerHooks = {},
 ): StageVerdict | Promise<StageVerdict> {
   const accepted = event.session.acceptedBy;
-  const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable));
+  // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
+  const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable && event.stage !== 'quit'));
   if (applicable.length === 0) return EMPTY_VERDICT;
   return firstValueFrom(runStage(applicable, event, hooks));
 }

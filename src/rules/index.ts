@@ -4,6 +4,7 @@
  */
 import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
+import { dnsblRule } from './dnsbl.js';
 import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
 import { senderRule } from './sender.js';
@@ -15,4 +16,5 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [relayRule.type, relayRule as unknown as RuleType],
   [senderRule.type, senderRule as unknown as RuleType],
   [spfRule.type, spfRule as unknown as RuleType],
+  [dnsblRule.type, dnsblRule as unknown as RuleType],
 ]);

@@ -58,3 +58,26 @@ test('xtext (RFC 3461) for XCLIENT values', () => {
   assert.equal(xtext('[UNAVAILABLE]'), '[UNAVAILABLE]');
   assert.equal(xtext('x\r\nDATA'), 'x+0D+0ADATA');
 });
+
+test('DNSBL query names: reversed octets, 32 reversed nibbles (RFC 5782 §2)', async () => {
+  const { reversedName } = await import('../../src/net/dns.js');
+  assert.equal(reversedName('192.0.2.99'), '99.2.0.192');
+  assert.equal(reversedName('::ffff:192.0.2.99'), '99.2.0.192', 'IPv4-mapped IPv6 is queried as IPv4');
+  assert.equal(reversedName('2001:db8::1'), '1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2');
+});
+
+test('DNSBL answer filters and answer problems (Spamhaus error codes, outside 127/8)', async () => {
+  const { parseAnswerFilter, answerProblem } = await import('../../src/rules/dnsbl.js');
+  const f = parseAnswerFilter('127.0.0.[2..11]');
+  assert.ok(f);
+  assert.equal(f('127.0.0.2'), true);
+  assert.equal(f('127.0.0.11'), true);
+  assert.equal(f('127.0.0.12'), false);
+  assert.equal(f('127.0.1.2'), false);
+  assert.equal(parseAnswerFilter('127.0.0.0/24')?.('127.0.0.200'), true);
+  assert.equal(parseAnswerFilter('127.0.0.[11..2]'), null);
+  assert.equal(parseAnswerFilter('bogus'), null);
+  assert.match(answerProblem('127.255.255.254') ?? '', /error code/);
+  assert.match(answerProblem('10.0.0.2') ?? '', /outside 127/);
+  assert.equal(answerProblem('127.0.0.4'), null);
+});
