@@ -78,8 +78,9 @@ export function softened(spec: ReplySpec, stage: Stage): ReplySpec {
 }
 
 export function toReply(spec: ReplySpec, stage: Stage): Reply {
-  // At connect a temporary refusal must close the connection: only 421 does (RFC 5321 §3.8).
-  const code = stage === 'connect' && spec.code < 500 ? 421 : spec.code;
+  // At connect, RFC 5321 §3.1 has 554 instead of the greeting; a temporary refusal must close
+  // the connection, which only 421 does (§3.8). The enhanced code and text are the rule's.
+  const code = stage === 'connect' ? (spec.code < 500 ? 421 : 554) : spec.code;
   return reply(code, spec.enhanced, spec.text);
 }
 

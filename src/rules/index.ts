@@ -5,6 +5,7 @@
 import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
 import { dnsblRule } from './dnsbl.js';
+import { fcrdnsRule } from './fcrdns.js';
 import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
 import { senderRule } from './sender.js';
@@ -17,4 +18,5 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [senderRule.type, senderRule as unknown as RuleType],
   [spfRule.type, spfRule as unknown as RuleType],
   [dnsblRule.type, dnsblRule as unknown as RuleType],
+  [fcrdnsRule.type, fcrdnsRule as unknown as RuleType],
 ]);

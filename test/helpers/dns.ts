@@ -24,7 +24,8 @@ export interface Dnsmasq {
 
 export async function startDnsmasq(records: DnsRecords): Promise<Dnsmasq> {
   const port = await freePort();
-  const args = ['-k', `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', '--conf-file=/dev/null', '--user=root', '--local=/test/', '--log-facility=-', '--log-queries'];
+  // Authoritative for *.test and the loopback reverse zone: unknown names are NXDOMAIN.
+  const args = ['-k', `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', '--conf-file=/dev/null', '--user=root', '--local=/test/', '--local=/127.in-addr.arpa/', '--log-facility=-', '--log-queries'];
   for (const [name, text] of records.txt ?? []) args.push(`--txt-record=${name},${text}`);
   for (const [name, ip] of records.a ?? []) args.push(`--host-record=${name},${ip}`);
   for (const [name, ip] of records.aaaa ?? []) args.push(`--host-record=${name},${ip}`);

@@ -1,0 +1,111 @@
+/**
+ * fcrdns — forward-confirmed reverse DNS (Postfix reject_unknown_client_hostname; RFC 7372 X.7.25).
+ *
+ * The client's PTR names are looked up (at most `maxNames`), then each name's A/AAAA records; the
+ * check passes when one of them is the client's real address. Lookups start at connect through
+ * doorman's resolver; the verdict is applied at `stage` (connect, or rcpt so the log shows the
+ * envelope).
+ * Results and their default actions (`results`: pass, reject, tempfail, tag):
+ *   fail       no PTR, or no PTR name resolves back to the client → reject
+ *              550 5.7.25 Reverse DNS validation failed for [ip]
+ *   temperror  a DNS failure (timeout, SERVFAIL) and no confirmation → tempfail
+ *              451 4.7.25 Reverse DNS lookup failed for [ip], try again later (421 at connect)
+ * Settings: results, stage (connect), maxNames (10), timeout (per lookup, ms; 2000).
+ * Bypassable. Metrics: doorman_fcrdns_checks_total{result}. Never throws: DNS errors are data.
+ */
+import { z } from 'zod';
+import { isNoRecord } from '../net/dns.js';
+import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
+import type { SessionEvent } from '../pipeline/events.js';
+
+const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
+
+const settings = z.strictObject({
+  results: z.strictObject({ fail: action.default('reject'), temperror: action.default('tempfail') }).prefault({}),
+  stage: z.enum(['connect', 'rcpt']).default('connect'),
+  maxNames: z.number().int().min(1).max(50).default(10),
+  timeout: z.number().int().positive().max(30_000).default(2_000),
+});
+
+export type FcrdnsResult = { result: 'pass'; name: string } | { result: 'fail' | 'temperror'; detail: string };
+
+function within<T>(p: Promise<T>, ms: number): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(Object.assign(new Error(`timeout after ${ms} ms`), { code: 'ETIMEOUT' })), ms);
+    p.then(
+      (v) => (clearTimeout(t), resolve(v)),
+      (e: unknown) => (clearTimeout(t), reject(e)),
+    );
+  });
+}
+
+/** The check itself, for one address. */
+export async function fcrdns(ip: string, family: 4 | 6, deps: Pick<RuleDeps, 'resolver'>, maxNames: number, timeout: number): Promise<FcrdnsResult> {
+  let names: string[];
+  try {
+    names = await within(deps.resolver.reverse(ip), timeout);
+  } catch (err) {
+    if (isNoRecord(err)) return { result: 'fail', detail: 'no PTR record' };
+    return { result: 'temperror', detail: `PTR lookup: ${(err as Error).message}` };
+  }
+  if (names.length === 0) return { result: 'fail', detail: 'no PTR record' };
+  let dnsError = '';
+  for (const name of names.slice(0, maxNames)) {
+    try {
+      const addrs = await within(family === 4 ? deps.resolver.resolveA(name) : deps.resolver.resolveAAAA(name), timeout);
+      if (addrs.some((a) => a.address === ip)) return { result: 'pass', name };
+    } catch (err) {
+      if (!isNoRecord(err)) dnsError = `${name}: ${(err as Error).message}`;
+    }
+  }
+  if (dnsError) return { result: 'temperror', detail: dnsError };
+  return { result: 'fail', detail: `${names.slice(0, maxNames).join(', ')} do not resolve to ${ip}` };
+}
+
+export const fcrdnsRule = defineRuleType({
+  type: 'fcrdns',
+  description: 'Forward-confirmed reverse DNS of the client address',
+  settings,
+  create(name, s, deps) {
+    const pending = new Map<string, Promise<FcrdnsResult>>();
+    const decide = async (id: string, ip: string): Promise<Finding> => {
+      const p = pending.get(id);
+      if (!p) return PASS;
+      const r = await p;
+      if (r.result === 'pass') return PASS;
+      const act = s.results[r.result];
+      const reason = `${r.result}: ${r.detail}`;
+      if (act === 'pass') return PASS;
+      if (act === 'tag') return { kind: 'tag', reason };
+      const reply =
+        act === 'reject'
+          ? { code: 550, enhanced: '5.7.25', text: `Reverse DNS validation failed for [${ip}]` }
+          : { code: 451, enhanced: '4.7.25', text: `Reverse DNS lookup failed for [${ip}], try again later` };
+      return { kind: act, reason, reply };
+    };
+    return {
+      name,
+      type: 'fcrdns',
+      stages: s.stage === 'rcpt' ? ['connect', 'rcpt', 'quit'] : ['connect', 'quit'],
+      bypassable: true,
+      async check(ev: SessionEvent): Promise<Finding> {
+        const id = ev.session.id;
+        const client = ev.session.client;
+        if (ev.stage === 'connect') {
+          const p = fcrdns(client.text, client.family, deps, s.maxNames, s.timeout).then((r) => {
+            deps.metrics.fcrdnsChecks.inc({ result: r.result });
+            return r;
+          });
+          pending.set(id, p);
+          return s.stage === 'connect' ? decide(id, client.text) : PASS;
+        }
+        if (ev.stage === 'rcpt') return decide(id, client.text);
+        if (ev.stage === 'quit') pending.delete(id);
+        return PASS;
+      },
+      close() {
+        pending.clear();
+      },
+    };
+  },
+});
