@@ -19,6 +19,8 @@ import { Proxy } from './listener.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
 import { createResolver } from './net/dns.js';
+import { RedisStore } from './store/redis.js';
+import { MemoryStore, type Store } from './store/store.js';
 import { parseAddress } from './net/ip.js';
 import { VERSION } from './version.js';
 
@@ -39,16 +41,59 @@ export function backendOptions(loaded: LoadedConfig): BackendOptions {
   return { ...b, host: hp.host, port: hp.port, heloName: loaded.hostname };
 }
 
-export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log']): RuleDeps {
+export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log'], store: Store = new MemoryStore()): RuleDeps {
   const { dns } = loaded.config;
   return {
     ownNames: [loaded.hostname.toLowerCase()],
     ownAddresses: ownAddresses(loaded),
     resolver: createResolver({ servers: dns.servers, timeout: dns.timeout, tries: dns.tries }),
+    store,
     metrics,
     log,
     now: () => Date.now(),
   };
+}
+
+/**
+ * The shared store: Redis when configured (a URL, `redis+cluster://h:p,h:p`,
+ * `redis+sentinel://h:p,h:p/master`, or the cluster/sentinels keys), else in memory.
+ */
+export function createStore(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log']): Store {
+  const r = loaded.config.redis;
+  let { url } = r;
+  let cluster = [...r.cluster];
+  let sentinels = [...r.sentinels];
+  let sentinelName = r.sentinelName;
+  const m = url ? /^redis\+(cluster|sentinel):\/\/([^/]+)(?:\/(.+))?$/.exec(url) : null;
+  if (m?.[2]) {
+    const nodes = m[2].split(',').map((x) => x.trim());
+    if (m[1] === 'cluster') cluster = nodes;
+    else {
+      sentinels = nodes;
+      sentinelName = m[3] ?? sentinelName;
+    }
+    url = undefined;
+  }
+  if (!url && !cluster.length && !sentinels.length) {
+    metrics.redisUp.set(1);
+    return new MemoryStore();
+  }
+  metrics.redisUp.set(1);
+  return new RedisStore({
+    ...(url ? { url } : {}),
+    cluster,
+    sentinels,
+    sentinelName,
+    prefix: r.prefix,
+    commandTimeout: r.commandTimeout,
+    onError: (op) => metrics.redisErrors.inc({ op }),
+    onState: (up, err) => {
+      metrics.redisUp.set(up ? 1 : 0);
+      // Once per outage, and once when it is over.
+      if (up) log.info({}, 'redis reachable again');
+      else log.warn({ err: err?.message }, 'redis unreachable; rules use their fail mode until it is back');
+    },
+  });
 }
 
 /** The listeners' addresses; for a wildcard listener, every local interface address. */
@@ -83,7 +128,10 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   const { config } = loaded;
   const log = createLogger(config.log.level);
   const metrics = createMetrics({ version: VERSION });
-  const deps = ruleDeps(loaded, metrics, log);
+  const store = createStore(loaded, metrics, log);
+  // Give Redis a moment to connect so the first sessions see it; if it is down, rules fail over.
+  if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
+  const deps = ruleDeps(loaded, metrics, log, store);
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
   metrics.rulesInfo.set({ version: rules.version }, 1);
   metrics.rulesLoaded.set(rules.rules.length);
@@ -132,7 +180,8 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     const backend = backendOptions(loaded);
     metricsServer = await startMetricsServer(hp.host, hp.port, metrics.registry, async () => {
       const reachable = await tcpReachable(backend.host, backend.port, 1000);
-      return { ready: reachable, checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable' } };
+      const redis = store.kind === 'memory' ? 'not configured' : (await metrics.redisUp.get()).values[0]?.value === 1 ? 'reachable' : 'unreachable';
+      return { ready: reachable && redis !== 'unreachable', checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable', redis } };
     });
   }
   log.info({ version: VERSION, listeners: proxy.addresses(), backend: config.backend.address, rules: rules.rules.map((r) => r.rule.name), rulesVersion: rules.version }, 'doorman started');
@@ -148,6 +197,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       await proxy.drain(deadline);
       metricsServer?.close();
       closeRuleSet(rules);
+      await store.close();
       log.info('stopped');
     },
   };

@@ -69,6 +69,11 @@ export const DNS_DEFAULTS = {
   tries: 2,
 };
 
+export const REDIS_DEFAULTS = {
+  /** Per-command Redis deadline, ms (a 1 s default broke rate limiting under load: mailcow#3095). */
+  commandTimeout: 500,
+};
+
 export const RULE_DEFAULTS = {
   /** Per-rule evaluation deadline, ms; a rule that takes longer gets its onError action. */
   timeout: 5_000,

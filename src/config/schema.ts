@@ -4,7 +4,7 @@
  * docs/configuration.md documents every key.
  */
 import { z } from 'zod';
-import { BACKEND_DEFAULTS, DNS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
+import { BACKEND_DEFAULTS, DNS_DEFAULTS, REDIS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
 
 const ms = z.number().int().nonnegative();
 const positive = z.number().int().positive();
@@ -56,7 +56,21 @@ export const configSchema = z.strictObject({
       watch: z.boolean().default(true),
     })
     .prefault({}),
-  redis: z.strictObject({ url: z.string().optional() }).prefault({}),
+  redis: z
+    .strictObject({
+      /** redis://… (or rediss://); redis+cluster://h:p,h:p; redis+sentinel://h:p,h:p/master. Unset: in memory. */
+      url: z.string().optional(),
+      /** Cluster seed nodes host:port (instead of url). */
+      cluster: z.array(z.string()).default([]),
+      /** Sentinel nodes host:port and master name (instead of url). */
+      sentinels: z.array(z.string()).default([]),
+      sentinelName: z.string().default('mymaster'),
+      /** Key prefix, so several deployments can share a Redis. */
+      prefix: z.string().default('doorman:'),
+      /** Per-command deadline, ms: a slow Redis fails fast into the rule's fail mode. */
+      commandTimeout: positive.default(REDIS_DEFAULTS.commandTimeout),
+    })
+    .prefault({}),
   dns: z
     .strictObject({
       /** DNS servers (host or host:port); empty: the system's. */

@@ -10,6 +10,7 @@ import type { Observable } from 'rxjs';
 import type { z } from 'zod';
 import type { Metrics } from '../metrics/registry.js';
 import type { DnsResolver } from '../net/dns.js';
+import type { Store } from '../store/store.js';
 import type { SessionEvent, Stage } from './events.js';
 
 /** A reply a rule suggests; code and enhanced code must agree in class (5xx ↔ 5.x.x). */
@@ -46,6 +47,11 @@ export interface Rule {
   check(event: SessionEvent): FindingResult;
   /** Releases timers or connections on reload/shutdown. */
   close?(): void;
+  /**
+   * For `doorman limits show|reset <rule> args…`: the store key the arguments name, with a
+   * description, or an error message.
+   */
+  admin?(args: readonly string[]): { key: string; describe: string } | string;
 }
 
 /** Services passed to rule factories: nothing a rule needs from outside is imported directly. */
@@ -55,6 +61,8 @@ export interface RuleDeps {
   readonly ownAddresses: readonly string[];
   /** doorman's resolver (dns.servers, timeout, tries), shared by all DNS rules. */
   readonly resolver: DnsResolver;
+  /** Shared state: the in-memory store, or Redis shared by every instance. */
+  readonly store: Store;
   /** doorman's metrics registry (rules with their own metrics: DNSBL zones). */
   readonly metrics: Metrics;
   /** Logger for state changes a rule must report (a zone disabled, …). */

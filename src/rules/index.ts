@@ -6,6 +6,8 @@ import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
 import { dnsblRule } from './dnsbl.js';
 import { fcrdnsRule } from './fcrdns.js';
+import { greylistRule } from './greylist.js';
+import { ratelimitRule } from './ratelimit.js';
 import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
 import { senderRule } from './sender.js';
@@ -19,4 +21,6 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [spfRule.type, spfRule as unknown as RuleType],
   [dnsblRule.type, dnsblRule as unknown as RuleType],
   [fcrdnsRule.type, fcrdnsRule as unknown as RuleType],
+  [ratelimitRule.type, ratelimitRule as unknown as RuleType],
+  [greylistRule.type, greylistRule as unknown as RuleType],
 ]);

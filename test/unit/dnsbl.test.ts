@@ -10,6 +10,7 @@ import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js
 import type { Finding, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { createMetrics } from '../../src/metrics/registry.js';
+import { MemoryStore } from '../../src/store/store.js';
 
 function zoneResolver(zone: Record<string, string[]>, delay = 20): DnsResolver & { calls: string[] } {
   const calls: string[] = [];
@@ -35,7 +36,7 @@ function zoneResolver(zone: Record<string, string[]>, delay = 20): DnsResolver &
 }
 
 function deps(resolver: DnsResolver): RuleDeps {
-  return { ownNames: ['mx.test'], ownAddresses: [], resolver, metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: Date.now, checkOnly: true };
+  return { ownNames: ['mx.test'], ownAddresses: [], resolver, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: Date.now, checkOnly: true };
 }
 
 const snap = (id: string, ip: string): SessionSnapshot => ({

@@ -1,0 +1,102 @@
+/**
+ * greylist — greylisting (RFC 6647) that does not hurt big senders.
+ *
+ * Stage rcpt. A new triplet (client network, sender, recipient) gets 451 4.7.1 Greylisted, try
+ * again later; a retry after `delay` and within `retryWindow` of the first attempt passes, and the
+ * triplet then stays passed for `passLifetime` (refreshed by each use). The client network is
+ * the client address masked to `ipv4Prefix` (/24) or `ipv6Prefix` (/64), so big senders retrying
+ * from another address of the same network pass (the postgrey/rspamd complaint). The state lives
+ * in the store: shared by every instance with Redis, one atomic script per decision.
+ * Never greylisted: clients in `allowClients` (CIDRs), senders in `allowSenderDomains`
+ * (domain or *.domain), authenticated sessions (`skipAuthenticated`), and — the rule is
+ * bypassable — sessions an allowlist accepted (access allow, a DNSWL score).
+ * Store failure: `failMode: open` (default) passes (doorman_store_fail_open_total); `closed`
+ * answers 451 4.3.0. Metric: doorman_greylist_total{result}.
+ */
+import { z } from 'zod';
+import { inAnyCidr, parseAddress, parseCidr } from '../net/ip.js';
+import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
+import type { SessionEvent } from '../pipeline/events.js';
+import { DomainList } from './match.js';
+import { clientKey } from './ratelimit.js';
+import { domains } from './relay.js';
+
+const settings = z.strictObject({
+  delay: z.number().int().nonnegative().default(300_000),
+  retryWindow: z.number().int().positive().default(86_400_000),
+  passLifetime: z.number().int().positive().default(3_024_000_000), // 35 days
+  ipv4Prefix: z.number().int().min(1).max(32).default(24),
+  ipv6Prefix: z.number().int().min(1).max(128).default(64),
+  allowClients: z.array(z.string()).default([]).superRefine((list, ctx) => {
+    for (const c of list) {
+      try {
+        parseCidr(c);
+      } catch {
+        ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
+      }
+    }
+  }),
+  allowSenderDomains: domains.default([]),
+  skipAuthenticated: z.boolean().default(true),
+  failMode: z.enum(['open', 'closed']).default('open'),
+});
+
+export const greylistRule = defineRuleType({
+  type: 'greylist',
+  description: 'Greylisting of (client network, sender, recipient) triplets',
+  settings,
+  create(name, s, deps) {
+    const allowClients = s.allowClients.map(parseCidr);
+    const allowDomains = new DomainList(s.allowSenderDomains);
+    const tripletKey = (net: string, sender: string, rcpt: string) => `grey:{${name}:${net}}:${sender}:${rcpt}`;
+    return {
+      name,
+      type: 'greylist',
+      stages: ['rcpt'],
+      bypassable: true,
+      async check(ev: SessionEvent): Promise<Finding> {
+        if (ev.stage !== 'rcpt') return PASS;
+        const sess = ev.session;
+        const sender = sess.sender;
+        if ((s.skipAuthenticated && sess.auth) || inAnyCidr(sess.client, allowClients) || (sender && !sender.isNull && allowDomains.has(sender.domain))) {
+          deps.metrics.greylist.inc({ result: 'allowlisted' });
+          return PASS;
+        }
+        const from = !sender || sender.isNull ? '<>' : `${sender.local.toLowerCase()}@${sender.domain}`;
+        const to = `${ev.recipient.local.toLowerCase()}@${ev.recipient.domain}`;
+        const key = tripletKey(clientKey(sess.client, s.ipv4Prefix, s.ipv6Prefix), from, to);
+        try {
+          deps.metrics.storeOps.inc({ op: 'greylist', store: deps.store.kind });
+          const r = await deps.store.greylist(key, s.delay, s.retryWindow, s.passLifetime);
+          if (r.passed) {
+            deps.metrics.greylist.inc({ result: 'passed' });
+            return PASS;
+          }
+          deps.metrics.greylist.inc({ result: 'greylisted' });
+          return {
+            kind: 'tempfail',
+            reason: `greylisted for ${Math.ceil(r.waitMs / 1000)} s${r.firstAttempt ? ' (first attempt)' : ''}`,
+            reply: { code: 451, enhanced: '4.7.1', text: 'Greylisted, try again later' },
+          };
+        } catch (err) {
+          if (s.failMode === 'open') {
+            deps.metrics.failOpen.inc({ rule: name });
+            return PASS;
+          }
+          deps.metrics.failClosed.inc({ rule: name });
+          return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code: 451, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
+        }
+      },
+      admin(args) {
+        const [ip, from, to] = args;
+        if (!ip || !from || !to) return `usage: doorman limits show|reset ${name} <client-ip> <sender|<>> <recipient>`;
+        try {
+          const net = clientKey(parseAddress(ip), s.ipv4Prefix, s.ipv6Prefix);
+          return { key: tripletKey(net, from.toLowerCase(), to.toLowerCase()), describe: `greylist triplet ${net} ${from} → ${to}` };
+        } catch {
+          return `not an IP address: ${ip}`;
+        }
+      },
+    };
+  },
+});

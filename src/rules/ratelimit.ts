@@ -1,0 +1,216 @@
+/**
+ * ratelimit — rate and concurrency limits with defined semantics, shared by every doorman
+ * instance through the store (Redis), or per instance in memory (the default).
+ *
+ * Each entry of `limits` counts one thing per one key:
+ *   count: connections   new sessions per window, checked at connect        → 421 4.7.0
+ *          concurrency   sessions open at once, taken at connect and given
+ *                        back at the end of the session (slots expire if an
+ *                        instance dies)                                      → 421 4.7.0
+ *          messages      mail per window, checked at RCPT so nothing is
+ *                        accepted over the limit; `cost: message` counts one
+ *                        per transaction (at its first recipient), `cost:
+ *                        recipient` one per recipient                       → 450 4.7.1
+ *   key:   client (the client network: IPv6 by `ipv6Prefix`, default /64; IPv4 by `ipv4Prefix`,
+ *          default /32), sender (the envelope sender, `<>` for bounces), sender_domain,
+ *          recipient, login (authenticated sessions only).
+ * A limit of N per window W is a token bucket of N tokens refilling at N/W (GCRA, one atomic Lua
+ * script per check, keys that always expire): N events pass in a burst, then one every W/N. A
+ * refused event costs nothing. Replies are 4xx only (never 5xx) and name no internal detail.
+ * Store failure: `failMode: open` (default) passes and counts doorman_store_fail_open_total;
+ * `closed` answers 451 4.3.0 (421 at connect). Checks never wait longer than the store's command
+ * timeout. Bypassable: allowlisted sessions are not limited.
+ * Metrics: doorman_ratelimit_exceeded_total{rule,limit}, doorman_rejections_total.
+ */
+import { z } from 'zod';
+import ipaddr from 'ipaddr.js';
+import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
+import type { SessionEvent } from '../pipeline/events.js';
+import { parseAddress, type ClientAddress } from '../net/ip.js';
+import type { ParsedPath } from '../smtp/address.js';
+
+const limitSchema = z.strictObject({
+  /** Name in logs, metrics and `doorman limits show`. */
+  name: z.string().regex(/^[a-z0-9_-]+$/i),
+  count: z.enum(['connections', 'concurrency', 'messages']),
+  key: z.enum(['client', 'sender', 'sender_domain', 'recipient', 'login']).default('client'),
+  limit: z.number().int().positive(),
+  /** Window in ms (not used by concurrency). */
+  window: z.number().int().positive().default(60_000),
+  /** For messages: what one event costs. */
+  cost: z.enum(['message', 'recipient']).default('message'),
+});
+
+const settings = z.strictObject({
+  limits: z.array(limitSchema).min(1),
+  ipv6Prefix: z.number().int().min(1).max(128).default(64),
+  ipv4Prefix: z.number().int().min(1).max(32).default(32),
+  failMode: z.enum(['open', 'closed']).default('open'),
+  /** Concurrency slots expire after this many ms unless the session refreshes them (at MAIL). */
+  slotLifetime: z.number().int().positive().default(900_000),
+});
+
+type LimitCfg = z.output<typeof limitSchema>;
+
+/** The client's network as a key: an IPv6 /64 (by default) is one client. */
+export function clientKey(client: ClientAddress, v4: number, v6: number): string {
+  const ip = client.ip;
+  const bits = ip.kind() === 'ipv4' ? v4 : v6;
+  const max = ip.kind() === 'ipv4' ? 32 : 128;
+  if (bits >= max) return client.text;
+  const bytes = ip.toByteArray();
+  for (let i = 0; i < bytes.length; i++) {
+    const keep = Math.max(0, Math.min(8, bits - i * 8));
+    bytes[i] = (bytes[i] ?? 0) & (0xff << (8 - keep)) & 0xff;
+  }
+  return `${ipaddr.fromByteArray(bytes).toString()}/${bits}`;
+}
+
+const addr = (p: ParsedPath | null) => (!p || p.isNull ? '<>' : `${p.local.toLowerCase()}@${p.domain}`);
+
+export const ratelimitRule = defineRuleType({
+  type: 'ratelimit',
+  description: 'Connection, concurrency and message rate limits per client, sender, domain, recipient or login',
+  settings,
+  create(name, s, deps) {
+    const stages = new Set<'connect' | 'rcpt' | 'mail' | 'quit'>();
+    for (const l of s.limits) {
+      if (l.count === 'messages') stages.add('rcpt');
+      else stages.add('connect');
+      if (l.count === 'concurrency') {
+        stages.add('mail');
+        stages.add('quit');
+      }
+    }
+    /** Sessions holding concurrency slots: session id → keys held. */
+    const held = new Map<string, string[]>();
+    /** Transactions already charged per message: session id → sender of the charged transaction. */
+    const charged = new Map<string, Set<string>>();
+
+    const subject = (l: LimitCfg, ev: SessionEvent): string | null => {
+      const sess = ev.session;
+      switch (l.key) {
+        case 'client':
+          return clientKey(sess.client, s.ipv4Prefix, s.ipv6Prefix);
+        case 'sender':
+          return addr(ev.stage === 'rcpt' ? sess.sender : null);
+        case 'sender_domain':
+          return sess.sender && !sess.sender.isNull ? sess.sender.domain : '<>';
+        case 'recipient':
+          return ev.stage === 'rcpt' ? addr(ev.recipient) : null;
+        case 'login':
+          return sess.auth?.login?.toLowerCase() ?? null;
+      }
+    };
+    const keyOf = (l: LimitCfg, subj: string) => `rl:{${name}:${l.name}:${subj}}`;
+    const over = (l: LimitCfg, connect: boolean): Finding => {
+      deps.metrics.rateLimited.inc({ rule: name, limit: l.name });
+      return connect
+        ? { kind: 'tempfail', reason: `${l.name} exceeded`, reply: { code: 421, enhanced: '4.7.0', text: 'Error: too many connections, try again later' } }
+        : { kind: 'tempfail', reason: `${l.name} exceeded`, reply: { code: 450, enhanced: '4.7.1', text: 'Error: too much mail, try again later' } };
+    };
+    const storeDown = (err: unknown, connect: boolean): Finding => {
+      if (s.failMode === 'open') {
+        deps.metrics.failOpen.inc({ rule: name });
+        return PASS;
+      }
+      deps.metrics.failClosed.inc({ rule: name });
+      return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code: connect ? 421 : 451, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
+    };
+    const op = (o: string) => deps.metrics.storeOps.inc({ op: o, store: deps.store.kind });
+
+    const check = async (ev: SessionEvent): Promise<Finding> => {
+      const id = ev.session.id;
+      if (ev.stage === 'quit') {
+        charged.delete(id);
+        const keys = held.get(id);
+        held.delete(id);
+        // Give slots back; a failure here only delays their expiry.
+        for (const k of keys ?? []) await deps.store.release(k, id).catch(() => undefined);
+        return PASS;
+      }
+      if (ev.stage === 'mail') {
+        charged.delete(id);
+        for (const l of s.limits) {
+          if (l.count !== 'concurrency') continue;
+          const subj = subject(l, ev);
+          if (subj !== null) await deps.store.acquire(keyOf(l, subj), id, l.limit, s.slotLifetime).catch(() => undefined);
+        }
+        return PASS;
+      }
+      const connect = ev.stage === 'connect';
+      for (const l of s.limits) {
+        if (connect !== (l.count !== 'messages')) continue;
+        const subj = subject(l, ev);
+        if (subj === null) continue;
+        const key = keyOf(l, subj);
+        try {
+          if (l.count === 'concurrency') {
+            op('acquire');
+            const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
+            if (!r.ok) return over(l, true);
+            held.set(id, [...(held.get(id) ?? []), key]);
+            continue;
+          }
+          if (l.count === 'messages' && l.cost === 'message') {
+            // One charge per transaction and key.
+            const done = charged.get(id) ?? new Set<string>();
+            if (done.has(key)) continue;
+            op('rate');
+            const r = await deps.store.rate(key, l.window, l.limit, 1);
+            if (!r.allowed) return over(l, false);
+            done.add(key);
+            charged.set(id, done);
+            continue;
+          }
+          op('rate');
+          const r = await deps.store.rate(key, l.window, l.limit, 1);
+          if (!r.allowed) return over(l, connect);
+        } catch (err) {
+          const f = storeDown(err, connect);
+          if (f.kind !== 'pass') return f;
+        }
+      }
+      return PASS;
+    };
+
+    return {
+      name,
+      type: 'ratelimit',
+      stages: [...stages],
+      bypassable: true,
+      check,
+      close() {
+        held.clear();
+        charged.clear();
+      },
+      admin: (args: readonly string[]) => adminKey(name, s.limits, args, keyOf, s.ipv4Prefix, s.ipv6Prefix),
+    };
+  },
+});
+
+/** `doorman limits show|reset <rule> <limit> <subject>`: the store key, or why not. */
+function adminKey(
+  rule: string,
+  limits: readonly LimitCfg[],
+  args: readonly string[],
+  keyOf: (l: LimitCfg, subj: string) => string,
+  v4: number,
+  v6: number,
+): { key: string; describe: string } | string {
+  const [limitName, subj] = args;
+  const l = limits.find((x) => x.name === limitName);
+  if (!l) return `rule ${rule} has no limit "${limitName ?? ''}" (limits: ${limits.map((x) => x.name).join(', ')})`;
+  if (!subj) return `usage: doorman limits show|reset ${rule} ${l.name} <${l.key}>`;
+  let value = subj.toLowerCase();
+  if (l.key === 'client') {
+    try {
+      value = clientKey(parseAddress(subj), v4, v6);
+    } catch {
+      return `not an IP address: ${subj}`;
+    }
+  }
+  return { key: keyOf(l, value), describe: `${l.count} per ${l.key} ${value}: limit ${l.limit}${l.count === 'concurrency' ? '' : ` per ${l.window} ms`}` };
+}
+
+export type RateLimitDeps = RuleDeps;
