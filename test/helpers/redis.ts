@@ -92,3 +92,35 @@ export async function startRedisCluster(): Promise<RedisCluster> {
     },
   };
 }
+
+export interface RedisSentinel {
+  port: number;
+  /** DOORMAN_REDIS_URL for doorman. */
+  url: string;
+  stop(): Promise<void>;
+}
+
+/** A Sentinel watching `master` under the name "doorman". */
+export async function startSentinel(master: RedisServer): Promise<RedisSentinel> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'doorman-sentinel-'));
+  const port = await freePort();
+  const conf = path.join(dir, 'sentinel.conf');
+  fs.writeFileSync(conf, `port ${port}\nbind 127.0.0.1\nprotected-mode no\ndir ${dir}\nsentinel monitor doorman 127.0.0.1 ${master.port} 1\nsentinel down-after-milliseconds doorman 2000\n`);
+  const proc = spawnProc('redis-sentinel', 'redis-server', [conf, '--sentinel']);
+  await eventually(async () => {
+    try {
+      const { stdout } = await run('redis-cli', ['-p', String(port), 'SENTINEL', 'get-master-addr-by-name', 'doorman'], { timeout: 2000 });
+      return stdout.includes(String(master.port));
+    } catch {
+      return false;
+    }
+  }, 10_000);
+  return {
+    port,
+    url: `redis+sentinel://127.0.0.1:${port}/doorman`,
+    async stop() {
+      await proc.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,70 @@
+/**
+ * The in-memory store's bucket maths with a virtual clock (the Redis scripts implement the same
+ * steps; the integration tests run them against a real Redis).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryStore } from '../../src/store/store.js';
+import { clientKey } from '../../src/rules/ratelimit.js';
+import { parseAddress } from '../../src/net/ip.js';
+
+function clock(start = 1_000_000) {
+  let t = start;
+  return { now: () => t, advance: (ms: number) => (t += ms) };
+}
+
+test('GCRA: N per window in a burst, then one every window/N; a refusal costs nothing', async () => {
+  const c = clock();
+  const s = new MemoryStore(c.now);
+  const results = [];
+  for (let i = 0; i < 4; i++) results.push(await s.rate('k', 60_000, 3, 1));
+  assert.deepEqual(results.map((r) => r.allowed), [true, true, true, false]);
+  assert.deepEqual(results.map((r) => r.remaining), [2, 1, 0, 0]);
+  assert.equal(results[3]?.retryAfterMs, 20_000);
+  c.advance(19_999);
+  assert.equal((await s.rate('k', 60_000, 3, 1)).allowed, false);
+  c.advance(1);
+  assert.equal((await s.rate('k', 60_000, 3, 1)).allowed, true, 'one token back after window/limit');
+  c.advance(60_000);
+  assert.equal((await s.rate('k', 60_000, 3, 1)).remaining, 2, 'full again after a window');
+});
+
+test('a cost larger than the tokens left is refused whole', async () => {
+  const s = new MemoryStore(clock().now);
+  assert.equal((await s.rate('k', 1000, 5, 3)).allowed, true);
+  assert.equal((await s.rate('k', 1000, 5, 3)).allowed, false);
+  assert.equal((await s.rate('k', 1000, 5, 2)).allowed, true);
+});
+
+test('concurrency slots: limit, release, expiry, idempotent acquire', async () => {
+  const c = clock();
+  const s = new MemoryStore(c.now);
+  assert.equal((await s.acquire('c', 'a', 2, 1000)).ok, true);
+  assert.equal((await s.acquire('c', 'a', 2, 1000)).inUse, 1, 'same token twice is one slot');
+  assert.equal((await s.acquire('c', 'b', 2, 1000)).ok, true);
+  assert.equal((await s.acquire('c', 'x', 2, 1000)).ok, false);
+  await s.release('c', 'a');
+  assert.equal((await s.acquire('c', 'x', 2, 1000)).ok, true);
+  c.advance(1001);
+  assert.equal((await s.acquire('c', 'y', 2, 1000)).inUse, 1, 'expired slots free themselves');
+});
+
+test('greylist: grey, too early, passed, then remembered', async () => {
+  const c = clock();
+  const s = new MemoryStore(c.now);
+  assert.deepEqual(await s.greylist('t', 300, 1000, 5000), { passed: false, waitMs: 300, firstAttempt: true });
+  c.advance(100);
+  assert.deepEqual(await s.greylist('t', 300, 1000, 5000), { passed: false, waitMs: 200, firstAttempt: false });
+  c.advance(200);
+  assert.equal((await s.greylist('t', 300, 1000, 5000)).passed, true);
+  c.advance(4000);
+  assert.equal((await s.greylist('t', 300, 1000, 5000)).passed, true, 'within its lifetime');
+});
+
+test('client keys: IPv6 grouped by prefix, IPv4 by address unless told otherwise', () => {
+  assert.equal(clientKey(parseAddress('2001:db8:1:2:aaaa::1'), 32, 64), '2001:db8:1:2::/64');
+  assert.equal(clientKey(parseAddress('2001:db8:1:2:ffff::9'), 32, 64), '2001:db8:1:2::/64');
+  assert.equal(clientKey(parseAddress('192.0.2.77'), 32, 64), '192.0.2.77');
+  assert.equal(clientKey(parseAddress('192.0.2.77'), 24, 64), '192.0.2.0/24');
+  assert.equal(clientKey(parseAddress('::ffff:192.0.2.77'), 24, 64), '192.0.2.0/24', 'IPv4-mapped unwrapped');
+});
