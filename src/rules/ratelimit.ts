@@ -139,39 +139,35 @@ export const ratelimitRule = defineRuleType({
         return PASS;
       }
       const connect = ev.stage === 'connect';
-      for (const l of s.limits) {
-        if (connect !== (l.count !== 'messages')) continue;
-        const subj = subject(l, ev);
-        if (subj === null) continue;
-        const key = keyOf(l, subj);
-        try {
-          if (l.count === 'concurrency') {
-            op('acquire');
-            const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
-            if (!r.ok) return over(l, true);
-            held.set(id, [...(held.get(id) ?? []), key]);
-            continue;
-          }
-          if (l.count === 'messages' && l.cost === 'message') {
-            // One charge per transaction and key.
-            const done = charged.get(id) ?? new Set<string>();
-            if (done.has(key)) continue;
+      // All limits of this stage at once: with Redis they go out in one pipelined round trip.
+      const outcomes = await Promise.all(
+        s.limits.map(async (l): Promise<Finding> => {
+          if (connect !== (l.count !== 'messages')) return PASS;
+          const subj = subject(l, ev);
+          if (subj === null) return PASS;
+          const key = keyOf(l, subj);
+          try {
+            if (l.count === 'concurrency') {
+              op('acquire');
+              const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
+              if (!r.ok) return over(l, true);
+              held.set(id, [...(held.get(id) ?? []), key]);
+              return PASS;
+            }
+            const perMessage = l.cost === 'message';
+            // One charge per transaction and key when a message costs one.
+            if (perMessage && charged.get(id)?.has(key)) return PASS;
             op('rate');
             const r = await deps.store.rate(key, l.window, l.limit, 1);
-            if (!r.allowed) return over(l, false);
-            done.add(key);
-            charged.set(id, done);
-            continue;
+            if (!r.allowed) return over(l, connect);
+            if (perMessage) charged.set(id, (charged.get(id) ?? new Set<string>()).add(key));
+            return PASS;
+          } catch (err) {
+            return storeDown(err, connect);
           }
-          op('rate');
-          const r = await deps.store.rate(key, l.window, l.limit, 1);
-          if (!r.allowed) return over(l, connect);
-        } catch (err) {
-          const f = storeDown(err, connect);
-          if (f.kind !== 'pass') return f;
-        }
-      }
-      return PASS;
+        }),
+      );
+      return outcomes.find((f) => f.kind !== 'pass') ?? PASS;
     };
 
     return {

@@ -54,12 +54,15 @@ export class RedisStore implements Store {
       // Reconnect for ever, backing off to 2 s.
       retryStrategy: (times) => Math.min(times * 100, 2000),
       lazyConnect: false,
+      // Commands issued in the same tick (a stage's limits) share one round trip.
+      enableAutoPipelining: true,
     };
     let client: Redis | Cluster;
     if (opts.cluster?.length) {
       client = new Cluster(opts.cluster.map(hostPort), {
         redisOptions: common,
         enableOfflineQueue: false,
+        enableAutoPipelining: true,
         clusterRetryStrategy: (times) => Math.min(times * 100, 2000),
       });
     } else if (opts.sentinels?.length) {
