@@ -79,6 +79,7 @@ export function createStore(loaded: LoadedConfig, metrics: Metrics, log: RuleDep
     return new MemoryStore();
   }
   metrics.redisUp.set(1);
+  for (const op of ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset']) metrics.redisErrors.inc({ op }, 0);
   return new RedisStore({
     ...(url ? { url } : {}),
     cluster,
@@ -133,8 +134,13 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
   const deps = ruleDeps(loaded, metrics, log, store);
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
-  metrics.rulesInfo.set({ version: rules.version }, 1);
-  metrics.rulesLoaded.set(rules.rules.length);
+  const announce = (set: RuleSet) => {
+    metrics.rulesInfo.reset();
+    metrics.rulesInfo.set({ version: set.version }, 1);
+    metrics.rulesLoaded.set(set.rules.length);
+    for (const r of set.rules) for (const kind of ['error', 'timeout']) metrics.ruleErrors.inc({ rule: r.rule.name, kind }, 0);
+  };
+  announce(rules);
   const proxy: Proxy = new Proxy({
     hostname: loaded.hostname,
     limits: config.limits,
@@ -159,9 +165,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       const old = rules;
       rules = next;
       if (!proxy.ruleSetInUse(old)) closeRuleSet(old);
-      metrics.rulesInfo.reset();
-      metrics.rulesInfo.set({ version: next.version }, 1);
-      metrics.rulesLoaded.set(next.rules.length);
+      announce(next);
       metrics.configReloads.inc({ result: 'success' });
       log.info({ version: next.version, rules: next.rules.map((r) => r.rule.name) }, 'rules reloaded');
       return true;

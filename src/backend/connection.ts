@@ -79,6 +79,7 @@ interface Pending {
   reject: (e: BackendError) => void;
   timeout: number;
   what: string;
+  sent: number;
 }
 
 /** Longest reply line and whole reply accepted from the backend (garbage protection). */
@@ -98,8 +99,8 @@ export class BackendConnection extends EventEmitter {
   tls = false;
   /** Milliseconds from connect() to the greeting. */
   connectMs = 0;
-  /** Called with each reply and the command it answers (metrics). */
-  onReply: ((command: string, reply: Reply) => void) | null = null;
+  /** Called with each reply, the command it answers and the round trip in ms (metrics). */
+  onReply: ((command: string, reply: Reply, ms: number) => void) | null = null;
 
   private constructor(
     socket: net.Socket,
@@ -260,7 +261,7 @@ export class BackendConnection extends EventEmitter {
   private expect(timeout: number, what: string): Promise<Reply> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<Reply>((resolve, reject) => {
-      this.pending.push({ resolve, reject, timeout, what });
+      this.pending.push({ resolve, reject, timeout, what, sent: performance.now() });
       if (this.pending.length === 1) this.arm();
     });
   }
@@ -312,7 +313,7 @@ export class BackendConnection extends EventEmitter {
         return;
       }
       this.arm();
-      this.onReply?.(head.what, reply);
+      this.onReply?.(head.what, reply, performance.now() - head.sent);
       head.resolve(reply);
       if (reply.code === 421) {
         this.fail(new BackendError('closed', 'backend sent 421', reply));

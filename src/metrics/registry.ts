@@ -29,6 +29,7 @@ export function createMetrics(opts: MetricsOptions) {
     tlsSessions: new Counter({ name: 'doorman_tls_sessions_total', help: 'Client TLS handshakes, by listener and how (starttls, implicit) and result.', labelNames: ['listener', 'mode', 'result'], registers: r }),
     sessionDuration: new Histogram({ name: 'doorman_session_duration_seconds', help: 'Client session duration.', labelNames: ['listener'], buckets: SESSION_BUCKETS, registers: r }),
     commands: new Counter({ name: 'doorman_commands_total', help: 'Client commands, by verb and reply class.', labelNames: ['verb', 'class'], registers: r }),
+    commandDuration: new Histogram({ name: 'doorman_command_duration_seconds', help: 'Time from a client command to its reply being ready (rules and backend included), by verb.', labelNames: ['verb'], buckets: LATENCY_BUCKETS, registers: r }),
     messages: new Counter({ name: 'doorman_messages_total', help: 'Message transactions that reached end of data, by outcome (accepted, rejected, tempfailed).', labelNames: ['outcome'], registers: r }),
     messageSize: new Histogram({ name: 'doorman_message_size_bytes', help: 'Size of messages received from clients.', buckets: SIZE_BUCKETS, registers: r }),
     rejections: new Counter({ name: 'doorman_rejections_total', help: 'Refusals made by rules, by rule, stage, code and enhanced code.', labelNames: ['rule', 'stage', 'code', 'enhanced_code'], registers: r }),
@@ -38,6 +39,7 @@ export function createMetrics(opts: MetricsOptions) {
     protocolViolations: new Counter({ name: 'doorman_protocol_violations_total', help: 'Client protocol violations, by kind.', labelNames: ['kind'], registers: r }),
     backendConnectDuration: new Histogram({ name: 'doorman_backend_connect_duration_seconds', help: 'Time from connecting to the backend to its greeting.', buckets: LATENCY_BUCKETS, registers: r }),
     backendReplies: new Counter({ name: 'doorman_backend_replies_total', help: 'Backend replies, by command and reply class.', labelNames: ['command', 'class'], registers: r }),
+    backendReplyDuration: new Histogram({ name: 'doorman_backend_reply_duration_seconds', help: 'Backend round trip: from sending a command to its reply, by command.', labelNames: ['command'], buckets: LATENCY_BUCKETS, registers: r }),
     backendFailures: new Counter({ name: 'doorman_backend_failures_total', help: 'Backend failures, by kind (connect, timeout, closed, protocol, refused, tls).', labelNames: ['kind'], registers: r }),
     dnsblQueries: new Counter({ name: 'doorman_dnsbl_queries_total', help: 'DNS list queries, by zone (its display name) and result (listed, clean, timeout, error, disabled).', labelNames: ['zone', 'result'], registers: r }),
     dnsblDuration: new Histogram({ name: 'doorman_dnsbl_query_duration_seconds', help: 'DNS list query time, by zone (cache hits excluded).', labelNames: ['zone'], buckets: LATENCY_BUCKETS, registers: r }),
@@ -56,6 +58,12 @@ export function createMetrics(opts: MetricsOptions) {
     rulesLoaded: new Gauge({ name: 'doorman_rules_loaded', help: 'Number of enabled rules loaded.', registers: r }),
   };
   m.buildInfo.set({ version: opts.version, node: process.version }, 1);
+  // Known label values start at 0, so dashboards and alerts see a series before the first event.
+  for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) m.backendFailures.inc({ kind }, 0);
+  for (const kind of ['line_too_long', 'nul', 'bare_lf', 'non_smtp', 'starttls_injection']) m.protocolViolations.inc({ kind }, 0);
+  for (const result of ['success', 'failure']) m.configReloads.inc({ result }, 0);
+  for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ outcome }, 0);
+  for (const result of ['greylisted', 'passed', 'allowlisted']) m.greylist.inc({ result }, 0);
   if (opts.defaults !== false) collectDefaultMetrics({ register: registry });
   return m;
 }

@@ -1,7 +1,9 @@
 /**
  * run.ts — the pipeline runner: evaluates one stage's rules for one event.
  *
- * The rules of a stage run concurrently (rxjs mergeMap). Each is wrapped so that nothing a rule
+ * The rules of a stage run concurrently (rxjs mergeMap), in two tiers: rules that are not
+ * bypassable (pure matching: access, relay, sender) first; the bypassable ones (DNS, Redis) only
+ * when the first tier did not refuse. Each is wrapped so that nothing a rule
  * does can harm the session: a synchronous throw, a rejected Promise, an Observable that errors
  * or completes empty, and a rule slower than its `timeout` all become the rule's `onError`
  * outcome (`pass`: fail open, the default; `tempfail`: 451 4.3.0), are counted in
@@ -47,7 +49,16 @@ export function evaluate(
   // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
   const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable && event.stage !== 'quit'));
   if (applicable.length === 0) return EMPTY_VERDICT;
-  return firstValueFrom(runStage(applicable, event, hooks));
+  const hard = applicable.filter((r) => !r.rule.bypassable);
+  const soft = applicable.filter((r) => r.rule.bypassable);
+  if (hard.length === 0 || soft.length === 0 || event.stage === 'quit') return firstValueFrom(runStage(applicable, event, hooks));
+  // Two tiers: the cheap, final rules first (access, relay, sender); what they refuse costs the
+  // bypassable ones (DNS, Redis) nothing — no lookup, no greylist triplet, no rate-limit token.
+  return firstValueFrom(runStage(hard, event, hooks)).then(async (first) => {
+    if (first.reply) return first;
+    const second = await firstValueFrom(runStage(soft, event, hooks));
+    return combine([...first.outcomes, ...second.outcomes], event.session.acceptedBy);
+  });
 }
 
 export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): Observable<StageVerdict> {

@@ -260,7 +260,12 @@ export const dnsblRule = defineRuleType({
       }
       pending.set(sessionId, entry);
     };
-    for (const z of zones) deps.metrics.dnsblZoneUp.set({ zone: z.name }, 1);
+    if (!deps.checkOnly) {
+      for (const z of zones) {
+        deps.metrics.dnsblZoneUp.set({ zone: z.name }, 1);
+        for (const result of ['listed', 'clean', 'timeout', 'error', 'disabled']) deps.metrics.dnsblQueries.inc({ zone: z.name, result }, 0);
+      }
+    }
 
     // RFC 5782 §5 self-test, on an unref'd timer.
     const selfTest = async (z: Zone) => {

@@ -49,6 +49,10 @@ export const greylistRule = defineRuleType({
     const allowClients = s.allowClients.map(parseCidr);
     const allowDomains = new DomainList(s.allowSenderDomains);
     const tripletKey = (net: string, sender: string, rcpt: string) => `grey:{${name}:${net}}:${sender}:${rcpt}`;
+    if (!deps.checkOnly) {
+      deps.metrics.failOpen.inc({ rule: name }, 0);
+      deps.metrics.failClosed.inc({ rule: name }, 0);
+    }
     return {
       name,
       type: 'greylist',

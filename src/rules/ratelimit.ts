@@ -82,6 +82,11 @@ export const ratelimitRule = defineRuleType({
         stages.add('quit');
       }
     }
+    if (!deps.checkOnly) {
+      deps.metrics.failOpen.inc({ rule: name }, 0);
+      deps.metrics.failClosed.inc({ rule: name }, 0);
+      for (const l of s.limits) deps.metrics.rateLimited.inc({ rule: name, limit: l.name }, 0);
+    }
     /** Sessions holding concurrency slots: session id → keys held. */
     const held = new Map<string, string[]>();
     /** Transactions already charged per message: session id → sender of the charged transaction. */

@@ -211,7 +211,10 @@ export class Session {
     try {
       const b = await BackendConnection.open(this.deps.backend, { ...this.peer, address: this.client.text });
       this.deps.metrics.backendConnectDuration.observe(b.connectMs / 1000);
-      b.onReply = (command, r) => this.deps.metrics.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
+      b.onReply = (command, r, ms) => {
+        this.deps.metrics.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
+        this.deps.metrics.backendReplyDuration.observe({ command }, ms / 1000);
+      };
       b.on('close', () => this.onBackendClosed());
       return b;
     } catch (err) {
@@ -341,8 +344,10 @@ export class Session {
   }
 
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
+    const started = this.commandStarted;
     const counted = Promise.resolve(r).then((x) => {
       this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
+      this.deps.metrics.commandDuration.observe({ verb }, (performance.now() - started) / 1000);
       note?.(x);
       return x;
     });
@@ -417,8 +422,12 @@ export class Session {
 
   // ---------------------------------------------------------------- guards and dispatch
 
+  /** When the command being handled was taken from the input (for doorman_command_duration_seconds). */
+  private commandStarted = 0;
+
   private async onCommandEvent(ev: CommandEvent): Promise<void> {
     this.commands++;
+    this.commandStarted = performance.now();
     if (ev.type === 'too_long') {
       this.violation('line_too_long');
       return this.reject('TOO_LONG', R.lineTooLong());
@@ -828,6 +837,7 @@ export class Session {
     const d = this.data;
     const txn = this.txn;
     if (!d || !txn) return;
+    this.commandStarted = performance.now();
     if (d.pendingHeaders) await this.maybeRunHeaderRules(true);
     this.socket.setTimeout(this.deps.limits.commandTimeout);
     const size = this.framing.dataBytes;
