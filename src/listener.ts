@@ -11,6 +11,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
+import type { BackendPool } from './backend/pool.js';
 import { MAX_PROXY_HEADER, parseProxyHeader, unmap, type ProxiedAddress } from './backend/proxy-protocol.js';
 import type { RuleSet } from './config/rules.js';
 import { parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
@@ -23,6 +24,8 @@ export interface ProxyDeps {
   hostname: string;
   limits: Limits;
   backend: BackendOptions;
+  /** The backends, in MX order, with their health. */
+  pool: BackendPool;
   listeners: readonly ListenerConfig[];
   secureContext: tls.SecureContext | null;
   metrics: Metrics;

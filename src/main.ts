@@ -8,6 +8,7 @@ import os from 'node:os';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
+import { BackendPool, parseBackendSpec } from './backend/pool.js';
 import type { LoadedConfig } from './config/load.js';
 import { closeRuleSet, loadRuleSet, type RuleSet } from './config/rules.js';
 import { parseHostPort } from './config/schema.js';
@@ -18,7 +19,7 @@ import { createMetrics, type Metrics } from './metrics/registry.js';
 import { Proxy } from './listener.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
-import { createResolver } from './net/dns.js';
+import { createResolver, type DnsResolver } from './net/dns.js';
 import { RedisStore } from './store/redis.js';
 import { MemoryStore, type Store } from './store/store.js';
 import { parseAddress } from './net/ip.js';
@@ -36,9 +37,26 @@ export interface Running {
 
 export function backendOptions(loaded: LoadedConfig): BackendOptions {
   const b = loaded.config.backend;
-  const hp = parseHostPort(b.address);
-  if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `backend.address ${b.address}`);
-  return { ...b, host: hp.host, port: hp.port, heloName: loaded.hostname };
+  // host/port are set per attempt from the pool (backend/pool.ts).
+  return { ...b, host: '', port: 0, heloName: loaded.hostname };
+}
+
+export function createBackendPool(loaded: LoadedConfig, resolver: DnsResolver, metrics: Metrics, log: Logger): BackendPool {
+  const spec = parseBackendSpec(loaded.config.backend.address);
+  if (!spec) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `backend.address ${loaded.config.backend.address}`);
+  const pool = new BackendPool(spec, loaded.config.backend.backoff, resolver, {
+    onState: (t, up, reason) => {
+      metrics.backendUp.set({ backend: t.name }, up ? 1 : 0);
+      if (up) log.info({ backend: t.name }, 'backend up');
+      else log.warn({ backend: t.name, reason, backoffMs: loaded.config.backend.backoff }, 'backend down; skipped until the back-off ends');
+    },
+    onResolveError: (err) => log.warn({ err: err.message, backend: loaded.config.backend.address }, 'backend MX lookup failed; keeping the last known backends'),
+  });
+  for (const t of pool.all) {
+    metrics.backendUp.set({ backend: t.name }, 1);
+    for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) metrics.backendFailures.inc({ backend: t.name, kind }, 0);
+  }
+  return pool;
 }
 
 export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log'], store: Store = new MemoryStore()): RuleDeps {
@@ -133,6 +151,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   // Give Redis a moment to connect so the first sessions see it; if it is down, rules fail over.
   if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
   const deps = ruleDeps(loaded, metrics, log, store);
+  const pool = createBackendPool(loaded, deps.resolver, metrics, log);
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
   const announce = (set: RuleSet) => {
     metrics.rulesInfo.reset();
@@ -145,6 +164,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     hostname: loaded.hostname,
     limits: config.limits,
     backend: backendOptions(loaded),
+    pool,
     listeners: config.listen,
     secureContext: loadSecureContext(loaded),
     metrics,
@@ -181,9 +201,9 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   if (config.metrics.listen !== 'off') {
     const hp = parseHostPort(config.metrics.listen);
     if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
-    const backend = backendOptions(loaded);
     metricsServer = await startMetricsServer(hp.host, hp.port, metrics.registry, async () => {
-      const reachable = await tcpReachable(backend.host, backend.port, 1000);
+      const targets = await pool.candidates();
+      const reachable = (await Promise.all(targets.map((t) => tcpReachable(t.host, t.port, 1000)))).some(Boolean);
       const redis = store.kind === 'memory' ? 'not configured' : (await metrics.redisUp.get()).values[0]?.value === 1 ? 'reachable' : 'unreachable';
       return { ready: reachable && redis !== 'unreachable', checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable', redis } };
     });

@@ -44,6 +44,8 @@ export const LIMIT_DEFAULTS = {
 
 export const BACKEND_DEFAULTS = {
   address: '127.0.0.1:25',
+  /** How long a backend that failed (refused, timed out, 421) is skipped, ms. */
+  backoff: 30_000,
   /** TCP connect deadline, ms. */
   connectTimeout: 10_000,
   /** Deadline for the backend's 220 greeting, ms. */

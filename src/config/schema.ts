@@ -4,6 +4,7 @@
  * docs/configuration.md documents every key.
  */
 import { z } from 'zod';
+import { parseBackendSpec } from '../backend/pool.js';
 import { BACKEND_DEFAULTS, DNS_DEFAULTS, REDIS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
 
 const ms = z.number().int().nonnegative();
@@ -32,7 +33,10 @@ export const configSchema = z.strictObject({
   listen: z.array(listenerSchema).min(1).default([{ address: DEFAULT_LISTEN, role: 'smtp', proxyProtocol: false, trustedProxies: [], authPlaintext: false }]),
   backend: z
     .strictObject({
-      address: hostPort.default(BACKEND_DEFAULTS.address),
+      /** host:port; "10 mx1:25, 20 mx2:25" (MX-style preferences); "mx:example.com[:port]". */
+      address: z.string().refine((v) => parseBackendSpec(v) !== null, 'expected host:port, "10 host:port, 20 host:port" or mx:domain[:port]').default(BACKEND_DEFAULTS.address),
+      /** How long a failed backend is skipped, ms. */
+      backoff: positive.default(BACKEND_DEFAULTS.backoff),
       connectTimeout: ms.default(BACKEND_DEFAULTS.connectTimeout),
       greetingTimeout: ms.default(BACKEND_DEFAULTS.greetingTimeout),
       commandTimeout: ms.default(BACKEND_DEFAULTS.commandTimeout),

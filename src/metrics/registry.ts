@@ -37,10 +37,12 @@ export function createMetrics(opts: MetricsOptions) {
     ruleDuration: new Histogram({ name: 'doorman_rule_duration_seconds', help: 'Rule evaluation time, by rule.', labelNames: ['rule'], buckets: LATENCY_BUCKETS, registers: r }),
     ruleErrors: new Counter({ name: 'doorman_rule_errors_total', help: 'Rules that threw or timed out, by rule and kind (error, timeout).', labelNames: ['rule', 'kind'], registers: r }),
     protocolViolations: new Counter({ name: 'doorman_protocol_violations_total', help: 'Client protocol violations, by kind.', labelNames: ['kind'], registers: r }),
-    backendConnectDuration: new Histogram({ name: 'doorman_backend_connect_duration_seconds', help: 'Time from connecting to the backend to its greeting.', buckets: LATENCY_BUCKETS, registers: r }),
+    backendConnectDuration: new Histogram({ name: 'doorman_backend_connect_duration_seconds', help: 'Time from connecting to a backend to its greeting, by backend.', labelNames: ['backend'], buckets: LATENCY_BUCKETS, registers: r }),
+    backendSessions: new Counter({ name: 'doorman_backend_sessions_total', help: 'Backend connections opened for client sessions, by backend.', labelNames: ['backend'], registers: r }),
+    backendUp: new Gauge({ name: 'doorman_backend_up', help: 'Backend state: 1 in use, 0 skipped after a failure (back-off), by backend.', labelNames: ['backend'], registers: r }),
     backendReplies: new Counter({ name: 'doorman_backend_replies_total', help: 'Backend replies, by command and reply class.', labelNames: ['command', 'class'], registers: r }),
     backendReplyDuration: new Histogram({ name: 'doorman_backend_reply_duration_seconds', help: 'Backend round trip: from sending a command to its reply, by command.', labelNames: ['command'], buckets: LATENCY_BUCKETS, registers: r }),
-    backendFailures: new Counter({ name: 'doorman_backend_failures_total', help: 'Backend failures, by kind (connect, timeout, closed, protocol, refused, tls).', labelNames: ['kind'], registers: r }),
+    backendFailures: new Counter({ name: 'doorman_backend_failures_total', help: 'Backend failures, by backend and kind (connect, timeout, closed, protocol, refused, tls).', labelNames: ['backend', 'kind'], registers: r }),
     dnsblQueries: new Counter({ name: 'doorman_dnsbl_queries_total', help: 'DNS list queries, by zone (its display name) and result (listed, clean, timeout, error, disabled).', labelNames: ['zone', 'result'], registers: r }),
     dnsblDuration: new Histogram({ name: 'doorman_dnsbl_query_duration_seconds', help: 'DNS list query time, by zone (cache hits excluded).', labelNames: ['zone'], buckets: LATENCY_BUCKETS, registers: r }),
     dnsblZoneUp: new Gauge({ name: 'doorman_dnsbl_zone_up', help: 'DNS list zone state from its RFC 5782 self-test: 1 in use, 0 disabled.', labelNames: ['zone'], registers: r }),
@@ -59,7 +61,6 @@ export function createMetrics(opts: MetricsOptions) {
   };
   m.buildInfo.set({ version: opts.version, node: process.version }, 1);
   // Known label values start at 0, so dashboards and alerts see a series before the first event.
-  for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) m.backendFailures.inc({ kind }, 0);
   for (const kind of ['line_too_long', 'nul', 'bare_lf', 'non_smtp', 'starttls_injection']) m.protocolViolations.inc({ kind }, 0);
   for (const result of ['success', 'failure']) m.configReloads.inc({ result }, 0);
   for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ outcome }, 0);

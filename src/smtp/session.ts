@@ -20,6 +20,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
+import type { BackendPool } from '../backend/pool.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
@@ -46,6 +47,7 @@ export interface SessionDeps {
   readonly limits: Limits;
   readonly listener: ListenerRuntime;
   readonly backend: BackendOptions;
+  readonly pool: BackendPool;
   readonly rules: RuleSet;
   readonly metrics: Metrics;
   readonly log: Logger;
@@ -206,24 +208,41 @@ export class Session {
     this.send(R.shuttingDown(this.deps.hostname));
   }
 
+  /**
+   * Opens a backend connection: the pool's candidates in MX order; a backend that refuses, times
+   * out or answers 421 is marked down and the next one is tried. Throws the last failure.
+   */
   private async openBackend(): Promise<BackendConnection> {
-    const t0 = Date.now();
-    try {
-      const b = await BackendConnection.open(this.deps.backend, { ...this.peer, address: this.client.text });
-      this.deps.metrics.backendConnectDuration.observe(b.connectMs / 1000);
-      b.onReply = (command, r, ms) => {
-        this.deps.metrics.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
-        this.deps.metrics.backendReplyDuration.observe({ command }, ms / 1000);
-      };
-      b.on('close', () => this.onBackendClosed());
-      return b;
-    } catch (err) {
-      const kind = err instanceof BackendError ? err.kind : 'connect';
-      this.deps.metrics.backendFailures.inc({ kind });
-      this.deps.log.warn({ session: this.id, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
-      throw err;
+    const m = this.deps.metrics;
+    let last: unknown = new BackendError('connect', 'no backend configured');
+    for (const t of await this.deps.pool.candidates()) {
+      if (this.closed) break;
+      const t0 = Date.now();
+      try {
+        const b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, { ...this.peer, address: this.client.text });
+        this.deps.pool.succeeded(t);
+        m.backendSessions.inc({ backend: t.name });
+        m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+        b.onReply = (command, r, ms) => {
+          m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
+          m.backendReplyDuration.observe({ command }, ms / 1000);
+        };
+        b.on('close', () => this.onBackendClosed());
+        this.backendName = t.name;
+        return b;
+      } catch (err) {
+        const kind = err instanceof BackendError ? err.kind : 'connect';
+        m.backendFailures.inc({ backend: t.name, kind });
+        this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
+        this.deps.pool.failed(t, `${kind}: ${(err as Error).message}`);
+        last = err;
+      }
     }
+    throw last;
   }
+
+  /** The backend this session uses (log line). */
+  private backendName: string | null = null;
 
   /** A backend for the next command: reopened (XCLIENT + HELO again) if it was lost. */
   private async ensureBackend(): Promise<BackendConnection | Reply> {
@@ -890,7 +909,7 @@ export class Session {
 
   private dataFailed(e: unknown): Reply {
     const kind = e instanceof BackendError ? e.kind : 'protocol';
-    this.deps.metrics.backendFailures.inc({ kind });
+    this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
     this.deps.log.warn({ session: this.id, err: (e as Error).message }, 'backend failed at end of data');
     return R.backendTempfail();
   }
@@ -898,7 +917,7 @@ export class Session {
   /** A backend failure during a command: the client gets 421 and the session ends. */
   private backendFailed(e: unknown): Reply {
     const kind = e instanceof BackendError ? e.kind : 'protocol';
-    this.deps.metrics.backendFailures.inc({ kind });
+    this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
     this.deps.log.warn({ session: this.id, err: (e as Error).message, kind }, 'backend failed');
     this.endReason = 'backend-failed';
     return R.lostBackend(this.deps.hostname);
@@ -952,6 +971,7 @@ export class Session {
         client: this.client.text,
         port: this.peer.port,
         listener: this.deps.listener.name,
+        backend: this.backendName,
         helo: this.helo,
         tls: this.tls,
         login: this.auth?.login ?? null,

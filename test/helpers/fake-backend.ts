@@ -10,6 +10,7 @@ export type Fault =
   | 'none'
   | 'no-greeting'
   | 'refuse-greeting'
+  | 'busy-greeting'
   | 'garbage-greeting'
   | 'stall-after-data'
   | 'close-mid-data'
@@ -58,6 +59,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     const f = state.fault;
     if (f === 'no-greeting') return;
     if (f === 'refuse-greeting') return void s.write('554 5.7.1 go away\r\n');
+    if (f === 'busy-greeting') return void s.end('421 4.3.2 Service busy, closing transmission channel\r\n');
     if (f === 'garbage-greeting') return void s.write('HTTP/1.1 400 Bad Request\r\n\r\n');
     s.write('220 fake.backend ESMTP\r\n');
     let buf = '';

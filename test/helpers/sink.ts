@@ -32,16 +32,16 @@ export interface Sink {
   stop(): Promise<void>;
 }
 
-export async function startSink(extra: string[] = []): Promise<Sink> {
+export async function startSink(extra: string[] = [], host = '127.0.0.1', fixedPort?: number): Promise<Sink> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'doorman-sink-'));
   fs.chmodSync(dir, 0o777);
-  const port = await freePort();
+  const port = fixedPort ?? (await freePort(host));
   // Options before the address (smtp-sink's own rule); -u: drop root; -d: dump each message.
-  const proc = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-d', `${dir}/%Y%m%d%H%M%S.`, ...extra, `127.0.0.1:${port}`, '256']);
+  const proc = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-d', `${dir}/%Y%m%d%H%M%S.`, ...extra, `${host}:${port}`, '256']);
   await eventually(async () => {
     const net = await import('node:net');
     return new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
+      const s = net.connect(port, host);
       s.once('connect', () => {
         s.destroy();
         resolve(true);

@@ -1,0 +1,147 @@
+/**
+ * pool.ts — several backends, chosen the way SMTP chooses MX hosts (RFC 5321 §5.1): lower
+ * preference first, a random order among equal ones; a backend that fails is skipped for the
+ * session and marked down for `backoff` ms (one log line and a metric per state change); when all
+ * are marked down they are tried anyway, best first, so recovery needs no restart.
+ *
+ * Backends come from `backend.address`:
+ *   "127.0.0.1:25"                              one backend
+ *   "10 mx1:25, 10 mx2:25, 20 backup:25"        preferences and hosts
+ *   "mx:example.com" or "mx:example.com:2525"   the domain's MX records (then A/AAAA), resolved
+ *                                               with doorman's resolver and re-resolved when the
+ *                                               shortest address TTL runs out (30 s … 1 h)
+ */
+import net from 'node:net';
+import type { DnsResolver } from '../net/dns.js';
+
+export interface BackendTarget {
+  host: string;
+  port: number;
+  preference: number;
+  /** Label in logs and metrics: host:port. */
+  readonly name: string;
+}
+
+export type BackendSpec = { kind: 'static'; targets: BackendTarget[] } | { kind: 'mx'; domain: string; port: number };
+
+/** Parses `backend.address`. Returns null when malformed. */
+export function parseBackendSpec(text: string): BackendSpec | null {
+  const t = text.trim();
+  const mx = /^mx:([a-z0-9.-]+?)(?::(\d{1,5}))?$/i.exec(t);
+  if (mx?.[1]) return { kind: 'mx', domain: mx[1].toLowerCase(), port: Number(mx[2] ?? 25) };
+  const targets: BackendTarget[] = [];
+  for (const part of t.split(',')) {
+    const m = /^\s*(?:(\d{1,5})\s+)?(\[[^\]]+\]|[^\s:[\]]+):(\d{1,5})\s*$/.exec(part);
+    if (!m || m[2] === undefined || m[3] === undefined) return null;
+    const host = m[2].replace(/^\[|\]$/g, '');
+    const port = Number(m[3]);
+    if (port < 1 || port > 65535) return null;
+    targets.push(target(host, port, Number(m[1] ?? 0)));
+  }
+  return targets.length ? { kind: 'static', targets } : null;
+}
+
+function target(host: string, port: number, preference: number): BackendTarget {
+  return { host, port, preference, name: net.isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}` };
+}
+
+export interface PoolEvents {
+  onState(target: BackendTarget, up: boolean, reason: string): void;
+  onResolveError(err: Error): void;
+}
+
+/** Clamp for MX re-resolution, seconds. */
+const MX_MIN_TTL = 30;
+const MX_MAX_TTL = 3600;
+
+export class BackendPool {
+  private targets: BackendTarget[] = [];
+  private readonly downUntil = new Map<string, number>();
+  private refreshAt = 0;
+  private refreshing: Promise<void> | null = null;
+
+  constructor(
+    private readonly spec: BackendSpec,
+    private readonly backoff: number,
+    private readonly resolver: DnsResolver,
+    private readonly events: PoolEvents,
+    private readonly now: () => number = Date.now,
+    private readonly random: () => number = Math.random,
+  ) {
+    if (spec.kind === 'static') this.targets = spec.targets;
+  }
+
+  /** Backends to try for a new session, in order. */
+  async candidates(): Promise<BackendTarget[]> {
+    if (this.spec.kind === 'mx' && (this.targets.length === 0 || this.now() >= this.refreshAt)) await this.refresh();
+    const now = this.now();
+    const up = this.targets.filter((t) => (this.downUntil.get(t.name) ?? 0) <= now);
+    const down = this.targets.filter((t) => (this.downUntil.get(t.name) ?? 0) > now);
+    return [...this.order(up), ...this.order(down)];
+  }
+
+  /** Lower preference first; a random order among equal preferences. */
+  private order(list: BackendTarget[]): BackendTarget[] {
+    const shuffled = list.map((t) => ({ t, r: this.random() }));
+    shuffled.sort((a, b) => a.t.preference - b.t.preference || a.r - b.r);
+    return shuffled.map((x) => x.t);
+  }
+
+  failed(t: BackendTarget, reason: string): void {
+    const wasUp = (this.downUntil.get(t.name) ?? 0) <= this.now();
+    this.downUntil.set(t.name, this.now() + this.backoff);
+    if (wasUp) this.events.onState(t, false, reason);
+  }
+
+  succeeded(t: BackendTarget): void {
+    if (!this.downUntil.has(t.name)) return;
+    this.downUntil.delete(t.name);
+    this.events.onState(t, true, 'connected');
+  }
+
+  isUp(t: BackendTarget): boolean {
+    return (this.downUntil.get(t.name) ?? 0) <= this.now();
+  }
+
+  get all(): readonly BackendTarget[] {
+    return this.targets;
+  }
+
+  private refresh(): Promise<void> {
+    if (this.spec.kind !== 'mx') return Promise.resolve();
+    const { domain, port } = this.spec;
+    this.refreshing ??= (async () => {
+      try {
+        const mxs = (await this.resolver.resolve(domain, 'MX')) as unknown as { exchange: string; priority: number }[];
+        const found: BackendTarget[] = [];
+        let ttl = MX_MAX_TTL;
+        for (const mx of mxs) {
+          for (const lookup of [this.resolver.resolveA, this.resolver.resolveAAAA]) {
+            try {
+              const addrs = await lookup(mx.exchange);
+              for (const a of addrs) {
+                found.push(target(a.address, port, mx.priority));
+                ttl = Math.min(ttl, a.ttl);
+              }
+            } catch {
+              /* no such family */
+            }
+          }
+        }
+        if (found.length) {
+          this.targets = found;
+          this.refreshAt = this.now() + Math.max(MX_MIN_TTL, Math.min(MX_MAX_TTL, ttl)) * 1000;
+        } else {
+          this.refreshAt = this.now() + MX_MIN_TTL * 1000;
+        }
+      } catch (err) {
+        // Keep the last known backends; try again soon.
+        this.events.onResolveError(err as Error);
+        this.refreshAt = this.now() + MX_MIN_TTL * 1000;
+      } finally {
+        this.refreshing = null;
+      }
+    })();
+    return this.refreshing;
+  }
+}
