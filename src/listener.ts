@@ -49,10 +49,37 @@ export class Proxy {
   private readonly perIp = new Map<string, number>();
   private readonly setUsers = new Map<RuleSet, number>();
   private draining = false;
+  private overloaded = false;
+  private sampler: NodeJS.Timeout | null = null;
 
   constructor(private readonly deps: ProxyDeps) {}
 
+  /**
+   * Overload shedding (Haraka toobusy): a timer measures how late it fires; while the lag is over
+   * limits.maxEventLoopLag, new connections get 421 4.3.2 rather than everyone getting slow.
+   */
+  private startSampler(): void {
+    const limit = this.deps.limits.maxEventLoopLag;
+    if (limit <= 0) return;
+    const every = 250;
+    let last = performance.now();
+    this.sampler = setInterval(() => {
+      const now = performance.now();
+      const lag = Math.max(0, now - last - every);
+      last = now;
+      this.deps.metrics.eventLoopLag.set(lag / 1000);
+      const over = lag > limit;
+      if (over !== this.overloaded) {
+        this.overloaded = over;
+        this.deps.metrics.overloaded.set(over ? 1 : 0);
+        this.deps.log.warn({ lagMs: Math.round(lag), limitMs: limit }, over ? 'overloaded: shedding new connections' : 'load back to normal');
+      }
+    }, every);
+    this.sampler.unref();
+  }
+
   async start(): Promise<void> {
+    this.startSampler();
     for (const cfg of this.deps.listeners) {
       const hp = parseHostPort(cfg.address);
       if (!hp) throw new Error(`bad listen address ${cfg.address}`);
@@ -141,6 +168,7 @@ export class Proxy {
     };
     const host = this.deps.hostname;
     if (this.draining) return refuse('shutdown', formatReply(R.shuttingDown(host)) as string);
+    if (this.overloaded) return refuse('overload', formatReply(R.overloaded(host)) as string);
     if (this.sessions.size >= this.deps.limits.maxClients) return refuse('max_clients', formatReply(R.tooManyConnections(host)) as string);
     const ip = peer.address;
     const n = this.perIp.get(ip) ?? 0;
@@ -204,6 +232,7 @@ export class Proxy {
   /** SIGTERM: stop accepting; wait for sessions up to `deadline` ms; then 421 the rest. */
   async drain(deadline: number): Promise<void> {
     this.draining = true;
+    if (this.sampler) clearInterval(this.sampler);
     for (const b of this.bound) b.server.close(); // stops accepting; open sessions go on
     const all = Promise.all([...this.sessions].map((s) => s.done));
     let timer: NodeJS.Timeout | undefined;

@@ -40,6 +40,16 @@ export const LIMIT_DEFAULTS = {
   maxHeaderBytes: 65_536, // 64 KiB
   /** Bare CR or LF in commands and data: `normalize` to CRLF (safely re-stuffed) or `reject`. */
   bareNewline: 'normalize' as 'normalize' | 'reject',
+  /** Hold the final greeting this long after a `220-` teaser line, ms; 0 = greet at once (postscreen_greet_wait). */
+  greetDelay: 0,
+  /** A client that talks before the greeting: `drop` (521 5.5.1 and close) or `ignore` (count and log). */
+  pregreetAction: 'drop' as 'drop' | 'ignore',
+  /** Slowest DATA accepted after the first 10 s, octets per second (Postfix smtpd_min_data_rate). */
+  minDataRate: 256,
+  /** Failed AUTH attempts in one session before 421 4.7.0 and close. */
+  maxAuthFailures: 3,
+  /** Event-loop lag above which new connections get 421 4.3.2 (overload shedding), ms; 0 = off. */
+  maxEventLoopLag: 500,
 } as const;
 
 export const BACKEND_DEFAULTS = {

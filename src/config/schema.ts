@@ -115,6 +115,11 @@ export const configSchema = z.strictObject({
       proxyHeaderTimeout: positive.default(LIMIT_DEFAULTS.proxyHeaderTimeout),
       maxHeaderBytes: z.number().int().min(1024).default(LIMIT_DEFAULTS.maxHeaderBytes),
       bareNewline: z.enum(['normalize', 'reject']).default(LIMIT_DEFAULTS.bareNewline),
+      greetDelay: ms.max(30_000).default(LIMIT_DEFAULTS.greetDelay),
+      pregreetAction: z.enum(['drop', 'ignore']).default(LIMIT_DEFAULTS.pregreetAction),
+      minDataRate: z.number().int().nonnegative().default(LIMIT_DEFAULTS.minDataRate),
+      maxAuthFailures: positive.default(LIMIT_DEFAULTS.maxAuthFailures),
+      maxEventLoopLag: ms.default(LIMIT_DEFAULTS.maxEventLoopLag),
     })
     .prefault({}),
 });

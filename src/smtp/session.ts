@@ -113,6 +113,14 @@ export class Session {
   private outq: Pending[] = [];
   private pumping = false;
   private repump = false;
+  /** Bytes received before the greeting (pregreet), and what they looked like. */
+  private pregreet = 0;
+  private pregreetKind = '';
+  /** When the current incomplete command line started arriving (0: none). */
+  private partialSince = 0;
+  private authFailures = 0;
+  /** When the current DATA started (min data rate). */
+  private dataStarted = 0;
   /** Greeting sent: commands may be read. */
   private greeted = false;
   /** A closing reply was written; the socket ends once it is flushed. */
@@ -176,6 +184,10 @@ export class Session {
       this.send(connect.reply.closes ? connect.reply : R.unavailable(this.deps.hostname));
       return;
     }
+    // postscreen-style teaser: "220-" now, the rest after greetDelay; early talkers are caught.
+    const teaser = this.deps.limits.greetDelay > 0;
+    if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
+    const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
     try {
       this.backend = await this.openBackend();
     } catch (err) {
@@ -192,12 +204,26 @@ export class Session {
       this.send(R.unavailable(this.deps.hostname));
       return;
     }
+    await teaserWait;
     if (this.closed) {
       this.backend.destroy();
       return;
     }
+    if (this.pregreet > 0) {
+      // A client that talks before the greeting is not an MTA waiting its turn (postscreen pregreet).
+      const kind = this.pregreetKind;
+      this.violation('pregreet');
+      this.deps.log.info({ session: this.id, client: this.client.text, bytes: this.pregreet, kind }, 'client talked before the greeting');
+      if (this.deps.limits.pregreetAction === 'drop') {
+        this.endReason = 'pregreet';
+        this.backend.quit();
+        this.greeted = true;
+        this.send(R.protocolError());
+        return;
+      }
+    }
     this.greeted = true;
-    this.send(R.greeting(this.deps.hostname));
+    this.send(teaser ? reply(220, '', `${this.deps.hostname} ESMTP`) : R.greeting(this.deps.hostname));
     this.pump();
   }
 
@@ -280,6 +306,16 @@ export class Session {
 
   private onData(chunk: Buffer): void {
     if (this.closed || this.closing) return;
+    if (!this.greeted) {
+      if (this.pregreet === 0) this.pregreetKind = chunk[0] === 0x16 ? 'tls' : /^(GET|POST|HEAD|CONNECT) /.test(chunk.subarray(0, 8).toString('latin1')) ? 'http' : 'smtp';
+      this.pregreet += chunk.length;
+    } else if (this.partialSince && !this.framing.inData && Date.now() - this.partialSince > this.deps.limits.commandTimeout) {
+      // Slowloris: bytes trickle in, but no command completes within the command timeout.
+      this.violation('slow_client');
+      this.endReason = 'timeout';
+      this.send(R.timeout(this.deps.hostname));
+      return;
+    }
     this.framing.push(chunk);
     if (this.framing.buffered > this.deps.limits.maxBuffered) this.socket.pause();
     const w = this.dataWaiter;
@@ -411,6 +447,7 @@ export class Session {
         if (this.backendCongested) return;
         const ev = this.framing.nextData();
         if (!ev) return;
+        if (this.tooSlow()) return;
         this.forward(ev.chunks);
         if (this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
         if (ev.end) await this.finishData();
@@ -419,10 +456,14 @@ export class Session {
       }
       const ev = this.framing.nextCommand();
       if (!ev) {
-        if (this.outq.length === 0) return;
+        if (this.outq.length === 0) {
+          if (this.framing.buffered > 0 && !this.partialSince) this.partialSince = Date.now();
+          return;
+        }
         await this.flush();
         continue;
       }
+      this.partialSince = 0;
       this.socket.resume();
       await this.onCommandEvent(ev);
       if (this.outq.length >= MAX_QUEUED_REPLIES) await this.flush();
@@ -748,6 +789,11 @@ export class Session {
       this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
     }
     this.queue('AUTH', r);
+    if (r.code !== 235 && ++this.authFailures >= this.deps.limits.maxAuthFailures) {
+      this.violation('auth_flood');
+      this.endReason = 'too-many-errors';
+      this.queue('AUTH', reply(421, '4.7.0', `${this.deps.hostname} Error: too many authentication failures`));
+    }
   }
 
   // ---------------------------------------------------------------- DATA
@@ -778,9 +824,23 @@ export class Session {
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
+    this.dataStarted = Date.now();
     this.framing.beginData();
     const tags = [...this.sessionTags, ...txn.tags];
     if (!hasHeaderRules && tags.length) this.writeBackend(tagHeaders(tags));
+  }
+
+  /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
+  private tooSlow(): boolean {
+    const rate = this.deps.limits.minDataRate;
+    if (rate === 0) return false;
+    const elapsed = Date.now() - this.dataStarted;
+    if (elapsed < Math.min(10_000, this.deps.limits.dataTimeout)) return false;
+    if (this.framing.dataBytes >= (rate * elapsed) / 1000) return false;
+    this.violation('slow_client');
+    this.endReason = 'timeout';
+    this.send(reply(421, '4.4.2', `${this.deps.hostname} Error: data arriving too slowly, closing connection`));
+    return true;
   }
 
   /** Forwards message bytes unless the message is already refused. */

@@ -103,7 +103,8 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         buf = buf.slice(nl + 2);
         const verb = line.split(' ')[0]?.toUpperCase();
         state.commands.push(line);
-        if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
+        if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n');
+        else if (verb === 'AUTH') reply('535 5.7.8 Error: authentication failed\r\n');
         else if (verb === 'HELO') reply('250 fake.backend\r\n');
         else if (verb === 'MAIL' && f === 'stall-mail') continue;
         else if (verb === 'DATA') {
