@@ -1,0 +1,241 @@
+/**
+ * bench/run.ts — doorman against the direct path, measured in the same run (`npm run bench`).
+ *
+ * Load: Postfix smtp-source; backend: smtp-sink (no dumps). Each workload alternates direct and
+ * doorman runs, BENCH_REPS times (default 3), and reports medians:
+ *   (a) one 4 KB message per connection, 20 parallel sessions
+ *   (b) many 4 KB messages per session, 20 parallel sessions
+ *   (c) 20 MB messages (MB/s, RSS)
+ *   (d) idle concurrent connections (RSS per connection, each holding its backend connection;
+ *       BENCH_IDLE, default 10000; against a Node backend, since smtp-sink stops near 1000)
+ *   (e) added latency per command round trip (MAIL, RCPT) at half of the saturating load
+ * each through doorman without rules and with the default rule set (relay, sender, a DNSBL zone on
+ * a local rbldnsd, rate limits on a local Redis). Results: bench/results/latest.json and
+ * bench/results/latest.md (copy the table into docs/performance.md).
+ *
+ * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
+ */
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
+import { startDoorman, type Doorman } from '../test/helpers/doorman.js';
+import { startFakeBackend } from '../test/helpers/fake-backend.js';
+import { freePort } from '../test/helpers/net.js';
+import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
+import { startRbldnsd } from '../test/helpers/rbldnsd.js';
+import { startRedis } from '../test/helpers/redis.js';
+import { SmtpClient } from '../test/helpers/smtp.js';
+
+const run = promisify(execFile);
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const REPS = Number(process.env.BENCH_REPS ?? 3);
+const MSGS = Number(process.env.BENCH_MESSAGES ?? 4000);
+const IDLE = Number(process.env.BENCH_IDLE ?? 10000);
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? (s[Math.floor((s.length - 1) / 2)]! + s[Math.ceil((s.length - 1) / 2)]!) / 2 : NaN;
+};
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? NaN;
+};
+
+function procStat(pid: number): { cpuMs: number; rssKb: number } {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  const ticks = Number(stat[11]) + Number(stat[12]); // utime + stime
+  const rssKb = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+  return { cpuMs: (ticks * 1000) / 100, rssKb };
+}
+
+async function smtpSource(port: number, args: string[], timeoutMs = 300_000): Promise<number> {
+  const t0 = performance.now();
+  await run('smtp-source', [...args, '-f', 'bench@load.example', '-t', 'user@example.com', `127.0.0.1:${port}`], { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
+  return (performance.now() - t0) / 1000;
+}
+
+interface Measured {
+  msgPerSec: number;
+  cpuMsPerMsg: number;
+  peakRssMb: number;
+}
+
+/** One smtp-source run against `port`, with `pid`'s CPU and RSS sampled when it is doorman. */
+async function measure(port: number, pid: number | null, args: string[], messages: number): Promise<Measured> {
+  const before = pid ? procStat(pid) : null;
+  let peak = before?.rssKb ?? 0;
+  const sampler = pid ? setInterval(() => (peak = Math.max(peak, procStat(pid).rssKb)), 100) : null;
+  const secs = await smtpSource(port, args);
+  if (sampler) clearInterval(sampler);
+  const after = pid ? procStat(pid) : null;
+  return {
+    msgPerSec: messages / secs,
+    cpuMsPerMsg: before && after ? (after.cpuMs - before.cpuMs) / messages : NaN,
+    peakRssMb: Math.max(peak, after?.rssKb ?? 0) / 1024,
+  };
+}
+
+interface Row {
+  workload: string;
+  config: string;
+  direct: number;
+  doorman: number;
+  ratio: number;
+  unit: string;
+  cpuMsPerMsg?: number;
+  peakRssMb?: number;
+  note?: string;
+}
+
+async function throughput(name: string, cfg: string, d: Doorman, sinkPort: number, args: string[], messages: number): Promise<Row> {
+  const direct: number[] = [];
+  const through: Measured[] = [];
+  for (let i = 0; i < REPS; i++) {
+    direct.push((await measure(sinkPort, null, args, messages)).msgPerSec);
+    through.push(await measure(d.port, d.proc.pid, args, messages));
+  }
+  const dm = median(through.map((m) => m.msgPerSec));
+  const dr = median(direct);
+  return {
+    workload: name, config: cfg, direct: dr, doorman: dm, ratio: dm / dr, unit: 'msg/s',
+    cpuMsPerMsg: median(through.map((m) => m.cpuMsPerMsg)), peakRssMb: Math.max(...through.map((m) => m.peakRssMb)),
+  };
+}
+
+async function bigMessages(cfg: string, d: Doorman, sinkPort: number): Promise<Row> {
+  const size = 20 * 1024 * 1024;
+  const args = ['-l', String(size), '-m', '3', '-s', '1'];
+  const direct: number[] = [];
+  const through: Measured[] = [];
+  for (let i = 0; i < REPS; i++) {
+    direct.push((await measure(sinkPort, null, args, 3)).msgPerSec * 20);
+    const m = await measure(d.port, d.proc.pid, args, 3);
+    through.push({ ...m, msgPerSec: m.msgPerSec * 20 });
+  }
+  const dm = median(through.map((m) => m.msgPerSec));
+  const dr = median(direct);
+  return { workload: '(c) 20 MB messages', config: cfg, direct: dr, doorman: dm, ratio: dm / dr, unit: 'MB/s', peakRssMb: Math.max(...through.map((m) => m.peakRssMb)) };
+}
+
+async function idle(cfg: string, d: Doorman): Promise<Row> {
+  const base = procStat(d.proc.pid).rssKb;
+  const sockets: net.Socket[] = [];
+  let greeted = 0;
+  for (let i = 0; i < IDLE; i++) {
+    const s = net.connect(d.port, '127.0.0.1');
+    s.on('error', () => undefined);
+    s.once('data', () => greeted++);
+    sockets.push(s);
+    if (i % 500 === 499) await sleep(50);
+  }
+  for (let i = 0; i < 200 && greeted < IDLE; i++) await sleep(100);
+  await sleep(500);
+  const rss = procStat(d.proc.pid).rssKb;
+  for (const s of sockets) s.destroy();
+  const perConn = (rss - base) / Math.max(1, greeted);
+  await sleep(1000);
+  return { workload: '(d) idle connections', config: cfg, direct: NaN, doorman: perConn, ratio: NaN, unit: 'KB RSS/conn', note: `${greeted} of ${IDLE} greeted` };
+}
+
+async function latency(cfg: string, d: Doorman, sinkPort: number): Promise<Row> {
+  const rtt = async (port: number) => {
+    const times: number[] = [];
+    const c = await SmtpClient.connect(port);
+    await c.reply();
+    await c.ehlo('lat.example.org');
+    for (let i = 0; i < 300; i++) {
+      let t = performance.now();
+      await c.cmd('MAIL FROM:<lat@load.example>');
+      times.push(performance.now() - t);
+      t = performance.now();
+      await c.cmd('RCPT TO:<user@example.com>');
+      times.push(performance.now() - t);
+      await c.cmd('RSET');
+    }
+    c.close();
+    return times;
+  };
+  // Background load at about half of what saturates (10 of 20 sessions, many messages each).
+  const bg = (port: number) => smtpSource(port, ['-l', '4096', '-m', String(MSGS), '-s', '10', '-d']).catch(() => 0);
+  const directBg = bg(sinkPort);
+  const direct = await rtt(sinkPort);
+  await directBg;
+  const doormanBg = bg(d.port);
+  const through = await rtt(d.port);
+  await doormanBg;
+  const p50 = pct(through, 50) - pct(direct, 50);
+  const p99 = pct(through, 99) - pct(direct, 99);
+  return { workload: '(e) added latency per command', config: cfg, direct: pct(direct, 50), doorman: pct(through, 50), ratio: NaN, unit: 'ms', note: `added p50 ${p50.toFixed(2)} ms, p99 ${p99.toFixed(2)} ms` };
+}
+
+async function main(): Promise<void> {
+  const sinkPort = await freePort();
+  const sink: Proc = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-c', `127.0.0.1:${sinkPort}`, '1024']);
+  await sleep(300);
+  const rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:listed', '127.0.0.2'] }]);
+  const redis = await startRedis();
+  // Production-like: info-level logs (one JSON line per session) are part of the cost.
+  const quiet = { DOORMAN_LOG_LEVEL: 'info' };
+  const defaultRules = {
+    'relay.yaml': 'rule: relay\nsettings:\n  localDomains: [example.com]\n',
+    'sender.yaml': 'rule: sender\nsettings:\n  localDomains: [example.com]\n',
+    'dnsbl.yaml': 'rule: dnsbl\nsettings:\n  zones:\n    - zone: bl.test\n',
+    'ratelimit.yaml': 'rule: ratelimit\nsettings:\n  limits:\n    - name: conn\n      count: connections\n      limit: 10000000\n      window: 60000\n    - name: rcpt\n      count: messages\n      cost: recipient\n      limit: 10000000\n      window: 60000\n',
+  };
+  const config = `limits:\n  maxClients: ${IDLE + 1000}\n  maxClientsPerIp: ${IDLE + 1000}\n  maxEventLoopLag: 0\n`;
+  const rows: Row[] = [];
+  const configs: [string, Record<string, string>, Record<string, string>][] = [
+    ['no rules', {}, quiet],
+    ['default rules', defaultRules, { ...quiet, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }],
+  ];
+  for (const [name, rules, env] of configs) {
+    const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
+    try {
+      process.stdout.write(`${name}: (a) one message per connection…\n`);
+      rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
+      process.stdout.write(`${name}: (b) many messages per session…\n`);
+      rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
+      process.stdout.write(`${name}: (c) 20 MB messages…\n`);
+      rows.push(await bigMessages(name, d, sinkPort));
+      process.stdout.write(`${name}: (e) latency…\n`);
+      rows.push(await latency(name, d, sinkPort));
+    } finally {
+      await d.stop();
+    }
+  }
+  // (d) on a fresh instance, with a Node backend: smtp-sink's event loop stops near 1000 sessions.
+  process.stdout.write(`no rules: (d) ${IDLE} idle connections…\n`);
+  const idleBackend = await startFakeBackend('none');
+  const idleDoorman = await startDoorman({ backendPort: idleBackend.port, config, env: quiet });
+  try {
+    rows.push(await idle('no rules', idleDoorman));
+  } finally {
+    await idleDoorman.stop();
+    await idleBackend.close();
+  }
+  await redis.stop();
+  await rbl.stop();
+  await sink.stop();
+  const fmt = (n: number, digits = 0) => (Number.isFinite(n) ? n.toFixed(digits) : '—');
+  const md = [
+    `| workload | doorman config | direct | doorman | ratio | unit | doorman CPU ms/msg | doorman peak RSS MB | note |`,
+    `|---|---|---|---|---|---|---|---|---|`,
+    ...rows.map((r) => `| ${r.workload} | ${r.config} | ${fmt(r.direct, r.unit === 'ms' ? 2 : 0)} | ${fmt(r.doorman, r.unit === 'ms' || r.unit.startsWith('KB') ? 2 : 0)} | ${fmt(r.ratio, 2)} | ${r.unit} | ${fmt(r.cpuMsPerMsg ?? NaN, 3)} | ${fmt(r.peakRssMb ?? NaN, 0)} | ${r.note ?? ''} |`),
+  ].join('\n');
+  const out = path.join(ROOT, 'bench', 'results');
+  fs.mkdirSync(out, { recursive: true });
+  const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length };
+  fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows }, null, 2));
+  fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${JSON.stringify(meta)}\n`);
+  process.stdout.write(`\n${md}\n\nbench/results/latest.{json,md} written\n`);
+}
+
+main()
+  .catch((e: unknown) => {
+    process.stderr.write(`bench failed: ${e instanceof Error ? e.stack : String(e)}\n`);
+    process.exitCode = 1;
+  })
+  .finally(() => void stopAll());
