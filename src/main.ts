@@ -52,6 +52,7 @@ export function createBackendPool(loaded: LoadedConfig, resolver: DnsResolver, m
     },
     onResolveError: (err) => log.warn({ err: err.message, backend: loaded.config.backend.address }, 'backend MX lookup failed; keeping the last known backends'),
   });
+  pool.idleOptions = { max: loaded.config.backend.poolSize, timeout: loaded.config.backend.poolIdleTimeout };
   for (const t of pool.all) {
     metrics.backendUp.set({ backend: t.name }, 1);
     for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) metrics.backendFailures.inc({ backend: t.name, kind }, 0);
@@ -219,6 +220,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       watcher?.close();
       log.info({ sessions: proxy.activeSessions, deadline }, 'draining');
       await proxy.drain(deadline);
+      pool.closeIdle();
       metricsServer?.close();
       closeRuleSet(rules);
       await store.close();

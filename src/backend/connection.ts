@@ -190,8 +190,12 @@ export class BackendConnection extends EventEmitter {
   }
 
   /** XCLIENT with the attributes the backend lists; values xtext-encoded (RFC 3461 §4). */
+  /** XCLIENT attributes the backend listed (kept for reuse: later EHLO replies may omit them). */
+  private xclientAllowed: Set<string> | null = null;
+
   private async xclient(client: ClientIdentity): Promise<void> {
-    const allowed = new Set((this.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
+    this.xclientAllowed ??= new Set((this.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
+    const allowed = this.xclientAllowed;
     const attrs: string[] = [];
     const add = (k: string, v: string | number | undefined) => {
       if (v !== undefined && allowed.has(k)) attrs.push(`${k}=${xtext(String(v))}`);
@@ -233,6 +237,27 @@ export class BackendConnection extends EventEmitter {
   }
 
   /** Polite close: QUIT, then end the socket without waiting long. */
+  /** No command is waiting for its reply. */
+  get quiet(): boolean {
+    return this.pending.length === 0 && this.failure === null;
+  }
+
+  /** Whether this connection can carry another client: XCLIENT can re-bind its identity. */
+  get reusable(): boolean {
+    return this.quiet && this.opts.proxyProtocol === 'off' && (this.xclientDone || !this.opts.xclient);
+  }
+
+  /**
+   * Prepares a pooled connection for a new client: XCLIENT with the new identity, or RSET when
+   * XCLIENT is not in use. Rejects when the backend is gone.
+   */
+  async rebind(client: ClientIdentity): Promise<void> {
+    // XCLIENT resets the backend session to its greeting state; without it, RSET the transaction.
+    if (this.xclientDone) return this.xclient(client);
+    const r = await this.command('RSET');
+    if (replyClass(r) !== 2) throw new BackendError('refused', `RSET ${r.code}`, r);
+  }
+
   quit(): void {
     if (this.failure) return;
     this.command('QUIT', 2000).then(

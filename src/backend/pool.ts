@@ -13,6 +13,7 @@
  */
 import net from 'node:net';
 import type { DnsResolver } from '../net/dns.js';
+import type { BackendConnection } from './connection.js';
 
 export interface BackendTarget {
   host: string;
@@ -54,8 +55,18 @@ export interface PoolEvents {
 const MX_MIN_TTL = 30;
 const MX_MAX_TTL = 3600;
 
+export interface IdleOptions {
+  /** Idle connections kept per backend for the next client sessions (0: no reuse). */
+  max: number;
+  /** An idle connection is closed after this long, ms (below the backend's own idle timeout). */
+  timeout: number;
+}
+
 export class BackendPool {
   private targets: BackendTarget[] = [];
+  /** Idle backend connections by backend name, most recent last. */
+  private readonly idle = new Map<string, { conn: BackendConnection; timer: NodeJS.Timeout }[]>();
+  idleOptions: IdleOptions = { max: 0, timeout: 10_000 };
   private readonly downUntil = new Map<string, number>();
   private refreshAt = 0;
   private refreshing: Promise<void> | null = null;
@@ -97,6 +108,62 @@ export class BackendPool {
     if (!this.downUntil.has(t.name)) return;
     this.downUntil.delete(t.name);
     this.events.onState(t, true, 'connected');
+  }
+
+  /** A connection a finished session left for reuse, or null. */
+  takeIdle(t: BackendTarget): BackendConnection | null {
+    const list = this.idle.get(t.name);
+    const entry = list?.pop();
+    if (!entry) return null;
+    clearTimeout(entry.timer);
+    entry.conn.removeAllListeners('close');
+    return entry.conn;
+  }
+
+  /** Keeps a quiet connection for the next session (or closes it when the pool is full). */
+  putIdle(t: BackendTarget, conn: BackendConnection): void {
+    const list = this.idle.get(t.name) ?? [];
+    if (list.length >= this.idleOptions.max || !conn.reusable) {
+      conn.quit();
+      return;
+    }
+    conn.removeAllListeners('close');
+    const entry = {
+      conn,
+      timer: setTimeout(() => {
+        this.drop(t.name, conn);
+        conn.quit();
+      }, this.idleOptions.timeout),
+    };
+    entry.timer.unref();
+    conn.once('close', () => {
+      clearTimeout(entry.timer);
+      this.drop(t.name, conn);
+    });
+    list.push(entry);
+    this.idle.set(t.name, list);
+  }
+
+  private drop(name: string, conn: BackendConnection): void {
+    const list = this.idle.get(name);
+    if (!list) return;
+    const i = list.findIndex((e) => e.conn === conn);
+    if (i >= 0) list.splice(i, 1);
+  }
+
+  /** Idle connections now, for metrics. */
+  get idleCount(): number {
+    let n = 0;
+    for (const l of this.idle.values()) n += l.length;
+    return n;
+  }
+
+  /** Closes every idle connection (shutdown). */
+  closeIdle(): void {
+    for (const list of this.idle.values()) for (const e of list.splice(0)) {
+      clearTimeout(e.timer);
+      e.conn.quit();
+    }
   }
 
   isUp(t: BackendTarget): boolean {

@@ -56,6 +56,10 @@ export const BACKEND_DEFAULTS = {
   address: '127.0.0.1:25',
   /** How long a backend that failed (refused, timed out, 421) is skipped, ms. */
   backoff: 30_000,
+  /** Idle backend connections kept per backend for the next client sessions (XCLIENT re-binds them). */
+  poolSize: 32,
+  /** An idle pooled backend connection is closed after this long, ms (Postfix's smtpd_timeout is 300 s). */
+  poolIdleTimeout: 10_000,
   /** TCP connect deadline, ms. */
   connectTimeout: 10_000,
   /** Deadline for the backend's 220 greeting, ms. */

@@ -37,6 +37,10 @@ export const configSchema = z.strictObject({
       address: z.string().refine((v) => parseBackendSpec(v) !== null, 'expected host:port, "10 host:port, 20 host:port" or mx:domain[:port]').default(BACKEND_DEFAULTS.address),
       /** How long a failed backend is skipped, ms. */
       backoff: positive.default(BACKEND_DEFAULTS.backoff),
+      /** Idle backend connections kept per backend for later client sessions; 0 = no reuse. */
+      poolSize: z.number().int().nonnegative().default(BACKEND_DEFAULTS.poolSize),
+      /** An idle pooled connection is closed after this long, ms. */
+      poolIdleTimeout: positive.default(BACKEND_DEFAULTS.poolIdleTimeout),
       connectTimeout: ms.default(BACKEND_DEFAULTS.connectTimeout),
       greetingTimeout: ms.default(BACKEND_DEFAULTS.greetingTimeout),
       commandTimeout: ms.default(BACKEND_DEFAULTS.commandTimeout),

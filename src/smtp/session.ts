@@ -14,13 +14,12 @@
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
  * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in reply.ts.
  */
-import crypto from 'node:crypto';
 import { Subject } from 'rxjs';
 import type net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
-import type { BackendPool } from '../backend/pool.js';
+import type { BackendPool, BackendTarget } from '../backend/pool.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
@@ -96,7 +95,8 @@ const MAX_QUEUED_REPLIES = 100;
 const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN'];
 
 export class Session {
-  readonly id = crypto.randomBytes(6).toString('hex');
+  /** Unique per process and start time (no per-session randomness on the hot path). */
+  readonly id = nextSessionId();
   readonly started = Date.now();
   private socket: net.Socket;
   private readonly framing: Framing;
@@ -188,27 +188,13 @@ export class Session {
     const teaser = this.deps.limits.greetDelay > 0;
     if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
     const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
-    try {
-      this.backend = await this.openBackend();
-    } catch (err) {
-      if (this.closed) return;
-      this.endReason = 'backend-unavailable';
-      const be = err instanceof BackendError ? err : null;
-      if (be?.atGreeting && be.reply && be.reply.code >= 500) {
-        this.refusedAtConnect = true;
-        this.greeted = true;
-        this.send(reply(554, '5.3.2', `${this.deps.hostname} Service not available`));
-        this.pump();
-        return;
-      }
-      this.send(R.unavailable(this.deps.hostname));
-      return;
-    }
+    // The backend connection is prepared while the client reads the greeting and sends EHLO;
+    // the first command that needs it waits for it (ensureBackend).
+    const opening = this.openBackend();
+    opening.catch(() => undefined);
+    this.backendP = opening;
     await teaserWait;
-    if (this.closed) {
-      this.backend.destroy();
-      return;
-    }
+    if (this.closed) return;
     if (this.pregreet > 0) {
       // A client that talks before the greeting is not an MTA waiting its turn (postscreen pregreet).
       const kind = this.pregreetKind;
@@ -216,7 +202,6 @@ export class Session {
       this.deps.log.info({ session: this.id, client: this.client.text, bytes: this.pregreet, kind }, 'client talked before the greeting');
       if (this.deps.limits.pregreetAction === 'drop') {
         this.endReason = 'pregreet';
-        this.backend.quit();
         this.greeted = true;
         this.send(R.protocolError());
         return;
@@ -241,20 +226,37 @@ export class Session {
   private async openBackend(): Promise<BackendConnection> {
     const m = this.deps.metrics;
     let last: unknown = new BackendError('connect', 'no backend configured');
+    const identity = { ...this.peer, address: this.client.text };
     for (const t of await this.deps.pool.candidates()) {
       if (this.closed) break;
       const t0 = Date.now();
       try {
-        const b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, { ...this.peer, address: this.client.text });
+        let b = this.deps.pool.takeIdle(t);
+        if (b) {
+          // A connection an earlier session left: re-bind it to this client (XCLIENT / RSET).
+          const reused = b;
+          b = await reused.rebind(identity).then(
+            () => reused,
+            () => {
+              reused.destroy();
+              return null;
+            },
+          );
+          if (b) m.backendReused.inc({ backend: t.name });
+        }
+        if (!b) {
+          b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity);
+          m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+        }
         this.deps.pool.succeeded(t);
         m.backendSessions.inc({ backend: t.name });
-        m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
         b.onReply = (command, r, ms) => {
           m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
           m.backendReplyDuration.observe({ command }, ms / 1000);
         };
         b.on('close', () => this.onBackendClosed());
         this.backendName = t.name;
+        this.backendTarget = t;
         return b;
       } catch (err) {
         const kind = err instanceof BackendError ? err.kind : 'connect';
@@ -269,10 +271,31 @@ export class Session {
 
   /** The backend this session uses (log line). */
   private backendName: string | null = null;
+  private backendTarget: BackendTarget | null = null;
+  /** The backend connection being opened at connect, until a command needs it. */
+  private backendP: Promise<BackendConnection> | null = null;
 
   /** A backend for the next command: reopened (XCLIENT + HELO again) if it was lost. */
   private async ensureBackend(): Promise<BackendConnection | Reply> {
     if (this.backend?.alive) return this.backend;
+    const first = this.backendP;
+    if (first) {
+      this.backendP = null;
+      try {
+        this.backend = await first;
+        return this.backend;
+      } catch (err) {
+        // No backend for this session: a backend that refused at its greeting is passed on as
+        // 554 (then 503 until QUIT); anything else is 421 and the session ends.
+        this.endReason = 'backend-unavailable';
+        const be = err instanceof BackendError ? err : null;
+        if (be?.atGreeting && be.reply && be.reply.code >= 500) {
+          this.refusedAtConnect = true;
+          return reply(554, '5.3.2', `${this.deps.hostname} Service not available`);
+        }
+        return R.unavailable(this.deps.hostname);
+      }
+    }
     if (this.auth) return R.lostBackend(this.deps.hostname); // the login cannot be replayed
     try {
       const b = await this.openBackend();
@@ -286,6 +309,13 @@ export class Session {
     } catch {
       return R.lostBackend(this.deps.hostname);
     }
+  }
+
+  /** Hands a quiet backend connection to the pool for the next session, or closes it. */
+  private release(b: BackendConnection): void {
+    const t = this.backendTarget;
+    if (t && !this.auth && b.reusable && this.deps.pool.idleOptions.max > 0) this.deps.pool.putIdle(t, b);
+    else b.quit();
   }
 
   private onBackendClosed(): void {
@@ -334,9 +364,12 @@ export class Session {
     if (this.data) {
       // Client vanished mid-DATA: the backend must never see an end of data.
       this.backend?.destroy();
-    } else {
-      this.backend?.quit();
+    } else if (this.backend) {
+      this.release(this.backend);
     }
+    // A backend still being opened when the client left goes back to the pool (or away).
+    this.backendP?.then((b) => this.release(b), () => undefined);
+    this.backendP = null;
     this.socket.destroy();
     const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
     this.events$.next(quit);
@@ -1055,6 +1088,13 @@ export class Session {
       'session',
     );
   }
+}
+
+const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
+let idCounter = 0;
+function nextSessionId(): string {
+  idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
+  return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
 }
 
 interface DataState {

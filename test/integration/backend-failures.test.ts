@@ -38,10 +38,17 @@ async function begin(port: number): Promise<SmtpClient> {
   return c;
 }
 
-test('backend down: 421 4.4.1 instead of a greeting, and the connection closes', async () => {
+/** Greeting, then EHLO: the first command that needs the backend (it is opened in parallel). */
+async function ehloReply(port: number) {
+  const c = await SmtpClient.connect(port);
+  const g = await c.reply(5000);
+  assert.equal(g.code, 220, 'doorman greets without waiting for the backend');
+  return { c, r: await c.cmd('EHLO client.example.net', 5000) };
+}
+
+test('backend down: 421 4.4.1 at the first command, and the connection closes', async () => {
   const d = await doorman(await freePort());
-  const c = await SmtpClient.connect(d.port);
-  const r = await c.reply();
+  const { c, r } = await ehloReply(d.port);
   assert.equal(r.code, 421);
   assert.match(r.text, /^4\.4\.1 /);
   assert.doesNotMatch(r.text, /backend|127\.0\.0\.1/i, 'the client is not told about the backend');
@@ -52,19 +59,19 @@ test('backend down: 421 4.4.1 instead of a greeting, and the connection closes',
 const greetingCases: [Fault, number, string][] = [
   ['no-greeting', 421, '4.4.1'],
   ['garbage-greeting', 421, '4.4.1'],
+  ['busy-greeting', 421, '4.4.1'],
   ['refuse-greeting', 554, '5.3.2'],
 ];
 for (const [fault, code, enhanced] of greetingCases) {
   test(`backend ${fault}: the client gets ${code} ${enhanced}`, async () => {
     const fb = await startFakeBackend(fault);
     const d = await doorman(fb.port);
-    const c = await SmtpClient.connect(d.port);
-    const r = await c.reply(5000);
+    const { c, r } = await ehloReply(d.port);
     assert.equal(r.code, code);
     assert.ok(r.text.startsWith(enhanced), r.raw);
     if (code === 554) {
-      // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
-      assert.equal((await c.cmd('EHLO x.example')).code, 503);
+      // RFC 5321 §3.1: after a 554, 503 to everything but QUIT.
+      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 503);
       assert.equal((await c.cmd('QUIT')).code, 221);
     }
     assert.equal(await c.waitClosed(), true);

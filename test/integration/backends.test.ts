@@ -104,11 +104,12 @@ test('preference order, random spread among equals, dead and 421 backends skippe
   assert.ok((await d.metric('doorman_backend_sessions_total', { backend: `127.0.0.1:${b.port}` })) >= 5);
 });
 
-test('no backend answers: 421 4.4.1, never a 250', async () => {
+test('no backend answers: 421 4.4.1 at the first command, never a 250', async () => {
   const d = await startDoorman({ backendPort: 1, env: { DOORMAN_BACKEND: `10 127.0.0.1:${await freePort()}, 20 127.0.0.1:${await freePort()}` } });
   cleanups.push(() => d.stop());
   const c = await SmtpClient.connect(d.port);
-  const r = await c.reply();
+  assert.equal((await c.reply()).code, 220);
+  const r = await c.cmd('EHLO client.example.net');
   assert.equal(r.code, 421);
   assert.match(r.text, /^4\.4\.1 /);
   c.close();

@@ -174,7 +174,8 @@ test('STARTTLS towards the backend when it offers it; `require` refuses a backen
     const line = await eventually(() => tlsPf.log().split('\n').find((l) => /TLS connection established from/.test(l)));
     assert.ok(line, 'Postfix logged a TLS session from doorman');
     const s = await SmtpClient.connect(strict.port);
-    const r = await s.reply();
+    assert.equal((await s.reply()).code, 220);
+    const r = await s.cmd('EHLO client.example.net');
     assert.equal(r.code, 421, 'no STARTTLS at the backend: the client is told to come back later');
     assert.ok((await strict.metric('doorman_backend_failures_total', { kind: 'tls' })) >= 1);
   } finally {
@@ -201,6 +202,36 @@ test('authPlaintext: a listener configured for it offers AUTH without TLS', asyn
     const r = await c.cmd('AUTH PLAIN ' + Buffer.from('\0alice@backend.test\0wonderland').toString('base64'));
     assert.equal(r.code, 235);
     c.close();
+  } finally {
+    await d.stop();
+  }
+});
+
+test('backend connections are reused across client sessions, each re-bound to its client by XCLIENT', async () => {
+  const d = await startDoorman({ backendPort: postfix.port });
+  try {
+    const connects = () => postfix.log().split('\n').filter((l) => /smtpd\[\d+\]: connect from localhost\[127\.0\.0\.1\]/.test(l)).length;
+    const before = connects();
+    const ids: string[] = [];
+    for (const ip of ['127.0.0.21', '127.0.0.22', '127.0.0.23']) {
+      const c = await SmtpClient.connect(d.port, { localAddress: ip });
+      await c.reply();
+      await c.ehlo(`host-${ip.split('.')[3]}.example.net`);
+      assert.equal((await c.cmd(`MAIL FROM:<pool-${ip}@example.org>`)).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+      assert.equal((await c.cmd('DATA')).code, 354);
+      c.write('Subject: pooled\r\n\r\nhi\r\n.\r\n');
+      const r = await c.reply();
+      ids.push(/queued as ([A-F0-9]+)/.exec(r.text)?.[1] ?? '');
+      assert.equal((await c.cmd('QUIT')).code, 221);
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    for (const [i, ip] of ['127.0.0.21', '127.0.0.22', '127.0.0.23'].entries()) {
+      const line = await eventually(() => postfix.log().split('\n').find((l) => l.includes(`${ids[i]}: client=`)));
+      assert.match(line ?? '', new RegExp(`client=unknown\\[${ip.replace(/\./g, '\\.')}\\]`), `session ${i + 1} carries its own client`);
+    }
+    assert.equal(connects() - before, 1, 'one TCP connection to Postfix served three client sessions');
+    assert.equal(await d.metric('doorman_backend_reused_total'), 2);
   } finally {
     await d.stop();
   }
