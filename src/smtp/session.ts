@@ -3,7 +3,9 @@
  *
  * Order of work for a session:
  *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
- *   2. the backend connection (greeting, EHLO, STARTTLS, XCLIENT), then doorman's own greeting;
+ *   2. doorman's own greeting, while the backend connection is prepared in parallel (a pooled one
+ *      re-bound with XCLIENT, or a new one: greeting, EHLO, STARTTLS, XCLIENT); the first
+ *      command that needs it (EHLO) waits for it;
  *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
  *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
  *      together when the client's group is read; the backend gets them without waiting.
