@@ -46,11 +46,26 @@ const pct = (xs: number[], p: number) => {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? NaN;
 };
 
+/** CPU time and RSS of doorman: the process and its cluster workers (its children). */
 function procStat(pid: number): { cpuMs: number; rssKb: number } {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  const ticks = Number(stat[11]) + Number(stat[12]); // utime + stime
-  const rssKb = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
-  return { cpuMs: (ticks * 1000) / 100, rssKb };
+  let cpuMs = 0;
+  let rssKb = 0;
+  let children: number[] = [];
+  try {
+    children = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    /* no children list: count the process alone */
+  }
+  for (const p of [pid, ...children]) {
+    try {
+      const stat = fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      cpuMs += ((Number(stat[11]) + Number(stat[12])) * 1000) / 100; // utime + stime, 100 Hz
+      rssKb += Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0);
+    } catch {
+      /* a worker that just exited */
+    }
+  }
+  return { cpuMs, rssKb };
 }
 
 async function smtpSource(port: number, args: string[], timeoutMs = 300_000): Promise<number> {
@@ -189,9 +204,11 @@ async function main(): Promise<void> {
   };
   const config = `limits:\n  maxClients: ${IDLE + 1000}\n  maxClientsPerIp: ${IDLE + 1000}\n  maxEventLoopLag: 0\n`;
   const rows: Row[] = [];
+  // Cluster mode as shipped: one worker per core (BENCH_WORKERS to compare with 1).
+  const workers = process.env.BENCH_WORKERS ?? String((await import('node:os')).availableParallelism());
   const configs: [string, Record<string, string>, Record<string, string>][] = [
-    ['no rules', {}, quiet],
-    ['default rules', defaultRules, { ...quiet, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }],
+    ['no rules', {}, { ...quiet, DOORMAN_WORKERS: workers }],
+    ['default rules', defaultRules, { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }],
   ];
   for (const [name, rules, env] of configs) {
     const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
@@ -213,7 +230,7 @@ async function main(): Promise<void> {
   // The backend runs in a process of its own: this one holds the idle client sockets.
   const idleBackend = spawnProc('idle-backend', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'idle-backend.ts')], { cwd: ROOT });
   const backendPort = Number((await idleBackend.waitFor(/port (\d+)/))[1]);
-  const idleDoorman = await startDoorman({ backendPort, config, env: quiet });
+  const idleDoorman = await startDoorman({ backendPort, config, env: { ...quiet, DOORMAN_WORKERS: '1' } });
   try {
     rows.push(await idle('no rules', idleDoorman));
   } finally {
@@ -231,7 +248,7 @@ async function main(): Promise<void> {
   ].join('\n');
   const out = path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(out, { recursive: true });
-  const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length };
+  const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length, workers };
   fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows }, null, 2));
   fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${JSON.stringify(meta)}\n`);
   process.stdout.write(`\n${md}\n\nbench/results/latest.{json,md} written\n`);

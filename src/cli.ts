@@ -9,7 +9,8 @@
 import { ENV_VARS, loadConfig } from './config/load.js';
 import { loadRuleSet } from './config/rules.js';
 import { DoormanError } from './errors.js';
-import { createStore, loadSecureContext, ruleDeps, start } from './main.js';
+import cluster from 'node:cluster';
+import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
 import { VERSION } from './version.js';
@@ -79,6 +80,11 @@ export async function main(argv: string[]): Promise<number | undefined> {
     if (cmd !== 'start') throw new DoormanError('DMN_ERR_USAGE', `unknown command ${cmd} (see doorman --help)`);
     const loaded = loadConfig(file ? { file } : {});
     if (rulesDir) loaded.config.rules.dir = rulesDir;
+    const workers = workerCount(loaded);
+    if (workers > 1 && cluster.isPrimary) {
+      await runPrimary(loaded, workers);
+      return undefined;
+    }
     const running = await start(loaded);
     process.on('SIGHUP', () => running.reload());
     let stopping = false;

@@ -3,8 +3,10 @@
  * endpoint → reload and shutdown signals.
  */
 import fs from 'node:fs';
+import cluster from 'node:cluster';
 import net from 'node:net';
 import os from 'node:os';
+import { AggregatorRegistry } from 'prom-client';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
@@ -144,10 +146,24 @@ export function loadSecureContext(loaded: LoadedConfig): tls.SecureContext | nul
   }
 }
 
+/** Worker processes to run: `workers`, or auto — one per core when Redis holds the shared state. */
+export function workerCount(loaded: LoadedConfig): number {
+  const w = loaded.config.workers;
+  if (w !== 'auto') return w;
+  const r = loaded.config.redis;
+  return r.url || r.cluster.length || r.sentinels.length ? os.availableParallelism() : 1;
+}
+
 export async function start(loaded: LoadedConfig): Promise<Running> {
   const { config } = loaded;
-  const log = createLogger(config.log.level);
+  const worker = cluster.isWorker;
+  const log = createLogger(config.log.level).child(worker ? { worker: cluster.worker?.id } : {});
   const metrics = createMetrics({ version: VERSION });
+  if (worker) {
+    // The primary serves /metrics, aggregating every worker's registry over IPC.
+    new AggregatorRegistry();
+    AggregatorRegistry.setRegistries([metrics.registry]);
+  }
   const store = createStore(loaded, metrics, log);
   // Give Redis a moment to connect so the first sessions see it; if it is down, rules fail over.
   if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
@@ -199,7 +215,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   const watcher = config.rules.watch ? watchRules(config.rules.dir, reload) : null;
 
   let metricsServer: import('node:http').Server | null = null;
-  if (config.metrics.listen !== 'off') {
+  if (config.metrics.listen !== 'off' && !worker) {
     const hp = parseHostPort(config.metrics.listen);
     if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
     metricsServer = await startMetricsServer(hp.host, hp.port, metrics.registry, async () => {
@@ -240,4 +256,62 @@ function tcpReachable(host: string, port: number, timeout: number): Promise<bool
     s.once('connect', () => done(true));
     s.once('error', () => done(false));
   });
+}
+
+/**
+ * Cluster mode: the primary forks `n` workers that share the listening sockets, serves /metrics
+ * aggregated over all workers, forwards SIGHUP (reload) and SIGTERM (drain) to them, and replaces
+ * a worker that dies unexpectedly. Shared limits need Redis (each worker has its own memory).
+ */
+export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void> {
+  const { config } = loaded;
+  const log = createLogger(config.log.level).child({ primary: true });
+  let stopping = false;
+  const fork = () => cluster.fork();
+  for (let i = 0; i < n; i++) fork();
+  cluster.on('exit', (w, code, signal) => {
+    if (stopping) return;
+    log.error({ worker: w.id, code, signal }, 'worker died; starting another');
+    setTimeout(fork, 1000).unref();
+  });
+  const agg = new AggregatorRegistry();
+  let metricsServer: import('node:http').Server | null = null;
+  if (config.metrics.listen !== 'off') {
+    const hp = parseHostPort(config.metrics.listen);
+    if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
+    const quiet = { warn: () => undefined, info: () => undefined };
+    const pool = createBackendPool(loaded, createResolver({ servers: config.dns.servers, timeout: config.dns.timeout, tries: config.dns.tries }), createMetrics({ version: VERSION, defaults: false }), quiet as unknown as Logger);
+    metricsServer = await startMetricsServer(hp.host, hp.port, { metrics: () => agg.clusterMetrics(), contentType: agg.contentType }, async () => {
+      const targets = await pool.candidates();
+      const reachable = (await Promise.all(targets.map((t) => tcpReachable(t.host, t.port, 1000)))).some(Boolean);
+      const workers = Object.values(cluster.workers ?? {}).filter((w) => w && !w.isDead()).length;
+      return { ready: reachable && workers > 0, checks: { listeners: `${workers} worker(s)`, backend: reachable ? 'reachable' : 'unreachable' } };
+    });
+  }
+  log.info({ version: VERSION, workers: n }, 'doorman primary started');
+  const all = () => Object.values(cluster.workers ?? {}).filter((w): w is NonNullable<typeof w> => Boolean(w));
+  process.on('SIGHUP', () => {
+    for (const w of all()) w.process.kill('SIGHUP');
+  });
+  const stop = (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal: sig }, 'shutting down workers');
+    const workers = all();
+    let left = workers.length;
+    const done = () => {
+      metricsServer?.close();
+      log.info('stopped');
+      process.exit(0);
+    };
+    if (left === 0) done();
+    for (const w of workers) {
+      w.once('exit', () => {
+        if (--left === 0) done();
+      });
+      w.process.kill('SIGTERM');
+    }
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
 }

@@ -25,6 +25,7 @@ export const ENV_VARS = {
   DOORMAN_TLS_CERT: 'PEM certificate file (tls.cert)',
   DOORMAN_TLS_KEY: 'PEM private key file (tls.key)',
   DOORMAN_LOG_LEVEL: 'log level (log.level)',
+  DOORMAN_WORKERS: 'worker processes: a number or auto (one per core with Redis, else 1) (workers)',
 } as const;
 
 type Raw = Record<string, unknown>;
@@ -113,4 +114,5 @@ function applyEnv(raw: Raw, env: NodeJS.ProcessEnv, problems: Problem[]): void {
   if (env.DOORMAN_TLS_CERT) section(raw, 'tls').cert = env.DOORMAN_TLS_CERT;
   if (env.DOORMAN_TLS_KEY) section(raw, 'tls').key = env.DOORMAN_TLS_KEY;
   if (env.DOORMAN_LOG_LEVEL) section(raw, 'log').level = env.DOORMAN_LOG_LEVEL;
+  if (env.DOORMAN_WORKERS) raw.workers = env.DOORMAN_WORKERS === 'auto' ? 'auto' : Number(env.DOORMAN_WORKERS);
 }

@@ -3,13 +3,17 @@
  * /readyz (listeners up and the backend reachable; 503 otherwise).
  */
 import http from 'node:http';
-import type { Registry } from 'prom-client';
+/** What /metrics serves: a registry, or the primary's aggregation of its workers' registries. */
+export interface MetricsSource {
+  metrics(): Promise<string>;
+  readonly contentType: string;
+}
 
 export interface ReadinessCheck {
   (): Promise<{ ready: boolean; checks: Record<string, string> }>;
 }
 
-export async function startMetricsServer(host: string, port: number, registry: Registry, ready: ReadinessCheck): Promise<http.Server> {
+export async function startMetricsServer(host: string, port: number, registry: MetricsSource, ready: ReadinessCheck): Promise<http.Server> {
   const server = http.createServer((req, res) => {
     const url = (req.url ?? '/').split('?')[0];
     if (url === '/metrics') {

@@ -73,6 +73,8 @@ export async function startDoorman(opts: DoormanOptions): Promise<Doorman> {
     DOORMAN_RULES: rulesDir,
     DOORMAN_METRICS_LISTEN: `127.0.0.1:${metricsPort}`,
     DOORMAN_LOG_LEVEL: 'info',
+    // One process unless a test asks for workers (cluster.test.ts): logs and PIDs stay simple.
+    DOORMAN_WORKERS: '1',
     ...opts.env,
   };
   const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });

@@ -1,0 +1,53 @@
+/**
+ * Cluster mode: two worker processes share the listener; limits hold across them through Redis;
+ * the primary serves /metrics aggregated over the workers; SIGHUP reloads every worker; SIGTERM
+ * drains them all and the primary exits 0.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { startDoorman } from '../helpers/doorman.js';
+import { startFakeBackend } from '../helpers/fake-backend.js';
+import { startRedis } from '../helpers/redis.js';
+import { SmtpClient } from '../helpers/smtp.js';
+import { eventually, sleep, useCleanup } from '../helpers/procs.js';
+
+useCleanup();
+
+test('two workers: shared port, a Redis-backed limit across both, aggregated metrics, reload and drain', { timeout: 60_000 }, async () => {
+  const fb = await startFakeBackend('none');
+  const redis = await startRedis();
+  const d = await startDoorman({
+    backendPort: fb.port,
+    env: { DOORMAN_WORKERS: '2', DOORMAN_REDIS_URL: redis.url },
+    rules: { 'ratelimit.yaml': 'rule: ratelimit\nsettings:\n  limits:\n    - name: conn\n      count: connections\n      limit: 6\n      window: 60000\n' },
+  });
+  try {
+    await eventually(() => d.logs().filter((l) => l.msg === 'doorman started').length === 2, 15_000);
+    assert.ok(d.logs().some((l) => l.msg === 'doorman primary started' && l.workers === 2));
+    const workers = new Set(d.logs().filter((l) => l.msg === 'doorman started').map((l) => l.worker));
+    assert.equal(workers.size, 2);
+    const codes: number[] = [];
+    for (let i = 0; i < 8; i++) {
+      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.44' });
+      codes.push((await c.reply()).code);
+      c.close();
+      await sleep(20);
+    }
+    assert.deepEqual(codes, [220, 220, 220, 220, 220, 220, 421, 421], 'one limit across both workers');
+    const served = new Set(d.sessions().map((s) => s.worker));
+    assert.equal(served.size, 2, 'both workers served sessions');
+    assert.equal(await d.metric('doorman_connections_total'), 8, '/metrics sums the workers');
+    fs.writeFileSync(path.join(d.rulesDir, 'extra.yaml'), 'rule: helo\n');
+    process.kill(d.proc.pid, 'SIGHUP');
+    await eventually(() => d.logs().filter((l) => l.msg === 'rules reloaded').length >= 2, 10_000);
+    process.kill(d.proc.pid, 'SIGTERM');
+    assert.equal(await d.proc.exited, 0);
+    assert.equal(d.logs().filter((l) => l.msg === 'stopped').length, 3, 'two workers and the primary');
+  } finally {
+    await d.stop();
+    await redis.stop();
+    await fb.close();
+  }
+});
