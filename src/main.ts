@@ -52,9 +52,11 @@ export function createBackendPool(loaded: LoadedConfig, resolver: DnsResolver, m
       if (up) log.info({ backend: t.name }, 'backend up');
       else log.warn({ backend: t.name, reason, backoffMs: loaded.config.backend.backoff }, 'backend down; skipped until the back-off ends');
     },
+    onIdle: (n) => metrics.backendPoolIdle.set(n),
     onResolveError: (err) => log.warn({ err: err.message, backend: loaded.config.backend.address }, 'backend MX lookup failed; keeping the last known backends'),
   });
   pool.idleOptions = { max: loaded.config.backend.poolSize, timeout: loaded.config.backend.poolIdleTimeout };
+
   for (const t of pool.all) {
     metrics.backendUp.set({ backend: t.name }, 1);
     for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) metrics.backendFailures.inc({ backend: t.name, kind }, 0);

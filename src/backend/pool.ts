@@ -48,6 +48,8 @@ function target(host: string, port: number, preference: number): BackendTarget {
 
 export interface PoolEvents {
   onState(target: BackendTarget, up: boolean, reason: string): void;
+  /** The number of idle pooled connections changed. */
+  onIdle?(count: number): void;
   onResolveError(err: Error): void;
 }
 
@@ -117,6 +119,7 @@ export class BackendPool {
     if (!entry) return null;
     clearTimeout(entry.timer);
     entry.conn.removeAllListeners('close');
+    this.events.onIdle?.(this.idleCount);
     return entry.conn;
   }
 
@@ -142,6 +145,7 @@ export class BackendPool {
     });
     list.push(entry);
     this.idle.set(t.name, list);
+    this.events.onIdle?.(this.idleCount);
   }
 
   private drop(name: string, conn: BackendConnection): void {
@@ -149,6 +153,7 @@ export class BackendPool {
     if (!list) return;
     const i = list.findIndex((e) => e.conn === conn);
     if (i >= 0) list.splice(i, 1);
+    this.events.onIdle?.(this.idleCount);
   }
 
   /** Idle connections now, for metrics. */
@@ -164,10 +169,6 @@ export class BackendPool {
       clearTimeout(e.timer);
       e.conn.quit();
     }
-  }
-
-  isUp(t: BackendTarget): boolean {
-    return (this.downUntil.get(t.name) ?? 0) <= this.now();
   }
 
   get all(): readonly BackendTarget[] {

@@ -22,10 +22,6 @@ export function parseAddress(text: string): ClientAddress {
   return { text: ip.toString(), family: ip.kind() === 'ipv4' ? 4 : 6, ip };
 }
 
-export function isAddress(text: string): boolean {
-  return ipaddr.isValid(text.replace(/%.*$/, ''));
-}
-
 /** Network bytes of an address (4 or 16). */
 export function addressBytes(text: string): number[] {
   return ipaddr.parse(text).toByteArray();

@@ -24,7 +24,7 @@
  */
 import { z } from 'zod';
 import ipaddr from 'ipaddr.js';
-import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
+import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { ParsedPath } from '../smtp/address.js';
@@ -213,5 +213,3 @@ function adminKey(
   }
   return { key: keyOf(l, value), describe: `${l.count} per ${l.key} ${value}: limit ${l.limit}${l.count === 'concurrency' ? '' : ` per ${l.window} ms`}` };
 }
-
-export type RateLimitDeps = RuleDeps;

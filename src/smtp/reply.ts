@@ -100,7 +100,6 @@ export const R = {
   timeout: (host: string) => reply(421, '4.4.2', `${host} Error: timeout exceeded`),
   lostBackend: (host: string) => reply(421, '4.4.2', `${host} Error: connection lost, try again later`),
   bye: (host: string) => reply(221, '2.0.0', `${host} closing connection`, true),
-  ok: () => reply(250, '2.0.0', 'Ok'),
   noop: () => reply(250, '2.0.0', 'Ok'),
   rsetOk: () => reply(250, '2.0.0', 'Ok'),
   help: () => reply(214, '2.0.0', 'See RFC 5321 and https://www.rfc-editor.org/'),

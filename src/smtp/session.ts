@@ -853,7 +853,6 @@ export class Session {
     this.data = {
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
-      headerBytes: 0,
       headerRule: null,
     };
     this.send(R.startData());
@@ -895,7 +894,6 @@ export class Session {
     if (d.pendingHeaders) {
       for (const c of chunks) {
         d.pendingHeaders.push(Buffer.from(c));
-        d.headerBytes += c.length;
       }
       return;
     }
@@ -1103,7 +1101,6 @@ interface DataState {
   aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend';
   /** Held header chunks while data_headers rules are pending; null when streaming. */
   pendingHeaders: Buffer[] | null;
-  headerBytes: number;
   headerRule: { reply: Reply; rule: string } | null;
 }
 

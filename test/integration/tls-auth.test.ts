@@ -232,6 +232,7 @@ test('backend connections are reused across client sessions, each re-bound to it
     }
     assert.equal(connects() - before, 1, 'one TCP connection to Postfix served three client sessions');
     assert.equal(await d.metric('doorman_backend_reused_total'), 2);
+    assert.equal(await d.metric('doorman_backend_pool_idle'), 1, 'the connection waits in the pool');
   } finally {
     await d.stop();
   }
