@@ -82,6 +82,8 @@ interface Pending {
   sent: number;
 }
 
+const DOT_CRLF = Buffer.from('.\r\n');
+
 /** Longest reply line and whole reply accepted from the backend (garbage protection). */
 const MAX_REPLY_LINE = 4096;
 const MAX_REPLY_LINES = 200;
@@ -230,9 +232,10 @@ export class BackendConnection extends EventEmitter {
   }
 
   /** Ends the message (CRLF.CRLF is completed by ".\r\n") and waits for the final reply. */
-  endData(): Promise<Reply> {
+  endData(tail: readonly Buffer[] = []): Promise<Reply> {
     const p = this.expect(this.opts.dataTimeout, 'DATA_END');
-    if (!this.failure) this.socket.write('.\r\n');
+    // The message's last bytes and the final "." go out in one write.
+    if (!this.failure) this.socket.write(tail.length ? Buffer.concat([...tail, DOT_CRLF]) : DOT_CRLF);
     return p;
   }
 

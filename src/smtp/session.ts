@@ -483,7 +483,9 @@ export class Session {
         const ev = this.framing.nextData();
         if (!ev) return;
         if (this.tooSlow()) return;
-        this.forward(ev.chunks);
+        // The last chunks of a message wait for the final "." when nothing else must run first.
+        const tail = ev.end && !this.hasDataEndRules && !this.backendCongested;
+        this.forward(ev.chunks, tail);
         if (this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
         if (ev.end) await this.finishData();
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
@@ -853,6 +855,7 @@ export class Session {
     this.data = {
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
+      tail: [],
       headerRule: null,
     };
     this.send(R.startData());
@@ -878,7 +881,7 @@ export class Session {
   }
 
   /** Forwards message bytes unless the message is already refused. */
-  private forward(chunks: Buffer[]): void {
+  private forward(chunks: Buffer[], hold = false): void {
     const d = this.data;
     if (!d) return;
     const f = this.framing;
@@ -897,7 +900,12 @@ export class Session {
       }
       return;
     }
-    for (const c of chunks) this.writeBackend(c);
+    if (hold) d.tail = chunks;
+    else for (const c of chunks) this.writeBackend(c);
+  }
+
+  private get hasDataEndRules(): boolean {
+    return this.deps.rules.rules.some((x) => x.rule.stages.includes('data_end'));
   }
 
   private writeBackend(chunk: Buffer): void {
@@ -970,7 +978,7 @@ export class Session {
         msg.rule = v.decidedBy ?? undefined;
       } else {
         const b = this.backend;
-        r = b?.alive ? await b.endData().catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+        r = b?.alive ? await b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
         const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
         if (q?.[1]) msg.queueId = q[1];
       }
@@ -1102,6 +1110,8 @@ interface DataState {
   /** Held header chunks while data_headers rules are pending; null when streaming. */
   pendingHeaders: Buffer[] | null;
   headerRule: { reply: Reply; rule: string } | null;
+  /** The message's last chunks, written together with the final "." (fewer writes). */
+  tail: Buffer[];
 }
 
 function tagHeaders(tags: readonly string[]): Buffer {
