@@ -846,18 +846,48 @@ export class Session {
       this.txn = null;
       return this.queue('DATA', R.lostBackend(this.deps.hostname));
     }
-    const r = await b.command('DATA').catch((e: unknown) => this.backendFailed(e));
-    if (r.code !== 354) {
-      if (!r.closes) this.txn = null;
-      return this.queue('DATA', r);
-    }
+    // 354 is answered at once (the backend's DATA reply is awaited in parallel): the client starts
+    // sending a round trip earlier. Nothing goes to the backend before its own 354 — the bytes wait
+    // in `early` (bounded by back-pressure); if the backend refuses DATA, the message is read to its
+    // end and the client gets the backend's refusal then.
     const hasHeaderRules = this.deps.rules.rules.some((x) => x.rule.stages.includes('data_headers'));
-    this.data = {
+    const d: DataState = {
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
       headerRule: null,
+      ready: false,
+      early: [],
+      earlyBytes: 0,
+      refused: null,
+      backendReply: b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
     };
+    this.data = d;
+    void d.backendReply.then((r) => {
+      if (this.data !== d) return;
+      if (r.code === 354) {
+        d.ready = true;
+        const early = d.early;
+        d.early = [];
+        d.earlyBytes = 0;
+        if (this.backendCongested && !this.backend?.alive) return;
+        this.backendCongested = false;
+        for (const c of early) this.writeBackend(c);
+        if (!this.backendCongested) {
+          this.socket.resume();
+          this.pump();
+        }
+      } else {
+        d.refused = r;
+        d.aborted ??= 'backend_refused';
+        d.early = [];
+        if (this.backendCongested) {
+          this.backendCongested = false;
+          this.socket.resume();
+          this.pump();
+        }
+      }
+    });
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
@@ -911,6 +941,18 @@ export class Session {
   private writeBackend(chunk: Buffer): void {
     const b = this.backend;
     if (!b?.alive) return;
+    const d = this.data;
+    if (d && !d.ready) {
+      // Before the backend's 354: hold the bytes; stop reading when too many are held.
+      if (d.refused) return;
+      d.early.push(chunk);
+      d.earlyBytes += chunk.length;
+      if (d.earlyBytes > this.deps.limits.maxBuffered && !this.backendCongested) {
+        this.backendCongested = true;
+        this.socket.pause();
+      }
+      return;
+    }
     if (!b.writeData(chunk) && !this.backendCongested) {
       this.backendCongested = true;
       this.socket.pause();
@@ -966,7 +1008,11 @@ export class Session {
     msg.size = size;
     let r: Reply;
     if (!d.aborted && this.framing.dataBytes > this.sizeLimit()) d.aborted = 'size';
-    if (d.aborted) {
+    if (d.aborted === 'backend_refused') {
+      // The backend refused DATA and never saw a byte; clear the transaction it still holds.
+      r = this.abortReply(d);
+      if (!r.closes) this.backend?.command('RSET').catch(() => undefined);
+    } else if (d.aborted) {
       this.backend?.destroy();
       r = this.abortReply(d);
       if (d.headerRule) msg.rule = d.headerRule.rule;
@@ -978,7 +1024,14 @@ export class Session {
         msg.rule = v.decidedBy ?? undefined;
       } else {
         const b = this.backend;
-        r = b?.alive ? await b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+        const dataReply = await d.backendReply;
+        if (d.refused || dataReply.code !== 354) {
+          r = d.refused ?? dataReply;
+          // The backend still holds the transaction it refused DATA for.
+          if (!r.closes) b?.command('RSET').catch(() => undefined);
+        } else {
+          r = b?.alive ? await b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+        }
         const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
         if (q?.[1]) msg.queueId = q[1];
       }
@@ -1003,6 +1056,8 @@ export class Session {
         return R.dataLineTooLong();
       case 'rule':
         return d.headerRule?.reply ?? R.tempfailLocal();
+      case 'backend_refused':
+        return d.refused ?? R.backendTempfail();
       default:
         return R.backendTempfail();
     }
@@ -1106,7 +1161,15 @@ function nextSessionId(): string {
 }
 
 interface DataState {
-  aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend';
+  aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend' | 'backend_refused';
+  /** The backend answered 354: bytes may go to it. */
+  ready: boolean;
+  /** Bytes received before the backend's 354. */
+  early: Buffer[];
+  earlyBytes: number;
+  /** The backend's refusal of DATA, answered after the client's end of data. */
+  refused: Reply | null;
+  backendReply: Promise<Reply>;
   /** Held header chunks while data_headers rules are pending; null when streaming. */
   pendingHeaders: Buffer[] | null;
   headerRule: { reply: Reply; rule: string } | null;

@@ -16,6 +16,8 @@ export type Fault =
   | 'close-mid-data'
   | 'close-after-message'
   | 'stall-mail'
+  /** Refuses DATA with 554 (e.g. all recipients turned out invalid). */
+  | 'refuse-data'
   /** Answers every command 50 ms late, in order, to see whether commands come pipelined. */
   | 'slow-replies';
 
@@ -107,6 +109,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         else if (verb === 'AUTH') reply('535 5.7.8 Error: authentication failed\r\n');
         else if (verb === 'HELO') reply('250 fake.backend\r\n');
         else if (verb === 'MAIL' && f === 'stall-mail') continue;
+        else if (verb === 'DATA' && f === 'refuse-data') reply('554 5.5.1 Error: no valid recipients\r\n');
         else if (verb === 'DATA') {
           reply('354 go ahead\r\n');
           inData = true;

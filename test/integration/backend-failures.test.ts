@@ -151,3 +151,20 @@ test('backend closes after each message: doorman reconnects for the next transac
   c.close();
   await fb.close();
 });
+
+test('the backend refuses DATA after doorman answered 354: the client gets the refusal after its data, nothing leaks', async () => {
+  const fb = await startFakeBackend('refuse-data');
+  const d = await doorman(fb.port);
+  const c = await begin(d.port);
+  c.write('Subject: x\r\n\r\nMAIL FROM:<smuggle@example.org>\r\nbody\r\n.\r\n');
+  const r = await c.reply();
+  assert.equal(r.code, 554);
+  assert.equal(r.text, '5.5.1 Error: no valid recipients', 'the backend’s own reply');
+  assert.ok(!fb.commands.some((x) => x.includes('smuggle')), 'the message text never reached the backend as commands');
+  assert.equal(fb.messages.length, 0);
+  // The transaction was reset at the backend: the session goes on.
+  assert.equal((await c.cmd('MAIL FROM:<next@example.org>')).code, 250);
+  assert.ok(fb.commands.includes('RSET'));
+  c.close();
+  await fb.close();
+});
