@@ -20,9 +20,11 @@ import path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { DoormanError, type Problem } from '../errors.js';
+import type { Stage } from '../pipeline/events.js';
 import type { LoadedRule } from '../pipeline/run.js';
 import { parseReplySpec, type RuleDeps } from '../pipeline/rule.js';
 import { RULE_TYPES } from '../rules/index.js';
+import { replyTemplate } from '../rules/shared.js';
 import { RULE_DEFAULTS } from './defaults.js';
 import { validateYaml } from './yaml.js';
 
@@ -31,6 +33,8 @@ export interface RuleSet {
   /** Short hash of the files' contents: doorman_rules_loaded_info{version}. */
   readonly version: string;
   readonly files: readonly string[];
+  /** Stages at least one rule acts on (the session skips work for the others). */
+  readonly stages: ReadonlySet<Stage>;
 }
 
 const baseSchema = z.strictObject({
@@ -40,7 +44,7 @@ const baseSchema = z.strictObject({
   action: z.enum(['enforce', 'dry-run', 'tempfail', 'tag']).default(RULE_DEFAULTS.action),
   onError: z.enum(['pass', 'tempfail']).default(RULE_DEFAULTS.onError),
   timeout: z.number().int().positive().max(600_000).default(RULE_DEFAULTS.timeout),
-  reply: z.string().refine((s) => parseReplySpec(s) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes').optional(),
+  reply: replyTemplate.optional(),
   settings: z.unknown().optional(),
 });
 
@@ -78,7 +82,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps): RuleSet {
     for (const r of rules) r.rule.close?.();
     throw new DoormanError('DMN_ERR_RULES_INVALID', dir, problems);
   }
-  return { rules, version: hash.digest('hex').slice(0, 12), files };
+  return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => r.rule.stages)) };
 }
 
 function loadRuleFile(file: string, text: string, deps: RuleDeps, problems: Problem[]): LoadedRule | null {

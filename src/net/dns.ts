@@ -60,3 +60,23 @@ export function reversedName(ip: string, unwrapMapped = true): string {
   const hex = parsed.toByteArray().map((b) => b.toString(16).padStart(2, '0')).join('');
   return [...hex].reverse().join('.');
 }
+
+/**
+ * Rejects with an ETIMEOUT error (Node's code for a DNS timeout) when `p` takes longer than `ms`:
+ * a rule's own deadline for a lookup, shorter than the resolver's timeout × tries.
+ */
+export function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const t = setTimeout(() => reject(Object.assign(new Error(`timeout after ${ms} ms`), { code: 'ETIMEOUT' })), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(t);
+        reject(e);
+      },
+    );
+  });
+}

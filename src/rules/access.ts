@@ -21,30 +21,22 @@ import { inAnyCidr, parseCidr, type Cidr } from '../net/ip.js';
 import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent, Stage } from '../pipeline/events.js';
 import { matchAddress, matchHost, parseAddressPattern, type AddressPattern } from './match.js';
+import { cidrList, replyTemplate } from './shared.js';
 
 const oneOrMany = z.union([z.string().min(1), z.array(z.string().min(1)).min(1)]).transform((v) => (Array.isArray(v) ? v : [v]));
-const replyText = z.string().refine((s) => parseReplySpec(s) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes');
 
 const entry = <T extends z.ZodType>(item: T) =>
   z
-    .strictObject({ allow: item.optional(), deny: item.optional(), reply: replyText.optional(), reason: z.string().optional() })
+    .strictObject({ allow: item.optional(), deny: item.optional(), reply: replyTemplate.optional(), reason: z.string().optional() })
     .refine((e) => (e.allow === undefined) !== (e.deny === undefined), 'each entry needs exactly one of allow or deny');
 
-const cidrList = oneOrMany.superRefine((list, ctx) => {
-  for (const c of list) {
-    try {
-      parseCidr(c);
-    } catch {
-      ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
-    }
-  }
-});
+const cidrs = oneOrMany.pipe(cidrList);
 const addrList = oneOrMany.superRefine((list, ctx) => {
   for (const a of list) if (!parseAddressPattern(a)) ctx.addIssue({ code: 'custom', message: `not an address pattern: ${a}` });
 });
 
 const settings = z.strictObject({
-  clients: z.array(entry(cidrList)).optional(),
+  clients: z.array(entry(cidrs)).optional(),
   helo: z.array(entry(oneOrMany)).optional(),
   senders: z.array(entry(addrList)).optional(),
   recipients: z.array(entry(addrList)).optional(),

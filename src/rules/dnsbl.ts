@@ -31,10 +31,10 @@
 import { LRUCache } from 'lru-cache';
 import { z } from 'zod';
 import ipaddr from 'ipaddr.js';
-import { isNoRecord, reversedName, type DnsResolver } from '../net/dns.js';
+import { isNoRecord, reversedName, withTimeout, type DnsResolver } from '../net/dns.js';
 import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec, type RuleDeps } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { echo } from './relay.js';
+import { echo, replyTemplate } from './shared.js';
 
 /** `127.0.0.2`, `127.0.0.[2..11]`, `127.0.[0..1].[2..255]`, `127.0.0.0/24`. */
 export type AnswerFilter = (ip: string) => boolean;
@@ -78,7 +78,6 @@ export function answerProblem(ip: string): string | null {
 }
 
 const filter = z.string().refine((s) => parseAnswerFilter(s) !== null, 'expected an address, a CIDR or a pattern like 127.0.0.[2..11]');
-const replyTemplate = z.string().refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<5xx> <5.x.y> text"');
 
 const zoneSchema = z.strictObject({
   zone: z.string().regex(/^[a-z0-9_.-]+$/i, 'a DNS zone'),
@@ -186,24 +185,6 @@ class ListResolver {
   }
 }
 
-class TimeoutError extends Error {}
-
-function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const t = setTimeout(() => reject(new TimeoutError(`timeout after ${ms} ms`)), ms);
-    p.then(
-      (v) => {
-        clearTimeout(t);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(t);
-        reject(e);
-      },
-    );
-  });
-}
-
 /** One zone, one query: classified. Never throws. */
 async function queryZone(zone: Zone, subject: string, lists: ListResolver, deps: RuleDeps): Promise<ZoneAnswer> {
   if (!zone.up) {
@@ -221,7 +202,7 @@ async function queryZone(zone: Zone, subject: string, lists: ListResolver, deps:
       answer = { zone, result: codes.length ? 'listed' : 'clean', codes };
     }
   } catch (err) {
-    const timeout = err instanceof TimeoutError || (err as { code?: string }).code === 'ETIMEOUT';
+    const timeout = (err as { code?: string }).code === 'ETIMEOUT';
     answer = { zone, result: timeout ? 'timeout' : 'error', codes: [], detail: (err as Error).message };
   }
   deps.metrics.dnsblQueries.inc({ zone: zone.name, result: answer.result });

@@ -14,7 +14,7 @@
  * Bypassable. Metrics: doorman_fcrdns_checks_total{result}. Never throws: DNS errors are data.
  */
 import { z } from 'zod';
-import { isNoRecord } from '../net/dns.js';
+import { isNoRecord, withTimeout } from '../net/dns.js';
 import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 
@@ -29,21 +29,11 @@ const settings = z.strictObject({
 
 export type FcrdnsResult = { result: 'pass'; name: string } | { result: 'fail' | 'temperror'; detail: string };
 
-function within<T>(p: Promise<T>, ms: number): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(Object.assign(new Error(`timeout after ${ms} ms`), { code: 'ETIMEOUT' })), ms);
-    p.then(
-      (v) => (clearTimeout(t), resolve(v)),
-      (e: unknown) => (clearTimeout(t), reject(e)),
-    );
-  });
-}
-
 /** The check itself, for one address. */
 export async function fcrdns(ip: string, family: 4 | 6, deps: Pick<RuleDeps, 'resolver'>, maxNames: number, timeout: number): Promise<FcrdnsResult> {
   let names: string[];
   try {
-    names = await within(deps.resolver.reverse(ip), timeout);
+    names = await withTimeout(deps.resolver.reverse(ip), timeout);
   } catch (err) {
     if (isNoRecord(err)) return { result: 'fail', detail: 'no PTR record' };
     return { result: 'temperror', detail: `PTR lookup: ${(err as Error).message}` };
@@ -52,7 +42,7 @@ export async function fcrdns(ip: string, family: 4 | 6, deps: Pick<RuleDeps, 're
   let dnsError = '';
   for (const name of names.slice(0, maxNames)) {
     try {
-      const addrs = await within(family === 4 ? deps.resolver.resolveA(name) : deps.resolver.resolveAAAA(name), timeout);
+      const addrs = await withTimeout(family === 4 ? deps.resolver.resolveA(name) : deps.resolver.resolveAAAA(name), timeout);
       if (addrs.some((a) => a.address === ip)) return { result: 'pass', name };
     } catch (err) {
       if (!isNoRecord(err)) dnsError = `${name}: ${(err as Error).message}`;

@@ -18,8 +18,7 @@ import { inAnyCidr, parseAddress, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from './match.js';
-import { clientKey } from './ratelimit.js';
-import { domains } from './relay.js';
+import { cidrList, clientKey, domainList } from './shared.js';
 
 const settings = z.strictObject({
   delay: z.number().int().nonnegative().default(300_000),
@@ -27,16 +26,8 @@ const settings = z.strictObject({
   passLifetime: z.number().int().positive().default(3_024_000_000), // 35 days
   ipv4Prefix: z.number().int().min(1).max(32).default(24),
   ipv6Prefix: z.number().int().min(1).max(128).default(64),
-  allowClients: z.array(z.string()).default([]).superRefine((list, ctx) => {
-    for (const c of list) {
-      try {
-        parseCidr(c);
-      } catch {
-        ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
-      }
-    }
-  }),
-  allowSenderDomains: domains.default([]),
+  allowClients: cidrList.default([]),
+  allowSenderDomains: domainList.default([]),
   skipAuthenticated: z.boolean().default(true),
   failMode: z.enum(['open', 'closed']).default('open'),
 });

@@ -23,6 +23,7 @@
 import net from 'node:net';
 import { z } from 'zod';
 import { parseAddress } from '../net/ip.js';
+import { isHostName } from './shared.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 
@@ -34,14 +35,6 @@ const settings = z.strictObject({
   ownNames: z.array(z.string()).default([]),
   literalMustMatch: z.boolean().default(true),
 });
-
-const LABEL = /^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
-
-export function isHostName(name: string): boolean {
-  const n = name.endsWith('.') ? name.slice(0, -1) : name;
-  if (n.length === 0 || n.length > 253) return false;
-  return n.split('.').every((l) => LABEL.test(l) || /^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$/.test(l));
-}
 
 export function literalAddress(name: string): string | null {
   const m = /^\[(?:IPv6:)?([^\]]+)\]$/i.exec(name);

@@ -23,10 +23,10 @@
  * Metrics: doorman_ratelimit_exceeded_total{rule,limit}, doorman_rejections_total.
  */
 import { z } from 'zod';
-import ipaddr from 'ipaddr.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { parseAddress, type ClientAddress } from '../net/ip.js';
+import { parseAddress } from '../net/ip.js';
+import { clientKey } from './shared.js';
 import type { ParsedPath } from '../smtp/address.js';
 
 const limitSchema = z.strictObject({
@@ -51,20 +51,6 @@ const settings = z.strictObject({
 });
 
 type LimitCfg = z.output<typeof limitSchema>;
-
-/** The client's network as a key: an IPv6 /64 (by default) is one client. */
-export function clientKey(client: ClientAddress, v4: number, v6: number): string {
-  const ip = client.ip;
-  const bits = ip.kind() === 'ipv4' ? v4 : v6;
-  const max = ip.kind() === 'ipv4' ? 32 : 128;
-  if (bits >= max) return client.text;
-  const bytes = ip.toByteArray();
-  for (let i = 0; i < bytes.length; i++) {
-    const keep = Math.max(0, Math.min(8, bits - i * 8));
-    bytes[i] = (bytes[i] ?? 0) & (0xff << (8 - keep)) & 0xff;
-  }
-  return `${ipaddr.fromByteArray(bytes).toString()}/${bits}`;
-}
 
 const addr = (p: ParsedPath | null) => (!p || p.isNull ? '<>' : `${p.local.toLowerCase()}@${p.domain}`);
 

@@ -27,27 +27,15 @@ import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import type { ParsedPath } from '../smtp/address.js';
-import { DomainList, isDomainPattern } from './match.js';
+import { DomainList } from './match.js';
+import { cidrList, domainList, echo, replyTemplate } from './shared.js';
 
 export const DEFAULT_RELAY_REPLY = '554 5.7.1 <{address}>: Relay access denied';
 
-const cidrs = z.array(z.string()).superRefine((list, ctx) => {
-  for (const c of list) {
-    try {
-      parseCidr(c);
-    } catch {
-      ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
-    }
-  }
-});
-export const domains = z.array(z.string()).superRefine((list, ctx) => {
-  for (const d of list) if (!isDomainPattern(d)) ctx.addIssue({ code: 'custom', message: `not a domain pattern: ${d}` });
-});
-const replyTemplate = z.string().refine((s) => parseReplySpec(s.replace('{address}', 'x')) !== null, 'expected "<5xx> <5.x.y> text" ({address} allowed)');
 
 const settings = z.strictObject({
-  localDomains: domains.default([]),
-  relayNetworks: cidrs.default([]),
+  localDomains: domainList.default([]),
+  relayNetworks: cidrList.default([]),
   authenticatedMayRelay: z.boolean().default(true),
   requireAuthOn: z.array(z.enum(['smtp', 'submission', 'smtps'])).default(['submission', 'smtps']),
   nullSenderMaxRecipients: z.number().int().positive().nullable().default(null),
@@ -68,12 +56,6 @@ export function routingTrick(p: ParsedPath, local: DomainList): string | null {
 
 export function hasRelayRights(s: SessionSnapshot, networks: ReturnType<typeof parseCidr>[], authMayRelay: boolean): boolean {
   return inAnyCidr(s.client, networks) || (authMayRelay && s.auth !== null);
-}
-
-/** Client text is echoed in replies: keep it printable and short. */
-export function echo(raw: string): string {
-  // eslint-disable-next-line no-control-regex
-  return raw.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 256);
 }
 
 export const relayRule = defineRuleType({

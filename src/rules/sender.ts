@@ -18,25 +18,16 @@ import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from './match.js';
-import { domains, echo } from './relay.js';
+import { cidrList, domainList, echo, replyTemplate } from './shared.js';
 
-const template = z.string().refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<5xx> <5.x.y> text"');
 
 const settings = z.strictObject({
-  localDomains: domains.default([]),
-  relayNetworks: z.array(z.string()).default([]).superRefine((list, ctx) => {
-    for (const c of list) {
-      try {
-        parseCidr(c);
-      } catch {
-        ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
-      }
-    }
-  }),
+  localDomains: domainList.default([]),
+  relayNetworks: cidrList.default([]),
   senderLogins: z.record(z.string(), z.union([z.string(), z.array(z.string())])).default({}),
   requireOwnedSender: z.boolean().default(false),
-  notOwnedReply: template.default('553 5.7.1 <{address}>: Sender address rejected: not owned by you'),
-  mismatchReply: template.default('553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}'),
+  notOwnedReply: replyTemplate.default('553 5.7.1 <{address}>: Sender address rejected: not owned by you'),
+  mismatchReply: replyTemplate.default('553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}'),
 });
 
 export const senderRule = defineRuleType({

@@ -24,8 +24,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { isHostName } from './helo.js';
-import { echo } from './relay.js';
+import { cidrList, echo, isHostName } from './shared.js';
 
 const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
 export type SpfResult = 'pass' | 'fail' | 'softfail' | 'neutral' | 'none' | 'temperror' | 'permerror';
@@ -44,15 +43,7 @@ const settings = z.strictObject({
     .prefault({}),
   checkHelo: z.boolean().default(true),
   skipAuthenticated: z.boolean().default(true),
-  skipNetworks: z.array(z.string()).default([]).superRefine((list, ctx) => {
-    for (const c of list) {
-      try {
-        parseCidr(c);
-      } catch {
-        ctx.addIssue({ code: 'custom', message: `not an address or CIDR: ${c}` });
-      }
-    }
-  }),
+  skipNetworks: cidrList.default([]),
   maxLookups: z.number().int().min(1).max(50).default(10),
   maxVoidLookups: z.number().int().min(0).max(20).default(2),
 });

@@ -428,7 +428,7 @@ export class Session {
         closes = true;
         this.endReason = 'too-many-errors';
       }
-      this.socket.write(out.length === 1 ? (out[0] as string | Buffer) : Buffer.concat(out.map((o) => (typeof o === 'string' ? Buffer.from(o, 'latin1') : o))));
+      this.socket.write(out.length === 1 ? (out[0] as string | Buffer) : Buffer.concat(out.map((o) => (typeof o === 'string' ? Buffer.from(o, 'utf8') : o))));
       if (closes) return this.closeAfterWrite();
     }
   }
@@ -850,7 +850,7 @@ export class Session {
     // sending a round trip earlier. Nothing goes to the backend before its own 354 — the bytes wait
     // in `early` (bounded by back-pressure); if the backend refuses DATA, the message is read to its
     // end and the client gets the backend's refusal then.
-    const hasHeaderRules = this.deps.rules.rules.some((x) => x.rule.stages.includes('data_headers'));
+    const hasHeaderRules = this.deps.rules.stages.has('data_headers');
     const d: DataState = {
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
@@ -935,7 +935,7 @@ export class Session {
   }
 
   private get hasDataEndRules(): boolean {
-    return this.deps.rules.rules.some((x) => x.rule.stages.includes('data_end'));
+    return this.deps.rules.stages.has('data_end');
   }
 
   private writeBackend(chunk: Buffer): void {

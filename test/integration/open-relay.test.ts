@@ -216,3 +216,14 @@ test('HELO claiming doorman’s name or address, or a literal that is not the cl
     c.close();
   }
 });
+
+test('a UTF-8 address echoed in a refusal reaches the client as UTF-8, also in a pipelined batch', async () => {
+  const c = await session(OUTSIDE);
+  c.write(Buffer.from(`MAIL FROM:<a@${DOMAIN}> SMTPUTF8\r\nRCPT TO:<jörg@${DOMAIN}>\r\n`, 'utf8'));
+  assert.equal((await c.reply()).code, 250);
+  const r = await c.reply();
+  assert.equal(r.code, 554);
+  // The test client reads bytes as latin1: UTF-8 "ö" is the two bytes C3 B6.
+  assert.equal(r.text, `5.7.1 <${Buffer.from('jörg', 'utf8').toString('latin1')}@${DOMAIN}>: Relay access denied`);
+  c.close();
+});

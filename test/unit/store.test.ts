@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryStore } from '../../src/store/store.js';
-import { clientKey } from '../../src/rules/ratelimit.js';
+import { clientKey } from '../../src/rules/shared.js';
 import { parseAddress } from '../../src/net/ip.js';
 
 function clock(start = 1_000_000) {
