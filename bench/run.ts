@@ -14,6 +14,10 @@
  * a local rbldnsd, rate limits on a local Redis). Results: bench/results/latest.json and
  * bench/results/latest.md (copy the table into docs/performance.md).
  *
+ * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
+ * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
+ * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run).
+ *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
  */
 import { execFile } from 'node:child_process';
@@ -23,6 +27,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { startDoorman, type Doorman } from '../test/helpers/doorman.js';
+import { startHaraka } from './haraka.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
 import { startRbldnsd } from '../test/helpers/rbldnsd.js';
@@ -36,6 +41,9 @@ const MSGS = Number(process.env.BENCH_MESSAGES ?? 4000);
 // Each idle session holds two sockets in doorman (client and backend): with this machine's limit of
 // 20000 open files per process, 9000 is the most that fits.
 const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
+
+const ONLY = new Set((process.env.BENCH_ONLY ?? 'a,b,c,d,e').split(',').map((x) => x.trim()));
+const only = (w: string) => ONLY.has(w);
 
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -107,7 +115,13 @@ interface Row {
   note?: string;
 }
 
-async function throughput(name: string, cfg: string, d: Doorman, sinkPort: number, args: string[], messages: number): Promise<Row> {
+/** A proxy under test: doorman, or Haraka as a peer. */
+interface Target {
+  port: number;
+  proc: { pid: number };
+}
+
+async function throughput(name: string, cfg: string, d: Target, sinkPort: number, args: string[], messages: number): Promise<Row> {
   const direct: number[] = [];
   const through: Measured[] = [];
   for (let i = 0; i < REPS; i++) {
@@ -213,29 +227,63 @@ async function main(): Promise<void> {
   for (const [name, rules, env] of configs) {
     const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
     try {
-      process.stdout.write(`${name}: (a) one message per connection…\n`);
-      rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
-      process.stdout.write(`${name}: (b) many messages per session…\n`);
-      rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
-      process.stdout.write(`${name}: (c) 20 MB messages…\n`);
-      rows.push(await bigMessages(name, d, sinkPort));
-      process.stdout.write(`${name}: (e) latency…\n`);
-      rows.push(await latency(name, d, sinkPort));
+      if (only('a')) {
+        process.stdout.write(`${name}: (a) one message per connection…\n`);
+        rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
+      }
+      if (only('b')) {
+        process.stdout.write(`${name}: (b) many messages per session…\n`);
+        rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
+      }
+      if (only('c')) {
+        process.stdout.write(`${name}: (c) 20 MB messages…\n`);
+        rows.push(await bigMessages(name, d, sinkPort));
+      }
+      if (only('e')) {
+        process.stdout.write(`${name}: (e) latency…\n`);
+        rows.push(await latency(name, d, sinkPort));
+      }
     } finally {
       await d.stop();
     }
   }
+  if (process.env.BENCH_HARAKA === '1' && (only('a') || only('b'))) {
+    // Haraka as a peer, same sink, same Redis, same load, alternating with the direct path.
+    const hm = Number(process.env.BENCH_HARAKA_MESSAGES ?? 1000);
+    const cfg = 'Haraka 3.3.4 (dns-list, limit, smtp_forward; 2 processes)';
+    const h = await startHaraka({ root: ROOT, sinkPort, redisPort: Number(new URL(redis.url).port), zone: 'bl.test', nodes: Number(workers) });
+    try {
+      if (only('a')) {
+        process.stdout.write(`haraka: (a) one message per connection…\n`);
+        rows.push(await throughput('(a) one message per connection', cfg, h, sinkPort, ['-l', '4096', '-m', String(hm), '-s', '20'], hm));
+      }
+      if (only('b')) {
+        process.stdout.write(`haraka: (b) many messages per session…\n`);
+        rows.push(await throughput('(b) many messages per session', cfg, h, sinkPort, ['-l', '4096', '-m', String(hm * 2), '-s', '20', '-d'], hm * 2));
+      }
+    } finally {
+      await h.stop();
+    }
+    for (const w of ['(a) one message per connection', '(b) many messages per session']) {
+      const peer = rows.find((r) => r.workload === w && r.config === cfg);
+      for (const r of rows.filter((x) => x.workload === w && x.config !== cfg)) {
+        if (peer) r.note = `${(r.doorman / peer.doorman).toFixed(1)}× Haraka`;
+      }
+    }
+  }
   // (d) on a fresh instance, with a Node backend: smtp-sink's event loop stops near 1000 sessions.
-  process.stdout.write(`no rules: (d) ${IDLE} idle connections…\n`);
-  // The backend runs in a process of its own: this one holds the idle client sockets.
-  const idleBackend = spawnProc('idle-backend', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'idle-backend.ts')], { cwd: ROOT });
-  const backendPort = Number((await idleBackend.waitFor(/port (\d+)/))[1]);
-  const idleDoorman = await startDoorman({ backendPort, config, env: { ...quiet, DOORMAN_WORKERS: '1' } });
-  try {
-    rows.push(await idle('no rules', idleDoorman));
-  } finally {
-    await idleDoorman.stop();
-    await idleBackend.stop();
+  if (only('d')) {
+    process.stdout.write(`no rules: (d) ${IDLE} idle connections…\n`);
+    // The backend runs in a process of its own: this one holds the idle client sockets.
+    const idleBackend = spawnProc('idle-backend', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'idle-backend.ts')], { cwd: ROOT });
+    const backendPort = Number((await idleBackend.waitFor(/port (\d+)/))[1]);
+    const idleDoorman = await startDoorman({ backendPort, config, env: { ...quiet, DOORMAN_WORKERS: '1' } });
+    try {
+      rows.push(await idle('no rules', idleDoorman));
+    } finally {
+      await idleDoorman.stop();
+      await idleBackend.stop();
+    }
   }
   await redis.stop();
   await rbl.stop();
