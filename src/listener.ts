@@ -41,6 +41,8 @@ interface Bound {
   runtime: ListenerRuntime;
   config: ListenerConfig;
   trusted: Cidr[];
+  /** The local address when the listener is bound to one address (no getsockname per connection). */
+  local: { address: string; port: number; family: 4 | 6 } | null;
 }
 
 export class Proxy {
@@ -91,7 +93,7 @@ export class Proxy {
       };
       const trusted = cfg.trustedProxies.map(parseCidr);
       const server = net.createServer({ pauseOnConnect: false, noDelay: true }, (s) => this.onConnection(s, b));
-      const b: Bound = { server, runtime, config: cfg, trusted };
+      const b: Bound = { server, runtime, config: cfg, trusted, local: null };
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
         server.listen({ host: hp.host, port: hp.port, backlog: 1024 }, () => {
@@ -100,6 +102,10 @@ export class Proxy {
         });
       });
       server.on('error', (e) => this.deps.log.error({ err: e.message, listener: runtime.name }, 'listener error'));
+      const bound = server.address() as net.AddressInfo;
+      if (net.isIP(hp.host) && !['0.0.0.0', '::'].includes(hp.host)) {
+        b.local = { address: unmap(bound.address), port: bound.port, family: net.isIPv4(unmap(bound.address)) ? 4 : 6 };
+      }
       this.bound.push(b);
     }
   }
@@ -120,13 +126,15 @@ export class Proxy {
     socket.on('error', () => undefined);
     const remote = socket.remoteAddress;
     if (!remote) return void socket.destroy();
+    const address = unmap(remote);
+    const local = b.local ?? { address: unmap(socket.localAddress ?? '0.0.0.0'), port: socket.localPort ?? 0, family: net.isIPv4(unmap(socket.localAddress ?? '0.0.0.0')) ? 4 : 6 };
     const direct: ProxiedAddress = {
-      address: unmap(remote),
+      address,
       port: socket.remotePort ?? 0,
-      family: net.isIPv4(unmap(remote)) ? 4 : 6,
-      destAddress: unmap(socket.localAddress ?? '0.0.0.0'),
-      destPort: socket.localPort ?? 0,
-      destFamily: net.isIPv4(unmap(socket.localAddress ?? '0.0.0.0')) ? 4 : 6,
+      family: net.isIPv4(address) ? 4 : 6,
+      destAddress: local.address,
+      destPort: local.port,
+      destFamily: local.family,
     };
     if (b.config.proxyProtocol && inAnyCidr(parseAddress(direct.address), b.trusted)) {
       this.readProxyHeader(socket, b, direct);

@@ -2,8 +2,9 @@
  * connection.ts — one SMTP client connection to the backend MTA.
  *
  * Opens the TCP connection (optionally sending a PROXY protocol header first), reads the
- * greeting, says EHLO, upgrades with STARTTLS when the backend offers it (policy `auto`), and
- * passes the real client to Postfix with XCLIENT when offered. After that it is a command FIFO:
+ * greeting, says EHLO, upgrades with STARTTLS when the backend offers it (policy `auto`). When
+ * the client has said HELO/EHLO, `bind` passes the real client to Postfix with XCLIENT (its HELO
+ * name included, so no EHLO follows), or sends the client's HELO/EHLO. It is a command FIFO:
  * `command()` may be called several times without waiting (backend PIPELINING); replies are
  * matched to commands in order. DATA bytes are written raw with back-pressure (`writeData`
  * returns false until `drain`).
@@ -57,7 +58,11 @@ export class BackendError extends Error {
     /** The backend refused the session in its greeting (a 554 there is meant for the client). */
     readonly atGreeting = false,
   ) {
+    // Operational failures, not bugs: no stack trace (capturing one costs more than the rest).
+    const limit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
     super(message);
+    Error.stackTraceLimit = limit;
     this.name = 'BackendError';
   }
 }
@@ -134,7 +139,10 @@ export class BackendConnection extends EventEmitter {
       } else if (opts.starttls === 'require') {
         throw new BackendError('tls', 'backend offers no STARTTLS');
       }
-      if (opts.xclient && conn.caps.has('XCLIENT')) await conn.xclient(client);
+      // XCLIENT is sent when the client has said HELO/EHLO (bind), its name along. An XCLIENT that
+      // cannot carry the client's address (smtp-sink lists only NAME HELO) is not used.
+      const attrs = new Set((conn.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
+      if (opts.xclient && conn.caps.has('XCLIENT') && attrs.has('ADDR')) conn.xclientAllowed = attrs;
       return conn;
     } catch (err) {
       conn.destroy();
@@ -142,20 +150,10 @@ export class BackendConnection extends EventEmitter {
     }
   }
 
-  /** The backend accepted XCLIENT for this session. */
-  xclientDone = false;
-
   private async ehlo(name: string): Promise<Reply> {
     const r = await this.command(`EHLO ${name}`);
     if (r.code !== 250) throw new BackendError('refused', `EHLO ${r.code}`, r);
     this.caps = parseCapabilities(r);
-    return r;
-  }
-
-  /** Sends EHLO (or HELO) for the client and records the capabilities. */
-  async hello(verb: 'EHLO' | 'HELO', name: string): Promise<Reply> {
-    const r = await this.command(`${verb} ${name}`);
-    if (r.code === 250) this.caps = verb === 'EHLO' ? parseCapabilities(r) : new Map();
     return r;
   }
 
@@ -191,28 +189,64 @@ export class BackendConnection extends EventEmitter {
     this.tls = true;
   }
 
-  /** XCLIENT with the attributes the backend lists; values xtext-encoded (RFC 3461 §4). */
-  /** XCLIENT attributes the backend listed (kept for reuse: later EHLO replies may omit them). */
+  /** XCLIENT attributes the backend listed at connect; null when XCLIENT is not in use. */
   private xclientAllowed: Set<string> | null = null;
+  /** A MAIL was sent and its transaction has not ended yet (end of data, RSET, HELO/EHLO, XCLIENT). */
+  private inTransaction = false;
 
-  private async xclient(client: ClientIdentity): Promise<void> {
-    this.xclientAllowed ??= new Set((this.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
+  /** The backend holds a transaction (a MAIL was sent and not ended): RSET has something to reset. */
+  get transactionOpen(): boolean {
+    return this.inTransaction;
+  }
+
+  /**
+   * Binds the connection to a client that has said HELO/EHLO (a new connection, one taken from the
+   * pool, or the client's EHLO again after STARTTLS). With XCLIENT: one command carrying the
+   * client's address, port, reverse name and — where the backend takes them (Postfix: HELO, PROTO)
+   * — its HELO name and protocol, so no EHLO has to follow. Without XCLIENT (or without its HELO
+   * attribute) the client's HELO/EHLO is sent as given. A transaction left open by an earlier
+   * session is reset first (RSET may precede XCLIENT in one group, RFC 2920).
+   *
+   * Resolves null when bound, or with the backend's refusal of the HELO/EHLO (for the client);
+   * rejects with a BackendError when XCLIENT is refused or the connection is lost.
+   */
+  async bind(client: ClientIdentity, helo: { verb: 'EHLO' | 'HELO'; name: string }): Promise<Reply | null> {
+    if (this.inTransaction) this.command('RSET').catch(() => undefined);
     const allowed = this.xclientAllowed;
-    const attrs: string[] = [];
-    const add = (k: string, v: string | number | undefined) => {
-      if (v !== undefined && allowed.has(k)) attrs.push(`${k}=${xtext(String(v))}`);
-    };
-    add('ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
-    add('PORT', client.port);
-    add('NAME', client.name ?? '[UNAVAILABLE]');
-    add('DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
-    add('DESTPORT', client.destPort);
-    if (attrs.length === 0) return;
-    const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
-    // Postfix answers 220 (a new greeting); smtp-sink answers 250.
-    if (replyClass(r) !== 2) throw new BackendError('refused', `XCLIENT ${r.code}`, r);
-    this.xclientDone = true;
-    this.caps = new Map();
+    let heloSent = false;
+    if (allowed) {
+      const attrs: string[] = [];
+      const add = (k: string, v: string | number | undefined) => {
+        if (v !== undefined && allowed.has(k)) attrs.push(`${k}=${xtext(String(v))}`);
+      };
+      add('ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
+      add('PORT', client.port);
+      add('NAME', client.name ?? '[UNAVAILABLE]');
+      add('DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
+      add('DESTPORT', client.destPort);
+      // The HELO name stands for the EHLO only with the protocol (PROTO: whether it was HELO or
+      // EHLO). Postfix takes HELO names up to 255 characters in XCLIENT; a longer one goes as EHLO.
+      if (allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255) {
+        add('HELO', helo.name);
+        add('PROTO', helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP');
+        heloSent = true;
+      }
+      if (attrs.length > 0) {
+        const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
+        // Postfix answers 220 (a new greeting); smtp-sink answers 250.
+        if (replyClass(r) !== 2) {
+          this.destroy();
+          throw new BackendError('refused', `XCLIENT ${r.code}`, r);
+        }
+        this.inTransaction = false;
+      } else heloSent = false;
+    }
+    if (heloSent) return null;
+    const r = await this.command(`${helo.verb} ${helo.name}`);
+    if (r.code !== 250) return r;
+    if (helo.verb === 'EHLO') this.caps = parseCapabilities(r);
+    this.inTransaction = false;
+    return null;
   }
 
   /** Sends one command line; resolves with its reply. May be called again before it resolves. */
@@ -222,6 +256,8 @@ export class BackendConnection extends EventEmitter {
     // SASL responses are not commands: never let a credential become a metric label.
     const p = this.expect(timeout, /^[A-Z]{4,8}$/.test(verb) ? verb : 'AUTH_RESPONSE');
     if (!this.failure) this.socket.write(`${line}\r\n`);
+    if (verb === 'MAIL') this.inTransaction = true;
+    else if (verb === 'RSET') this.inTransaction = false;
     return p;
   }
 
@@ -234,6 +270,7 @@ export class BackendConnection extends EventEmitter {
   /** Ends the message (CRLF.CRLF is completed by ".\r\n") and waits for the final reply. */
   endData(tail: readonly Buffer[] = []): Promise<Reply> {
     const p = this.expect(this.opts.dataTimeout, 'DATA_END');
+    this.inTransaction = false;
     // The message's last bytes and the final "." go out in one write.
     if (!this.failure) this.socket.write(tail.length ? Buffer.concat([...tail, DOT_CRLF]) : DOT_CRLF);
     return p;
@@ -245,20 +282,13 @@ export class BackendConnection extends EventEmitter {
     return this.pending.length === 0 && this.failure === null;
   }
 
-  /** Whether this connection can carry another client: XCLIENT can re-bind its identity. */
-  get reusable(): boolean {
-    return this.quiet && this.opts.proxyProtocol === 'off' && (this.xclientDone || !this.opts.xclient);
-  }
-
   /**
-   * Prepares a pooled connection for a new client: XCLIENT with the new identity, or RSET when
-   * XCLIENT is not in use. Rejects when the backend is gone.
+   * Whether this connection can carry another client: nothing pending, and no PROXY header (that
+   * names one client for the whole connection). The next client is bound with XCLIENT, or — when
+   * the backend never learns client addresses anyway — with its own HELO/EHLO.
    */
-  async rebind(client: ClientIdentity): Promise<void> {
-    // XCLIENT resets the backend session to its greeting state; without it, RSET the transaction.
-    if (this.xclientDone) return this.xclient(client);
-    const r = await this.command('RSET');
-    if (replyClass(r) !== 2) throw new BackendError('refused', `RSET ${r.code}`, r);
+  get reusable(): boolean {
+    return this.quiet && this.opts.proxyProtocol === 'off';
   }
 
   quit(): void {

@@ -29,7 +29,7 @@ import type { Metrics } from '../metrics/registry.js';
 import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
 import { evaluate } from '../pipeline/run.js';
-import type { RuleOutcome, StageVerdict } from '../pipeline/verdict.js';
+import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf, type ParsedPath } from './address.js';
 import { formatMailRcpt, heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, parseMailRcpt, type Command, type MailParam } from './commands.js';
 import { Framing, type CommandEvent } from './framing.js';
@@ -170,7 +170,7 @@ export class Session {
   // ---------------------------------------------------------------- lifecycle
 
   async start(): Promise<void> {
-    const connect = await this.runRules('connect', { stage: 'connect', session: this.snapshot() });
+    const connect = await this.runRules('connect', () => ({ stage: 'connect', session: this.snapshot() }));
     if (this.closed) return;
     if (connect.reply) {
       if (connect.reply.code >= 500) {
@@ -228,24 +228,15 @@ export class Session {
   private async openBackend(): Promise<BackendConnection> {
     const m = this.deps.metrics;
     let last: unknown = new BackendError('connect', 'no backend configured');
-    const identity = { ...this.peer, address: this.client.text };
+    const identity = this.identity();
     for (const t of await this.deps.pool.candidates()) {
       if (this.closed) break;
       const t0 = Date.now();
       try {
+        // A connection an earlier session left is bound to this client at its HELO/EHLO (bind).
         let b = this.deps.pool.takeIdle(t);
-        if (b) {
-          // A connection an earlier session left: re-bind it to this client (XCLIENT / RSET).
-          const reused = b;
-          b = await reused.rebind(identity).then(
-            () => reused,
-            () => {
-              reused.destroy();
-              return null;
-            },
-          );
-          if (b) m.backendReused.inc({ backend: t.name });
-        }
+        if (b && !b.alive) b = null;
+        if (b) m.backendReused.inc({ backend: t.name });
         if (!b) {
           b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity);
           m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
@@ -277,8 +268,40 @@ export class Session {
   /** The backend connection being opened at connect, until a command needs it. */
   private backendP: Promise<BackendConnection> | null = null;
 
-  /** A backend for the next command: reopened (XCLIENT + HELO again) if it was lost. */
+  /** The backend's answer to binding this client (XCLIENT/EHLO), sent when the client said HELO/EHLO. */
+  private binding: Promise<Reply | 'lost' | null> | null = null;
+
+  /** Sends the client's identity and HELO/EHLO to the backend without waiting for the answer. */
+  private bind(b: BackendConnection, verb: 'EHLO' | 'HELO', name: string): void {
+    this.binding = b.bind(this.identity(), { verb, name }).catch((e: unknown) => {
+      const kind = e instanceof BackendError ? e.kind : 'protocol';
+      this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
+      this.deps.log.warn({ session: this.id, err: (e as Error).message, kind }, 'backend refused the client binding');
+      b.destroy();
+      return 'lost' as const;
+    });
+  }
+
+  private identity() {
+    return { ...this.peer, address: this.client.text };
+  }
+
+  /**
+   * A backend for the next command: the one the client's HELO/EHLO was bound to (its refusal of
+   * that HELO/EHLO is the answer to this command), or one reopened and bound again if it was lost.
+   */
   private async ensureBackend(): Promise<BackendConnection | Reply> {
+    if (this.binding) {
+      const bound = await this.binding;
+      this.binding = null;
+      if (bound !== null && bound !== 'lost') {
+        // The backend refused the HELO/EHLO that doorman answered for it: say so now, and forget
+        // the HELO so that the client has to send it again.
+        this.helo = null;
+        this.esmtp = false;
+        return bound;
+      }
+    }
     if (this.backend?.alive) return this.backend;
     const first = this.backendP;
     if (first) {
@@ -303,9 +326,8 @@ export class Session {
       const b = await this.openBackend();
       this.backend = b;
       if (this.helo) {
-        const r = await b.hello(this.esmtp ? 'EHLO' : 'HELO', this.helo);
-        if (r.code !== 250) return R.lostBackend(this.deps.hostname);
-        this.caps = b.caps;
+        const r = await b.bind(this.identity(), { verb: this.esmtp ? 'EHLO' : 'HELO', name: this.helo });
+        if (r) return R.lostBackend(this.deps.hostname);
       }
       return b;
     } catch {
@@ -373,11 +395,13 @@ export class Session {
     this.backendP?.then((b) => this.release(b), () => undefined);
     this.backendP = null;
     this.socket.destroy();
-    const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
-    this.events$.next(quit);
+    if (this.deps.rules.stages.has('quit') || this.events$.observed) {
+      const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
+      this.events$.next(quit);
+      // Bookkeeping only: quit-stage findings are ignored and cannot fail the session.
+      void Promise.resolve(evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics })).catch(() => undefined);
+    }
     this.events$.complete();
-    // Bookkeeping only: quit-stage findings are ignored and cannot fail the session.
-    void Promise.resolve(evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics })).catch(() => undefined);
     this.logSession();
     this.resolveDone();
   }
@@ -594,18 +618,20 @@ export class Session {
     const name = heloArgument(c.arg);
     if (!name) return this.queue(verb, R.syntax(`${verb} hostname`));
     if (/[^\x21-\x7e]/.test(name)) return this.queue(verb, R.badSyntax('invalid characters in hostname'));
-    const v = await this.runRules('helo', { stage: 'helo', session: this.snapshot(), verb, name });
+    const v = await this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
     if (v.reply) return this.queue(verb, v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     this.sessionTags.push(...v.tags);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue(verb, b);
-    const r = await b.hello(verb, name).catch((e: unknown) => this.backendFailed(e));
-    if (r.code !== 250) return this.queue(verb, r);
+    // Answered from the capabilities the backend gave doorman on this connection; the backend
+    // learns the client's name in the background (XCLIENT HELO=, or its EHLO), and the next
+    // command that needs the backend waits for that answer (ensureBackend).
+    this.bind(b, verb, name);
     this.helo = name;
     this.esmtp = verb === 'EHLO';
     this.txn = null;
-    this.caps = b.caps;
+    this.caps = verb === 'EHLO' ? b.caps : new Map();
     if (verb === 'HELO') return this.queue(verb, reply(250, '', this.deps.hostname));
     return this.queue(verb, reply(250, '', [this.deps.hostname, ...this.extensions()]));
   }
@@ -650,7 +676,7 @@ export class Session {
     if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
     if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
-    const v = await this.runRules('mail', { stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params });
+    const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
@@ -710,7 +736,7 @@ export class Session {
     if (checked) return answer(checked);
     if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
     if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
-    const v = await this.runRules('rcpt', { stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params });
+    const v = await this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
@@ -732,7 +758,9 @@ export class Session {
     if (c.arg.trim()) return this.queue('RSET', R.syntax('RSET'));
     this.txn = null;
     const b = this.backend;
-    if (!b?.alive) return this.queue('RSET', R.rsetOk());
+    // Nothing to reset at the backend (no MAIL since the last end of data, RSET or HELO): answered
+    // here, as the backend would.
+    if (!b?.alive || !b.transactionOpen) return this.queue('RSET', R.rsetOk());
     this.queue('RSET', b.command('RSET').catch(() => R.rsetOk()));
   }
 
@@ -791,7 +819,7 @@ export class Session {
       return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
     }
     let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
-    const v = await this.runRules('auth', { stage: 'auth', session: this.snapshot(), mechanism, login });
+    const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
     if (v.reply) return this.queue('AUTH', v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
@@ -978,12 +1006,12 @@ export class Session {
     }
     d.pendingHeaders = null;
     const headerLen = startsWithBlank ? 0 : end >= 0 ? end + 2 : Math.min(held.length, limit);
-    const v = await this.runRules('data_headers', {
+    const v = await this.runRules('data_headers', () => ({
       stage: 'data_headers',
       session: this.snapshot(),
       headers: held.subarray(0, headerLen),
       truncated: end < 0 && !startsWithBlank,
-    });
+    }));
     if (!d.aborted && v.reply) {
       d.aborted = 'rule';
       d.headerRule = { reply: v.reply, rule: v.decidedBy ?? '' };
@@ -1017,7 +1045,7 @@ export class Session {
       r = this.abortReply(d);
       if (d.headerRule) msg.rule = d.headerRule.rule;
     } else {
-      const v = await this.runRules('data_end', { stage: 'data_end', session: this.snapshot(), size });
+      const v = await this.runRules('data_end', () => ({ stage: 'data_end', session: this.snapshot(), size }));
       if (v.reply) {
         this.backend?.destroy();
         r = v.reply;
@@ -1081,7 +1109,13 @@ export class Session {
 
   // ---------------------------------------------------------------- rules
 
-  private async runRules(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
+  /**
+   * Evaluates one stage. The event (with its session snapshot) is built only when a rule acts on
+   * the stage or someone observes events$: a stage without rules costs nothing.
+   */
+  private async runRules(stage: Stage, make: () => SessionEvent): Promise<StageVerdict> {
+    if (!this.deps.rules.stages.has(stage) && !this.events$.observed) return EMPTY_VERDICT;
+    const event = make();
     this.events$.next(event);
     const v = await evaluate(this.deps.rules.rules, event, {
       metrics: this.deps.metrics,

@@ -19,7 +19,9 @@ export type Fault =
   /** Refuses DATA with 554 (e.g. all recipients turned out invalid). */
   | 'refuse-data'
   /** Answers every command 50 ms late, in order, to see whether commands come pipelined. */
-  | 'slow-replies';
+  | 'slow-replies'
+  /** Refuses any HELO/EHLO but its first (doorman's own) with 550, as a HELO restriction would. */
+  | 'refuse-helo';
 
 export interface FakeBackend {
   port: number;
@@ -105,7 +107,9 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         buf = buf.slice(nl + 2);
         const verb = line.split(' ')[0]?.toUpperCase();
         state.commands.push(line);
-        if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n');
+        if ((verb === 'EHLO' || verb === 'HELO') && f === 'refuse-helo' && state.commands.filter((c) => /^(EHLO|HELO) /i.test(c)).length > 1) {
+          reply(`550 5.7.1 <${line.slice(5)}>: Helo command rejected: Host not found\r\n`);
+        } else if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n');
         else if (verb === 'AUTH') reply('535 5.7.8 Error: authentication failed\r\n');
         else if (verb === 'HELO') reply('250 fake.backend\r\n');
         else if (verb === 'MAIL' && f === 'stall-mail') continue;

@@ -11,7 +11,7 @@ import { startFakeBackend, type Fault } from '../helpers/fake-backend.js';
 import { freePort } from '../helpers/net.js';
 import { startSink } from '../helpers/sink.js';
 import { SmtpClient } from '../helpers/smtp.js';
-import { useCleanup } from '../helpers/procs.js';
+import { eventually, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
 const running: Doorman[] = [];
@@ -167,4 +167,45 @@ test('the backend refuses DATA after doorman answered 354: the client gets the r
   assert.ok(fb.commands.includes('RSET'));
   c.close();
   await fb.close();
+});
+
+test('the backend refuses the client’s HELO that doorman answered: the next command gets its refusal, then HELO again', async () => {
+  const fb = await startFakeBackend('refuse-helo');
+  const d = await doorman(fb.port);
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    const e = await c.cmd('EHLO unknown.example.net');
+    assert.equal(e.code, 250, 'answered by doorman from the backend’s capabilities');
+    assert.match(e.raw, /PIPELINING/);
+    const m = await c.cmd('MAIL FROM:<a@example.org>');
+    assert.equal(m.code, 550);
+    assert.match(m.text, /<unknown\.example\.net>: Helo command rejected/);
+    assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 503, 'the HELO is forgotten: say it again');
+    assert.ok(!fb.commands.some((l) => l.startsWith('MAIL')), 'no MAIL reached a backend that refused the HELO');
+    c.close();
+  } finally {
+    await fb.close();
+  }
+});
+
+test('RSET and NOOP with nothing to reset are answered by doorman; RSET inside a transaction reaches the backend', async () => {
+  const fb = await startFakeBackend('none');
+  const d = await doorman(fb.port);
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    await c.ehlo('client.example.net');
+    assert.equal((await c.cmd('RSET')).code, 250);
+    assert.equal((await c.cmd('NOOP')).code, 250);
+    assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+    assert.equal((await c.cmd('RSET')).code, 250);
+    assert.equal((await c.cmd('RSET')).code, 250);
+    assert.equal((await c.cmd('QUIT')).code, 221);
+    await eventually(() => fb.commands.includes('MAIL FROM:<a@example.org>'));
+    const after = fb.commands.slice(fb.commands.indexOf('EHLO client.example.net'));
+    assert.deepEqual(after, ['EHLO client.example.net', 'MAIL FROM:<a@example.org>', 'RSET'], 'one RSET reached the backend: the one that had a transaction to reset');
+  } finally {
+    await fb.close();
+  }
 });

@@ -207,13 +207,13 @@ test('authPlaintext: a listener configured for it offers AUTH without TLS', asyn
   }
 });
 
-test('backend connections are reused across client sessions, each re-bound to its client by XCLIENT', async () => {
+test('backend connections are reused across client sessions, each bound to its client by one XCLIENT (HELO included, no EHLO)', async () => {
   const d = await startDoorman({ backendPort: postfix.port });
   try {
     const connects = () => postfix.log().split('\n').filter((l) => /smtpd\[\d+\]: connect from localhost\[127\.0\.0\.1\]/.test(l)).length;
     const before = connects();
     const ids: string[] = [];
-    for (const ip of ['127.0.0.21', '127.0.0.22', '127.0.0.23']) {
+    const send = async (ip: string) => {
       const c = await SmtpClient.connect(d.port, { localAddress: ip });
       await c.reply();
       await c.ehlo(`host-${ip.split('.')[3]}.example.net`);
@@ -222,17 +222,38 @@ test('backend connections are reused across client sessions, each re-bound to it
       assert.equal((await c.cmd('DATA')).code, 354);
       c.write('Subject: pooled\r\n\r\nhi\r\n.\r\n');
       const r = await c.reply();
+      assert.equal(r.code, 250, r.raw);
       ids.push(/queued as ([A-F0-9]+)/.exec(r.text)?.[1] ?? '');
       assert.equal((await c.cmd('QUIT')).code, 221);
       await new Promise((res) => setTimeout(res, 100));
-    }
+    };
+    await send('127.0.0.21');
+    await send('127.0.0.22');
+    // A client that leaves in the middle of a transaction: the next one still gets a clean session.
+    const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.24' });
+    await c.reply();
+    await c.ehlo('host-24.example.net');
+    assert.equal((await c.cmd('MAIL FROM:<left@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+    assert.equal((await c.cmd('QUIT')).code, 221);
+    await new Promise((res) => setTimeout(res, 100));
+    await send('127.0.0.23');
     for (const [i, ip] of ['127.0.0.21', '127.0.0.22', '127.0.0.23'].entries()) {
       const line = await eventually(() => postfix.log().split('\n').find((l) => l.includes(`${ids[i]}: client=`)));
       assert.match(line ?? '', new RegExp(`client=unknown\\[${ip.replace(/\./g, '\\.')}\\]`), `session ${i + 1} carries its own client`);
+      const m = await sink.bySender(`pool-${ip}@example.org`);
+      assert.match(m.body, new RegExp(`Received: from host-${ip.split('.')[3]}\\.example\\.net \\(unknown \\[${ip.replace(/\./g, '\\.')}\\]\\)\\s+by backend\\.test \\(Postfix\\) with ESMTP`), 'Postfix stamps the client’s own HELO name and ESMTP');
     }
-    assert.equal(connects() - before, 1, 'one TCP connection to Postfix served three client sessions');
-    assert.equal(await d.metric('doorman_backend_reused_total'), 2);
+    assert.equal(connects() - before, 1, 'one TCP connection to Postfix served four client sessions');
+    assert.equal(await d.metric('doorman_backend_reused_total'), 3);
     assert.equal(await d.metric('doorman_backend_pool_idle'), 1, 'the connection waits in the pool');
+    await d.stop();
+    // Postfix's counters for that one connection: doorman's own EHLO only, one RSET for the
+    // abandoned transaction, three messages.
+    const bye = await eventually(() => postfix.log().split('\n').find((l) => /disconnect from unknown\[127\.0\.0\.23\]/.test(l)));
+    assert.match(bye ?? '', / ehlo=1 /);
+    assert.match(bye ?? '', / rset=1 /);
+    assert.match(bye ?? '', / data=3 /);
   } finally {
     await d.stop();
   }
