@@ -18,7 +18,7 @@ import { parseHostPort, type Limits, type ListenerConfig } from './config/schema
 import type { Metrics } from './metrics/registry.js';
 import { inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
 import { formatReply, R } from './smtp/reply.js';
-import { Session, type ListenerRuntime } from './smtp/session.js';
+import { Session, type ListenerRuntime, type SessionDeps } from './smtp/session.js';
 
 export interface ProxyDeps {
   hostname: string;
@@ -43,6 +43,8 @@ interface Bound {
   trusted: Cidr[];
   /** The local address when the listener is bound to one address (no getsockname per connection). */
   local: { address: string; port: number; family: 4 | 6 } | null;
+  /** The session dependencies for this listener and the current rule set (built once per rule set). */
+  deps: { rules: RuleSet; deps: SessionDeps } | null;
 }
 
 export class Proxy {
@@ -93,7 +95,7 @@ export class Proxy {
       };
       const trusted = cfg.trustedProxies.map(parseCidr);
       const server = net.createServer({ pauseOnConnect: false, noDelay: true }, (s) => this.onConnection(s, b));
-      const b: Bound = { server, runtime, config: cfg, trusted, local: null };
+      const b: Bound = { server, runtime, config: cfg, trusted, local: null, deps: null };
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
         server.listen({ host: hp.host, port: hp.port, backlog: 1024 }, () => {
@@ -205,7 +207,8 @@ export class Proxy {
 
   private startSession(socket: net.Socket, b: Bound, peer: ProxiedAddress, initial: Buffer | undefined, isTls: boolean): void {
     const rules = this.deps.rules();
-    const session = new Session(socket, peer, { ...this.deps, listener: b.runtime, rules }, { tls: isTls, ...(initial ? { initial } : {}) });
+    if (b.deps?.rules !== rules) b.deps = { rules, deps: { ...this.deps, listener: b.runtime, rules } };
+    const session = new Session(socket, peer, b.deps.deps, { tls: isTls, ...(initial ? { initial } : {}) });
     const ip = peer.address;
     this.perIp.set(ip, (this.perIp.get(ip) ?? 0) + 1);
     this.setUsers.set(rules, (this.setUsers.get(rules) ?? 0) + 1);

@@ -227,7 +227,7 @@ export class Session {
    */
   private async openBackend(): Promise<BackendConnection> {
     const m = this.deps.metrics;
-    let last: unknown = new BackendError('connect', 'no backend configured');
+    let last: unknown = null;
     const identity = this.identity();
     for (const t of await this.deps.pool.candidates()) {
       if (this.closed) break;
@@ -259,7 +259,7 @@ export class Session {
         last = err;
       }
     }
-    throw last;
+    throw last ?? new BackendError('connect', 'no backend configured');
   }
 
   /** The backend this session uses (log line). */
