@@ -8,13 +8,15 @@
  * or completes empty, and a rule slower than its `timeout` all become the rule's `onError`
  * outcome (`pass`: fail open, the default; `tempfail`: 451 4.3.0), are counted in
  * doorman_rule_errors_total{rule,kind} and logged with the rule's name. The outcomes are then
- * combined by verdict.ts. A stage with no applicable rule costs nothing (no Promise, no timer).
+ * combined by verdict.ts. A stage with no applicable rule costs nothing (no Promise, no timer), and
+ * a tier whose rules all answer synchronously (pure matching, cached lookups) is combined on the
+ * spot without the RxJS machinery; only asynchronous answers go through it, with their timeouts.
  */
 import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
 import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
 import { reply } from '../smtp/reply.js';
 import type { Metrics } from '../metrics/registry.js';
-import type { SessionEvent } from './events.js';
+import type { SessionEvent, Stage } from './events.js';
 import type { Finding, ReplySpec, Rule } from './rule.js';
 import { applyAction, combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
 
@@ -39,7 +41,7 @@ export interface RunnerHooks {
 
 class RuleTimeoutError extends Error {}
 
-/** Evaluates the stage of `event`. Synchronous EMPTY_VERDICT when no rule applies. */
+/** Evaluates the stage of `event`. Synchronous when no rule applies or every rule answered at once. */
 export function evaluate(
   rules: readonly LoadedRule[],
   event: SessionEvent,
@@ -51,73 +53,121 @@ export function evaluate(
   if (applicable.length === 0) return EMPTY_VERDICT;
   const hard = applicable.filter((r) => !r.rule.bypassable);
   const soft = applicable.filter((r) => r.rule.bypassable);
-  if (hard.length === 0 || soft.length === 0 || event.stage === 'quit') return firstValueFrom(runStage(applicable, event, hooks));
+  if (hard.length === 0 || soft.length === 0 || event.stage === 'quit') return runTier(applicable, event, hooks);
   // Two tiers: the cheap, final rules first (access, relay, sender); what they refuse costs the
   // bypassable ones (DNS, Redis) nothing — no lookup, no greylist triplet, no rate-limit token.
-  return firstValueFrom(runStage(hard, event, hooks)).then(async (first) => {
+  const second = (first: StageVerdict): StageVerdict | Promise<StageVerdict> => {
     if (first.reply) return first;
-    const second = await firstValueFrom(runStage(soft, event, hooks));
-    return combine([...first.outcomes, ...second.outcomes], event.session.acceptedBy);
-  });
+    const both = (v: StageVerdict) => combine([...first.outcomes, ...v.outcomes], event.session.acceptedBy);
+    const v = runTier(soft, event, hooks);
+    return v instanceof Promise ? v.then(both) : both(v);
+  };
+  const first = runTier(hard, event, hooks);
+  return first instanceof Promise ? first.then(second) : second(first);
 }
 
-export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): Observable<StageVerdict> {
+/** What a rule's check returned, or what it threw. */
+type Called = { ok: true; value: Finding | Promise<Finding> | Observable<Finding> } | { ok: false; err: unknown };
+
+/**
+ * One tier: every rule's check is called at once. When each answered synchronously (matching
+ * rules, cache hits) the outcomes are combined on the spot — no scheduler, Promise or timer; when
+ * any answered with a Promise or Observable, all go through the RxJS pipeline with its timeouts.
+ */
+function runTier(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
+  const started = performance.now();
+  const called: Called[] = rules.map((lr) => {
+    try {
+      return { ok: true, value: lr.rule.check(event) };
+    } catch (err) {
+      return { ok: false, err };
+    }
+  });
+  if (called.every((c) => !c.ok || (!(c.value instanceof Promise) && !isObservable(c.value)))) {
+    const outcomes = called.map((c, i) => {
+      const lr = rules[i]!;
+      const ms = performance.now() - started;
+      if (!c.ok) return record(errorOutcome(lr, event.stage, c.err, ms, hooks), hooks);
+      try {
+        return record(findingOutcome(lr, event.stage, c.value as Finding, ms), hooks);
+      } catch (err) {
+        // A malformed finding (a rule bug) is the rule's error, as on the asynchronous path.
+        return record(errorOutcome(lr, event.stage, err, ms, hooks), hooks);
+      }
+    });
+    return combine(outcomes, event.session.acceptedBy);
+  }
+  return firstValueFrom(runStage(rules, event, hooks, called));
+}
+
+export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks, called?: readonly Called[]): Observable<StageVerdict> {
   return from(rules.map((lr, order) => ({ lr, order }))).pipe(
-    mergeMap(({ lr, order }) => checkOne(lr, event, hooks).pipe(map((outcome) => ({ outcome, order })))),
+    mergeMap(({ lr, order }) => checkOne(lr, event, hooks, called?.[order]).pipe(map((outcome) => ({ outcome, order })))),
     toArray(),
     map((list) => combine(list.sort((a, b) => a.order - b.order).map((x) => x.outcome), event.session.acceptedBy)),
   );
 }
 
-function checkOne(lr: LoadedRule, event: SessionEvent, hooks: RunnerHooks): Observable<RuleOutcome> {
+function checkOne(lr: LoadedRule, event: SessionEvent, hooks: RunnerHooks, called?: Called): Observable<RuleOutcome> {
   const started = performance.now();
   const stage = event.stage;
   const name = lr.rule.name;
-  return defer(() => toObservable(lr.rule.check(event))).pipe(
+  return defer(() => {
+    if (!called) return toObservable(lr.rule.check(event));
+    if (!called.ok) throw called.err;
+    return toObservable(called.value);
+  }).pipe(
     take(1),
     defaultIfEmpty<Finding, Finding>({ kind: 'pass' }),
     timeout({ first: lr.timeout, with: () => { throw new RuleTimeoutError(`rule ${name} timed out after ${lr.timeout} ms`); } }),
-    map((finding): RuleOutcome => {
-      const applied = applyAction(finding, lr.action, stage, lr.reply);
-      return {
-        rule: name,
-        stage,
-        finding: finding.kind,
-        ...(finding.kind !== 'pass' ? { reason: finding.reason } : {}),
-        action: lr.action,
-        ...applied,
-        bypassable: lr.rule.bypassable,
-        ms: performance.now() - started,
-      };
-    }),
-    catchError((err: unknown) => {
-      const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
-      hooks.metrics?.ruleErrors.inc({ rule: name, kind });
-      hooks.onRuleError?.(name, kind, err);
-      const tempfail = lr.onError === 'tempfail';
-      const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
-      const outcome: RuleOutcome = {
-        rule: name,
-        stage,
-        finding: kind,
-        reason: err instanceof Error ? err.message : String(err),
-        action: lr.action,
-        effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
-        ...(r ? { reply: r } : {}),
-        bypassable: lr.rule.bypassable,
-        ms: performance.now() - started,
-      };
-      return of(outcome);
-    }),
-    map((o) => {
-      if (hooks.metrics) {
-        const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
-        hooks.metrics.ruleEvaluations.inc({ rule: name, stage, outcome });
-        hooks.metrics.ruleDuration.observe({ rule: name }, o.ms / 1000);
-      }
-      return o;
-    }),
+    map((finding): RuleOutcome => findingOutcome(lr, stage, finding, performance.now() - started)),
+    catchError((err: unknown) => of(errorOutcome(lr, stage, err, performance.now() - started, hooks))),
+    map((o) => record(o, hooks)),
   );
+}
+
+function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: number): RuleOutcome {
+  const applied = applyAction(finding, lr.action, stage, lr.reply);
+  return {
+    rule: lr.rule.name,
+    stage,
+    finding: finding.kind,
+    ...(finding.kind !== 'pass' ? { reason: finding.reason } : {}),
+    action: lr.action,
+    ...applied,
+    bypassable: lr.rule.bypassable,
+    ms,
+  };
+}
+
+/** A rule that threw or timed out: its `onError` decides (pass, or 451/421 4.3.0). */
+function errorOutcome(lr: LoadedRule, stage: Stage, err: unknown, ms: number, hooks: RunnerHooks): RuleOutcome {
+  const name = lr.rule.name;
+  const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
+  hooks.metrics?.ruleErrors.inc({ rule: name, kind });
+  hooks.onRuleError?.(name, kind, err);
+  const tempfail = lr.onError === 'tempfail';
+  const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
+  return {
+    rule: name,
+    stage,
+    finding: kind,
+    reason: err instanceof Error ? err.message : String(err),
+    action: lr.action,
+    effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
+    ...(r ? { reply: r } : {}),
+    bypassable: lr.rule.bypassable,
+    ms,
+  };
+}
+
+function record(o: RuleOutcome, hooks: RunnerHooks): RuleOutcome {
+  if (hooks.metrics) {
+    const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
+    hooks.metrics.ruleEvaluations.inc({ rule: o.rule, stage: o.stage, outcome });
+    hooks.metrics.ruleDuration.observe({ rule: o.rule }, o.ms / 1000);
+  }
+  return o;
 }
 
 function toObservable(r: Finding | Promise<Finding> | Observable<Finding>): Observable<Finding> {

@@ -138,6 +138,12 @@ interface Lookup {
   state: 'ok' | 'none';
 }
 
+/** One zone's lookup for a session, and its answer once it is in. */
+interface Pending {
+  answer: Promise<ZoneAnswer>;
+  settled: ZoneAnswer | null;
+}
+
 /** Lookups shared by every session: one query per name in flight, answers cached for their TTL. */
 class ListResolver {
   private readonly cache: LRUCache<string, Lookup>;
@@ -153,11 +159,12 @@ class ListResolver {
     this.cache = new LRUCache({ max: size });
   }
 
-  lookup(name: string, timeout: number): Promise<Lookup> {
+  /** A cached answer at once; otherwise the lookup (shared with sessions asking the same). */
+  lookup(name: string, timeout: number): Lookup | Promise<Lookup> {
     const hit = this.cache.get(name);
     if (hit) {
       this.onShared();
-      return Promise.resolve(hit);
+      return hit;
     }
     const running = this.inflight.get(name);
     if (running) {
@@ -185,29 +192,36 @@ class ListResolver {
   }
 }
 
-/** One zone, one query: classified. Never throws. */
-async function queryZone(zone: Zone, subject: string, lists: ListResolver, deps: RuleDeps): Promise<ZoneAnswer> {
+/** One zone, one query: classified. Never throws; synchronous on a cache hit. */
+function queryZone(zone: Zone, subject: string, lists: ListResolver, deps: RuleDeps): ZoneAnswer | Promise<ZoneAnswer> {
   if (!zone.up) {
     deps.metrics.dnsblQueries.inc({ zone: zone.name, result: 'disabled' });
     return { zone, result: 'disabled', codes: [] };
   }
   const started = performance.now();
-  let answer: ZoneAnswer;
-  try {
-    const l = await lists.lookup(`${subject}.${zone.cfg.zone}`, zone.cfg.timeout);
+  const done = (answer: ZoneAnswer): ZoneAnswer => {
+    deps.metrics.dnsblQueries.inc({ zone: zone.name, result: answer.result });
+    deps.metrics.dnsblDuration.observe({ zone: zone.name }, (performance.now() - started) / 1000);
+    return answer;
+  };
+  const classify = (l: Lookup): ZoneAnswer => {
     const problems = l.addresses.map(answerProblem).filter((x): x is string => x !== null);
-    if (problems.length) answer = { zone, result: 'error', codes: [], detail: problems.join('; ') };
-    else {
-      const codes = l.addresses.filter((a) => zone.filters.some((f) => f(a)));
-      answer = { zone, result: codes.length ? 'listed' : 'clean', codes };
-    }
-  } catch (err) {
+    if (problems.length) return { zone, result: 'error', codes: [], detail: problems.join('; ') };
+    const codes = l.addresses.filter((a) => zone.filters.some((f) => f(a)));
+    return { zone, result: codes.length ? 'listed' : 'clean', codes };
+  };
+  const failed = (err: unknown): ZoneAnswer => {
     const timeout = (err as { code?: string }).code === 'ETIMEOUT';
-    answer = { zone, result: timeout ? 'timeout' : 'error', codes: [], detail: (err as Error).message };
+    return { zone, result: timeout ? 'timeout' : 'error', codes: [], detail: (err as Error).message };
+  };
+  let l: Lookup | Promise<Lookup>;
+  try {
+    l = lists.lookup(`${subject}.${zone.cfg.zone}`, zone.cfg.timeout);
+  } catch (err) {
+    return done(failed(err));
   }
-  deps.metrics.dnsblQueries.inc({ zone: zone.name, result: answer.result });
-  deps.metrics.dnsblDuration.observe({ zone: zone.name }, (performance.now() - started) / 1000);
-  return answer;
+  if (l instanceof Promise) return l.then(classify, failed).then(done);
+  return done(classify(l));
 }
 
 /** The name a zone is queried with for a subject, or null when the subject does not apply. */
@@ -230,14 +244,19 @@ export const dnsblRule = defineRuleType({
     const zones = s.zones.map((z) => new Zone(z));
     const lists = new ListResolver(deps.resolver, s.cacheMinTtl, s.cacheMaxTtl, s.cacheSize, () => deps.metrics.dnsCacheHits.inc());
     /** Per session: the lookups for the client, the current HELO name and the current sender. */
-    const pending = new Map<string, Record<'ip' | 'helo' | 'sender', Promise<ZoneAnswer>[]>>();
+    const pending = new Map<string, Record<'ip' | 'helo' | 'sender', Pending[]>>();
     const start = (sessionId: string, kind: 'ip' | 'helo' | 'sender', value: string | null) => {
       const entry = pending.get(sessionId) ?? { ip: [], helo: [], sender: [] };
       // A new HELO or a new transaction replaces the earlier lookups of its kind.
       entry[kind] = [];
       for (const z of zones) {
         const subject = value === null ? null : subjectFor(z, kind, value);
-        if (subject !== null) entry[kind].push(queryZone(z, subject, lists, deps));
+        if (subject !== null) {
+          const a = queryZone(z, subject, lists, deps);
+          const item: Pending = a instanceof Promise ? { answer: a, settled: null } : { answer: Promise.resolve(a), settled: a };
+          if (a instanceof Promise) void a.then((x) => (item.settled = x));
+          entry[kind].push(item);
+        }
       }
       pending.set(sessionId, entry);
     };
@@ -290,9 +309,14 @@ export const dnsblRule = defineRuleType({
       timer.unref();
     }
 
-    const verdict = async (sessionId: string, ip: string): Promise<Finding> => {
+    /** The verdict; synchronous when every answer is in (cache hits, or lookups done by now). */
+    const verdict = (sessionId: string, ip: string): Finding | Promise<Finding> => {
       const entry = pending.get(sessionId);
-      const answers = entry ? await Promise.all([...entry.ip, ...entry.helo, ...entry.sender]) : [];
+      const all = entry ? [...entry.ip, ...entry.helo, ...entry.sender] : [];
+      if (all.every((x) => x.settled)) return decide(all.map((x) => x.settled as ZoneAnswer), ip);
+      return Promise.all(all.map((x) => x.answer)).then((answers) => decide(answers, ip));
+    };
+    const decide = (answers: readonly ZoneAnswer[], ip: string): Finding => {
       let score = 0;
       const hits: ZoneAnswer[] = [];
       let failed: ZoneAnswer | undefined;
@@ -326,7 +350,7 @@ export const dnsblRule = defineRuleType({
       type: 'dnsbl',
       stages: ['connect', ...(needHelo ? (['helo'] as const) : []), ...(needSender || s.stage === 'rcpt' ? (['mail'] as const) : []), ...(s.stage === 'rcpt' ? (['rcpt'] as const) : []), 'quit'],
       bypassable: true,
-      async check(ev: SessionEvent): Promise<Finding> {
+      check(ev: SessionEvent): Finding | Promise<Finding> {
         const id = ev.session.id;
         switch (ev.stage) {
           case 'connect':

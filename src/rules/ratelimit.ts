@@ -63,11 +63,10 @@ export const ratelimitRule = defineRuleType({
     for (const l of s.limits) {
       if (l.count === 'messages') stages.add('rcpt');
       else stages.add('connect');
-      if (l.count === 'concurrency') {
-        stages.add('mail');
-        stages.add('quit');
-      }
+      if (l.count === 'concurrency') stages.add('mail');
     }
+    // quit: slots are given back and per-transaction charges forgotten (else they would pile up).
+    stages.add('quit');
     if (!deps.checkOnly) {
       deps.metrics.failOpen.inc({ rule: name }, 0);
       deps.metrics.failClosed.inc({ rule: name }, 0);
@@ -110,7 +109,23 @@ export const ratelimitRule = defineRuleType({
     };
     const op = (o: string) => deps.metrics.storeOps.inc({ op: o, store: deps.store.kind });
 
-    const check = async (ev: SessionEvent): Promise<Finding> => {
+    const hasConcurrency = s.limits.some((l) => l.count === 'concurrency');
+    /** Stages with nothing to do here answer at once (no Promise): the runner skips its scheduler. */
+    const check = (ev: SessionEvent): Finding | Promise<Finding> => {
+      const id = ev.session.id;
+      if (ev.stage === 'quit' && !held.has(id)) {
+        charged.delete(id);
+        return PASS;
+      }
+      if (ev.stage === 'mail' && !hasConcurrency) {
+        charged.delete(id);
+        return PASS;
+      }
+      const connect = ev.stage === 'connect';
+      if ((ev.stage === 'connect' || ev.stage === 'rcpt') && !s.limits.some((l) => connect === (l.count !== 'messages') && subject(l, ev) !== null)) return PASS;
+      return checkAsync(ev);
+    };
+    const checkAsync = async (ev: SessionEvent): Promise<Finding> => {
       const id = ev.session.id;
       if (ev.stage === 'quit') {
         charged.delete(id);
