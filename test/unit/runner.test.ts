@@ -115,3 +115,26 @@ test('allowlisted sessions skip bypassable rules entirely', async () => {
   assert.equal(called, 0);
   assert.equal(v.reply, null);
 });
+
+test('rules that all answer at once are combined at once; one slow rule in the tier makes it wait for all', async () => {
+  const metrics = createMetrics({ version: 't', defaults: false });
+  const sync = evaluate([rule('a', () => ({ kind: 'pass' })), rule('b', () => reject('now'))], ev(), { metrics });
+  assert.ok(!(sync instanceof Promise), 'no Promise when every rule answered synchronously');
+  assert.equal((sync as { decidedBy: string | null }).decidedBy, 'b');
+  const mixed = evaluate([rule('a', () => ({ kind: 'pass' })), rule('c', () => timer(20).pipe(map(() => reject('later'))))], ev(), { metrics });
+  assert.ok(mixed instanceof Promise);
+  assert.equal((await mixed).decidedBy, 'c');
+  // The same evaluations are counted on both paths.
+  const text = await metrics.registry.getSingleMetricAsString('doorman_rule_evaluations_total');
+  assert.match(text, /rule="a",stage="connect",outcome="pass"} 2/);
+  assert.match(text, /rule="b",stage="connect",outcome="reject"} 1/);
+  assert.match(text, /rule="c",stage="connect",outcome="reject"} 1/);
+});
+
+test('a rule that returns no finding is that rule’s error, not the session’s', async () => {
+  const errors: string[] = [];
+  const v = await evaluate([rule('broken', () => undefined as unknown as Finding)], ev(), { onRuleError: (r, kind) => errors.push(`${r}:${kind}`) });
+  assert.equal(v.reply, null, 'fails open (onError: pass)');
+  assert.equal(v.outcomes[0]?.finding, 'error');
+  assert.deepEqual(errors, ['broken:error']);
+});
