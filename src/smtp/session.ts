@@ -438,7 +438,7 @@ export class Session {
       const out: (string | Buffer)[] = [];
       let closes = false;
       for (const p of batch) {
-        const r = await p;
+        const r = p instanceof Promise ? await p : p;
         out.push(formatReply(r));
         this.account(r);
         if (r.closes) {
@@ -459,13 +459,14 @@ export class Session {
 
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
     const started = this.commandStarted;
-    const counted = Promise.resolve(r).then((x) => {
+    const counted = (x: Reply): Reply => {
       this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
       this.deps.metrics.commandDuration.observe({ verb }, (performance.now() - started) / 1000);
       note?.(x);
       return x;
-    });
-    this.outq.push(counted);
+    };
+    // A reply known now is counted now (no Promise); a backend's reply when it comes.
+    this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
   private newTxnLog(from: string): TxnLog {
@@ -618,11 +619,12 @@ export class Session {
     const name = heloArgument(c.arg);
     if (!name) return this.queue(verb, R.syntax(`${verb} hostname`));
     if (/[^\x21-\x7e]/.test(name)) return this.queue(verb, R.badSyntax('invalid characters in hostname'));
-    const v = await this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
+    const v0 = this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
+    const v = v0 instanceof Promise ? await v0 : v0;
     if (v.reply) return this.queue(verb, v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     this.sessionTags.push(...v.tags);
-    const b = await this.ensureBackend();
+    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue(verb, b);
     // Answered from the capabilities the backend gave doorman on this connection; the backend
     // learns the client's name in the background (XCLIENT HELO=, or its EHLO), and the next
@@ -676,10 +678,11 @@ export class Session {
     if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
     if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
-    const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
+    const v0 = this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
+    const v = v0 instanceof Promise ? await v0 : v0;
     if (v.reply) return answer(v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    const b = await this.ensureBackend();
+    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
     const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags], log };
     this.txn = txn;
@@ -736,7 +739,8 @@ export class Session {
     if (checked) return answer(checked);
     if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
     if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
-    const v = await this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
+    const v0 = this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
+    const v = v0 instanceof Promise ? await v0 : v0;
     if (v.reply) return answer(v.reply);
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
@@ -821,7 +825,7 @@ export class Session {
     let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
     const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
     if (v.reply) return this.queue('AUTH', v.reply);
-    const b = await this.ensureBackend();
+    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
     let r = await b.command(`AUTH ${mechanism}${initial !== undefined ? ' ' + initial : ''}`).catch((e: unknown) => this.backendFailed(e));
     let step = 0;
@@ -1113,9 +1117,12 @@ export class Session {
    * Evaluates one stage. The event (with its session snapshot) is built only when a rule acts on
    * the stage or someone observes events$: a stage without rules costs nothing.
    */
-  private async runRules(stage: Stage, make: () => SessionEvent): Promise<StageVerdict> {
+  private runRules(stage: Stage, make: () => SessionEvent): StageVerdict | Promise<StageVerdict> {
     if (!this.deps.rules.stages.has(stage) && !this.events$.observed) return EMPTY_VERDICT;
-    const event = make();
+    return this.evaluateStage(stage, make());
+  }
+
+  private async evaluateStage(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
     this.events$.next(event);
     const v = await evaluate(this.deps.rules.rules, event, {
       metrics: this.deps.metrics,
