@@ -15,6 +15,7 @@
  * a local rbldnsd, rate limits on a local Redis). Results: bench/results/latest.json and
  * bench/results/latest.md (copy the table into docs/performance.md).
  *
+ * BENCH_PIPE=1 adds a raw Node byte pipe (bench/pipe.ts) as a calibration row for (a) and (b).
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
  * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run).
@@ -297,6 +298,26 @@ async function main(): Promise<void> {
       const peer = rows.find((r) => r.workload === w && r.config === cfg);
       for (const r of rows.filter((x) => x.workload === w && x.config !== cfg)) {
         if (peer) r.note = `${(r.doorman / peer.doorman).toFixed(1)}× Haraka`;
+      }
+    }
+  }
+  if (process.env.BENCH_PIPE === '1' && (only('a') || only('b'))) {
+    // Calibration: a raw Node byte pipe (no SMTP) in front of the same sink, same load.
+    const cfg = 'raw Node pipe, 1 process (calibration)';
+    const pipe = spawnProc('pipe', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'pipe.ts'), String(sinkPort)], { cwd: ROOT });
+    const port = Number((await pipe.waitFor(/port (\d+)/))[1]);
+    try {
+      await smtpSource(port, ['-l', '4096', '-m', '1000', '-s', '20', '-d']);
+      const t = { port, proc: { pid: pipe.pid } };
+      if (only('a')) rows.push(await throughput('(a) one message per connection', cfg, t, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
+      if (only('b')) rows.push(await throughput('(b) many messages per session', cfg, t, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
+    } finally {
+      await pipe.stop();
+    }
+    for (const w of ['(a) one message per connection', '(b) many messages per session']) {
+      const peer = rows.find((r) => r.workload === w && r.config === cfg);
+      for (const r of rows.filter((x) => x.workload === w && (x.config === 'no rules' || x.config === 'default rules'))) {
+        if (peer) r.note = `${r.note ? `${r.note}; ` : ''}${(r.doorman / peer.doorman).toFixed(2)}× the raw pipe`;
       }
     }
   }
