@@ -272,10 +272,11 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   // Workers accept connections themselves from the shared socket (the kernel picks one) instead of
   // the primary accepting each and passing it over IPC (Node's round-robin default): measured in
   // the benchmark, one message per connection, 20 % more messages/s and 25 % less CPU per message.
-  // Busy workers leave new connections to idle ones, so load spreads under load.
+  // libuv's UV_TCP_SINGLE_ACCEPT makes a worker take one connection per wake-up and yield, so a
+  // burst of connections spreads over the workers instead of going to whichever woke first.
   // NODE_CLUSTER_SCHED_POLICY=rr restores round-robin.
   if (!process.env.NODE_CLUSTER_SCHED_POLICY) cluster.schedulingPolicy = cluster.SCHED_NONE;
-  const fork = () => cluster.fork();
+  const fork = () => cluster.fork({ UV_TCP_SINGLE_ACCEPT: process.env.UV_TCP_SINGLE_ACCEPT ?? '1' });
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;
