@@ -21,7 +21,9 @@ export type Fault =
   /** Answers every command 50 ms late, in order, to see whether commands come pipelined. */
   | 'slow-replies'
   /** Refuses any HELO/EHLO but its first (doorman's own) with 550, as a HELO restriction would. */
-  | 'refuse-helo';
+  | 'refuse-helo'
+  /** Offers XCLIENT but refuses it, as Postfix does for a host not in smtpd_authorized_xclient_hosts. */
+  | 'refuse-xclient';
 
 export interface FakeBackend {
   port: number;
@@ -109,6 +111,10 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         state.commands.push(line);
         if ((verb === 'EHLO' || verb === 'HELO') && f === 'refuse-helo' && state.commands.filter((c) => /^(EHLO|HELO) /i.test(c)).length > 1) {
           reply(`550 5.7.1 <${line.slice(5)}>: Helo command rejected: Host not found\r\n`);
+        } else if (verb === 'EHLO' && f === 'refuse-xclient') {
+          reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
+        } else if (verb === 'XCLIENT') {
+          reply('550 5.7.0 Error: insufficient authorization\r\n');
         } else if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n');
         else if (verb === 'AUTH') reply('535 5.7.8 Error: authentication failed\r\n');
         else if (verb === 'HELO') reply('250 fake.backend\r\n');

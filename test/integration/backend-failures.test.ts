@@ -209,3 +209,22 @@ test('RSET and NOOP with nothing to reset are answered by doorman; RSET inside a
     await fb.close();
   }
 });
+
+test('a backend that offers XCLIENT but refuses it: 421 4.4.2 at the next command, counted and logged, nothing relayed', async () => {
+  const fb = await startFakeBackend('refuse-xclient');
+  const d = await doorman(fb.port);
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    assert.equal((await c.cmd('EHLO client.example.net')).code, 250);
+    const m = await c.cmd('MAIL FROM:<a@example.org>');
+    assert.equal(m.code, 421);
+    assert.match(m.text, /4\.4\.2/);
+    assert.ok(await c.waitClosed(), 'the session ends');
+    assert.ok(!fb.commands.some((l) => l.startsWith('MAIL')), 'no MAIL reached the backend');
+    assert.ok((await d.metric('doorman_backend_failures_total', { kind: 'refused' })) >= 1);
+    assert.ok(d.logs().some((l) => l.msg === 'backend refused the client binding'));
+  } finally {
+    await fb.close();
+  }
+});
