@@ -10,7 +10,8 @@
  * doorman_rule_errors_total{rule,kind} and logged with the rule's name. The outcomes are then
  * combined by verdict.ts. A stage with no applicable rule costs nothing (no Promise, no timer), and
  * a tier whose rules all answer synchronously (pure matching, cached lookups) is combined on the
- * spot without the RxJS machinery; only asynchronous answers go through it, with their timeouts.
+ * spot; Promises are raced against their rule's timeout with one timer each; rules that answer with
+ * an Observable go through the RxJS pipeline below.
  */
 import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
 import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
@@ -97,7 +98,46 @@ function runTier(rules: readonly LoadedRule[], event: SessionEvent, hooks: Runne
     });
     return combine(outcomes, event.session.acceptedBy);
   }
+  // Promises only (DNS, Redis): each raced against its rule's deadline with one timer. Observables
+  // go through the RxJS pipeline (take the first value, complete-empty is a pass).
+  if (called.every((c) => !c.ok || !isObservable(c.value))) {
+    return Promise.all(called.map((c, i) => settle(rules[i]!, event.stage, c, started, hooks))).then((outcomes) => combine(outcomes, event.session.acceptedBy));
+  }
   return firstValueFrom(runStage(rules, event, hooks, called));
+}
+
+/** One rule's outcome from a value or a Promise, with the rule's timeout. */
+function settle(lr: LoadedRule, stage: Stage, c: Called, started: number, hooks: RunnerHooks): RuleOutcome | Promise<RuleOutcome> {
+  const outcome = (f: unknown): RuleOutcome => {
+    try {
+      return record(findingOutcome(lr, stage, f as Finding, performance.now() - started), hooks);
+    } catch (err) {
+      return record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks);
+    }
+  };
+  const failed = (err: unknown): RuleOutcome => record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks);
+  if (!c.ok) return failed(c.err);
+  const value = c.value;
+  if (!(value instanceof Promise)) return outcome(value);
+  return new Promise<RuleOutcome>((resolve) => {
+    let done = false;
+    const timer = setTimeout(() => {
+      done = true;
+      resolve(failed(new RuleTimeoutError(`rule ${lr.rule.name} timed out after ${lr.timeout} ms`)));
+    }, lr.timeout);
+    value.then(
+      (f) => {
+        if (done) return;
+        clearTimeout(timer);
+        resolve(outcome(f));
+      },
+      (err: unknown) => {
+        if (done) return;
+        clearTimeout(timer);
+        resolve(failed(err));
+      },
+    );
+  });
 }
 
 export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks, called?: readonly Called[]): Observable<StageVerdict> {

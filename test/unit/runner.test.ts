@@ -42,6 +42,7 @@ test('a rule that throws, rejects, errors or times out fails open by default and
     ['promise', () => Promise.reject(new Error('boom'))],
     ['observable', () => throwError(() => new Error('boom'))],
     ['hang', () => NEVER],
+    ['promise-hang', () => new Promise<Finding>(() => undefined)],
     ['slow', () => timer(500).pipe(map(() => reject()))],
   ];
   for (const [name, check] of cases) {
@@ -49,7 +50,7 @@ test('a rule that throws, rejects, errors or times out fails open by default and
     assert.equal(v.reply, null, name);
     assert.ok(['error', 'timeout'].includes(v.outcomes[0]?.finding ?? ''), name);
   }
-  assert.deepEqual(errors, ['sync:error', 'promise:error', 'observable:error', 'hang:timeout', 'slow:timeout']);
+  assert.deepEqual(errors, ['sync:error', 'promise:error', 'observable:error', 'hang:timeout', 'promise-hang:timeout', 'slow:timeout']);
   const text = await metrics.registry.getSingleMetricAsString('doorman_rule_errors_total');
   assert.match(text, /rule="hang",kind="timeout"} 1/);
 });
