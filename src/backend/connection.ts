@@ -205,13 +205,14 @@ export class BackendConnection extends EventEmitter {
    * client's address, port, reverse name and — where the backend takes them (Postfix: HELO, PROTO)
    * — its HELO name and protocol, so no EHLO has to follow. Without XCLIENT (or without its HELO
    * attribute) the client's HELO/EHLO is sent as given. A transaction left open by an earlier
-   * session is reset first (RSET may precede XCLIENT in one group, RFC 2920).
+   * session is reset first (RSET, and its reply awaited).
    *
    * Resolves null when bound, or with the backend's refusal of the HELO/EHLO (for the client);
    * rejects with a BackendError when XCLIENT is refused or the connection is lost.
    */
   async bind(client: ClientIdentity, helo: { verb: 'EHLO' | 'HELO'; name: string }): Promise<Reply | null> {
-    if (this.inTransaction) this.command('RSET').catch(() => undefined);
+    // XCLIENT is refused inside a transaction (an EHLO would reset it anyway, but one step at a time).
+    if (this.inTransaction) await this.command('RSET').catch(() => undefined);
     const allowed = this.xclientAllowed;
     let heloSent = false;
     if (allowed) {

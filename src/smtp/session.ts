@@ -619,12 +619,11 @@ export class Session {
     const name = heloArgument(c.arg);
     if (!name) return this.queue(verb, R.syntax(`${verb} hostname`));
     if (/[^\x21-\x7e]/.test(name)) return this.queue(verb, R.badSyntax('invalid characters in hostname'));
-    const v0 = this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
-    const v = v0 instanceof Promise ? await v0 : v0;
+    const v = await this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
     if (v.reply) return this.queue(verb, v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     this.sessionTags.push(...v.tags);
-    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
+    const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue(verb, b);
     // Answered from the capabilities the backend gave doorman on this connection; the backend
     // learns the client's name in the background (XCLIENT HELO=, or its EHLO), and the next
@@ -678,11 +677,10 @@ export class Session {
     if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
     if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
-    const v0 = this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
-    const v = v0 instanceof Promise ? await v0 : v0;
+    const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
+    const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
     const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags], log };
     this.txn = txn;
@@ -739,8 +737,7 @@ export class Session {
     if (checked) return answer(checked);
     if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
     if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
-    const v0 = this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
-    const v = v0 instanceof Promise ? await v0 : v0;
+    const v = await this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
@@ -825,7 +822,7 @@ export class Session {
     let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
     const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
     if (v.reply) return this.queue('AUTH', v.reply);
-    const b = !this.binding && this.backend?.alive ? this.backend : await this.ensureBackend();
+    const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
     let r = await b.command(`AUTH ${mechanism}${initial !== undefined ? ' ' + initial : ''}`).catch((e: unknown) => this.backendFailed(e));
     let step = 0;
