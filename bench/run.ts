@@ -19,6 +19,7 @@
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
  * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run).
+ * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
  */
@@ -259,7 +260,7 @@ async function main(): Promise<void> {
     const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
     try {
       // Warm-up (JIT, pooled backend connections, DNS cache), not measured.
-      await smtpSource(d.port, ['-l', '4096', '-m', '1000', '-s', '20', '-d']);
+      await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
       if (only('a')) {
         process.stdout.write(`${name}: (a) one message per connection…\n`);
         rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
@@ -287,7 +288,7 @@ async function main(): Promise<void> {
     const cfg = 'Haraka 3.3.4 (dns-list, limit, smtp_forward; 2 processes)';
     const h = await startHaraka({ root: ROOT, sinkPort, redisPort: Number(new URL(redis.url).port), zone: 'bl.test', nodes: Number(workers) });
     try {
-      await smtpSource(h.port, ['-l', '4096', '-m', '200', '-s', '20', '-d']);
+      await smtpSource(h.port, ['-l', '4096', '-m', String(Math.min(200, MSGS)), '-s', '20', '-d']);
       if (only('a')) {
         process.stdout.write(`haraka: (a) one message per connection…\n`);
         rows.push(await throughput('(a) one message per connection', cfg, h, sinkPort, ['-l', '4096', '-m', String(hm), '-s', '20'], hm));
@@ -312,7 +313,7 @@ async function main(): Promise<void> {
     const pipe = spawnProc('pipe', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'pipe.ts'), String(sinkPort)], { cwd: ROOT });
     const port = Number((await pipe.waitFor(/port (\d+)/))[1]);
     try {
-      await smtpSource(port, ['-l', '4096', '-m', '1000', '-s', '20', '-d']);
+      await smtpSource(port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
       const t = { port, proc: { pid: pipe.pid } };
       if (only('a')) rows.push(await throughput('(a) one message per connection', cfg, t, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
       if (only('b')) rows.push(await throughput('(b) many messages per session', cfg, t, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
@@ -349,12 +350,12 @@ async function main(): Promise<void> {
     `|---|---|---|---|---|---|---|---|---|`,
     ...rows.map((r) => `| ${r.workload} | ${r.config} | ${fmt(r.direct, r.unit === 'ms' ? 2 : 0)} | ${fmt(r.doorman, r.unit === 'ms' || r.unit.startsWith('KB') ? 2 : 0)} | ${fmt(r.ratio, 2)} | ${r.unit} | ${fmt(r.cpuMsPerMsg ?? NaN, 3)} | ${fmt(r.peakRssMb ?? NaN, 0)} | ${r.note ?? ''} |`),
   ].join('\n');
-  const out = path.join(ROOT, 'bench', 'results');
+  const out = process.env.BENCH_OUT ?? path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(out, { recursive: true });
   const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length, workers };
   fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows }, null, 2));
   fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${JSON.stringify(meta)}\n`);
-  process.stdout.write(`\n${md}\n\nbench/results/latest.{json,md} written\n`);
+  process.stdout.write(`\n${md}\n\n${path.join(out, 'latest.{json,md}')} written\n`);
 }
 
 main()
