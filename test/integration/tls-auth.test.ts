@@ -258,3 +258,19 @@ test('backend connections are reused across client sessions, each bound to its c
     await d.stop();
   }
 });
+
+test('a client that says HELO, not EHLO: Postfix is told so (XCLIENT PROTO=SMTP) and stamps “with SMTP”', async () => {
+  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.9' });
+  await c.reply();
+  const h = await c.cmd('HELO old.example.net');
+  assert.equal(h.code, 250);
+  assert.doesNotMatch(h.raw, /PIPELINING|SIZE/, 'no extensions after HELO');
+  assert.equal((await c.cmd('MAIL FROM:<helo-only@example.org>')).code, 250);
+  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+  assert.equal((await c.cmd('DATA')).code, 354);
+  c.write('Subject: helo\r\n\r\nhi\r\n.\r\n');
+  assert.equal((await c.reply()).code, 250);
+  await c.cmd('QUIT');
+  const m = await sink.bySender('helo-only@example.org');
+  assert.match(m.body, /Received: from old\.example\.net \(unknown \[127\.0\.0\.9\]\)\s+by backend\.test \(Postfix\) with SMTP /);
+});
