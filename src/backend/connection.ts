@@ -38,6 +38,8 @@ export interface BackendOptions {
   tlsVerify: boolean;
   /** Pass the client with XCLIENT when the backend offers it. */
   xclient: boolean;
+  /** Send the client's HELO name and protocol inside XCLIENT (HELO=, PROTO=) instead of its EHLO after it. */
+  xclientHelo: boolean;
   /** Send a PROXY protocol header to the backend. */
   proxyProtocol: 'off' | 'v1' | 'v2';
 }
@@ -88,6 +90,9 @@ interface Pending {
 }
 
 const DOT_CRLF = Buffer.from('.\r\n');
+
+/** RFC 5321 §4.5.3.1.4: a command line, CRLF included. */
+const MAX_COMMAND_LINE = 512;
 
 /** Longest reply line and whole reply accepted from the backend (garbage protection). */
 const MAX_REPLY_LINE = 4096;
@@ -226,8 +231,11 @@ export class BackendConnection extends EventEmitter {
       add('DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
       add('DESTPORT', client.destPort);
       // The HELO name stands for the EHLO only with the protocol (PROTO: whether it was HELO or
-      // EHLO). Postfix takes HELO names up to 255 characters in XCLIENT; a longer one goes as EHLO.
-      if (allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255) {
+      // EHLO), when the operator allows it (xclientHelo), and within Postfix's limits: HELO names
+      // of up to 255 characters, command lines of up to 512. Otherwise the EHLO follows.
+      const heloAttrs = ` HELO=${xtext(helo.name)} PROTO=${helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP'}`;
+      const fits = `XCLIENT ${attrs.join(' ')}${heloAttrs}`.length <= MAX_COMMAND_LINE - 2;
+      if (this.opts.xclientHelo && allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255 && fits) {
         add('HELO', helo.name);
         add('PROTO', helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP');
         heloSent = true;

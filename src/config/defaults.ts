@@ -74,6 +74,13 @@ export const BACKEND_DEFAULTS = {
   tlsVerify: false,
   /** Pass the real client with XCLIENT when the backend offers it. */
   xclient: true,
+  /**
+   * Send the client's HELO name and protocol inside XCLIENT (HELO=, PROTO=) instead of its EHLO
+   * after XCLIENT: one backend round trip less per session. Postfix then checks
+   * smtpd_helo_restrictions at RCPT (smtpd_delay_reject = yes, its default); set false when
+   * Postfix runs with smtpd_delay_reject = no and must see the HELO command itself.
+   */
+  xclientHelo: true,
   /** Send a PROXY protocol header to the backend: `off`, `v1`, `v2`. */
   proxyProtocol: 'off' as 'off' | 'v1' | 'v2',
 };

@@ -51,6 +51,7 @@ export const configSchema = z.strictObject({
       starttls: z.enum(['auto', 'off', 'require']).default(BACKEND_DEFAULTS.starttls),
       tlsVerify: z.boolean().default(BACKEND_DEFAULTS.tlsVerify),
       xclient: z.boolean().default(BACKEND_DEFAULTS.xclient),
+      xclientHelo: z.boolean().default(BACKEND_DEFAULTS.xclientHelo),
       proxyProtocol: z.enum(['off', 'v1', 'v2']).default(BACKEND_DEFAULTS.proxyProtocol),
     })
     .prefault({}),

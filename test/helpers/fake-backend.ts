@@ -23,7 +23,9 @@ export type Fault =
   /** Refuses any HELO/EHLO but its first (doorman's own) with 550, as a HELO restriction would. */
   | 'refuse-helo'
   /** Offers XCLIENT but refuses it, as Postfix does for a host not in smtpd_authorized_xclient_hosts. */
-  | 'refuse-xclient';
+  | 'refuse-xclient'
+  /** Offers XCLIENT NAME ADDR PROTO HELO and accepts it with 220, as Postfix does. */
+  | 'xclient';
 
 export interface FakeBackend {
   port: number;
@@ -111,8 +113,10 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         state.commands.push(line);
         if ((verb === 'EHLO' || verb === 'HELO') && f === 'refuse-helo' && state.commands.filter((c) => /^(EHLO|HELO) /i.test(c)).length > 1) {
           reply(`550 5.7.1 <${line.slice(5)}>: Helo command rejected: Host not found\r\n`);
-        } else if (verb === 'EHLO' && f === 'refuse-xclient') {
+        } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
+        } else if (verb === 'XCLIENT' && f === 'xclient') {
+          reply('220 fake.backend ESMTP\r\n');
         } else if (verb === 'XCLIENT') {
           reply('550 5.7.0 Error: insufficient authorization\r\n');
         } else if (verb === 'EHLO') reply('250-fake.backend\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n');

@@ -228,3 +228,36 @@ test('a backend that offers XCLIENT but refuses it: 421 4.4.2 at the next comman
     await fb.close();
   }
 });
+
+test('XCLIENT carries the HELO name when it fits; a name too long for the line, or xclientHelo: false, goes as EHLO after it', async () => {
+  const fb = await startFakeBackend('xclient');
+  const d = await doorman(fb.port);
+  const plain = await startDoorman({ backendPort: fb.port, config: `${FAST}  xclientHelo: false\n` });
+  running.push(plain);
+  try {
+    const session = async (port: number, name: string) => {
+      const c = await SmtpClient.connect(port);
+      await c.reply();
+      assert.equal((await c.cmd(`EHLO ${name}`)).code, 250);
+      assert.equal((await c.cmd('MAIL FROM:<x@example.org>')).code, 250);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+      const start = fb.commands.map((l) => l.startsWith('XCLIENT ')).lastIndexOf(true);
+      return fb.commands.slice(start, fb.commands.indexOf('MAIL FROM:<x@example.org>', start));
+    };
+    const short = await session(d.port, 'short.example.net');
+    assert.equal(short.length, 1, short.join(' | '));
+    assert.match(short[0]!, /^XCLIENT ADDR=127\.0\.0\.1 NAME=\[UNAVAILABLE\] HELO=short\.example\.net PROTO=ESMTP$/);
+    // '+' is xtext-encoded as +2B: 200 of them make a 600-character attribute.
+    const long = `${'+'.repeat(200)}.example.net`;
+    const split = await session(d.port, long);
+    assert.equal(split.length, 2, split.join(' | '));
+    assert.doesNotMatch(split[0]!, /HELO=/);
+    assert.equal(split[1], `EHLO ${long}`);
+    const off = await session(plain.port, 'short.example.net');
+    assert.deepEqual(off.map((l) => l.split(' ')[0]), ['XCLIENT', 'EHLO']);
+    assert.doesNotMatch(off[0]!, /HELO=/);
+    for (const l of fb.commands.filter((x) => x.startsWith('XCLIENT '))) assert.ok(l.length <= 510, `XCLIENT line of ${l.length} characters`);
+  } finally {
+    await fb.close();
+  }
+});
