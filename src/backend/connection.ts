@@ -40,6 +40,8 @@ export interface BackendOptions {
   xclient: boolean;
   /** Send the client's HELO name and protocol inside XCLIENT (HELO=, PROTO=) instead of its EHLO after it. */
   xclientHelo: boolean;
+  /** Relay DATA as BDAT to a backend that offers CHUNKING and PIPELINING. */
+  chunking: boolean;
   /** Send a PROXY protocol header to the backend. */
   proxyProtocol: 'off' | 'v1' | 'v2';
 }
@@ -274,6 +276,25 @@ export class BackendConnection extends EventEmitter {
   writeData(chunk: Buffer): boolean {
     if (this.failure) return true;
     return this.socket.write(chunk);
+  }
+
+  /** BDAT is usable: the backend offers CHUNKING and PIPELINING (chunks go without waiting). */
+  get chunking(): boolean {
+    return this.caps.has('CHUNKING') && this.caps.has('PIPELINING');
+  }
+
+  /**
+   * One BDAT chunk (RFC 3030) with its command in one write: octets as the backend stores them
+   * (no dot-stuffing). `last` ends the message; its reply is the message's. Returns the reply and
+   * whether the socket took the write without back-pressure.
+   */
+  bdat(body: readonly Buffer[], last: boolean): { reply: Promise<Reply>; ok: boolean } {
+    const size = body.reduce((n, b) => n + b.length, 0);
+    const reply = this.expect(last ? this.opts.dataTimeout : this.opts.commandTimeout, last ? 'DATA_END' : 'BDAT');
+    if (last) this.inTransaction = false;
+    if (this.failure) return { reply, ok: true };
+    const ok = this.socket.write(Buffer.concat([Buffer.from(`BDAT ${size}${last ? ' LAST' : ''}\r\n`, 'latin1'), ...body]));
+    return { reply, ok };
   }
 
   /** Ends the message (CRLF.CRLF is completed by ".\r\n") and waits for the final reply. */

@@ -81,6 +81,11 @@ export const BACKEND_DEFAULTS = {
    * Postfix runs with smtpd_delay_reject = no and must see the HELO command itself.
    */
   xclientHelo: true,
+  /**
+   * Relay a client's DATA as BDAT (RFC 3030) to a backend that offers CHUNKING and PIPELINING
+   * (Postfix does): the message goes out with its size and no DATA/354 round trip.
+   */
+  chunking: true,
   /** Send a PROXY protocol header to the backend: `off`, `v1`, `v2`. */
   proxyProtocol: 'off' as 'off' | 'v1' | 'v2',
 };

@@ -52,6 +52,7 @@ export const configSchema = z.strictObject({
       tlsVerify: z.boolean().default(BACKEND_DEFAULTS.tlsVerify),
       xclient: z.boolean().default(BACKEND_DEFAULTS.xclient),
       xclientHelo: z.boolean().default(BACKEND_DEFAULTS.xclientHelo),
+      chunking: z.boolean().default(BACKEND_DEFAULTS.chunking),
       proxyProtocol: z.enum(['off', 'v1', 'v2']).default(BACKEND_DEFAULTS.proxyProtocol),
     })
     .prefault({}),

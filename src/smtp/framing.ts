@@ -287,3 +287,34 @@ function nextBreak(buf: Buffer, from: number): number {
   if (lf < 0) return cr;
   return cr < lf ? cr : lf;
 }
+
+/**
+ * The message as the backend stores it from DATA: dot-stuffed CRLF lines → lines with the
+ * stuffing dot removed (RFC 5321 §4.5.2), for BDAT (RFC 3030), which carries octets as they are.
+ * Fed the chunks `nextData` emits, in order; keeps the line-start state across chunk boundaries.
+ * (Those chunks always have CRLF line ends: a bare CR/LF is normalised or refused before.)
+ */
+export class Unstuffer {
+  private lineStart = true;
+  /** Octets produced so far. */
+  length = 0;
+
+  push(chunks: readonly Buffer[]): Buffer[] {
+    const out: Buffer[] = [];
+    for (const c of chunks) {
+      let i = 0;
+      while (i < c.length) {
+        if (this.lineStart && c[i] === DOT) i++;
+        this.lineStart = false;
+        if (i >= c.length) break;
+        const lf = c.indexOf(LF, i);
+        const end = lf < 0 ? c.length : lf + 1;
+        out.push(c.subarray(i, end));
+        this.length += end - i;
+        if (lf >= 0) this.lineStart = true;
+        i = end;
+      }
+    }
+    return out;
+  }
+}

@@ -32,7 +32,7 @@ import { evaluate } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf, type ParsedPath } from './address.js';
 import { formatMailRcpt, heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, parseMailRcpt, type Command, type MailParam } from './commands.js';
-import { Framing, type CommandEvent } from './framing.js';
+import { Framing, Unstuffer, type CommandEvent } from './framing.js';
 import { describeReply, formatReply, R, reply, replyClass, type Reply } from './reply.js';
 
 export interface ListenerRuntime {
@@ -880,7 +880,12 @@ export class Session {
     // in `early` (bounded by back-pressure); if the backend refuses DATA, the message is read to its
     // end and the client gets the backend's refusal then.
     const hasHeaderRules = this.deps.rules.stages.has('data_headers');
+    // BDAT towards a backend that takes it, in an ESMTP session (the client said EHLO): the
+    // message goes with its size, without DATA and the backend's 354.
+    const bdat = this.deps.backend.chunking && this.esmtp && b.chunking;
     const d: DataState = {
+      bdat: bdat ? new Unstuffer() : null,
+      bdatRefused: null,
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
@@ -889,10 +894,11 @@ export class Session {
       early: [],
       earlyBytes: 0,
       refused: null,
-      backendReply: b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
+      backendReply: bdat ? Promise.resolve(BDAT_READY) : b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
     };
     this.data = d;
-    void d.backendReply.then((r) => {
+    if (bdat) d.ready = true;
+    else void d.backendReply.then((r) => {
       if (this.data !== d) return;
       if (r.code === 354) {
         d.ready = true;
@@ -960,37 +966,60 @@ export class Session {
       return;
     }
     if (hold) d.tail = chunks;
-    else for (const c of chunks) this.writeBackend(c);
+    else this.writeBackend(chunks);
   }
 
   private get hasDataEndRules(): boolean {
     return this.deps.rules.stages.has('data_end');
   }
 
-  private writeBackend(chunk: Buffer): void {
+  private writeBackend(chunks: Buffer | readonly Buffer[]): void {
     const b = this.backend;
     if (!b?.alive) return;
+    const list = Buffer.isBuffer(chunks) ? [chunks] : chunks;
     const d = this.data;
     if (d && !d.ready) {
       // Before the backend's 354: hold the bytes; stop reading when too many are held.
       if (d.refused) return;
-      d.early.push(chunk);
-      d.earlyBytes += chunk.length;
+      for (const c of list) {
+        d.early.push(c);
+        d.earlyBytes += c.length;
+      }
       if (d.earlyBytes > this.deps.limits.maxBuffered && !this.backendCongested) {
         this.backendCongested = true;
         this.socket.pause();
       }
       return;
     }
-    if (!b.writeData(chunk) && !this.backendCongested) {
-      this.backendCongested = true;
-      this.socket.pause();
-      b.onceDrain(() => {
-        this.backendCongested = false;
-        this.socket.resume();
-        this.pump();
-      });
+    if (d?.bdat) {
+      // One BDAT per batch of chunks; a refused chunk decides the message (bdatRefused), and
+      // no further chunk is sent after it (RFC 3030 §2).
+      if (d.bdatRefused) return;
+      const body = d.bdat.push(list);
+      if (body.length === 0) return;
+      const sent = b.bdat(body, false);
+      void sent.reply.then(
+        (r) => {
+          if (replyClass(r) !== 2) d.bdatRefused ??= r;
+        },
+        () => undefined,
+      );
+      if (!sent.ok) this.congested(b);
+      return;
     }
+    for (const c of list) if (!b.writeData(c)) this.congested(b);
+  }
+
+  /** The backend's socket is full: stop reading the client until it drains. */
+  private congested(b: BackendConnection): void {
+    if (this.backendCongested) return;
+    this.backendCongested = true;
+    this.socket.pause();
+    b.onceDrain(() => {
+      this.backendCongested = false;
+      this.socket.resume();
+      this.pump();
+    });
   }
 
   /** With data_headers rules: hold the header block, evaluate, then release it. */
@@ -1058,6 +1087,16 @@ export class Session {
           r = d.refused ?? dataReply;
           // The backend still holds the transaction it refused DATA for.
           if (!r.closes) b?.command('RSET').catch(() => undefined);
+        } else if (d.bdat) {
+          // A refused chunk decides the message: no LAST follows it. Otherwise the last chunk's
+          // reply is the message's fate (or, if it fails after an earlier chunk was refused in
+          // the meantime, that earlier refusal says why). A failed transaction is RSET.
+          if (d.bdatRefused) r = d.bdatRefused;
+          else {
+            const last = b?.alive ? await b.bdat(d.bdat.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+            r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
+          }
+          if (replyClass(r) !== 2 && !r.closes && b?.alive) b.command('RSET').catch(() => undefined);
         } else {
           r = b?.alive ? await b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
         }
@@ -1198,8 +1237,15 @@ function nextSessionId(): string {
   return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
 }
 
+/** Stands for the backend's 354 when the message goes as BDAT (there is no DATA to answer). */
+const BDAT_READY: Reply = reply(354, '', 'BDAT');
+
 interface DataState {
   aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend' | 'backend_refused';
+  /** Relayed as BDAT (RFC 3030): the stuffing is removed on the way; null for DATA. */
+  bdat: Unstuffer | null;
+  /** The first refusal of a BDAT chunk (the message's fate, whatever LAST gets). */
+  bdatRefused: Reply | null;
   /** The backend answered 354: bytes may go to it. */
   ready: boolean;
   /** Bytes received before the backend's 354. */

@@ -25,7 +25,11 @@ export type Fault =
   /** Offers XCLIENT but refuses it, as Postfix does for a host not in smtpd_authorized_xclient_hosts. */
   | 'refuse-xclient'
   /** Offers XCLIENT NAME ADDR PROTO HELO and accepts it with 220, as Postfix does. */
-  | 'xclient';
+  | 'xclient'
+  /** Offers CHUNKING and takes BDAT (messages stored unstuffed, as sent). */
+  | 'chunking'
+  /** Offers CHUNKING, refuses the first BDAT chunk with 552 and every later one with 503. */
+  | 'chunking-refuse';
 
 export interface FakeBackend {
   port: number;
@@ -73,6 +77,10 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     let buf = '';
     let inData = false;
     let msg = '';
+    /** BDAT: octets of the current chunk still to read, whether it is the last, chunks so far. */
+    let bdatLeft = -1;
+    let bdatLast = false;
+    let bdatChunks = 0;
     let outstanding = 0;
     let chain = Promise.resolve();
     const reply = (text: string) => {
@@ -87,6 +95,26 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     s.on('data', (d: Buffer) => {
       buf += d.toString('latin1');
       for (;;) {
+        if (bdatLeft >= 0) {
+          const take = Math.min(bdatLeft, buf.length);
+          msg += buf.slice(0, take);
+          state.dataBytes += take;
+          buf = buf.slice(take);
+          bdatLeft -= take;
+          if (bdatLeft > 0) return;
+          bdatLeft = -1;
+          bdatChunks++;
+          if (f === 'chunking-refuse') reply(bdatChunks === 1 ? '552 5.3.4 Error: message file too big\r\n' : '503 5.5.1 Error: no transaction in progress\r\n');
+          else if (bdatLast) {
+            state.messages.push(msg);
+            reply('250 2.0.0 Ok: queued as FAKE\r\n');
+          } else reply('250 2.0.0 Ok\r\n');
+          if (bdatLast) {
+            msg = '';
+            bdatChunks = 0;
+          }
+          continue;
+        }
         if (inData) {
           // The end marker may straddle TCP segments: look for it in everything received.
           const before = msg.length;
@@ -113,6 +141,12 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         state.commands.push(line);
         if ((verb === 'EHLO' || verb === 'HELO') && f === 'refuse-helo' && state.commands.filter((c) => /^(EHLO|HELO) /i.test(c)).length > 1) {
           reply(`550 5.7.1 <${line.slice(5)}>: Helo command rejected: Host not found\r\n`);
+        } else if (verb === 'BDAT') {
+          const m = /^BDAT (\d+)( LAST)?$/i.exec(line);
+          bdatLeft = Number(m?.[1] ?? 0);
+          bdatLast = Boolean(m?.[2]);
+        } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse')) {
+          reply('250-fake.backend\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
         } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
         } else if (verb === 'XCLIENT' && f === 'xclient') {

@@ -261,3 +261,36 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
     await fb.close();
   }
 });
+
+test('BDAT: a backend that refuses a chunk decides the message — the client gets that refusal after its data, never 250', async () => {
+  const ok = await startFakeBackend('chunking');
+  const refusing = await startFakeBackend('chunking-refuse');
+  try {
+    for (const [fb, code] of [
+      [ok, 250],
+      [refusing, 552],
+    ] as const) {
+      const d = await doorman(fb.port);
+      const c = await SmtpClient.connect(d.port);
+      await c.reply();
+      await c.ehlo();
+      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+      assert.equal((await c.cmd('DATA')).code, 354);
+      // Big enough to go in several chunks; dot lines unstuffed on the way.
+      c.write(`Subject: bdat\r\n\r\n..dot\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}.\r\n`);
+      const r = await c.reply();
+      assert.equal(r.code, code, r.raw);
+      c.close();
+    }
+    assert.equal(ok.messages.length, 1);
+    assert.ok(ok.messages[0]!.startsWith('Subject: bdat\r\n\r\n.dot\r\n'), 'stored unstuffed');
+    assert.ok(ok.commands.filter((l) => l.startsWith('BDAT ')).length >= 2, 'several chunks');
+    assert.ok(ok.commands.some((l) => / LAST$/.test(l)));
+    assert.ok(!ok.commands.includes('DATA'), 'no DATA command');
+    assert.equal(refusing.messages.length, 0);
+  } finally {
+    await ok.close();
+    await refusing.close();
+  }
+});

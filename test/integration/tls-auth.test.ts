@@ -61,7 +61,8 @@ test('STARTTLS is offered on plaintext; AUTH only after TLS', async () => {
 test('swaks over STARTTLS delivers a message through doorman and Postfix', async () => {
   const r = await swaks(['--server', `127.0.0.1:${dm.port}`, '--tls', '--from', 'tls@example.org', '--to', 'bob@example.com', '--helo', 'client.example.net']);
   assert.equal(r.status, 0, r.out);
-  assert.match(r.out, /<~\s+250 2\.0\.0 Ok: queued as/);
+  // Postfix's own reply to the end of the message, relayed as BDAT: "Ok: <n> bytes queued as …".
+  assert.match(r.out, /<~\s+250 2\.0\.0 Ok: \d+ bytes queued as/);
   const m = await sink.bySender('tls@example.org');
   assert.deepEqual(m.rcpts.map((x) => x.split(' ')[0]), ['<bob@example.com>']);
 });
@@ -249,11 +250,12 @@ test('backend connections are reused across client sessions, each bound to its c
     assert.equal(await d.metric('doorman_backend_pool_idle'), 1, 'the connection waits in the pool');
     await d.stop();
     // Postfix's counters for that one connection: doorman's own EHLO only, one RSET for the
-    // abandoned transaction, three messages.
+    // abandoned transaction, three messages (as BDAT: Postfix offers CHUNKING).
     const bye = await eventually(() => postfix.log().split('\n').find((l) => /disconnect from unknown\[127\.0\.0\.23\]/.test(l)));
     assert.match(bye ?? '', / ehlo=1 /);
     assert.match(bye ?? '', / rset=1 /);
-    assert.match(bye ?? '', / data=3 /);
+    assert.match(bye ?? '', / bdat=3 /);
+    assert.doesNotMatch(bye ?? '', / data=/);
   } finally {
     await d.stop();
   }
@@ -273,4 +275,41 @@ test('a client that says HELO, not EHLO: Postfix is told so (XCLIENT PROTO=SMTP)
   await c.cmd('QUIT');
   const m = await sink.bySender('helo-only@example.org');
   assert.match(m.body, /Received: from old\.example\.net \(unknown \[127\.0\.0\.9\]\)\s+by backend\.test \(Postfix\) with SMTP /);
+});
+
+test('BDAT towards Postfix (it offers CHUNKING): a large message with dot lines and 8-bit bytes arrives byte for byte; chunking: false sends DATA', async () => {
+  const bdat = await startDoorman({ backendPort: postfix.port, config: 'backend:\n  poolSize: 0\n' });
+  const data = await startDoorman({ backendPort: postfix.port, config: 'backend:\n  poolSize: 0\n  chunking: false\n' });
+  try {
+    const filler = Array.from({ length: 4000 }, (_, i) => `line ${i} ${'x'.repeat(60)}`);
+    const body = ['.leading dot', '..two dots', '.', 'Grüße — ✓'.normalize(), 'y'.repeat(998), ...filler, '. last', ''].join('\r\n');
+    const send = async (port: number, ip: string, from: string) => {
+      const message = `From: <${from}>\r\nTo: <bob@example.com>\r\nDate: Sun, 22 Nov 2026 04:00:00 +0000\r\nMessage-ID: <${from}>\r\nSubject: chunks\r\n\r\n${body}`;
+      const c = await SmtpClient.connect(port, { localAddress: ip });
+      await c.reply();
+      await c.ehlo('chunks.example.net');
+      assert.equal((await c.cmd(`MAIL FROM:<${from}> BODY=8BITMIME`)).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
+      assert.equal((await c.cmd('DATA')).code, 354);
+      c.write(Buffer.from(message.replace(/^\./gm, '..') + '.\r\n', 'utf8'));
+      const r = await c.reply();
+      assert.equal(r.code, 250, r.raw);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+      const m = await sink.bySender(from);
+      // Postfix adds its Received header; everything from the message's own first header on is the client's.
+      const stored = Buffer.from(m.body, 'latin1').toString('utf8');
+      assert.equal(stored.slice(stored.indexOf(`From: <${from}>`)), message.split('\r\n').join('\n'), 'smtp-sink stores LF line ends');
+      return await eventually(() => postfix.log().split('\n').find((l) => l.includes(`disconnect from unknown[${ip}]`)));
+    };
+    const viaBdat = await send(bdat.port, '127.0.0.31', 'chunks-bdat@example.org');
+    const bdats = Number(/ bdat=(\d+)/.exec(viaBdat ?? '')?.[1] ?? 0);
+    assert.ok(bdats >= 2, `the message went in several BDAT chunks: ${viaBdat}`);
+    assert.doesNotMatch(viaBdat ?? '', / data=/);
+    const viaData = await send(data.port, '127.0.0.32', 'chunks-data@example.org');
+    assert.match(viaData ?? '', / data=1 /);
+    assert.doesNotMatch(viaData ?? '', / bdat=/);
+  } finally {
+    await bdat.stop();
+    await data.stop();
+  }
 });
