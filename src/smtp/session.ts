@@ -344,6 +344,13 @@ export class Session {
 
   private onBackendClosed(): void {
     if (this.data && !this.data.aborted) this.data.aborted = 'backend';
+    // A closed socket never drains: read the client again (the rest of the message is discarded
+    // and answered 451), instead of waiting for it until the data timeout.
+    if (this.backendCongested) {
+      this.backendCongested = false;
+      this.socket.resume();
+      this.pump();
+    }
   }
 
   private attach(socket: net.Socket): void {

@@ -26,6 +26,8 @@ export type Fault =
   | 'refuse-xclient'
   /** Offers XCLIENT NAME ADDR PROTO HELO and accepts it with 220, as Postfix does. */
   | 'xclient'
+  /** After its 354, stops reading (doorman's writes back up), then dies half a second later. */
+  | 'stall-then-close'
   /** Offers CHUNKING and takes BDAT (messages stored unstuffed, as sent). */
   | 'chunking'
   /** Offers CHUNKING, refuses the first BDAT chunk with 552 and every later one with 503. */
@@ -161,6 +163,11 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
         else if (verb === 'DATA') {
           reply('354 go ahead\r\n');
           inData = true;
+          if (f === 'stall-then-close') {
+            s.pause();
+            setTimeout(() => s.destroy(), 500);
+            return;
+          }
         } else if (verb === 'QUIT') {
           s.write('221 bye\r\n');
           s.end();

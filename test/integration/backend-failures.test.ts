@@ -294,3 +294,20 @@ test('BDAT: a backend that refuses a chunk decides the message — the client ge
     await refusing.close();
   }
 });
+
+test('the backend dies while doorman waits for it to drain (back-pressure): the client is read again and gets 451, no hang', async () => {
+  const fb = await startFakeBackend('stall-then-close');
+  const d = await doorman(fb.port);
+  try {
+    const c = await begin(d.port);
+    // Far more than the socket buffers hold while the backend reads nothing.
+    c.write('Subject: stalled\r\n\r\n' + `${'s'.repeat(78)}\r\n`.repeat(100_000));
+    c.write('.\r\n');
+    const r = await c.reply(8000);
+    assert.equal(r.code, 451, r.raw);
+    assert.match(r.text, /^4\.4\.2 /);
+    assert.equal(fb.messages.length, 0);
+  } finally {
+    await fb.close();
+  }
+});
