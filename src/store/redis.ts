@@ -54,15 +54,17 @@ export class RedisStore implements Store {
       // Reconnect for ever, backing off to 2 s.
       retryStrategy: (times) => Math.min(times * 100, 2000),
       lazyConnect: false,
-      // Commands issued in the same tick (a stage's limits) share one round trip.
-      enableAutoPipelining: true,
+      // ioredis sends each command at once without waiting for earlier replies, so a stage's
+      // limits already share one round trip. Auto-pipelining (one write per tick) measured slower
+      // here: 14.5 against 8.7 µs of CPU per call, and 2-11 % fewer messages/s with a rate limit.
+      enableAutoPipelining: false,
     };
     let client: Redis | Cluster;
     if (opts.cluster?.length) {
       client = new Cluster(opts.cluster.map(hostPort), {
         redisOptions: common,
         enableOfflineQueue: false,
-        enableAutoPipelining: true,
+        enableAutoPipelining: false,
         clusterRetryStrategy: (times) => Math.min(times * 100, 2000),
       });
     } else if (opts.sentinels?.length) {
