@@ -234,6 +234,17 @@ async function latency(cfg: string, d: Doorman, sinkPort: number, saturating: nu
   };
 }
 
+/** Notes on doorman's (a) and (b) rows: its throughput as a multiple of a peer's in the same run. */
+function compareWith(rows: Row[], peerConfig: string, label: string, digits: number): void {
+  for (const w of ['(a) one message per connection', '(b) many messages per session']) {
+    const peer = rows.find((r) => r.workload === w && r.config === peerConfig);
+    if (!peer) continue;
+    for (const r of rows.filter((x) => x.workload === w && (x.config === 'no rules' || x.config === 'default rules'))) {
+      r.note = `${r.note ? `${r.note}; ` : ''}${(r.doorman / peer.doorman).toFixed(digits)}× ${label}`;
+    }
+  }
+}
+
 async function main(): Promise<void> {
   const sinkPort = await freePort();
   const sink: Proc = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-c', `127.0.0.1:${sinkPort}`, '1024']);
@@ -302,12 +313,7 @@ async function main(): Promise<void> {
     } finally {
       await h.stop();
     }
-    for (const w of ['(a) one message per connection', '(b) many messages per session']) {
-      const peer = rows.find((r) => r.workload === w && r.config === cfg);
-      for (const r of rows.filter((x) => x.workload === w && x.config !== cfg)) {
-        if (peer) r.note = `${(r.doorman / peer.doorman).toFixed(1)}× Haraka`;
-      }
-    }
+    compareWith(rows, cfg, 'Haraka', 1);
   }
   if (process.env.BENCH_PIPE === '1' && (only('a') || only('b'))) {
     // Calibration: a raw Node byte pipe (no SMTP) in front of the same sink, same load.
@@ -322,12 +328,7 @@ async function main(): Promise<void> {
     } finally {
       await pipe.stop();
     }
-    for (const w of ['(a) one message per connection', '(b) many messages per session']) {
-      const peer = rows.find((r) => r.workload === w && r.config === cfg);
-      for (const r of rows.filter((x) => x.workload === w && (x.config === 'no rules' || x.config === 'default rules'))) {
-        if (peer) r.note = `${r.note ? `${r.note}; ` : ''}${(r.doorman / peer.doorman).toFixed(2)}× the raw pipe`;
-      }
-    }
+    compareWith(rows, cfg, 'the raw pipe', 2);
   }
   // (d) on a fresh instance, with a Node backend: smtp-sink's event loop stops near 1000 sessions.
   if (only('d')) {

@@ -224,33 +224,34 @@ export class BackendConnection extends EventEmitter {
     let heloSent = false;
     if (allowed) {
       const attrs: string[] = [];
-      const add = (k: string, v: string | number | undefined) => {
-        if (v !== undefined && allowed.has(k)) attrs.push(`${k}=${xtext(String(v))}`);
+      const add = (list: string[], k: string, v: string | number | undefined) => {
+        if (v !== undefined && allowed.has(k)) list.push(`${k}=${xtext(String(v))}`);
       };
-      add('ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
-      add('PORT', client.port);
-      add('NAME', client.name ?? '[UNAVAILABLE]');
-      add('DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
-      add('DESTPORT', client.destPort);
+      add(attrs, 'ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
+      add(attrs, 'PORT', client.port);
+      add(attrs, 'NAME', client.name ?? '[UNAVAILABLE]');
+      add(attrs, 'DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
+      add(attrs, 'DESTPORT', client.destPort);
       // The HELO name stands for the EHLO only with the protocol (PROTO: whether it was HELO or
       // EHLO), when the operator allows it (xclientHelo), and within Postfix's limits: HELO names
       // of up to 255 characters, command lines of up to 512. Otherwise the EHLO follows.
-      const heloAttrs = ` HELO=${xtext(helo.name)} PROTO=${helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP'}`;
-      const fits = `XCLIENT ${attrs.join(' ')}${heloAttrs}`.length <= MAX_COMMAND_LINE - 2;
-      if (this.opts.xclientHelo && allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255 && fits) {
-        add('HELO', helo.name);
-        add('PROTO', helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP');
+      const hello: string[] = [];
+      if (this.opts.xclientHelo && allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255) {
+        add(hello, 'HELO', helo.name);
+        add(hello, 'PROTO', helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP');
+      }
+      if (hello.length && `XCLIENT ${[...attrs, ...hello].join(' ')}`.length <= MAX_COMMAND_LINE - 2) {
+        attrs.push(...hello);
         heloSent = true;
       }
-      if (attrs.length > 0) {
-        const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
-        // Postfix answers 220 (a new greeting); smtp-sink answers 250.
-        if (replyClass(r) !== 2) {
-          this.destroy();
-          throw new BackendError('refused', `XCLIENT ${r.code}`, r);
-        }
-        this.inTransaction = false;
-      } else heloSent = false;
+      // ADDR is always among them (xclientAllowed is only set when the backend lists it).
+      const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
+      // Postfix answers 220 (a new greeting).
+      if (replyClass(r) !== 2) {
+        this.destroy();
+        throw new BackendError('refused', `XCLIENT ${r.code}`, r);
+      }
+      this.inTransaction = false;
     }
     if (heloSent) return null;
     const r = await this.command(`${helo.verb} ${helo.name}`);

@@ -84,24 +84,13 @@ function runTier(rules: readonly LoadedRule[], event: SessionEvent, hooks: Runne
       return { ok: false, err };
     }
   });
-  if (called.every((c) => !c.ok || (!(c.value instanceof Promise) && !isObservable(c.value)))) {
-    const outcomes = called.map((c, i) => {
-      const lr = rules[i]!;
-      const ms = performance.now() - started;
-      if (!c.ok) return record(errorOutcome(lr, event.stage, c.err, ms, hooks), hooks);
-      try {
-        return record(findingOutcome(lr, event.stage, c.value as Finding, ms), hooks);
-      } catch (err) {
-        // A malformed finding (a rule bug) is the rule's error, as on the asynchronous path.
-        return record(errorOutcome(lr, event.stage, err, ms, hooks), hooks);
-      }
-    });
-    return combine(outcomes, event.session.acceptedBy);
-  }
-  // Promises only (DNS, Redis): each raced against its rule's deadline with one timer. Observables
-  // go through the RxJS pipeline (take the first value, complete-empty is a pass).
+  // Observables go through the RxJS pipeline (first value, complete-empty is a pass). Values and
+  // Promises are settled here: values at once, Promises raced against their rule's deadline with
+  // one timer each — a tier of values is combined without any Promise.
   if (called.every((c) => !c.ok || !isObservable(c.value))) {
-    return Promise.all(called.map((c, i) => settle(rules[i]!, event.stage, c, started, hooks))).then((outcomes) => combine(outcomes, event.session.acceptedBy));
+    const outcomes = called.map((c, i) => settle(rules[i]!, event.stage, c, started, hooks));
+    if (outcomes.every((o): o is RuleOutcome => !(o instanceof Promise))) return combine(outcomes, event.session.acceptedBy);
+    return Promise.all(outcomes).then((list) => combine(list, event.session.acceptedBy));
   }
   return firstValueFrom(runStage(rules, event, hooks, called));
 }
@@ -112,6 +101,7 @@ function settle(lr: LoadedRule, stage: Stage, c: Called, started: number, hooks:
     try {
       return record(findingOutcome(lr, stage, f as Finding, performance.now() - started), hooks);
     } catch (err) {
+      // A malformed finding (a rule bug) is the rule's error, as on the RxJS path.
       return record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks);
     }
   };

@@ -32,9 +32,9 @@ import { LRUCache } from 'lru-cache';
 import { z } from 'zod';
 import ipaddr from 'ipaddr.js';
 import { isNoRecord, reversedName, withTimeout, type DnsResolver } from '../net/dns.js';
-import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec, type RuleDeps } from '../pipeline/rule.js';
+import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { echo, replyTemplate } from './shared.js';
+import { fillReply, replyTemplate } from './shared.js';
 
 /** `127.0.0.2`, `127.0.0.[2..11]`, `127.0.[0..1].[2..255]`, `127.0.0.0/24`. */
 export type AnswerFilter = (ip: string) => boolean;
@@ -138,11 +138,8 @@ interface Lookup {
   state: 'ok' | 'none';
 }
 
-/** One zone's lookup for a session, and its answer once it is in. */
-interface Pending {
-  answer: Promise<ZoneAnswer>;
-  settled: ZoneAnswer | null;
-}
+/** One zone's lookup for a session: the answer, or the lookup until it is in (then replaced). */
+type Pending = ZoneAnswer | Promise<ZoneAnswer>;
 
 /** Lookups shared by every session: one query per name in flight, answers cached for their TTL. */
 class ListResolver {
@@ -252,10 +249,11 @@ export const dnsblRule = defineRuleType({
       for (const z of zones) {
         const subject = value === null ? null : subjectFor(z, kind, value);
         if (subject !== null) {
-          const a = queryZone(z, subject, lists, deps);
-          const item: Pending = a instanceof Promise ? { answer: a, settled: null } : { answer: Promise.resolve(a), settled: a };
-          if (a instanceof Promise) void a.then((x) => (item.settled = x));
-          entry[kind].push(item);
+          const list = entry[kind];
+          const at = list.push(queryZone(z, subject, lists, deps)) - 1;
+          const a = list[at];
+          // Once in, the answer replaces its lookup (unless a newer HELO/MAIL replaced the list).
+          if (a instanceof Promise) void a.then((x) => (list[at] = x));
         }
       }
       pending.set(sessionId, entry);
@@ -313,8 +311,8 @@ export const dnsblRule = defineRuleType({
     const verdict = (sessionId: string, ip: string): Finding | Promise<Finding> => {
       const entry = pending.get(sessionId);
       const all = entry ? [...entry.ip, ...entry.helo, ...entry.sender] : [];
-      if (all.every((x) => x.settled)) return decide(all.map((x) => x.settled as ZoneAnswer), ip);
-      return Promise.all(all.map((x) => x.answer)).then((answers) => decide(answers, ip));
+      if (all.every((x): x is ZoneAnswer => !(x instanceof Promise))) return decide(all, ip);
+      return Promise.all(all).then((answers) => decide(answers, ip));
     };
     const decide = (answers: readonly ZoneAnswer[], ip: string): Finding => {
       let score = 0;
@@ -334,8 +332,8 @@ export const dnsblRule = defineRuleType({
         const top = hits.filter((h) => h.zone.cfg.weight > 0).sort((a, b) => b.zone.cfg.weight - a.zone.cfg.weight)[0] ?? hits[0];
         const code = top?.codes[0] ?? '';
         const text = top?.zone.cfg.replies[code];
-        const spec = s.reply.replace('{ip}', echo(ip)).replace('{zone}', top?.zone.name ?? '').replace('{text}', text ? `; ${echo(text)}` : '');
-        return { kind: 'reject', reason: `score ${score} ≥ ${s.threshold}: ${names}`, reply: parseReplySpec(spec) as ReplySpec };
+        const reply = fillReply(s.reply, { ip, zone: top?.zone.name ?? '', text: text ? `; ${text}` : '' });
+        return { kind: 'reject', reason: `score ${score} ≥ ${s.threshold}: ${names}`, reply };
       }
       if (failed) {
         return { kind: 'tempfail', reason: `${failed.zone.name} ${failed.result}: ${failed.detail ?? ''}`, reply: { code: 451, enhanced: '4.7.1', text: 'Temporary lookup failure, try again later' } };

@@ -110,48 +110,46 @@ export const ratelimitRule = defineRuleType({
     const op = (o: string) => deps.metrics.storeOps.inc({ op: o, store: deps.store.kind });
 
     const hasConcurrency = s.limits.some((l) => l.count === 'concurrency');
-    /** Stages with nothing to do here answer at once (no Promise): the runner skips its scheduler. */
+    /** Stages with nothing to do here answer at once (no Promise): the runner skips its timer. */
     const check = (ev: SessionEvent): Finding | Promise<Finding> => {
-      const id = ev.session.id;
-      if (ev.stage === 'quit' && !held.has(id)) {
-        charged.delete(id);
-        return PASS;
-      }
-      if (ev.stage === 'mail' && !hasConcurrency) {
-        charged.delete(id);
-        return PASS;
-      }
-      const connect = ev.stage === 'connect';
-      if ((ev.stage === 'connect' || ev.stage === 'rcpt') && !s.limits.some((l) => connect === (l.count !== 'messages') && subject(l, ev) !== null)) return PASS;
-      return checkAsync(ev);
-    };
-    const checkAsync = async (ev: SessionEvent): Promise<Finding> => {
       const id = ev.session.id;
       if (ev.stage === 'quit') {
         charged.delete(id);
-        const keys = held.get(id);
-        held.delete(id);
-        // Give slots back; a failure here only delays their expiry.
-        for (const k of keys ?? []) await deps.store.release(k, id).catch(() => undefined);
-        return PASS;
+        return held.has(id) ? release(id) : PASS;
       }
       if (ev.stage === 'mail') {
         charged.delete(id);
-        for (const l of s.limits) {
-          if (l.count !== 'concurrency') continue;
-          const subj = subject(l, ev);
-          if (subj !== null) await deps.store.acquire(keyOf(l, subj), id, l.limit, s.slotLifetime).catch(() => undefined);
-        }
-        return PASS;
+        return hasConcurrency ? acquireSlots(ev) : PASS;
       }
+      // connect: connection and concurrency limits; rcpt: message limits. Each key computed once.
       const connect = ev.stage === 'connect';
-      // All limits of this stage at once: with Redis they go out in one pipelined round trip.
+      const due: { l: LimitCfg; key: string }[] = [];
+      for (const l of s.limits) {
+        if (connect !== (l.count !== 'messages')) continue;
+        const subj = subject(l, ev);
+        if (subj !== null) due.push({ l, key: keyOf(l, subj) });
+      }
+      return due.length ? charge(id, due, connect) : PASS;
+    };
+    /** quit: slots given back; a failure here only delays their expiry. */
+    const release = async (id: string): Promise<Finding> => {
+      const keys = held.get(id);
+      held.delete(id);
+      for (const k of keys ?? []) await deps.store.release(k, id).catch(() => undefined);
+      return PASS;
+    };
+    const acquireSlots = async (ev: SessionEvent): Promise<Finding> => {
+      for (const l of s.limits) {
+        if (l.count !== 'concurrency') continue;
+        const subj = subject(l, ev);
+        if (subj !== null) await deps.store.acquire(keyOf(l, subj), ev.session.id, l.limit, s.slotLifetime).catch(() => undefined);
+      }
+      return PASS;
+    };
+    /** All limits of a stage at once: with Redis they go out together, one round trip. */
+    const charge = async (id: string, due: readonly { l: LimitCfg; key: string }[], connect: boolean): Promise<Finding> => {
       const outcomes = await Promise.all(
-        s.limits.map(async (l): Promise<Finding> => {
-          if (connect !== (l.count !== 'messages')) return PASS;
-          const subj = subject(l, ev);
-          if (subj === null) return PASS;
-          const key = keyOf(l, subj);
+        due.map(async ({ l, key }): Promise<Finding> => {
           try {
             if (l.count === 'concurrency') {
               op('acquire');

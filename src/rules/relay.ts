@@ -24,11 +24,11 @@
  */
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
-import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
+import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import type { ParsedPath } from '../smtp/address.js';
 import { DomainList } from './match.js';
-import { cidrList, domainList, echo, replyTemplate } from './shared.js';
+import { cidrList, domainList, echo, fillReply, replyTemplate } from './shared.js';
 
 export const DEFAULT_RELAY_REPLY = '554 5.7.1 <{address}>: Relay access denied';
 
@@ -65,8 +65,6 @@ export const relayRule = defineRuleType({
   create(name, s) {
     const local = new DomainList(s.localDomains);
     const networks = s.relayNetworks.map(parseCidr);
-    const template = s.relayReply;
-    const relayReply = (address: string): ReplySpec => parseReplySpec(template.replace('{address}', echo(address))) as ReplySpec;
     return {
       name,
       type: 'relay',
@@ -81,7 +79,7 @@ export const relayRule = defineRuleType({
         }
         const p = ev.recipient;
         const trick = routingTrick(p, local);
-        if (trick) return { kind: 'reject', reason: trick, reply: relayReply(p.raw) };
+        if (trick) return { kind: 'reject', reason: trick, reply: fillReply(s.relayReply, { address: p.raw }) };
         const max = s.nullSenderMaxRecipients;
         if (max !== null && ev.session.sender?.isNull && ev.session.recipients.length >= max) {
           return { kind: 'reject', reason: 'null_sender_rcpts', reply: { code: 550, enhanced: '5.5.3', text: `<${echo(p.raw)}>: Too many recipients for the null sender` } };

@@ -15,10 +15,10 @@
  */
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
-import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
+import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from './match.js';
-import { cidrList, domainList, echo, replyTemplate } from './shared.js';
+import { cidrList, domainList, fillReply, replyTemplate } from './shared.js';
 
 
 const settings = z.strictObject({
@@ -42,8 +42,6 @@ export const senderRule = defineRuleType({
       const key = k.trim().toLowerCase().replace(/^@/, '');
       owners.set(key, (Array.isArray(v) ? v : [v]).map((x) => x.toLowerCase()));
     }
-    const fill = (t: string, address: string, login = ''): ReplySpec =>
-      parseReplySpec(t.replace('{address}', echo(address)).replace('{login}', echo(login))) as ReplySpec;
     return {
       name,
       type: 'sender',
@@ -58,10 +56,10 @@ export const senderRule = defineRuleType({
           const login = (auth.login ?? '').toLowerCase();
           const found = owners.get(`${p.local.toLowerCase()}@${p.domain}`) ?? owners.get(p.domain);
           if (found ? found.includes(login) : !s.requireOwnedSender) return PASS;
-          return { kind: 'reject', reason: 'login_mismatch', reply: fill(s.mismatchReply, p.raw, auth.login ?? '') };
+          return { kind: 'reject', reason: 'login_mismatch', reply: fillReply(s.mismatchReply, { address: p.raw, login: auth.login ?? '' }) };
         }
         if (inAnyCidr(ev.session.client, networks)) return PASS;
-        if (p.domain && local.has(p.domain)) return { kind: 'reject', reason: 'not_owned', reply: fill(s.notOwnedReply, p.raw) };
+        if (p.domain && local.has(p.domain)) return { kind: 'reject', reason: 'not_owned', reply: fillReply(s.notOwnedReply, { address: p.raw }) };
         return PASS;
       },
     };

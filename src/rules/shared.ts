@@ -1,12 +1,12 @@
 /**
  * shared.ts — what several rules need, kept out of the rules themselves (rules never import each
  * other): settings schemas for networks, domains and reply texts, the client-network key, host-name
- * syntax, and the sanitising of client text echoed in replies.
+ * syntax, reply templates and the sanitising of client text echoed in replies.
  */
 import ipaddr from 'ipaddr.js';
 import { z } from 'zod';
 import { parseCidr, type ClientAddress } from '../net/ip.js';
-import { parseReplySpec } from '../pipeline/rule.js';
+import { parseReplySpec, type ReplySpec } from '../pipeline/rule.js';
 import { isDomainPattern } from './match.js';
 
 /** A list of addresses / CIDRs (IPv4 and IPv6), each checked with ipaddr.js. */
@@ -29,6 +29,14 @@ export const domainList = z.array(z.string()).superRefine((list, ctx) => {
 export const replyTemplate = z
   .string()
   .refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes');
+
+/**
+ * A reply template (checked by `replyTemplate`) with its {placeholders} filled; each value is
+ * echoed (printable, at most 256 characters). Unknown placeholders stay as written.
+ */
+export function fillReply(template: string, values: Readonly<Record<string, string>>): ReplySpec {
+  return parseReplySpec(template.replace(/\{(\w+)\}/g, (m, k: string) => (k in values ? echo(values[k] ?? '') : m))) as ReplySpec;
+}
 
 /** Client text echoed in a reply: printable and at most 256 characters. */
 export function echo(raw: string): string {

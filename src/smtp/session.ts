@@ -402,7 +402,7 @@ export class Session {
     this.backendP?.then((b) => this.release(b), () => undefined);
     this.backendP = null;
     this.socket.destroy();
-    if (this.deps.rules.stages.has('quit') || this.events$.observed) {
+    if (this.heard('quit')) {
       const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
       this.events$.next(quit);
       // Bookkeeping only: quit-stage findings are ignored and cannot fail the session.
@@ -897,15 +897,15 @@ export class Session {
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
       headerRule: null,
-      ready: false,
+      // BDAT needs no 354: bytes may go at once.
+      ready: bdat,
       early: [],
       earlyBytes: 0,
       refused: null,
-      backendReply: bdat ? Promise.resolve(BDAT_READY) : b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
+      backendReply: bdat ? null : b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
     };
     this.data = d;
-    if (bdat) d.ready = true;
-    else void d.backendReply.then((r) => {
+    if (d.backendReply) void d.backendReply.then((r) => {
       if (this.data !== d) return;
       if (r.code === 354) {
         d.ready = true;
@@ -1088,25 +1088,7 @@ export class Session {
         r = v.reply;
         msg.rule = v.decidedBy ?? undefined;
       } else {
-        const b = this.backend;
-        const dataReply = await d.backendReply;
-        if (d.refused || dataReply.code !== 354) {
-          r = d.refused ?? dataReply;
-          // The backend still holds the transaction it refused DATA for.
-          if (!r.closes) b?.command('RSET').catch(() => undefined);
-        } else if (d.bdat) {
-          // A refused chunk decides the message: no LAST follows it. Otherwise the last chunk's
-          // reply is the message's fate (or, if it fails after an earlier chunk was refused in
-          // the meantime, that earlier refusal says why). A failed transaction is RSET.
-          if (d.bdatRefused) r = d.bdatRefused;
-          else {
-            const last = b?.alive ? await b.bdat(d.bdat.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-            r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
-          }
-          if (replyClass(r) !== 2 && !r.closes && b?.alive) b.command('RSET').catch(() => undefined);
-        } else {
-          r = b?.alive ? await b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-        }
+        r = d.bdat ? await this.endBdat(d, d.bdat) : await this.endDataCommand(d);
         const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
         if (q?.[1]) msg.queueId = q[1];
       }
@@ -1117,6 +1099,35 @@ export class Session {
     this.data = null;
     this.txn = null;
     this.queue('DATA_END', r);
+  }
+
+  /** The end of a message sent with DATA: its last bytes and the dot, once the backend's 354 came. */
+  private async endDataCommand(d: DataState): Promise<Reply> {
+    const b = this.backend;
+    const dataReply = (await d.backendReply) ?? R.backendTempfail();
+    if (d.refused || dataReply.code !== 354) {
+      const r = d.refused ?? dataReply;
+      // The backend still holds the transaction it refused DATA for.
+      if (!r.closes) b?.command('RSET').catch(() => undefined);
+      return r;
+    }
+    return b?.alive ? b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+  }
+
+  /**
+   * The end of a message sent with BDAT. A refused chunk decides the message: no LAST follows it.
+   * Otherwise the last chunk's reply is the message's fate (or, if it fails after an earlier chunk
+   * was refused in the meantime, that earlier refusal says why). A failed transaction is RSET.
+   */
+  private async endBdat(d: DataState, unstuffer: Unstuffer): Promise<Reply> {
+    const b = this.backend;
+    let r = d.bdatRefused;
+    if (!r) {
+      const last = b?.alive ? await b.bdat(unstuffer.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
+      r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
+    }
+    if (replyClass(r) !== 2 && !r.closes && b?.alive) b.command('RSET').catch(() => undefined);
+    return r;
   }
 
   private abortReply(d: DataState): Reply {
@@ -1161,8 +1172,13 @@ export class Session {
    * the stage or someone observes events$: a stage without rules costs nothing.
    */
   private runRules(stage: Stage, make: () => SessionEvent): StageVerdict | Promise<StageVerdict> {
-    if (!this.deps.rules.stages.has(stage) && !this.events$.observed) return EMPTY_VERDICT;
+    if (!this.heard(stage)) return EMPTY_VERDICT;
     return this.evaluateStage(stage, make());
+  }
+
+  /** A rule acts on the stage, or someone observes events$: only then is its event built. */
+  private heard(stage: Stage): boolean {
+    return this.deps.rules.stages.has(stage) || this.events$.observed;
   }
 
   private async evaluateStage(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
@@ -1244,9 +1260,6 @@ function nextSessionId(): string {
   return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
 }
 
-/** Stands for the backend's 354 when the message goes as BDAT (there is no DATA to answer). */
-const BDAT_READY: Reply = reply(354, '', 'BDAT');
-
 interface DataState {
   aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend' | 'backend_refused';
   /** Relayed as BDAT (RFC 3030): the stuffing is removed on the way; null for DATA. */
@@ -1260,7 +1273,8 @@ interface DataState {
   earlyBytes: number;
   /** The backend's refusal of DATA, answered after the client's end of data. */
   refused: Reply | null;
-  backendReply: Promise<Reply>;
+  /** The backend's reply to DATA; null when the message goes as BDAT (no DATA, no 354). */
+  backendReply: Promise<Reply> | null;
   /** Held header chunks while data_headers rules are pending; null when streaming. */
   pendingHeaders: Buffer[] | null;
   headerRule: { reply: Reply; rule: string } | null;
