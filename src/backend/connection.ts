@@ -42,6 +42,8 @@ export interface BackendOptions {
   xclientHelo: boolean;
   /** Relay DATA as BDAT to a backend that offers CHUNKING and PIPELINING. */
   chunking: boolean;
+  /** Answer MAIL locally and send it with the first RCPT to a backend that offers PIPELINING. */
+  deferMail: boolean;
   /** Send a PROXY protocol header to the backend. */
   proxyProtocol: 'off' | 'v1' | 'v2';
 }
@@ -267,10 +269,37 @@ export class BackendConnection extends EventEmitter {
     const verb = line.split(' ')[0] ?? line;
     // SASL responses are not commands: never let a credential become a metric label.
     const p = this.expect(timeout, /^[A-Z]{4,8}$/.test(verb) ? verb : 'AUTH_RESPONSE');
-    if (!this.failure) this.socket.write(`${line}\r\n`);
+    if (!this.failure) {
+      this.batch();
+      this.socket.write(`${line}\r\n`);
+    }
     if (verb === 'MAIL') this.inTransaction = true;
     else if (verb === 'RSET') this.inTransaction = false;
     return p;
+  }
+
+  private corked = false;
+
+  /**
+   * Commands issued in one turn of the event loop go out in one write: the socket is corked at the
+   * first and uncorked once the current work (its microtasks included) is done — before any wait
+   * for I/O, so a command is never held back from a reply it waits for. With PIPELINING that is a
+   * client's pipelined group (or a deferred MAIL with its RCPT) in one segment, not one per command.
+   */
+  private batch(): void {
+    if (this.corked) return;
+    this.corked = true;
+    const socket = this.socket; // STARTTLS replaces it; uncork the one corked
+    socket.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      socket.uncork();
+    });
+  }
+
+  /** The backend takes pipelined commands (RFC 2920). */
+  get pipelining(): boolean {
+    return this.caps.has('PIPELINING');
   }
 
   /** Writes message bytes (already dot-stuffed, CRLF). Returns false under back-pressure. */

@@ -53,6 +53,7 @@ export const configSchema = z.strictObject({
       xclient: z.boolean().default(BACKEND_DEFAULTS.xclient),
       xclientHelo: z.boolean().default(BACKEND_DEFAULTS.xclientHelo),
       chunking: z.boolean().default(BACKEND_DEFAULTS.chunking),
+      deferMail: z.boolean().default(BACKEND_DEFAULTS.deferMail),
       proxyProtocol: z.enum(['off', 'v1', 'v2']).default(BACKEND_DEFAULTS.proxyProtocol),
     })
     .prefault({}),

@@ -101,6 +101,7 @@ export const R = {
   lostBackend: (host: string) => reply(421, '4.4.2', `${host} Error: connection lost, try again later`),
   bye: (host: string) => reply(221, '2.0.0', `${host} closing connection`, true),
   noop: () => reply(250, '2.0.0', 'Ok'),
+  mailOk: () => reply(250, '2.1.0', 'Ok'),
   rsetOk: () => reply(250, '2.0.0', 'Ok'),
   help: () => reply(214, '2.0.0', 'See RFC 5321 and https://www.rfc-editor.org/'),
   vrfy: () => reply(252, '2.5.2', 'Cannot VRFY user, but will accept message and attempt delivery'),

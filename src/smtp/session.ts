@@ -64,6 +64,12 @@ interface Transaction {
   rcptForwarded: number;
   /** RCPT commands tried (any outcome). */
   rcptTried: number;
+  /** The MAIL command, while it waits to go to the backend with the first RCPT (backend.deferMail). */
+  mailLine: string | null;
+  /** The backend's answer to a deferred MAIL, once sent. */
+  mail: Promise<Reply> | null;
+  /** The backend refused the deferred MAIL: the answer to every RCPT of this transaction. */
+  mailRefused: Reply | null;
   tags: string[];
   log: TxnLog;
 }
@@ -689,9 +695,18 @@ export class Session {
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, tags: [...v.tags], log };
+    const line = formatMailRcpt('MAIL FROM', p.path, p.params);
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mailLine: null, mail: null, mailRefused: null, tags: [...v.tags], log };
     this.txn = txn;
-    const r = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
+    // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
+    // with the first RCPT the rules let through (a round trip less per message, none at all for a
+    // transaction whose recipients are all refused here). Its refusal of the sender is then the
+    // answer to that RCPT, as Postfix gives it with smtpd_delay_reject = yes.
+    if (this.deps.backend.deferMail && b.pipelining) {
+      txn.mailLine = line;
+      return answer(R.mailOk());
+    }
+    const r = b.command(line).then(
       (x) => {
         if (x.code !== 250 && this.txn === txn) this.txn = null;
         return x;
@@ -749,15 +764,35 @@ export class Session {
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
     if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
+    if (txn.mailRefused) return answer(txn.mailRefused);
+    if (txn.mailLine !== null) {
+      txn.mail = b.command(txn.mailLine).then(
+        (x) => {
+          txn.log.mail = x.code;
+          if (replyClass(x) !== 2) txn.mailRefused = x;
+          return x;
+        },
+        (e: unknown) => (txn.mailRefused = this.backendFailed(e)),
+      );
+      txn.mailLine = null;
+    }
     txn.rcptForwarded++;
     txn.tags.push(...v.tags);
-    const r = b.command(formatMailRcpt('RCPT TO', p.path, p.params)).then(
-      (x) => {
+    const mail = txn.mail;
+    const sent = b.command(formatMailRcpt('RCPT TO', p.path, p.params));
+    const r = sent.then(
+      async (x) => {
+        // The backend answers in order: MAIL's reply is in when RCPT's is.
+        const m = mail ? await mail : null;
+        if (m && replyClass(m) !== 2) {
+          txn.rcptForwarded--;
+          return m;
+        }
         if (replyClass(x) === 2) txn.rcpts.push(p.path);
         else txn.rcptForwarded--;
         return x;
       },
-      (e: unknown) => this.backendFailed(e),
+      async (e: unknown) => (mail && (await mail) && txn.mailRefused) || this.backendFailed(e),
     );
     answer(r);
   }

@@ -125,7 +125,9 @@ test('backend stalls on a command: 421 4.4.2 and the session ends', async () => 
   const c = await SmtpClient.connect(d.port);
   await c.reply();
   await c.ehlo();
-  const r = await c.cmd('MAIL FROM:<a@example.org>', 5000);
+  // MAIL is answered here and goes to the backend with the first RCPT (backend.deferMail).
+  assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+  const r = await c.cmd('RCPT TO:<b@example.com>', 5000);
   assert.equal(r.code, 421);
   assert.match(r.text, /^4\.4\.2 /);
   assert.equal(await c.waitClosed(), true);
@@ -198,13 +200,17 @@ test('RSET and NOOP with nothing to reset are answered by doorman; RSET inside a
     await c.ehlo('client.example.net');
     assert.equal((await c.cmd('RSET')).code, 250);
     assert.equal((await c.cmd('NOOP')).code, 250);
+    // A MAIL without a RCPT never reaches the backend (deferred): its RSET has nothing to reset there.
     assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+    assert.equal((await c.cmd('RSET')).code, 250);
+    assert.equal((await c.cmd('MAIL FROM:<b@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<c@example.com>')).code, 250);
     assert.equal((await c.cmd('RSET')).code, 250);
     assert.equal((await c.cmd('RSET')).code, 250);
     assert.equal((await c.cmd('QUIT')).code, 221);
-    await eventually(() => fb.commands.includes('MAIL FROM:<a@example.org>'));
+    await eventually(() => fb.commands.includes('RSET'));
     const after = fb.commands.slice(fb.commands.indexOf('EHLO client.example.net'));
-    assert.deepEqual(after, ['EHLO client.example.net', 'MAIL FROM:<a@example.org>', 'RSET'], 'one RSET reached the backend: the one that had a transaction to reset');
+    assert.deepEqual(after, ['EHLO client.example.net', 'MAIL FROM:<b@example.org>', 'RCPT TO:<c@example.com>', 'RSET'], 'one RSET reached the backend: the one that had a transaction to reset');
   } finally {
     await fb.close();
   }
@@ -240,6 +246,7 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
       await c.reply();
       assert.equal((await c.cmd(`EHLO ${name}`)).code, 250);
       assert.equal((await c.cmd('MAIL FROM:<x@example.org>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<y@example.com>')).code, 250);
       assert.equal((await c.cmd('QUIT')).code, 221);
       const start = fb.commands.map((l) => l.startsWith('XCLIENT ')).lastIndexOf(true);
       return fb.commands.slice(start, fb.commands.indexOf('MAIL FROM:<x@example.org>', start));

@@ -88,3 +88,90 @@ test('the backend receives the group pipelined (commands sent before earlier rep
     await fb.close();
   }
 });
+
+test('MAIL waits for the first RCPT and goes with it in one write (backend.deferMail); a MAIL without a RCPT never reaches the backend', async () => {
+  const fb: FakeBackend = await startFakeBackend('slow-replies');
+  const d = await startDoorman({ backendPort: fb.port, config: 'backend:\n  poolSize: 0\n' });
+  const eager = await startDoorman({ backendPort: fb.port, config: 'backend:\n  poolSize: 0\n  deferMail: false\n' });
+  try {
+    // A client that waits for every reply (no pipelining on its side).
+    const session = async (port: number, deferred: boolean) => {
+      const c = await SmtpClient.connect(port);
+      await c.reply();
+      await c.ehlo();
+      assert.equal((await c.cmd('MAIL FROM:<gone@example.org>')).code, 250);
+      assert.equal((await c.cmd('RSET')).code, 250);
+      const m = await c.cmd('MAIL FROM:<a@example.org>');
+      assert.equal(m.code, 250);
+      // Doorman's own answer, as Postfix words it; the fake backend says 2.0.0.
+      assert.match(m.text, deferred ? /^2\.1\.0 Ok/ : /^2\.0\.0 Ok/);
+      assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+      assert.equal((await c.cmd('DATA')).code, 354);
+      c.write('Subject: deferred\r\n\r\nbody\r\n.\r\n');
+      assert.equal((await c.reply()).code, 250);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+    };
+    await session(d.port, true);
+    assert.ok(fb.maxOutstanding >= 2, `MAIL and RCPT outstanding together at the backend (at most ${fb.maxOutstanding})`);
+    assert.ok(!fb.commands.includes('MAIL FROM:<gone@example.org>'), 'the MAIL that saw no RCPT stayed here');
+    assert.equal(fb.messages.length, 1);
+    fb.maxOutstanding = 0;
+    fb.commands.length = 0;
+    await session(eager.port, false);
+    assert.equal(fb.maxOutstanding, 1, 'deferMail: false waits for each reply');
+    assert.ok(fb.commands.includes('MAIL FROM:<gone@example.org>'));
+    assert.equal(fb.messages.length, 2);
+  } finally {
+    await eager.stop();
+    await d.stop();
+    await fb.close();
+  }
+});
+
+test('a sender the backend refuses at MAIL (smtpd_delay_reject = no): the deferred MAIL\'s refusal answers each RCPT, nothing is delivered, the session goes on', async () => {
+  const strict = await startPostfix({
+    relayPort: sink.port,
+    main: ['smtpd_delay_reject = no', 'smtpd_sender_restrictions = check_sender_access inline:{spammer@example.org=REJECT}'],
+  });
+  const d = await startDoorman({ backendPort: strict.port });
+  const eager = await startDoorman({ backendPort: strict.port, config: 'backend:\n  deferMail: false\n' });
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    await c.ehlo();
+    assert.equal((await c.cmd('MAIL FROM:<spammer@example.org>')).code, 250);
+    for (const rcpt of ['one@example.com', 'two@example.com']) {
+      const r = await c.cmd(`RCPT TO:<${rcpt}>`);
+      assert.equal(r.code, 554, r.text);
+      assert.match(r.text, /^5\.7\.1 <spammer@example\.org>: Sender address rejected: Access denied/);
+    }
+    assert.equal((await c.cmd('DATA')).code, 554);
+    assert.equal((await c.cmd('RSET')).code, 250);
+    assert.equal((await c.cmd('MAIL FROM:<fine@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<one@example.com>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write('Subject: fine\r\n\r\nbody\r\n.\r\n');
+    assert.equal((await c.reply()).code, 250);
+    assert.equal((await c.cmd('QUIT')).code, 221);
+    await sink.bySender('fine@example.org');
+    assert.equal(sink.messages().filter((m) => m.mail.includes('spammer@example.org')).length, 0);
+    // The session log keeps the backend's answer to the MAIL, not doorman's 250.
+    const [line] = await d.waitSessions(1);
+    assert.deepEqual(
+      (line?.transactions as { mail: number }[]).map((t) => t.mail),
+      [554, 250],
+    );
+    // deferMail: false: the refusal comes at MAIL.
+    const e = await SmtpClient.connect(eager.port);
+    await e.reply();
+    await e.ehlo();
+    const m = await e.cmd('MAIL FROM:<spammer@example.org>');
+    assert.equal(m.code, 554);
+    assert.match(m.text, /Sender address rejected/);
+    e.close();
+  } finally {
+    await eager.stop();
+    await d.stop();
+    await strict.stop();
+  }
+});
