@@ -702,7 +702,9 @@ export class Session {
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
     // transaction whose recipients are all refused here). Its refusal of the sender is then the
     // answer to that RCPT, as Postfix gives it with smtpd_delay_reject = yes.
-    if (this.deps.backend.deferMail && b.pipelining) {
+    // Only in an ESMTP session: after HELO the backend has not offered PIPELINING to this client
+    // (Postfix counts such commands as improper pipelining, smtpd_forbid_unauth_pipelining).
+    if (this.deps.backend.deferMail && this.esmtp && b.pipelining) {
       txn.mailLine = line;
       return answer(R.mailOk());
     }

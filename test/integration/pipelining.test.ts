@@ -115,6 +115,15 @@ test('MAIL waits for the first RCPT and goes with it in one write (backend.defer
     assert.ok(fb.maxOutstanding >= 2, `MAIL and RCPT outstanding together at the backend (at most ${fb.maxOutstanding})`);
     assert.ok(!fb.commands.includes('MAIL FROM:<gone@example.org>'), 'the MAIL that saw no RCPT stayed here');
     assert.equal(fb.messages.length, 1);
+    // After HELO the backend never offered PIPELINING to this client: no MAIL deferred, nothing pipelined.
+    fb.maxOutstanding = 0;
+    const h = await SmtpClient.connect(d.port);
+    await h.reply();
+    assert.equal((await h.cmd('HELO client.example.net')).code, 250);
+    assert.equal((await h.cmd('MAIL FROM:<h@example.org>')).text, '2.0.0 Ok');
+    assert.equal((await h.cmd('RCPT TO:<b@example.com>')).code, 250);
+    assert.equal((await h.cmd('QUIT')).code, 221);
+    assert.equal(fb.maxOutstanding, 1, 'one command at a time after HELO');
     fb.maxOutstanding = 0;
     fb.commands.length = 0;
     await session(eager.port, false);
