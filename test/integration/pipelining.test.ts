@@ -137,10 +137,15 @@ test('MAIL waits for the first RCPT and goes with it in one write (backend.defer
   }
 });
 
-test('a sender the backend refuses at MAIL (smtpd_delay_reject = no): the deferred MAIL\'s refusal answers each RCPT, nothing is delivered, the session goes on', async () => {
+test('a sender the backend refuses at MAIL (smtpd_delay_reject = no): the deferred MAIL\'s refusal answers each RCPT, nothing is delivered, the session goes on; Postfix never sees improper pipelining', async () => {
   const strict = await startPostfix({
     relayPort: sink.port,
-    main: ['smtpd_delay_reject = no', 'smtpd_sender_restrictions = check_sender_access inline:{spammer@example.org=REJECT}'],
+    main: [
+      'smtpd_delay_reject = no',
+      'smtpd_sender_restrictions = check_sender_access inline:{spammer@example.org=REJECT}',
+      // Postfix 3.9's default (3.7.6+ has it): a client that pipelines where it may not is dropped.
+      'smtpd_forbid_unauth_pipelining = yes',
+    ],
   });
   const d = await startDoorman({ backendPort: strict.port });
   const eager = await startDoorman({ backendPort: strict.port, config: 'backend:\n  deferMail: false\n' });
@@ -178,6 +183,18 @@ test('a sender the backend refuses at MAIL (smtpd_delay_reject = no): the deferr
     assert.equal(m.code, 554);
     assert.match(m.text, /Sender address rejected/);
     e.close();
+    // A HELO session: no PIPELINING was offered to it, so nothing goes pipelined.
+    const h = await SmtpClient.connect(d.port);
+    await h.reply();
+    assert.equal((await h.cmd('HELO old.example.net')).code, 250);
+    assert.equal((await h.cmd('MAIL FROM:<helo@example.org>')).code, 250);
+    assert.equal((await h.cmd('RCPT TO:<one@example.com>')).code, 250);
+    assert.equal((await h.cmd('DATA')).code, 354);
+    h.write('Subject: helo\r\n\r\nbody\r\n.\r\n');
+    assert.equal((await h.reply()).code, 250);
+    assert.equal((await h.cmd('QUIT')).code, 221);
+    await sink.bySender('helo@example.org');
+    assert.doesNotMatch(strict.log(), /improper command pipelining/);
   } finally {
     await eager.stop();
     await d.stop();
