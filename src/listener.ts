@@ -42,7 +42,7 @@ interface Bound {
   config: ListenerConfig;
   trusted: Cidr[];
   /** The local address when the listener is bound to one address (no getsockname per connection). */
-  local: { address: string; port: number; family: 4 | 6 } | null;
+  local: Endpoint | null;
   /** The session dependencies for this listener and the current rule set (built once per rule set). */
   deps: { rules: RuleSet; deps: SessionDeps } | null;
 }
@@ -106,7 +106,7 @@ export class Proxy {
       server.on('error', (e) => this.deps.log.error({ err: e.message, listener: runtime.name }, 'listener error'));
       const bound = server.address() as net.AddressInfo;
       if (net.isIP(hp.host) && !['0.0.0.0', '::'].includes(hp.host)) {
-        b.local = { address: unmap(bound.address), port: bound.port, family: net.isIPv4(unmap(bound.address)) ? 4 : 6 };
+        b.local = endpoint(bound.address, bound.port);
       }
       this.bound.push(b);
     }
@@ -128,12 +128,10 @@ export class Proxy {
     socket.on('error', () => undefined);
     const remote = socket.remoteAddress;
     if (!remote) return void socket.destroy();
-    const address = unmap(remote);
-    const local = b.local ?? { address: unmap(socket.localAddress ?? '0.0.0.0'), port: socket.localPort ?? 0, family: net.isIPv4(unmap(socket.localAddress ?? '0.0.0.0')) ? 4 : 6 };
+    const peer = endpoint(remote, socket.remotePort ?? 0);
+    const local = b.local ?? endpoint(socket.localAddress ?? '0.0.0.0', socket.localPort ?? 0);
     const direct: ProxiedAddress = {
-      address,
-      port: socket.remotePort ?? 0,
-      family: net.isIPv4(address) ? 4 : 6,
+      ...peer,
       destAddress: local.address,
       destPort: local.port,
       destFamily: local.family,
@@ -258,4 +256,16 @@ export class Proxy {
       await Promise.race([all, new Promise((r) => setTimeout(r, 3000))]);
     }
   }
+}
+
+interface Endpoint {
+  address: string;
+  port: number;
+  family: 4 | 6;
+}
+
+/** A socket address without the IPv4-mapped prefix, with its family. */
+function endpoint(raw: string, port: number): Endpoint {
+  const address = unmap(raw);
+  return { address, port, family: net.isIPv4(address) ? 4 : 6 };
 }

@@ -218,11 +218,9 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
 
   let metricsServer: import('node:http').Server | null = null;
   if (config.metrics.listen !== 'off' && !worker) {
-    const hp = parseHostPort(config.metrics.listen);
-    if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
+    const hp = metricsAddress(config.metrics.listen);
     metricsServer = await startMetricsServer(hp.host, hp.port, metrics.registry, async () => {
-      const targets = await pool.candidates();
-      const reachable = (await Promise.all(targets.map((t) => tcpReachable(t.host, t.port, 1000)))).some(Boolean);
+      const reachable = await anyBackendReachable(pool);
       const redis = store.kind === 'memory' ? 'not configured' : (await metrics.redisUp.get()).values[0]?.value === 1 ? 'reachable' : 'unreachable';
       return { ready: reachable && redis !== 'unreachable', checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable', redis } };
     });
@@ -245,6 +243,18 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       log.info('stopped');
     },
   };
+}
+
+function metricsAddress(listen: string): { host: string; port: number } {
+  const hp = parseHostPort(listen);
+  if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${listen}`);
+  return hp;
+}
+
+/** /readyz: at least one backend takes a TCP connection. */
+async function anyBackendReachable(pool: BackendPool): Promise<boolean> {
+  const targets = await pool.candidates();
+  return (await Promise.all(targets.map((t) => tcpReachable(t.host, t.port, 1000)))).some(Boolean);
 }
 
 function tcpReachable(host: string, port: number, timeout: number): Promise<boolean> {
@@ -286,13 +296,11 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   const agg = new AggregatorRegistry();
   let metricsServer: import('node:http').Server | null = null;
   if (config.metrics.listen !== 'off') {
-    const hp = parseHostPort(config.metrics.listen);
-    if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${config.metrics.listen}`);
+    const hp = metricsAddress(config.metrics.listen);
     const quiet = { warn: () => undefined, info: () => undefined };
     const pool = createBackendPool(loaded, createResolver({ servers: config.dns.servers, timeout: config.dns.timeout, tries: config.dns.tries }), createMetrics({ version: VERSION, defaults: false }), quiet as unknown as Logger);
     metricsServer = await startMetricsServer(hp.host, hp.port, { metrics: () => agg.clusterMetrics(), contentType: agg.contentType }, async () => {
-      const targets = await pool.candidates();
-      const reachable = (await Promise.all(targets.map((t) => tcpReachable(t.host, t.port, 1000)))).some(Boolean);
+      const reachable = await anyBackendReachable(pool);
       const workers = Object.values(cluster.workers ?? {}).filter((w) => w && !w.isDead()).length;
       return { ready: reachable && workers > 0, checks: { listeners: `${workers} worker(s)`, backend: reachable ? 'reachable' : 'unreachable' } };
     });

@@ -310,7 +310,7 @@ export class BackendConnection extends EventEmitter {
 
   /** BDAT is usable: the backend offers CHUNKING and PIPELINING (chunks go without waiting). */
   get chunking(): boolean {
-    return this.caps.has('CHUNKING') && this.caps.has('PIPELINING');
+    return this.caps.has('CHUNKING') && this.pipelining;
   }
 
   /**
@@ -336,7 +336,6 @@ export class BackendConnection extends EventEmitter {
     return p;
   }
 
-  /** Polite close: QUIT, then end the socket without waiting long. */
   /** No command is waiting for its reply. */
   get quiet(): boolean {
     return this.pending.length === 0 && this.failure === null;
@@ -351,6 +350,7 @@ export class BackendConnection extends EventEmitter {
     return this.quiet && this.opts.proxyProtocol === 'off';
   }
 
+  /** Polite close: QUIT, then end the socket without waiting long. */
   quit(): void {
     if (this.failure) return;
     this.command('QUIT', 2000).then(

@@ -131,19 +131,19 @@ export const ratelimitRule = defineRuleType({
       }
       return due.length ? charge(id, due, connect) : PASS;
     };
-    /** quit: slots given back; a failure here only delays their expiry. */
+    /** quit: slots given back, all at once (one round trip); a failure only delays their expiry. */
     const release = async (id: string): Promise<Finding> => {
-      const keys = held.get(id);
+      const keys = held.get(id) ?? [];
       held.delete(id);
-      for (const k of keys ?? []) await deps.store.release(k, id).catch(() => undefined);
+      await Promise.all(keys.map((k) => deps.store.release(k, id).catch(() => undefined)));
       return PASS;
     };
     const acquireSlots = async (ev: SessionEvent): Promise<Finding> => {
-      for (const l of s.limits) {
-        if (l.count !== 'concurrency') continue;
-        const subj = subject(l, ev);
-        if (subj !== null) await deps.store.acquire(keyOf(l, subj), ev.session.id, l.limit, s.slotLifetime).catch(() => undefined);
-      }
+      const keys = s.limits.flatMap((l) => {
+        const subj = l.count === 'concurrency' ? subject(l, ev) : null;
+        return subj === null ? [] : [{ l, key: keyOf(l, subj) }];
+      });
+      await Promise.all(keys.map(({ l, key }) => deps.store.acquire(key, ev.session.id, l.limit, s.slotLifetime).catch(() => undefined)));
       return PASS;
     };
     /** All limits of a stage at once: with Redis they go out together, one round trip. */

@@ -47,6 +47,8 @@ export interface DataEvent {
 const CR = 0x0d;
 const LF = 0x0a;
 const DOT = 0x2e;
+/** A line end followed by a stuffing dot. */
+const LF_DOT = Buffer.from('\n.');
 const CRLF = Buffer.from('\r\n');
 const STUFF = Buffer.from('.');
 
@@ -299,21 +301,21 @@ export class Unstuffer {
   /** Octets produced so far. */
   length = 0;
 
+  /** The chunks without their stuffing dots: cut only where a dot is removed, not at every line. */
   push(chunks: readonly Buffer[]): Buffer[] {
     const out: Buffer[] = [];
     for (const c of chunks) {
-      let i = 0;
-      while (i < c.length) {
-        if (this.lineStart && c[i] === DOT) i++;
-        this.lineStart = false;
-        if (i >= c.length) break;
-        const lf = c.indexOf(LF, i);
-        const end = lf < 0 ? c.length : lf + 1;
-        out.push(c.subarray(i, end));
-        this.length += end - i;
-        if (lf >= 0) this.lineStart = true;
-        i = end;
+      if (c.length === 0) continue;
+      let from = this.lineStart && c[0] === DOT ? 1 : 0;
+      let removed = from;
+      for (let at = c.indexOf(LF_DOT, from); at >= 0; at = c.indexOf(LF_DOT, from)) {
+        out.push(c.subarray(from, at + 1));
+        from = at + 2;
+        removed++;
       }
+      if (from < c.length) out.push(c.subarray(from));
+      this.length += c.length - removed;
+      this.lineStart = c[c.length - 1] === LF;
     }
     return out;
   }

@@ -64,11 +64,9 @@ interface Transaction {
   rcptForwarded: number;
   /** RCPT commands tried (any outcome). */
   rcptTried: number;
-  /** The MAIL command, while it waits to go to the backend with the first RCPT (backend.deferMail). */
-  mailLine: string | null;
-  /** The backend's answer to a deferred MAIL, once sent. */
+  /** The backend's answer to MAIL; null while a deferred MAIL waits for the first RCPT (backend.deferMail). */
   mail: Promise<Reply> | null;
-  /** The backend refused the deferred MAIL: the answer to every RCPT of this transaction. */
+  /** The backend refused the deferred MAIL (or was lost): the answer to every RCPT of this transaction. */
   mailRefused: Reply | null;
   tags: string[];
   log: TxnLog;
@@ -352,11 +350,14 @@ export class Session {
     if (this.data && !this.data.aborted) this.data.aborted = 'backend';
     // A closed socket never drains: read the client again (the rest of the message is discarded
     // and answered 451), instead of waiting for it until the data timeout.
-    if (this.backendCongested) {
-      this.backendCongested = false;
-      this.socket.resume();
-      this.pump();
-    }
+    if (this.backendCongested) this.uncongest();
+  }
+
+  /** Reads the client again after a back-pressure stop (the backend drained, closed, or refused). */
+  private uncongest(): void {
+    this.backendCongested = false;
+    this.socket.resume();
+    this.pump();
   }
 
   private attach(socket: net.Socket): void {
@@ -695,8 +696,7 @@ export class Session {
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const line = formatMailRcpt('MAIL FROM', p.path, p.params);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mailLine: null, mail: null, mailRefused: null, tags: [...v.tags], log };
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log };
     this.txn = txn;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
@@ -704,18 +704,27 @@ export class Session {
     // answer to that RCPT, as Postfix gives it with smtpd_delay_reject = yes.
     // Only in an ESMTP session: after HELO the backend has not offered PIPELINING to this client
     // (Postfix counts such commands as improper pipelining, smtpd_forbid_unauth_pipelining).
-    if (this.deps.backend.deferMail && this.esmtp && b.pipelining) {
-      txn.mailLine = line;
-      return answer(R.mailOk());
-    }
-    const r = b.command(line).then(
+    if (this.deps.backend.deferMail && this.esmtp && b.pipelining) return answer(R.mailOk());
+    txn.mail = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
       (x) => {
         if (x.code !== 250 && this.txn === txn) this.txn = null;
         return x;
       },
       (e: unknown) => this.backendFailed(e),
     );
-    answer(r);
+    answer(txn.mail);
+  }
+
+  /** A deferred MAIL goes to the backend (with the RCPT that follows it in the same write). */
+  private sendDeferredMail(b: BackendConnection, txn: Transaction): Promise<Reply> {
+    return b.command(formatMailRcpt('MAIL FROM', txn.sender, txn.params)).then(
+      (x) => {
+        txn.log.mail = x.code;
+        if (replyClass(x) !== 2) txn.mailRefused = x;
+        return x;
+      },
+      (e: unknown) => (txn.mailRefused = this.backendFailed(e)),
+    );
   }
 
   /** MAIL/RCPT parameters doorman lets through: only those of advertised extensions. */
@@ -767,36 +776,23 @@ export class Session {
     const b = this.backend;
     if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
     if (txn.mailRefused) return answer(txn.mailRefused);
-    if (txn.mailLine !== null) {
-      txn.mail = b.command(txn.mailLine).then(
-        (x) => {
-          txn.log.mail = x.code;
-          if (replyClass(x) !== 2) txn.mailRefused = x;
-          return x;
-        },
-        (e: unknown) => (txn.mailRefused = this.backendFailed(e)),
-      );
-      txn.mailLine = null;
-    }
+    txn.mail ??= this.sendDeferredMail(b, txn);
     txn.rcptForwarded++;
     txn.tags.push(...v.tags);
-    const mail = txn.mail;
-    const sent = b.command(formatMailRcpt('RCPT TO', p.path, p.params));
-    const r = sent.then(
-      async (x) => {
-        // The backend answers in order: MAIL's reply is in when RCPT's is.
-        const m = mail ? await mail : null;
-        if (m && replyClass(m) !== 2) {
-          txn.rcptForwarded--;
-          return m;
-        }
-        if (replyClass(x) === 2) txn.rcpts.push(p.path);
-        else txn.rcptForwarded--;
-        return x;
-      },
-      async (e: unknown) => (mail && (await mail) && txn.mailRefused) || this.backendFailed(e),
-    );
-    answer(r);
+    answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
+  }
+
+  /**
+   * The answer to a forwarded RCPT: the backend's, or — when it refused the deferred MAIL before it
+   * (or was lost) — that refusal, counted once. Replies come in order: MAIL's before this RCPT's.
+   */
+  private async rcptReply(txn: Transaction, path: ParsedPath, sent: Promise<Reply>): Promise<Reply> {
+    await txn.mail;
+    const x = await sent.catch((e: unknown) => txn.mailRefused ?? this.backendFailed(e));
+    const r = txn.mailRefused ?? x;
+    if (replyClass(r) === 2) txn.rcpts.push(path);
+    else txn.rcptForwarded--;
+    return r;
   }
 
   private onRset(c: Command): void {
@@ -951,20 +947,13 @@ export class Session {
         d.earlyBytes = 0;
         if (this.backendCongested && !this.backend?.alive) return;
         this.backendCongested = false;
-        for (const c of early) this.writeBackend(c);
-        if (!this.backendCongested) {
-          this.socket.resume();
-          this.pump();
-        }
+        this.writeBackend(early);
+        if (!this.backendCongested) this.uncongest();
       } else {
         d.refused = r;
         d.aborted ??= 'backend_refused';
         d.early = [];
-        if (this.backendCongested) {
-          this.backendCongested = false;
-          this.socket.resume();
-          this.pump();
-        }
+        if (this.backendCongested) this.uncongest();
       }
     });
     this.send(R.startData());
@@ -1059,11 +1048,7 @@ export class Session {
     if (this.backendCongested) return;
     this.backendCongested = true;
     this.socket.pause();
-    b.onceDrain(() => {
-      this.backendCongested = false;
-      this.socket.resume();
-      this.pump();
-    });
+    b.onceDrain(() => this.uncongest());
   }
 
   /** With data_headers rules: hold the header block, evaluate, then release it. */
@@ -1113,7 +1098,7 @@ export class Session {
     if (d.aborted === 'backend_refused') {
       // The backend refused DATA and never saw a byte; clear the transaction it still holds.
       r = this.abortReply(d);
-      if (!r.closes) this.backend?.command('RSET').catch(() => undefined);
+      this.resetRefused(r);
     } else if (d.aborted) {
       this.backend?.destroy();
       r = this.abortReply(d);
@@ -1144,8 +1129,7 @@ export class Session {
     const dataReply = (await d.backendReply) ?? R.backendTempfail();
     if (d.refused || dataReply.code !== 354) {
       const r = d.refused ?? dataReply;
-      // The backend still holds the transaction it refused DATA for.
-      if (!r.closes) b?.command('RSET').catch(() => undefined);
+      this.resetRefused(r);
       return r;
     }
     return b?.alive ? b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
@@ -1163,8 +1147,14 @@ export class Session {
       const last = b?.alive ? await b.bdat(unstuffer.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
       r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
     }
-    if (replyClass(r) !== 2 && !r.closes && b?.alive) b.command('RSET').catch(() => undefined);
+    if (replyClass(r) !== 2) this.resetRefused(r);
     return r;
+  }
+
+  /** The backend still holds the transaction whose data it refused: reset it (unless it is closing). */
+  private resetRefused(r: Reply): void {
+    const b = this.backend;
+    if (!r.closes && b?.alive) b.command('RSET').catch(() => undefined);
   }
 
   private abortReply(d: DataState): Reply {
