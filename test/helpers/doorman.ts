@@ -51,34 +51,48 @@ export async function startDoorman(opts: DoormanOptions): Promise<Doorman> {
   const rulesDir = path.join(work, 'rules');
   fs.mkdirSync(rulesDir);
   for (const [name, text] of Object.entries(opts.rules ?? {})) fs.writeFileSync(path.join(rulesDir, name), text);
-  const metricsPort = await freePort();
-  let listen = opts.listen ?? 'smtp://127.0.0.1:{PORT}';
-  const ports: number[] = [];
-  while (listen.includes('{PORT}')) {
-    const p = await freePort();
-    ports.push(p);
-    listen = listen.replace('{PORT}', String(p));
-  }
   const args = [path.join(ROOT, 'bin', 'doorman.js')];
   if (opts.config !== undefined) {
     const cfg = path.join(work, 'doorman.yaml');
     fs.writeFileSync(cfg, opts.config);
     args.push('--config', cfg);
   }
-  const env: Record<string, string> = {
-    PATH: process.env.PATH ?? '/usr/bin:/bin',
-    DOORMAN_LISTEN: listen,
-    DOORMAN_BACKEND: `127.0.0.1:${opts.backendPort}`,
-    DOORMAN_HOSTNAME: 'mx.doorman.test',
-    DOORMAN_RULES: rulesDir,
-    DOORMAN_METRICS_LISTEN: `127.0.0.1:${metricsPort}`,
-    DOORMAN_LOG_LEVEL: 'info',
-    // One process unless a test asks for workers (cluster.test.ts): logs and PIDs stay simple.
-    DOORMAN_WORKERS: '1',
-    ...opts.env,
-  };
-  const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });
-  await proc.waitFor(/"msg":"doorman started"/, 15_000);
+  // A free port can be taken by another process's outgoing connection (both come from the
+  // ephemeral range) before doorman binds it: then doorman exits with EADDRINUSE, and it is started
+  // again on new ports (bounded).
+  for (let attempt = 1; ; attempt++) {
+    const metricsPort = await freePort();
+    let listen = opts.listen ?? 'smtp://127.0.0.1:{PORT}';
+    const ports: number[] = [];
+    while (listen.includes('{PORT}')) {
+      const p = await freePort();
+      ports.push(p);
+      listen = listen.replace('{PORT}', String(p));
+    }
+    const env: Record<string, string> = {
+      PATH: process.env.PATH ?? '/usr/bin:/bin',
+      DOORMAN_LISTEN: listen,
+      DOORMAN_BACKEND: `127.0.0.1:${opts.backendPort}`,
+      DOORMAN_HOSTNAME: 'mx.doorman.test',
+      DOORMAN_RULES: rulesDir,
+      DOORMAN_METRICS_LISTEN: `127.0.0.1:${metricsPort}`,
+      DOORMAN_LOG_LEVEL: 'info',
+      // One process unless a test asks for workers (cluster.test.ts): logs and PIDs stay simple.
+      DOORMAN_WORKERS: '1',
+      ...opts.env,
+    };
+    const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });
+    try {
+      await proc.waitFor(/"msg":"doorman started"/, 15_000);
+      return handle(proc, ports, metricsPort, work, rulesDir);
+    } catch (err) {
+      if (attempt >= 3 || !proc.output().includes('EADDRINUSE')) throw err;
+      await proc.stop('SIGKILL', 2000);
+    }
+  }
+}
+
+function handle(proc: Proc, ports: number[], metricsPort: number, work: string, rulesDir: string): Doorman {
   const logs = (): LogLine[] =>
     proc
       .output()

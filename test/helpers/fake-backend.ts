@@ -5,6 +5,7 @@
  * minimal server so doorman reaches the state under test.
  */
 import net from 'node:net';
+import { trackCloser } from './procs.js';
 
 export type Fault =
   | 'none'
@@ -59,12 +60,15 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     maxOutstanding: 0,
     commands: [],
     fault,
+    // Once, whoever asks first: the test, or the file's cleanup (trackCloser) after a failure.
     close: () =>
-      new Promise((r) => {
+      (closing ??= new Promise((r) => {
         for (const s of sockets) s.destroy();
         server.close(() => r());
-      }),
+      })),
   };
+  let closing: Promise<void> | null = null;
+  trackCloser(state.close);
   const server = net.createServer((s) => {
     sockets.add(s);
     s.on('close', () => sockets.delete(s));

@@ -21,6 +21,7 @@ export interface Proc {
 
 const running = new Set<Proc>();
 const extraPids = new Set<number>();
+const closers = new Set<() => Promise<void>>();
 
 export function spawnProc(name: string, cmd: string, args: string[], opts: SpawnOptions = {}): Proc {
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
@@ -32,20 +33,23 @@ export function spawnProc(name: string, cmd: string, args: string[], opts: Spawn
   };
   child.stdout?.on('data', onOut);
   child.stderr?.on('data', onOut);
+  // Set before the waiters hear of the exit, so that waitFor rejects at once instead of at its timeout.
+  let done = false;
   const exited = new Promise<number | string>((resolve) => {
     child.once('exit', (code, sig) => {
+      done = true;
       running.delete(proc);
       for (const w of waiters) w();
       resolve(code ?? sig ?? -1);
     });
     child.once('error', (e) => {
       out += `spawn error: ${e.message}\n`;
+      done = true;
       running.delete(proc);
+      for (const w of waiters) w();
       resolve(-1);
     });
   });
-  let done = false;
-  void exited.then(() => (done = true));
   const proc: Proc = {
     name,
     child,
@@ -108,7 +112,17 @@ export function untrackPid(pid: number): void {
   extraPids.delete(pid);
 }
 
+/**
+ * An in-process server a test opened (the fake backend): closed at cleanup if a failed test left
+ * it open — an open server would keep the test file running until CI's own timeout.
+ */
+export function trackCloser(close: () => Promise<void>): void {
+  closers.add(close);
+}
+
 export async function stopAll(): Promise<void> {
+  await Promise.all([...closers].map((c) => c().catch(() => undefined)));
+  closers.clear();
   await Promise.all([...running].map((p) => p.stop('SIGKILL', 2000)));
   for (const pid of extraPids) {
     try {
