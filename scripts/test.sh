@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests run for real: Postfix (smtpd, smtp-sink, smtp-source), swaks,
-# Cyrus SASL (AUTH against Postfix), dnsmasq and rbldnsd (DNS records and lists), redis-server (shared state, Cluster, Sentinel), prometheus (dashboard queries), openssl (test certificates), script(1) from bsdutils.
-PACKAGES=(postfix swaks libsasl2-modules sasl2-bin dnsmasq-base rbldnsd redis-server redis-tools prometheus openssl bsdutils ca-certificates)
+# swaks's TLS (Net::SSLeay, not pulled in without recommends), Cyrus SASL (AUTH against Postfix), dnsmasq and rbldnsd (DNS records and lists), redis-server (shared state, Cluster, Sentinel), prometheus (dashboard queries), openssl (test certificates), script(1) from bsdutils.
+PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libsasl2-modules sasl2-bin dnsmasq-base rbldnsd redis-server redis-tools prometheus openssl bsdutils ca-certificates)
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 for p in "${PACKAGES[@]}"; do
