@@ -10,7 +10,8 @@ import { createMetrics } from '../../src/metrics/registry.js';
 
 const session: SessionSnapshot = {
   id: 't', client: parseAddress('192.0.2.1'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: null, esmtp: false, auth: null, sender: null, recipients: [], acceptedBy: null,
+  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
+  ended: new AbortController().signal,
 };
 const ev = (acceptedBy: string | null = null): SessionEvent => ({ stage: 'connect', session: { ...session, acceptedBy } });
 
