@@ -72,10 +72,19 @@ export const ratelimitRule = defineRuleType({
       deps.metrics.failClosed.inc({ rule: name }, 0);
       for (const l of s.limits) deps.metrics.rateLimited.inc({ rule: name, limit: l.name }, 0);
     }
-    /** Sessions holding concurrency slots: session id → keys held. */
-    const held = new Map<string, string[]>();
-    /** Transactions already charged per message: session id → sender of the charged transaction. */
-    const charged = new Map<string, Set<string>>();
+    /**
+     * Concurrency slots a session may hold — taken, being taken, or asked for by a command that
+     * failed after it may have reached the store: session id → keys. All are given back at quit.
+     */
+    const held = new Map<string, Set<string>>();
+    /**
+     * Per-message charges of the current transaction: session id → the transaction's number
+     * (SessionSnapshot.transaction) and the keys charged for it. Keyed on the number, not on the
+     * stages this rule hears: each MAIL starts a new transaction whatever the rule subscribes to.
+     */
+    const charged = new Map<string, { txn: number; keys: Set<string> }>();
+    /** What each event was charged, until the stage's verdict is known (refused → refunded). */
+    const spent = new WeakMap<SessionEvent, { refunded: boolean; charges: { l: LimitCfg; key: string }[] }>();
 
     const subject = (l: LimitCfg, ev: SessionEvent): string | null => {
       const sess = ev.session;
@@ -117,10 +126,7 @@ export const ratelimitRule = defineRuleType({
         charged.delete(id);
         return held.has(id) ? release(id) : PASS;
       }
-      if (ev.stage === 'mail') {
-        charged.delete(id);
-        return hasConcurrency ? acquireSlots(ev) : PASS;
-      }
+      if (ev.stage === 'mail') return hasConcurrency ? acquireSlots(ev) : PASS;
       // connect: connection and concurrency limits; rcpt: message limits. Each key computed once.
       const connect = ev.stage === 'connect';
       const due: { l: LimitCfg; key: string }[] = [];
@@ -129,42 +135,71 @@ export const ratelimitRule = defineRuleType({
         const subj = subject(l, ev);
         if (subj !== null) due.push({ l, key: keyOf(l, subj) });
       }
-      return due.length ? charge(id, due, connect) : PASS;
+      return due.length ? charge(ev, due, connect) : PASS;
     };
     /** quit: slots given back, all at once (one round trip); a failure only delays their expiry. */
     const release = async (id: string): Promise<Finding> => {
       const keys = held.get(id) ?? [];
       held.delete(id);
-      await Promise.all(keys.map((k) => deps.store.release(k, id).catch(() => undefined)));
+      await Promise.all([...keys].map((k) => deps.store.release(k, id).catch(() => undefined)));
       return PASS;
     };
+    /**
+     * Takes (or refreshes) one slot; false when the limit is reached. The key is recorded before
+     * the store is asked, so that quit gives it back even if the answer never came (a store
+     * timeout after Redis ran the script). A slot whose answer arrives after the session ended —
+     * the client left, or the rule's deadline passed and the session went on and ended — is given
+     * back at once: none outlives its session.
+     */
+    const take = async (ev: SessionEvent, l: LimitCfg, key: string): Promise<boolean> => {
+      const { id, ended } = ev.session;
+      if (ended.aborted) return true;
+      let keys = held.get(id);
+      if (!keys) held.set(id, (keys = new Set()));
+      const had = keys.has(key);
+      keys.add(key);
+      op('acquire');
+      try {
+        const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
+        if (!r.ok && !had) keys.delete(key);
+        return r.ok;
+      } finally {
+        if (ended.aborted) void deps.store.release(key, id).catch(() => undefined);
+      }
+    };
+    /** mail: the session's slots refreshed (a long session keeps them); never refuses. */
     const acquireSlots = async (ev: SessionEvent): Promise<Finding> => {
       const keys = s.limits.flatMap((l) => {
         const subj = l.count === 'concurrency' ? subject(l, ev) : null;
         return subj === null ? [] : [{ l, key: keyOf(l, subj) }];
       });
-      await Promise.all(keys.map(({ l, key }) => deps.store.acquire(key, ev.session.id, l.limit, s.slotLifetime).catch(() => undefined)));
+      await Promise.all(keys.map(({ l, key }) => take(ev, l, key).catch(() => undefined)));
       return PASS;
     };
     /** All limits of a stage at once: with Redis they go out together, one round trip. */
-    const charge = async (id: string, due: readonly { l: LimitCfg; key: string }[], connect: boolean): Promise<Finding> => {
+    const charge = async (ev: SessionEvent, due: readonly { l: LimitCfg; key: string }[], connect: boolean): Promise<Finding> => {
+      const { id, transaction, ended } = ev.session;
+      const record = { refunded: false, charges: [] as { l: LimitCfg; key: string }[] };
+      spent.set(ev, record);
       const outcomes = await Promise.all(
         due.map(async ({ l, key }): Promise<Finding> => {
           try {
-            if (l.count === 'concurrency') {
-              op('acquire');
-              const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
-              if (!r.ok) return over(l, true);
-              held.set(id, [...(held.get(id) ?? []), key]);
-              return PASS;
-            }
+            if (l.count === 'concurrency') return (await take(ev, l, key)) ? PASS : over(l, true);
             const perMessage = l.cost === 'message';
             // One charge per transaction and key when a message costs one.
-            if (perMessage && charged.get(id)?.has(key)) return PASS;
+            let txn = charged.get(id);
+            if (perMessage && txn?.txn === transaction && txn.keys.has(key)) return PASS;
             op('rate');
             const r = await deps.store.rate(key, l.window, l.limit, 1);
             if (!r.allowed) return over(l, connect);
-            if (perMessage) charged.set(id, (charged.get(id) ?? new Set<string>()).add(key));
+            // Refused meanwhile by another rule (an answer after the rule's deadline): given back.
+            if (record.refunded) refund(ev, l, key);
+            else record.charges.push({ l, key });
+            if (perMessage && !record.refunded && !ended.aborted) {
+              txn = charged.get(id);
+              if (txn?.txn !== transaction) charged.set(id, (txn = { txn: transaction, keys: new Set() }));
+              txn.keys.add(key);
+            }
             return PASS;
           } catch (err) {
             return storeDown(err, connect);
@@ -173,6 +208,21 @@ export const ratelimitRule = defineRuleType({
       );
       return outcomes.find((f) => f.kind !== 'pass') ?? PASS;
     };
+    /** One token given back (atomically in the store), and the transaction's charge forgotten. */
+    const refund = (ev: SessionEvent, l: LimitCfg, key: string): void => {
+      const txn = charged.get(ev.session.id);
+      if (txn?.txn === ev.session.transaction) txn.keys.delete(key);
+      op('refund');
+      deps.store.rate(key, l.window, l.limit, -1).catch(() => undefined);
+    };
+    /** The stage refused the event (greylisted, another limit, a DNSBL…): its tokens come back. */
+    const refused = (ev: SessionEvent): void => {
+      const record = spent.get(ev);
+      if (!record || record.refunded) return;
+      record.refunded = true;
+      for (const { l, key } of record.charges) refund(ev, l, key);
+      record.charges = [];
+    };
 
     return {
       name,
@@ -180,6 +230,7 @@ export const ratelimitRule = defineRuleType({
       stages: [...stages],
       bypassable: true,
       check,
+      refused,
       close() {
         held.clear();
         charged.clear();
