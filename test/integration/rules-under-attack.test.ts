@@ -6,13 +6,15 @@
  *   - nullSenderMaxRecipients counts pipelined recipients the backend has not answered yet;
  *   - an allowlist match at MAIL holds for its transaction only, not the rest of the session;
  *   - a concurrency slot taken late (store timeout, client gone) is given back at the session's end;
- *   - a greylisted recipient costs no rate-limit token.
+ *   - a greylisted recipient costs no rate-limit token;
+ *   - failed logins are counted across sessions (count: auth_failures), against Postfix with SASL.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { startDoorman } from '../helpers/doorman.js';
+import { startPostfix } from '../helpers/postfix.js';
 import { startRedis, type RedisServer } from '../helpers/redis.js';
 import { startSink, type Sink } from '../helpers/sink.js';
 import { SmtpClient } from '../helpers/smtp.js';
@@ -244,5 +246,57 @@ settings:
     assert.equal(await delivered('news@grey.example', 2), 2);
   } finally {
     await d.stop();
+  }
+});
+
+test('failed logins are counted across sessions: past 2, AUTH gets 454 4.7.0 before the backend; logins that succeed cost nothing', async () => {
+  const postfix = await startPostfix({ relayPort: sink.port, sasl: { alice: 'wonderland' } });
+  const LIMIT = `rule: ratelimit
+action: enforce
+settings:
+  limits:
+    - name: auth-failures
+      count: auth_failures
+      key: client
+      limit: 2
+      window: 3600000
+`;
+  const d = await startDoorman({
+    backendPort: postfix.port,
+    env: { DOORMAN_LISTEN: '' },
+    config: 'listen:\n  - address: 127.0.0.1:0\n    role: submission\n    authPlaintext: true\n',
+    rules: { 'ratelimit.yaml': LIMIT },
+  });
+  const port = (d.logs().find((l) => l.msg === 'doorman started')?.listeners as { port: number }[])[0]?.port ?? 0;
+  const plain = (password: string) => 'AUTH PLAIN ' + Buffer.from(`\0alice@backend.test\0${password}`).toString('base64');
+  const login = async (ip: string, password: string, mail = false): Promise<{ code: number; text: string }> => {
+    const c = await open(port, ip);
+    const r = await c.cmd(plain(password));
+    if (mail && r.code === 235) assert.equal((await c.cmd('MAIL FROM:<alice@example.org>')).code, 250);
+    c.send('QUIT');
+    await c.waitClosed();
+    return { code: r.code, text: r.text };
+  };
+  const failedAtBackend = () => postfix.log().split('\n').filter((l) => /\[127\.0\.0\.70\]: SASL PLAIN authentication failed/.test(l)).length;
+  try {
+    const guesses = [];
+    for (const pw of ['guess1', 'guess2', 'guess3', 'wonderland']) guesses.push(await login('127.0.0.70', pw));
+    assert.deepEqual(
+      guesses.map((g) => g.code),
+      [535, 535, 454, 454],
+    );
+    assert.equal(guesses[2]?.text, '4.7.0 Temporary authentication failure, try again later');
+    assert.ok(await eventually(() => failedAtBackend() === 2, 3000), `Postfix saw ${failedAtBackend()} failed logins from 127.0.0.70, expected 2`);
+    // Another client logs in successfully three times (the first goes on to MAIL): none counted.
+    const ok = [await login('127.0.0.71', 'wonderland', true), await login('127.0.0.71', 'wonderland'), await login('127.0.0.71', 'wonderland')];
+    assert.deepEqual(
+      ok.map((g) => g.code),
+      [235, 235, 235],
+    );
+    assert.equal((await login('127.0.0.71', 'bad')).code, 535, 'its own failures are still let through up to the limit');
+    assert.equal(await d.metric('doorman_ratelimit_exceeded_total', { limit: 'auth-failures' }), 2);
+  } finally {
+    await d.stop();
+    await postfix.stop();
   }
 });
