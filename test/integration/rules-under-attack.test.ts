@@ -244,6 +244,9 @@ settings:
     c.close();
     assert.deepEqual(codes, [250, 250, 450], 'two messages within the limit, the third over it');
     assert.equal(await delivered('news@grey.example', 2), 2);
+    // One rate-limit script per recipient checked; a refund only for the three greylisted ones.
+    assert.equal(await d.metric('doorman_store_operations_total', { op: 'rate', store: 'redis' }), 6);
+    assert.equal(await d.metric('doorman_store_operations_total', { op: 'refund', store: 'redis' }), 3);
   } finally {
     await d.stop();
   }
