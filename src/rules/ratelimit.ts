@@ -78,7 +78,7 @@ const addr = (p: ParsedPath | null) => (!p || p.isNull ? '<>' : `${p.local.toLow
 
 export const ratelimitRule = defineRuleType({
   type: 'ratelimit',
-  description: 'Connection, concurrency and message rate limits per client, sender, domain, recipient or login',
+  description: 'Connection, concurrency, message and failed-login limits per client, sender, domain, recipient or login',
   settings,
   create(name, s, deps) {
     const stages = new Set<Counted | 'mail' | 'quit'>();
