@@ -71,7 +71,7 @@ interface Transaction {
   tags: string[];
   log: TxnLog;
   /** The rule whose `accept` at MAIL allowlisted this transaction (and no other). */
-  acceptedBy: string | null;
+  acceptedBy?: string;
 }
 
 /** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
@@ -704,8 +704,9 @@ export class Session {
     if (v.reply) return answer(v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log, acceptedBy: v.acceptedBy };
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log };
     this.txn = txn;
+    if (v.acceptedBy) txn.acceptedBy = v.acceptedBy;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
     // transaction whose recipients are all refused here). Its refusal of the sender is then the
