@@ -13,6 +13,8 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { RedisStore } from '../../src/store/redis.js';
+import { MemoryStore, type Store } from '../../src/store/store.js';
 import { startDoorman } from '../helpers/doorman.js';
 import { startPostfix } from '../helpers/postfix.js';
 import { startRedis, type RedisServer } from '../helpers/redis.js';
@@ -249,6 +251,29 @@ settings:
     assert.equal(await d.metric('doorman_store_operations_total', { op: 'refund', store: 'redis' }), 3);
   } finally {
     await d.stop();
+  }
+});
+
+test('a refund gives one token back in the Redis script as in the memory store, never beyond a full bucket', async () => {
+  const redisStore = new RedisStore({ url: redis.url, prefix: 'refund-test:', commandTimeout: 2000 });
+  try {
+    assert.ok(await redisStore.ready(5000));
+    for (const store of [redisStore, new MemoryStore()] as Store[]) {
+      const allowed = async (cost: number) => (await store.rate('k', 3_600_000, 3, cost)).allowed;
+      const burst = async () => {
+        const r: boolean[] = [];
+        for (let i = 0; i < 4; i++) r.push(await allowed(1));
+        return r;
+      };
+      assert.deepEqual(await burst(), [true, true, true, false], store.kind);
+      assert.equal((await store.rate('k', 3_600_000, 3, -1)).remaining, 1, `${store.kind}: one token back`);
+      assert.deepEqual([await allowed(1), await allowed(1)], [true, false], `${store.kind}: spent again`);
+      for (let i = 0; i < 5; i++) await store.rate('k', 3_600_000, 3, -1);
+      assert.equal(await store.inspect('k'), null, `${store.kind}: a full bucket is forgotten`);
+      assert.deepEqual(await burst(), [true, true, true, false], `${store.kind}: refunds never raise the burst`);
+    }
+  } finally {
+    await redisStore.close();
   }
 });
 
