@@ -229,7 +229,7 @@ export const ratelimitRule = defineRuleType({
       const { id, transaction, ended } = ev.session;
       const record: Spent = { refunded: false, charges: [] };
       spent.set(ev, record);
-      if (stage === 'auth') authAttempt.set(id, record);
+      if (stage === 'auth' && !ended.aborted) authAttempt.set(id, record);
       const outcomes = await Promise.all(
         due.map(async ({ l, key }): Promise<Finding> => {
           try {
