@@ -29,11 +29,27 @@ export interface SessionSnapshot {
   readonly esmtp: boolean;
   /** Set after the backend answered 235 to AUTH. */
   readonly auth: { readonly mechanism: string; readonly login: string | null } | null;
+  /**
+   * The transaction's number in this session: 1 from the first MAIL, one more at each MAIL (0
+   * before). State a rule keeps per transaction is keyed on it, never on the stages it hears.
+   */
+  readonly transaction: number;
   /** Current transaction (null outside one). */
   readonly sender: ParsedPath | null;
+  /** Recipients the backend accepted. */
   readonly recipients: readonly ParsedPath[];
-  /** The rule whose `accept` finding allowlisted this session, if any. */
+  /**
+   * Recipients of this transaction the rules let through: accepted by the backend, or still
+   * waiting for its answer (pipelined). At least `recipients.length`.
+   */
+  readonly recipientsForwarded: number;
+  /**
+   * The rule whose `accept` finding allowlisted the session (at connect or HELO: for the session)
+   * or this transaction (at MAIL: until its end, RSET or the next MAIL), if any.
+   */
   readonly acceptedBy: string | null;
+  /** Aborted when the session ends: work that outlives its event (a late store reply) checks it. */
+  readonly ended: AbortSignal;
 }
 
 interface Base {

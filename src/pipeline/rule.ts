@@ -45,6 +45,13 @@ export interface Rule {
   /** An `accept` finding from another rule overrides this rule's refusals. */
   readonly bypassable: boolean;
   check(event: SessionEvent): FindingResult;
+  /**
+   * Called by the runner when the stage's verdict refused `event` — by this rule or another
+   * (greylisting, a DNSBL, an access deny). A rule that spent something on the event (a rate-limit
+   * token) gives it back: only events let through are counted. Called once per refused event, for
+   * every rule of the stage (whether or not it answered in time); it must not throw (ignored).
+   */
+  refused?(event: SessionEvent): void;
   /** Releases timers or connections on reload/shutdown. */
   close?(): void;
   /**

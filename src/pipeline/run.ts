@@ -52,6 +52,28 @@ export function evaluate(
   // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
   const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable && event.stage !== 'quit'));
   if (applicable.length === 0) return EMPTY_VERDICT;
+  const v = evaluateRules(applicable, event, hooks);
+  return v instanceof Promise ? v.then((x) => settleRefused(applicable, event, x)) : settleRefused(applicable, event, v);
+}
+
+/**
+ * A refused event is told to every rule of its stage (Rule.refused): what a rule spent on it
+ * (a rate-limit token) is given back, so a greylisted recipient costs no rate-limit budget. The
+ * common path (nothing refused) costs nothing.
+ */
+function settleRefused(rules: readonly LoadedRule[], event: SessionEvent, v: StageVerdict): StageVerdict {
+  if (!v.reply || event.stage === 'quit') return v;
+  for (const lr of rules) {
+    try {
+      lr.rule.refused?.(event);
+    } catch {
+      // A rule's bookkeeping never fails the stage.
+    }
+  }
+  return v;
+}
+
+function evaluateRules(applicable: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
   const hard = applicable.filter((r) => !r.rule.bypassable);
   const soft = applicable.filter((r) => r.rule.bypassable);
   if (hard.length === 0 || soft.length === 0 || event.stage === 'quit') return runTier(applicable, event, hooks);

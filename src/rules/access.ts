@@ -9,9 +9,9 @@
  *   senders:    [{ allow|deny: address pattern or […], reply? }]   (patterns: rules/match.ts)
  *   recipients: [{ allow|deny: address pattern or […], reply? }]
  * Findings: deny → reject (the entry's reply, else the stage's default "Access denied");
- *   allow → accept (an allowlist: other rules' bypassable refusals are cancelled; a client,
- *   HELO or sender allow holds for the rest of the session, a recipient allow for that
- *   recipient only).
+ *   allow → accept (an allowlist: other rules' bypassable refusals are cancelled; a client or
+ *   HELO allow holds for the rest of the session, a sender allow for its transaction only (until
+ *   end of data, RSET or the next MAIL), a recipient allow for that recipient only).
  * Not bypassable: an explicit deny is the operator's word.
  * Metrics: doorman_rule_evaluations_total{rule}, doorman_rejections_total{rule}.
  * Errors: none expected (pure matching); the runner's onError applies regardless.

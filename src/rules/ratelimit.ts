@@ -9,21 +9,30 @@
  *                        instance dies)                                      → 421 4.7.0
  *          messages      mail per window, checked at RCPT so nothing is
  *                        accepted over the limit; `cost: message` counts one
- *                        per transaction (at its first recipient), `cost:
- *                        recipient` one per recipient                       → 450 4.7.1
+ *                        per transaction (at its first recipient; every MAIL
+ *                        starts a new one), `cost: recipient` one per
+ *                        recipient                                           → 450 4.7.1
+ *          auth_failures failed logins per window, checked at AUTH before the
+ *                        backend sees it: each attempt takes a token, one that
+ *                        succeeds gets it back (key client or login)         → 454 4.7.0
  *   key:   client (the client network: IPv6 by `ipv6Prefix`, default /64; IPv4 by `ipv4Prefix`,
  *          default /32), sender (the envelope sender, `<>` for bounces), sender_domain,
- *          recipient, login (authenticated sessions only).
+ *          recipient, login (authenticated sessions only; at AUTH the login an AUTH PLAIN
+ *          initial response names).
  * A limit of N per window W is a token bucket of N tokens refilling at N/W (GCRA, one atomic Lua
  * script per check, keys that always expire): N events pass in a burst, then one every W/N. A
- * refused event costs nothing. Replies are 4xx only (never 5xx) and name no internal detail.
+ * refused event costs nothing: neither one this rule refuses nor one another rule of the stage
+ * refuses (greylisted, a DNSBL listing) — its tokens are refunded (Rule.refused). Replies are 4xx
+ * only (never 5xx) and name no internal detail.
  * Store failure: `failMode: open` (default) passes and counts doorman_store_fail_open_total;
  * `closed` answers 451 4.3.0 (421 at connect). Checks never wait longer than the store's command
- * timeout. Bypassable: allowlisted sessions are not limited.
+ * timeout. A concurrency slot is given back when the session ends, also one the store granted
+ * after the rule's deadline or after the client left (SessionSnapshot.ended).
+ * Bypassable: allowlisted sessions are not limited.
  * Metrics: doorman_ratelimit_exceeded_total{rule,limit}, doorman_rejections_total.
  */
 import { z } from 'zod';
-import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
+import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { parseAddress } from '../net/ip.js';
 import { clientKey } from './shared.js';
@@ -32,13 +41,16 @@ import type { ParsedPath } from '../smtp/address.js';
 const limitSchema = z.strictObject({
   /** Name in logs, metrics and `doorman limits show`. */
   name: z.string().regex(/^[a-z0-9_-]+$/i),
-  count: z.enum(['connections', 'concurrency', 'messages']),
+  count: z.enum(['connections', 'concurrency', 'messages', 'auth_failures']),
   key: z.enum(['client', 'sender', 'sender_domain', 'recipient', 'login']).default('client'),
   limit: z.number().int().positive(),
   /** Window in ms (not used by concurrency). */
   window: z.number().int().positive().default(60_000),
   /** For messages: what one event costs. */
   cost: z.enum(['message', 'recipient']).default('message'),
+}).refine((l) => l.count !== 'auth_failures' || l.key === 'client' || l.key === 'login', {
+  message: 'auth_failures counts per client or login',
+  path: ['key'],
 });
 
 const settings = z.strictObject({
@@ -51,19 +63,29 @@ const settings = z.strictObject({
 });
 
 type LimitCfg = z.output<typeof limitSchema>;
+type Counted = 'connect' | 'auth' | 'rcpt';
+
+/** The stage each kind of limit is checked and charged at. */
+const STAGE_OF: Record<LimitCfg['count'], Counted> = { connections: 'connect', concurrency: 'connect', messages: 'rcpt', auth_failures: 'auth' };
+
+/** Tokens one event took: given back when the event is refused (or, at AUTH, succeeds). */
+interface Spent {
+  refunded: boolean;
+  charges: { l: LimitCfg; key: string }[];
+}
 
 const addr = (p: ParsedPath | null) => (!p || p.isNull ? '<>' : `${p.local.toLowerCase()}@${p.domain}`);
 
 export const ratelimitRule = defineRuleType({
   type: 'ratelimit',
-  description: 'Connection, concurrency and message rate limits per client, sender, domain, recipient or login',
+  description: 'Connection, concurrency, message and failed-login limits per client, sender, domain, recipient or login',
   settings,
   create(name, s, deps) {
-    const stages = new Set<'connect' | 'rcpt' | 'mail' | 'quit'>();
+    const stages = new Set<Counted | 'mail' | 'quit'>();
     for (const l of s.limits) {
-      if (l.count === 'messages') stages.add('rcpt');
-      else stages.add('connect');
-      if (l.count === 'concurrency') stages.add('mail');
+      stages.add(STAGE_OF[l.count]);
+      // mail: slots refreshed; a login that succeeded gets its AUTH token back.
+      if (l.count === 'concurrency' || l.count === 'auth_failures') stages.add('mail');
     }
     // quit: slots are given back and per-transaction charges forgotten (else they would pile up).
     stages.add('quit');
@@ -72,10 +94,25 @@ export const ratelimitRule = defineRuleType({
       deps.metrics.failClosed.inc({ rule: name }, 0);
       for (const l of s.limits) deps.metrics.rateLimited.inc({ rule: name, limit: l.name }, 0);
     }
-    /** Sessions holding concurrency slots: session id → keys held. */
-    const held = new Map<string, string[]>();
-    /** Transactions already charged per message: session id → sender of the charged transaction. */
-    const charged = new Map<string, Set<string>>();
+    /**
+     * Concurrency slots a session may hold — taken, being taken, or asked for by a command that
+     * failed after it may have reached the store: session id → keys. All are given back at quit.
+     */
+    const held = new Map<string, Set<string>>();
+    /**
+     * Per-message charges of the current transaction: session id → the transaction's number
+     * (SessionSnapshot.transaction) and the keys charged for it. Keyed on the number, not on the
+     * stages this rule hears: each MAIL starts a new transaction whatever the rule subscribes to.
+     */
+    const charged = new Map<string, { txn: number; keys: Set<string> }>();
+    /** What each event was charged, until the stage's verdict is known (refused → refunded). */
+    const spent = new WeakMap<SessionEvent, Spent>();
+    /**
+     * The last AUTH attempt's tokens: session id → its charges. Every attempt costs a token before
+     * it reaches the backend; the one that succeeded (snapshot.auth set) is given back at the next
+     * event this rule hears (MAIL, or the end of the session): only failures stay counted.
+     */
+    const authAttempt = new Map<string, Spent>();
 
     const subject = (l: LimitCfg, ev: SessionEvent): string | null => {
       const sess = ev.session;
@@ -89,23 +126,29 @@ export const ratelimitRule = defineRuleType({
         case 'recipient':
           return ev.stage === 'rcpt' ? addr(ev.recipient) : null;
         case 'login':
-          return sess.auth?.login?.toLowerCase() ?? null;
+          // At AUTH, the login the client names (AUTH PLAIN with an initial response), if any.
+          return (ev.stage === 'auth' ? ev.login : sess.auth?.login)?.toLowerCase() ?? null;
       }
     };
     const keyOf = (l: LimitCfg, subj: string) => `rl:{${name}:${l.name}:${subj}}`;
-    const over = (l: LimitCfg, connect: boolean): Finding => {
-      deps.metrics.rateLimited.inc({ rule: name, limit: l.name });
-      return connect
-        ? { kind: 'tempfail', reason: `${l.name} exceeded`, reply: { code: 421, enhanced: '4.7.0', text: 'Error: too many connections, try again later' } }
-        : { kind: 'tempfail', reason: `${l.name} exceeded`, reply: { code: 450, enhanced: '4.7.1', text: 'Error: too much mail, try again later' } };
+    const OVER: Record<Counted, ReplySpec> = {
+      connect: { code: 421, enhanced: '4.7.0', text: 'Error: too many connections, try again later' },
+      // RFC 4954 §6: 454 is AUTH's temporary failure.
+      auth: { code: 454, enhanced: '4.7.0', text: 'Temporary authentication failure, try again later' },
+      rcpt: { code: 450, enhanced: '4.7.1', text: 'Error: too much mail, try again later' },
     };
-    const storeDown = (err: unknown, connect: boolean): Finding => {
+    const over = (l: LimitCfg, stage: Counted): Finding => {
+      deps.metrics.rateLimited.inc({ rule: name, limit: l.name });
+      return { kind: 'tempfail', reason: `${l.name} exceeded`, reply: OVER[stage] };
+    };
+    const storeDown = (err: unknown, stage: Counted): Finding => {
       if (s.failMode === 'open') {
         deps.metrics.failOpen.inc({ rule: name });
         return PASS;
       }
       deps.metrics.failClosed.inc({ rule: name });
-      return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code: connect ? 421 : 451, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
+      const code = stage === 'connect' ? 421 : stage === 'auth' ? 454 : 451;
+      return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
     };
     const op = (o: string) => deps.metrics.storeOps.inc({ op: o, store: deps.store.kind });
 
@@ -114,64 +157,123 @@ export const ratelimitRule = defineRuleType({
     const check = (ev: SessionEvent): Finding | Promise<Finding> => {
       const id = ev.session.id;
       if (ev.stage === 'quit') {
+        loggedIn(ev);
+        authAttempt.delete(id);
         charged.delete(id);
         return held.has(id) ? release(id) : PASS;
       }
       if (ev.stage === 'mail') {
-        charged.delete(id);
+        loggedIn(ev);
         return hasConcurrency ? acquireSlots(ev) : PASS;
       }
-      // connect: connection and concurrency limits; rcpt: message limits. Each key computed once.
-      const connect = ev.stage === 'connect';
+      if (ev.stage !== 'connect' && ev.stage !== 'auth' && ev.stage !== 'rcpt') return PASS;
+      // connect: connection and concurrency limits; auth: failed logins; rcpt: message limits.
+      // Each key computed once.
+      const stage = ev.stage;
       const due: { l: LimitCfg; key: string }[] = [];
       for (const l of s.limits) {
-        if (connect !== (l.count !== 'messages')) continue;
+        if (STAGE_OF[l.count] !== stage) continue;
         const subj = subject(l, ev);
         if (subj !== null) due.push({ l, key: keyOf(l, subj) });
       }
-      return due.length ? charge(id, due, connect) : PASS;
+      return due.length ? charge(ev, due, stage) : PASS;
+    };
+    /** The session is authenticated: the token its successful AUTH attempt took is given back. */
+    const loggedIn = (ev: SessionEvent): void => {
+      const attempt = ev.session.auth ? authAttempt.get(ev.session.id) : undefined;
+      if (!attempt) return;
+      authAttempt.delete(ev.session.id);
+      giveBack(ev, attempt);
     };
     /** quit: slots given back, all at once (one round trip); a failure only delays their expiry. */
     const release = async (id: string): Promise<Finding> => {
       const keys = held.get(id) ?? [];
       held.delete(id);
-      await Promise.all(keys.map((k) => deps.store.release(k, id).catch(() => undefined)));
+      await Promise.all([...keys].map((k) => deps.store.release(k, id).catch(() => undefined)));
       return PASS;
     };
+    /**
+     * Takes (or refreshes) one slot; false when the limit is reached. The key is recorded before
+     * the store is asked, so that quit gives it back even if the answer never came (a store
+     * timeout after Redis ran the script). A slot whose answer arrives after the session ended —
+     * the client left, or the rule's deadline passed and the session went on and ended — is given
+     * back at once: none outlives its session.
+     */
+    const take = async (ev: SessionEvent, l: LimitCfg, key: string): Promise<boolean> => {
+      const { id, ended } = ev.session;
+      if (ended.aborted) return true;
+      let keys = held.get(id);
+      if (!keys) held.set(id, (keys = new Set()));
+      const had = keys.has(key);
+      keys.add(key);
+      op('acquire');
+      try {
+        const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
+        if (!r.ok && !had) keys.delete(key);
+        return r.ok;
+      } finally {
+        if (ended.aborted) void deps.store.release(key, id).catch(() => undefined);
+      }
+    };
+    /** mail: the session's slots refreshed (a long session keeps them); never refuses. */
     const acquireSlots = async (ev: SessionEvent): Promise<Finding> => {
       const keys = s.limits.flatMap((l) => {
         const subj = l.count === 'concurrency' ? subject(l, ev) : null;
         return subj === null ? [] : [{ l, key: keyOf(l, subj) }];
       });
-      await Promise.all(keys.map(({ l, key }) => deps.store.acquire(key, ev.session.id, l.limit, s.slotLifetime).catch(() => undefined)));
+      await Promise.all(keys.map(({ l, key }) => take(ev, l, key).catch(() => undefined)));
       return PASS;
     };
     /** All limits of a stage at once: with Redis they go out together, one round trip. */
-    const charge = async (id: string, due: readonly { l: LimitCfg; key: string }[], connect: boolean): Promise<Finding> => {
+    const charge = async (ev: SessionEvent, due: readonly { l: LimitCfg; key: string }[], stage: Counted): Promise<Finding> => {
+      const { id, transaction, ended } = ev.session;
+      const record: Spent = { refunded: false, charges: [] };
+      spent.set(ev, record);
+      if (stage === 'auth' && !ended.aborted) authAttempt.set(id, record);
       const outcomes = await Promise.all(
         due.map(async ({ l, key }): Promise<Finding> => {
           try {
-            if (l.count === 'concurrency') {
-              op('acquire');
-              const r = await deps.store.acquire(key, id, l.limit, s.slotLifetime);
-              if (!r.ok) return over(l, true);
-              held.set(id, [...(held.get(id) ?? []), key]);
-              return PASS;
-            }
+            if (l.count === 'concurrency') return (await take(ev, l, key)) ? PASS : over(l, stage);
             const perMessage = l.cost === 'message';
             // One charge per transaction and key when a message costs one.
-            if (perMessage && charged.get(id)?.has(key)) return PASS;
+            let txn = charged.get(id);
+            if (perMessage && txn?.txn === transaction && txn.keys.has(key)) return PASS;
             op('rate');
             const r = await deps.store.rate(key, l.window, l.limit, 1);
-            if (!r.allowed) return over(l, connect);
-            if (perMessage) charged.set(id, (charged.get(id) ?? new Set<string>()).add(key));
+            if (!r.allowed) return over(l, stage);
+            // Refused meanwhile by another rule (an answer after the rule's deadline): given back.
+            if (record.refunded) refund(ev, l, key);
+            else record.charges.push({ l, key });
+            if (perMessage && !record.refunded && !ended.aborted) {
+              txn = charged.get(id);
+              if (txn?.txn !== transaction) charged.set(id, (txn = { txn: transaction, keys: new Set() }));
+              txn.keys.add(key);
+            }
             return PASS;
           } catch (err) {
-            return storeDown(err, connect);
+            return storeDown(err, stage);
           }
         }),
       );
       return outcomes.find((f) => f.kind !== 'pass') ?? PASS;
+    };
+    /** One token given back (atomically in the store), and the transaction's charge forgotten. */
+    const refund = (ev: SessionEvent, l: LimitCfg, key: string): void => {
+      const txn = charged.get(ev.session.id);
+      if (txn?.txn === ev.session.transaction) txn.keys.delete(key);
+      op('refund');
+      deps.store.rate(key, l.window, l.limit, -1).catch(() => undefined);
+    };
+    /** The stage refused the event (greylisted, another limit, a DNSBL…): its tokens come back. */
+    const refused = (ev: SessionEvent): void => {
+      const record = spent.get(ev);
+      if (record) giveBack(ev, record);
+    };
+    const giveBack = (ev: SessionEvent, record: Spent): void => {
+      if (record.refunded) return;
+      record.refunded = true;
+      for (const { l, key } of record.charges) refund(ev, l, key);
+      record.charges = [];
     };
 
     return {
@@ -180,9 +282,11 @@ export const ratelimitRule = defineRuleType({
       stages: [...stages],
       bypassable: true,
       check,
+      refused,
       close() {
         held.clear();
         charged.clear();
+        authAttempt.clear();
       },
       admin: (args: readonly string[]) => adminKey(name, s.limits, args, keyOf, s.ipv4Prefix, s.ipv6Prefix),
     };

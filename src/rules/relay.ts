@@ -14,7 +14,9 @@
  *               double_at       `"user@other"@local`, a second @ in the local part
  *               address_literal `user@[192.0.2.1]`, `user@[IPv6:…]` unless listed in localDomains
  *               no_domain       `user` without a domain (only `postmaster` is accepted, RFC 5321 §4.5.1)
- *               null_sender_rcpts  more than `nullSenderMaxRecipients` recipients for `<>`
+ *               null_sender_rcpts  more than `nullSenderMaxRecipients` recipients for `<>`, counting
+ *                               every recipient let through (pipelined ones the backend has
+ *                               not answered yet too)
  * Settings: localDomains ([]), relayNetworks ([]), authenticatedMayRelay (true),
  *   requireAuthOn ([submission, smtps]), nullSenderMaxRecipients (null: no limit),
  *   relayReply ("554 5.7.1 <{address}>: Relay access denied"; {address} is replaced).
@@ -81,7 +83,7 @@ export const relayRule = defineRuleType({
         const trick = routingTrick(p, local);
         if (trick) return { kind: 'reject', reason: trick, reply: fillReply(s.relayReply, { address: p.raw }) };
         const max = s.nullSenderMaxRecipients;
-        if (max !== null && ev.session.sender?.isNull && ev.session.recipients.length >= max) {
+        if (max !== null && ev.session.sender?.isNull && ev.session.recipientsForwarded >= max) {
           return { kind: 'reject', reason: 'null_sender_rcpts', reply: { code: 550, enhanced: '5.5.3', text: `<${echo(p.raw)}>: Too many recipients for the null sender` } };
         }
         return PASS;

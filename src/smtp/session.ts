@@ -70,6 +70,8 @@ interface Transaction {
   mailRefused: Reply | null;
   tags: string[];
   log: TxnLog;
+  /** The rule whose `accept` at MAIL allowlisted this transaction (and no other). */
+  acceptedBy?: string;
 }
 
 /** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
@@ -113,7 +115,12 @@ export class Session {
   private esmtp = false;
   private auth: { mechanism: string; login: string | null } | null = null;
   private txn: Transaction | null = null;
+  /** MAIL commands evaluated so far: the current transaction's number (SessionSnapshot.transaction). */
+  private txnNumber = 0;
+  /** Allowlisted for the session (an accept at connect or HELO); a MAIL accept is the transaction's. */
   private acceptedBy: string | null = null;
+  /** Aborted when the session ends (SessionSnapshot.ended). */
+  private readonly ended = new AbortController();
   private sessionTags: string[] = [];
   private refusedAtConnect = false;
   private outq: Pending[] = [];
@@ -409,6 +416,7 @@ export class Session {
     this.backendP?.then((b) => this.release(b), () => undefined);
     this.backendP = null;
     this.socket.destroy();
+    this.ended.abort();
     if (this.heard('quit')) {
       const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
       this.events$.next(quit);
@@ -691,13 +699,14 @@ export class Session {
     if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
     if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
+    this.txnNumber++;
     const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
-    if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
     const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log };
     this.txn = txn;
+    if (v.acceptedBy) txn.acceptedBy = v.acceptedBy;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
     // transaction whose recipients are all refused here). Its refusal of the sender is then the
@@ -1235,9 +1244,12 @@ export class Session {
       helo: this.helo,
       esmtp: this.esmtp,
       auth: this.auth,
+      transaction: this.txnNumber,
       sender: this.txn?.sender ?? null,
       recipients: this.txn ? [...this.txn.rcpts] : [],
-      acceptedBy: this.acceptedBy,
+      recipientsForwarded: this.txn?.rcptForwarded ?? 0,
+      acceptedBy: this.acceptedBy ?? this.txn?.acceptedBy ?? null,
+      ended: this.ended.signal,
     };
   }
 

@@ -33,7 +33,11 @@ export interface GreyResult {
 
 export interface Store {
   readonly kind: 'memory' | 'redis';
-  /** GCRA token bucket: `limit` per `windowMs`, refilling continuously. A refused event costs nothing. */
+  /**
+   * GCRA token bucket: `limit` per `windowMs`, refilling continuously. A refused event costs
+   * nothing. `cost` 0 only looks; a negative cost gives tokens back (a refund for an event that
+   * was refused after it was charged), never beyond a full bucket.
+   */
   rate(key: string, windowMs: number, limit: number, cost: number): Promise<RateResult>;
   acquire(key: string, token: string, limit: number, ttlMs: number): Promise<SlotResult>;
   release(key: string, token: string): Promise<void>;
@@ -72,7 +76,12 @@ export class MemoryStore implements Store {
     if (newTat - windowMs > now) {
       return { allowed: false, remaining: Math.floor((windowMs - (tat - now)) / interval), retryAfterMs: Math.ceil(newTat - windowMs - now), resetMs: Math.ceil(tat - now) };
     }
-    if (cost > 0) this.data.set(key, { kind: 'tat', tat: newTat }, { ttl: Math.max(1, Math.ceil(newTat - now)) });
+    if (cost < 0 && newTat <= now) {
+      // Refunded to a full bucket: nothing left to remember.
+      this.data.delete(key);
+      return { allowed: true, remaining: limit, retryAfterMs: 0, resetMs: 0 };
+    }
+    if (cost !== 0) this.data.set(key, { kind: 'tat', tat: newTat }, { ttl: Math.max(1, Math.ceil(newTat - now)) });
     return { allowed: true, remaining: Math.floor((windowMs - (newTat - now)) / interval), retryAfterMs: 0, resetMs: Math.ceil(newTat - now) };
   }
 

@@ -10,7 +10,8 @@ import { createMetrics } from '../../src/metrics/registry.js';
 
 const session: SessionSnapshot = {
   id: 't', client: parseAddress('192.0.2.1'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: null, esmtp: false, auth: null, sender: null, recipients: [], acceptedBy: null,
+  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
+  ended: new AbortController().signal,
 };
 const ev = (acceptedBy: string | null = null): SessionEvent => ({ stage: 'connect', session: { ...session, acceptedBy } });
 
@@ -138,4 +139,25 @@ test('a rule that returns no finding is that rule’s error, not the session’s
   assert.equal(v.reply, null, 'fails open (onError: pass)');
   assert.equal(v.outcomes[0]?.finding, 'error');
   assert.deepEqual(errors, ['broken:error']);
+});
+
+test('a refused event is told to every rule of the stage (refunds); a passed one to none', async () => {
+  const told: string[] = [];
+  const spender = (name: string, check: () => FindingResult, opts: Partial<LoadedRule> = {}): LoadedRule => {
+    const lr = rule(name, check, opts);
+    return { ...lr, rule: { ...lr.rule, refused: () => told.push(name) } };
+  };
+  const e = ev();
+  await evaluate([spender('grey', () => Promise.resolve({ kind: 'tempfail', reason: 'grey' })), spender('rate', () => Promise.resolve({ kind: 'pass' }))], e);
+  assert.deepEqual(told, ['grey', 'rate'], 'both hear the refusal, once');
+  told.length = 0;
+  await evaluate([spender('rate', () => Promise.resolve({ kind: 'pass' }))], ev());
+  assert.deepEqual(told, [], 'nothing on the common path');
+  const dry = evaluate([spender('rate', () => ({ kind: 'pass' })), spender('d', () => reject(), { action: 'dry-run' })], ev());
+  assert.ok(!(dry instanceof Promise), 'still synchronous');
+  assert.deepEqual(told, [], 'a dry-run refusal refuses nothing');
+  const thrower = { ...spender('t', () => reject()), rule: { ...rule('t', () => reject()).rule, refused: () => { throw new Error('bug'); } } };
+  const v = await evaluate([thrower, spender('rate', () => ({ kind: 'pass' }))], ev());
+  assert.equal(v.reply?.code, 554, 'a throwing hook does not fail the stage');
+  assert.deepEqual(told, ['rate']);
 });

@@ -36,6 +36,21 @@ test('a cost larger than the tokens left is refused whole', async () => {
   assert.equal((await s.rate('k', 1000, 5, 2)).allowed, true);
 });
 
+test('a refund (negative cost) gives a token back, never beyond a full bucket', async () => {
+  const c = clock();
+  const s = new MemoryStore(c.now);
+  for (let i = 0; i < 3; i++) await s.rate('k', 60_000, 3, 1);
+  assert.equal((await s.rate('k', 60_000, 3, 1)).allowed, false);
+  assert.equal((await s.rate('k', 60_000, 3, -1)).remaining, 1);
+  assert.equal((await s.rate('k', 60_000, 3, 1)).allowed, true, 'the refunded token is spent again');
+  assert.equal((await s.rate('k', 60_000, 3, 1)).allowed, false);
+  for (let i = 0; i < 5; i++) await s.rate('k', 60_000, 3, -1);
+  assert.equal(await s.inspect('k'), null, 'a full bucket is forgotten');
+  const burst = [];
+  for (let i = 0; i < 4; i++) burst.push((await s.rate('k', 60_000, 3, 1)).allowed);
+  assert.deepEqual(burst, [true, true, true, false], 'refunds never raise the burst above the limit');
+});
+
 test('concurrency slots: limit, release, expiry, idempotent acquire', async () => {
   const c = clock();
   const s = new MemoryStore(c.now);
