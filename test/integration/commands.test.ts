@@ -82,7 +82,7 @@ test('local answers: NOOP, HELP, VRFY, EXPN, RSET', async () => {
   };
   await expect('NOOP', 250, '2.0.0');
   await expect('HELP', 214, '2.0.0');
-  await expect('VRFY postmaster', 252, '2.5.2');
+  await expect('VRFY postmaster', 252, '2.0.0 ');
   await expect('VRFY', 501, '5.5.4');
   await expect('EXPN staff', 502, '5.5.1');
   await expect('RSET', 250, '2.'); // relayed: the backend's transaction is reset too
