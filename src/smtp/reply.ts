@@ -128,6 +128,7 @@ export const R = {
   tooManyRcpts: () => reply(452, '4.5.3', 'Error: too many recipients'),
   tooBig: () => reply(552, '5.3.4', 'Error: message size exceeds fixed limit'),
   tooManyErrors: (host: string) => reply(421, '4.7.0', `${host} Error: too many errors`),
+  tooManyCommands: (host: string) => reply(421, '4.7.0', `${host} Error: too many commands`),
   authNotAvailable: () => reply(502, '5.5.1', 'Error: authentication not enabled'),
   authNeedsTls: () => reply(530, '5.7.0', 'Must issue a STARTTLS command first'),
   authAlready: () => reply(503, '5.5.1', 'Error: already authenticated'),

@@ -91,6 +91,13 @@ interface TxnLog {
 const MAX_LOGGED_TXNS = 50;
 const MAX_LOGGED_RCPTS = 100;
 
+/**
+ * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
+ * commands answered without a transaction: HELO, EHLO, HELP, EXPN): limits.maxJunkCommands of them
+ * between delivered messages, then 421 4.7.0.
+ */
+const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
+
 type Pending = Reply | Promise<Reply>;
 
 /** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
@@ -136,6 +143,10 @@ export class Session {
   private errors = 0;
   private unknown = 0;
   private commands = 0;
+  /** Junk commands since the session started or last delivered a message. */
+  private junk = 0;
+  /** The client does not read its replies: no command is executed until they drain. */
+  private clientCongested = false;
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
   private readonly txnLogs: TxnLog[] = [];
@@ -356,8 +367,37 @@ export class Session {
   /** Reads the client again after a back-pressure stop (the backend drained, closed, or refused). */
   private uncongest(): void {
     this.backendCongested = false;
-    this.socket.resume();
+    if (!this.clientCongested) this.socket.resume();
     this.pump();
+  }
+
+  /**
+   * Output is back-pressure like input: while the client has not read what was written
+   * (write() returned false, past the socket's high-water mark), its commands are neither read
+   * nor executed. On 'drain' the session goes on; a client that reads nothing within
+   * limits.writeTimeout is dropped (it would not read a 421 either).
+   */
+  private outputCongested(): boolean {
+    if (this.clientCongested) return true;
+    const s = this.socket;
+    if (!s.writableNeedDrain) return false;
+    this.clientCongested = true;
+    s.pause();
+    const timer = setTimeout(() => {
+      if (this.closed || this.socket !== s) return;
+      this.violation('write_timeout');
+      this.deps.log.warn({ session: this.id, client: this.client.text, unread: s.writableLength, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
+      this.endReason = 'write-timeout';
+      this.close('write-timeout');
+    }, this.deps.limits.writeTimeout);
+    timer.unref();
+    s.once('drain', () => {
+      clearTimeout(timer);
+      this.clientCongested = false;
+      if (!this.backendCongested) s.resume();
+      this.pump();
+    });
+    return true;
   }
 
   private attach(socket: net.Socket): void {
@@ -510,7 +550,7 @@ export class Session {
       })
       .finally(() => {
         this.pumping = false;
-        if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+        if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested && !this.clientCongested) this.socket.resume();
         if (this.repump) this.pump();
       });
   }
@@ -530,6 +570,7 @@ export class Session {
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
         continue;
       }
+      if (this.outputCongested()) return;
       const ev = this.framing.nextCommand();
       if (!ev) {
         if (this.outq.length === 0) {
@@ -564,6 +605,11 @@ export class Session {
   private async onCommandEvent(ev: CommandEvent): Promise<void> {
     this.commands++;
     this.commandStarted = performance.now();
+    if (this.commands > this.deps.limits.maxCommands) {
+      this.violation('command_flood');
+      this.endReason = 'too-many-commands';
+      return this.reject('LIMIT', R.tooManyCommands(this.deps.hostname));
+    }
     if (ev.type === 'too_long') {
       this.violation('line_too_long');
       return this.reject('TOO_LONG', R.lineTooLong());
@@ -595,6 +641,11 @@ export class Session {
     if (!KNOWN_VERBS.has(cmd.verb)) {
       this.unknown++;
       return this.reject('UNKNOWN', NOT_IMPLEMENTED_VERBS.has(cmd.verb) ? R.notImplemented() : R.unknown());
+    }
+    if (JUNK_VERBS.has(cmd.verb) && ++this.junk > this.deps.limits.maxJunkCommands) {
+      this.violation('command_flood');
+      this.endReason = 'too-many-commands';
+      return this.reject(cmd.verb, R.tooManyCommands(this.deps.hostname));
     }
     // Without backend PIPELINING every command waits for the previous reply.
     if (!PIPELINABLE.has(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
@@ -1116,6 +1167,8 @@ export class Session {
       }
     }
     msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
+    // As Postfix: the junk command count starts again after a delivered message.
+    if (msg.outcome === 'accepted') this.junk = 0;
     msg.reply = describeReply(r);
     this.deps.metrics.messages.inc({ outcome: msg.outcome });
     this.data = null;
