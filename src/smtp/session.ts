@@ -90,6 +90,10 @@ interface TxnLog {
 /** Bounds on one session's log line. */
 const MAX_LOGGED_TXNS = 50;
 const MAX_LOGGED_RCPTS = 100;
+/** Rule findings (other than pass) kept for the session log line; the rest are counted (moreRules). */
+const MAX_LOGGED_OUTCOMES = 100;
+/** Distinct tags kept per session and per transaction (each becomes an X-Doorman-Tag header); the rest are counted (moreTags). */
+const MAX_TAGS = 10;
 
 /**
  * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
@@ -149,8 +153,10 @@ export class Session {
   private clientCongested = false;
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
+  private droppedOutcomes = 0;
   private readonly txnLogs: TxnLog[] = [];
   private droppedTxnLogs = 0;
+  private droppedTags = 0;
   private endReason = 'closed';
   private data: DataState | null = null;
   private backendCongested = false;
@@ -523,6 +529,15 @@ export class Session {
     this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
+  /** Adds tags not yet in `list`, at most MAX_TAGS; the rest are counted for the log. */
+  private addTags(list: string[], tags: readonly string[]): void {
+    for (const t of tags) {
+      if (list.includes(t)) continue;
+      if (list.length < MAX_TAGS) list.push(t);
+      else this.droppedTags++;
+    }
+  }
+
   private newTxnLog(from: string): TxnLog {
     const log: TxnLog = { from, mail: 0, rcpts: [] };
     if (this.txnLogs.length < MAX_LOGGED_TXNS) this.txnLogs.push(log);
@@ -687,7 +702,7 @@ export class Session {
     const v = await this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
     if (v.reply) return this.queue(verb, v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    this.sessionTags.push(...v.tags);
+    this.addTags(this.sessionTags, v.tags);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue(verb, b);
     // Answered from the capabilities the backend gave doorman on this connection; the backend
@@ -747,7 +762,8 @@ export class Session {
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log };
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [], log };
+    this.addTags(txn.tags, v.tags);
     this.txn = txn;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
@@ -829,7 +845,7 @@ export class Session {
     if (txn.mailRefused) return answer(txn.mailRefused);
     txn.mail ??= this.sendDeferredMail(b, txn);
     txn.rcptForwarded++;
-    txn.tags.push(...v.tags);
+    this.addTags(txn.tags, v.tags);
     answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
   }
 
@@ -1268,12 +1284,16 @@ export class Session {
       onRuleError: (rule, kind, err) =>
         this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
     });
-    for (const o of v.outcomes) if (o.finding !== 'pass') this.outcomes.push(o);
+    for (const o of v.outcomes) {
+      if (o.finding === 'pass') continue;
+      if (this.outcomes.length < MAX_LOGGED_OUTCOMES) this.outcomes.push(o);
+      else this.droppedOutcomes++;
+    }
     if (v.reply && v.decidedBy) {
       this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (stage === 'connect' && v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    if (stage === 'connect') this.sessionTags.push(...v.tags);
+    if (stage === 'connect') this.addTags(this.sessionTags, v.tags);
     return v;
   }
 
@@ -1323,6 +1343,8 @@ export class Session {
           ...(o.reason ? { reason: o.reason } : {}),
           ...(o.reply ? { reply: describeReply(o.reply) } : {}),
         })),
+        ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
+        ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
         outcome: this.endReason,
         commands: this.commands,
         errors: this.errors,

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { ROOT, startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startSink, type Sink } from '../helpers/sink.js';
 import { SmtpClient, sendMessage } from '../helpers/smtp.js';
-import { sleep, useCleanup } from '../helpers/procs.js';
+import { eventually, sleep, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
 let sink: Sink;
@@ -21,12 +21,19 @@ let open: Doorman;
 let capped: Doorman;
 
 const HELO_RULE = fs.readFileSync(path.join(ROOT, 'rules', 'helo.yaml'), 'utf8');
+/** Tags each recipient at tagged.example with its own reason (15 distinct tags). */
+const TAG_RULE = `rule: access
+action: tag
+settings:
+  recipients:
+${Array.from({ length: 15 }, (_, i) => `    - deny: u${i}@tagged.example\n      reason: tag-${i}`).join('\n')}
+`;
 
 before(async () => {
   sink = await startSink();
   open = await startDoorman({
     backendPort: sink.port,
-    rules: { 'helo.yaml': HELO_RULE },
+    rules: { 'helo.yaml': HELO_RULE, 'tag.yaml': TAG_RULE },
     config: 'limits:\n  writeTimeout: 2000\n  maxJunkCommands: 10000000\n  maxCommands: 10000000\n  maxErrors: 10000000\n',
   });
   capped = await startDoorman({ backendPort: sink.port, rules: { 'helo.yaml': HELO_RULE }, config: 'limits:\n  maxCommands: 200\n' });
@@ -128,4 +135,63 @@ test('commands per session: past maxCommands the next command gets 421 4.7.0; ea
   assert.equal(await c.waitClosed(), true);
   await sink.bySender('many-65@example.org');
   assert.ok((await capped.metric('doorman_protocol_violations_total', { kind: 'command_flood' })) >= 2);
+});
+
+/** The raw JSON session log line of the session whose HELO name was `helo`, once written whole. */
+async function sessionLine(dm: Doorman, helo: string): Promise<string> {
+  const find = () =>
+    dm.proc
+      .output()
+      .split('\n')
+      .slice(0, -1) // the last piece may be a line still being written
+      .find((l) => l.endsWith('"msg":"session"}') && l.includes(`"helo":"${helo}"`));
+  const line = await eventually(find, 10_000);
+  assert.ok(line, `no session log line for ${helo}`);
+  return line;
+}
+
+test('3000 EHLOs with the shipped dry-run helo rule (caps off): the session log line stays bounded', { timeout: 60_000 }, async () => {
+  const c = await greeted(open);
+  const n = 3000;
+  c.write('EHLO localhost\r\n'.repeat(n));
+  for (let i = 0; i < n; i++) assert.equal((await c.reply()).code, 250);
+  assert.equal((await c.cmd('QUIT')).code, 221);
+  const raw = await sessionLine(open, 'localhost');
+  const line = JSON.parse(raw) as { rules: unknown[]; moreRules?: number; commands: number };
+  console.log(`# ${n} EHLO localhost: session log line ${raw.length} octets, ${line.rules.length} findings listed, ${line.moreRules ?? 0} counted`);
+  assert.equal(line.commands, n + 1);
+  assert.ok(raw.length < 64 * 1024, `session log line of ${raw.length} octets`);
+  assert.equal(line.rules.length + (line.moreRules ?? 0), n, 'every finding is listed or counted');
+});
+
+test('20000 EHLOs with the shipped caps: 421 4.7.0 after 100, a small log line', { timeout: 60_000 }, async () => {
+  const c = await greeted(capped);
+  c.write('EHLO localhost.localdomain\r\n'.repeat(20_000));
+  let r = await c.reply();
+  let ok = 0;
+  for (; r.code === 250; r = await c.reply()) ok++;
+  assert.equal(ok, 100);
+  assert.equal(r.code, 421, r.raw);
+  assert.match(r.text, /^4\.7\.0 .*too many commands/);
+  const raw = await sessionLine(capped, 'localhost.localdomain');
+  assert.ok(raw.length < 64 * 1024, `session log line of ${raw.length} octets`);
+});
+
+test('tags are bounded: 15 distinct tags, each 4 times, in one message → 10 X-Doorman-Tag headers, the rest counted', async () => {
+  const c = await greeted(open);
+  await c.ehlo('mail.example.net');
+  assert.equal((await c.cmd('MAIL FROM:<tags@example.org>')).code, 250);
+  for (let round = 0; round < 4; round++) {
+    for (let i = 0; i < 15; i++) assert.equal((await c.cmd(`RCPT TO:<u${i}@tagged.example>`)).code, 250);
+  }
+  assert.equal((await c.cmd('DATA')).code, 354);
+  c.write('Subject: tags\r\n\r\nhi\r\n.\r\n');
+  assert.equal((await c.reply()).code, 250);
+  assert.equal((await c.cmd('QUIT')).code, 221);
+  const m = await sink.bySender('tags@example.org');
+  const tags = m.body.split('\n').filter((l) => l.startsWith('X-Doorman-Tag: '));
+  assert.deepEqual(tags, Array.from({ length: 10 }, (_, i) => `X-Doorman-Tag: tag; tag-${i}`));
+  await eventually(() => open.sessions().some((s) => s.helo === 'mail.example.net' && s.moreTags !== undefined), 5000);
+  const line = open.sessions().find((s) => s.moreTags !== undefined);
+  assert.equal(line?.moreTags, 20, 'the 4 × 5 findings left out are counted');
 });
