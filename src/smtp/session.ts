@@ -151,6 +151,8 @@ export class Session {
   private junk = 0;
   /** The client does not read its replies: no command is executed until they drain. */
   private clientCongested = false;
+  /** The client half-closed: what it sent is still executed and answered, then the session ends. */
+  private clientEnded = false;
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
@@ -414,8 +416,22 @@ export class Session {
       this.endReason = 'timeout';
       this.send(R.timeout(this.deps.hostname));
     });
+    socket.on('end', () => this.onEnd());
     socket.on('error', () => this.close('error'));
     socket.on('close', () => this.close('client-closed'));
+  }
+
+  /**
+   * The client sent FIN (the listener allows half-open sockets): a client that pipelines the
+   * final "." and QUIT and then half-closes still gets its 250 and 221 — the backend has the
+   * message, so a client that never read the 250 would send it again.
+   */
+  private onEnd(): void {
+    this.clientEnded = true;
+    const w = this.dataWaiter;
+    this.dataWaiter = null;
+    w?.();
+    this.pump();
   }
 
   private onData(chunk: Buffer): void {
@@ -575,7 +591,11 @@ export class Session {
       if (this.framing.inData) {
         if (this.backendCongested) return;
         const ev = this.framing.nextData();
-        if (!ev) return;
+        if (!ev) {
+          // Gone mid-DATA: the message is incomplete and never reaches the backend.
+          if (this.clientEnded) this.close('client-closed');
+          return;
+        }
         if (this.tooSlow()) return;
         // The last chunks of a message wait for the final "." when nothing else must run first.
         const tail = ev.end && !this.hasDataEndRules && !this.backendCongested;
@@ -589,6 +609,11 @@ export class Session {
       const ev = this.framing.nextCommand();
       if (!ev) {
         if (this.outq.length === 0) {
+          if (this.clientEnded) {
+            // Every command was answered: end the session once the replies are written.
+            if (this.endReason === 'closed') this.endReason = 'client-closed';
+            return this.closeAfterWrite();
+          }
           if (this.framing.buffered > 0 && !this.partialSince) this.partialSince = Date.now();
           return;
         }
@@ -608,6 +633,7 @@ export class Session {
       if (this.closed) return null;
       const ev = this.framing.nextCommand();
       if (ev) return ev;
+      if (this.clientEnded) return null;
       await new Promise<void>((r) => (this.dataWaiter = r));
     }
   }
@@ -894,6 +920,7 @@ export class Session {
     plain.removeAllListeners('data');
     plain.removeAllListeners('timeout');
     plain.removeAllListeners('close');
+    plain.removeAllListeners('end');
     plain.removeAllListeners('error');
     plain.on('error', () => undefined);
     const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
