@@ -18,7 +18,7 @@ export const LIMIT_DEFAULTS = {
   maxAuthLine: 12288,
   /** Longest text line in a message, octets including CRLF (RFC 5321 §4.5.3.1.6); 0 = no limit. */
   maxDataLine: 1000,
-  /** Largest message, octets; the smaller of this and the backend's SIZE is advertised. */
+  /** Largest message, octets; the smaller of this and the backend's SIZE (less room for doorman's headers) is advertised. */
   maxMessageSize: 52_428_800, // 50 MiB
   /** Recipients per message; more get 452 4.5.3 (RFC 5321 §4.5.3.1.8 requires at least 100). */
   maxRecipients: 1000,

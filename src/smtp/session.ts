@@ -94,6 +94,15 @@ const MAX_LOGGED_RCPTS = 100;
 const MAX_LOGGED_OUTCOMES = 100;
 /** Distinct tags kept per session and per transaction (each becomes an X-Doorman-Tag header); the rest are counted (moreTags). */
 const MAX_TAGS = 10;
+/** X-Doorman-Tag headers added to one message, at most. */
+const MAX_TAG_HEADERS = 20;
+/** Longest tag text in a header, octets. */
+const MAX_TAG_OCTETS = 900;
+/**
+ * Octets doorman may add to a message (its X-Doorman-Tag headers): the advertised SIZE is the
+ * backend's less this, so a message that fits doorman's SIZE still fits the backend's with them.
+ */
+const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTETS + 2);
 
 /**
  * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
@@ -545,13 +554,23 @@ export class Session {
     this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
-  /** Adds tags not yet in `list`, at most MAX_TAGS; the rest are counted for the log. */
-  private addTags(list: string[], tags: readonly string[]): void {
+  /** Adds tags not yet in `list`, at most `max`; the rest are counted for the log. */
+  private addTags(list: string[], tags: readonly string[], max = MAX_TAGS): void {
     for (const t of tags) {
       if (list.includes(t)) continue;
-      if (list.length < MAX_TAGS) list.push(t);
+      if (list.length < max) list.push(t);
       else this.droppedTags++;
     }
+  }
+
+  /** Writes the message's X-Doorman-Tag headers (distinct, at most MAX_TAG_HEADERS) to the backend. */
+  private writeTags(...lists: (readonly string[])[]): void {
+    const tags: string[] = [];
+    for (const l of lists) this.addTags(tags, l, MAX_TAG_HEADERS);
+    if (!tags.length) return;
+    const headers = tagHeaders(tags);
+    if (this.data) this.data.added += headers.length;
+    this.writeBackend(headers);
   }
 
   private newTxnLog(from: string): TxnLog {
@@ -753,10 +772,27 @@ export class Session {
     return ext;
   }
 
+  /**
+   * The SIZE doorman advertises and enforces: its own limit, and the backend's less the room for
+   * the headers doorman adds (TAG_HEADROOM; the whole of a backend SIZE too small to spare it).
+   */
   private sizeLimit(): number {
     const own = this.deps.limits.maxMessageSize;
+    const theirs = this.backendSize();
+    if (theirs === null) return own;
+    return Math.min(own, theirs > 2 * TAG_HEADROOM ? theirs - TAG_HEADROOM : theirs);
+  }
+
+  /** The backend's SIZE (RFC 1870), null when it announces no limit. */
+  private backendSize(): number | null {
     const theirs = Number.parseInt(this.caps.get('SIZE') ?? '', 10);
-    return Number.isFinite(theirs) && theirs > 0 ? Math.min(own, theirs) : own;
+    return Number.isFinite(theirs) && theirs > 0 ? theirs : null;
+  }
+
+  /** The client's message is over the advertised SIZE, or with doorman's headers over the backend's. */
+  private oversized(d: DataState): boolean {
+    const n = this.framing.dataBytes;
+    return n > this.sizeLimit() || n + d.added > (this.backendSize() ?? Infinity);
   }
 
   private authMechanisms(): string | null {
@@ -1021,6 +1057,7 @@ export class Session {
       bdat: bdat ? new Unstuffer() : null,
       bdatRefused: null,
       aborted: null,
+      added: 0,
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
       headerRule: null,
@@ -1055,8 +1092,7 @@ export class Session {
     this.socket.setTimeout(this.deps.limits.dataTimeout);
     this.dataStarted = Date.now();
     this.framing.beginData();
-    const tags = [...this.sessionTags, ...txn.tags];
-    if (!hasHeaderRules && tags.length) this.writeBackend(tagHeaders(tags));
+    if (!hasHeaderRules) this.writeTags(this.sessionTags, txn.tags);
   }
 
   /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
@@ -1078,7 +1114,7 @@ export class Session {
     if (!d) return;
     const f = this.framing;
     if (!d.aborted) {
-      if (f.dataBytes > this.sizeLimit()) d.aborted = 'size';
+      if (this.oversized(d)) d.aborted = 'size';
       else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
       else if (f.longLine) d.aborted = 'long_line';
       if (d.aborted) {
@@ -1171,8 +1207,7 @@ export class Session {
       this.backend?.destroy();
       return;
     }
-    const tags = [...this.sessionTags, ...(this.txn?.tags ?? []), ...v.tags];
-    if (tags.length) this.writeBackend(tagHeaders(tags));
+    this.writeTags(this.sessionTags, this.txn?.tags ?? [], v.tags);
     if (!d.aborted) this.writeBackend(held);
   }
 
@@ -1188,7 +1223,7 @@ export class Session {
     const msg = txn.log;
     msg.size = size;
     let r: Reply;
-    if (!d.aborted && this.framing.dataBytes > this.sizeLimit()) d.aborted = 'size';
+    if (!d.aborted && this.oversized(d)) d.aborted = 'size';
     if (d.aborted === 'backend_refused') {
       // The backend refused DATA and never saw a byte; clear the transaction it still holds.
       r = this.abortReply(d);
@@ -1409,11 +1444,26 @@ interface DataState {
   headerRule: { reply: Reply; rule: string } | null;
   /** The message's last chunks, written together with the final "." (fewer writes). */
   tail: Buffer[];
+  /** Octets doorman added to the message (X-Doorman-Tag headers). */
+  added: number;
 }
 
 function tagHeaders(tags: readonly string[]): Buffer {
   // eslint-disable-next-line no-control-regex
-  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${t.replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 900)}\r\n`).join(''), 'utf8');
+  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${truncateUtf8(t.replace(/[\x00-\x1f\x7f]/g, ' '), MAX_TAG_OCTETS)}\r\n`).join(''), 'utf8');
+}
+
+/** `s` cut to at most `max` octets of UTF-8, at a character boundary. */
+function truncateUtf8(s: string, max: number): string {
+  if (Buffer.byteLength(s, 'utf8') <= max) return s;
+  let out = '';
+  let n = 0;
+  for (const ch of s) {
+    n += Buffer.byteLength(ch, 'utf8');
+    if (n > max) break;
+    out += ch;
+  }
+  return out;
 }
 
 function b64(s: string): string | null {
