@@ -189,10 +189,19 @@ async function latency(cfg: string, d: Doorman, sinkPort: number, saturating: nu
   const rtt = async (port: number) => {
     const times: number[] = [];
     const rcpts: number[] = [];
-    const c = await SmtpClient.connect(port);
+    let c = await SmtpClient.connect(port);
     await c.reply();
     await c.ehlo('lat.example.org');
     for (let i = 0; i < LATENCY_ROUNDS; i++) {
+      if (i > 0 && i % 50 === 0) {
+        // A new session every 50 rounds: RSETs without a delivered message are junk commands
+        // (limits.maxJunkCommands, 100 by default, as Postfix's smtpd_junk_command_limit).
+        await c.cmd('QUIT');
+        c.close();
+        c = await SmtpClient.connect(port);
+        await c.reply();
+        await c.ehlo('lat.example.org');
+      }
       let t = performance.now();
       await c.cmd('MAIL FROM:<lat@load.example>');
       times.push(performance.now() - t);

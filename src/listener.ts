@@ -94,7 +94,7 @@ export class Proxy {
         secureContext: this.deps.secureContext,
       };
       const trusted = cfg.trustedProxies.map(parseCidr);
-      const server = net.createServer({ pauseOnConnect: false, noDelay: true }, (s) => this.onConnection(s, b));
+      const server = net.createServer({ pauseOnConnect: false, noDelay: true, allowHalfOpen: true }, (s) => this.onConnection(s, b));
       const b: Bound = { server, runtime, config: cfg, trusted, local: null, deps: null };
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);

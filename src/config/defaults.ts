@@ -18,7 +18,7 @@ export const LIMIT_DEFAULTS = {
   maxAuthLine: 12288,
   /** Longest text line in a message, octets including CRLF (RFC 5321 §4.5.3.1.6); 0 = no limit. */
   maxDataLine: 1000,
-  /** Largest message, octets; the smaller of this and the backend's SIZE is advertised. */
+  /** Largest message, octets; the smaller of this and the backend's SIZE (less room for doorman's headers) is advertised. */
   maxMessageSize: 52_428_800, // 50 MiB
   /** Recipients per message; more get 452 4.5.3 (RFC 5321 §4.5.3.1.8 requires at least 100). */
   maxRecipients: 1000,
@@ -26,6 +26,12 @@ export const LIMIT_DEFAULTS = {
   maxErrors: 20,
   /** Unknown or unimplemented commands in one session before 421 4.7.0 and close. */
   maxUnknownCommands: 10,
+  /** Commands in one session before 421 4.7.0 and close (a backstop: ~1000 messages of 50 recipients). */
+  maxCommands: 100_000,
+  /** NOOP, VRFY, RSET, HELO/EHLO, HELP, EXPN, ETRN between delivered messages before 421 4.7.0 (Postfix smtpd_junk_command_limit). */
+  maxJunkCommands: 100,
+  /** A client that reads none of its pending replies for this long is dropped, ms. */
+  writeTimeout: 60_000,
   /** Waiting for a command, ms (RFC 5321 §4.5.3.2.7 server timeout: 5 minutes). */
   commandTimeout: 300_000,
   /** Waiting for the next DATA block, ms (RFC 5321 §4.5.3.2.5: 3 minutes). */

@@ -92,6 +92,26 @@ interface TxnLog {
 /** Bounds on one session's log line. */
 const MAX_LOGGED_TXNS = 50;
 const MAX_LOGGED_RCPTS = 100;
+/** Rule findings (other than pass) kept for the session log line; the rest are counted (moreRules). */
+const MAX_LOGGED_OUTCOMES = 100;
+/** Distinct tags kept per session and per transaction (each becomes an X-Doorman-Tag header); the rest are counted (moreTags). */
+const MAX_TAGS = 10;
+/** X-Doorman-Tag headers added to one message, at most. */
+const MAX_TAG_HEADERS = 20;
+/** Longest tag text in a header, octets. */
+const MAX_TAG_OCTETS = 900;
+/**
+ * Octets doorman may add to a message (its X-Doorman-Tag headers): the advertised SIZE is the
+ * backend's less this, so a message that fits doorman's SIZE still fits the backend's with them.
+ */
+const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTETS + 2);
+
+/**
+ * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
+ * commands answered without a transaction: HELO, EHLO, HELP, EXPN): limits.maxJunkCommands of them
+ * between delivered messages, then 421 4.7.0.
+ */
+const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
 
 type Pending = Reply | Promise<Reply>;
 
@@ -143,10 +163,18 @@ export class Session {
   private errors = 0;
   private unknown = 0;
   private commands = 0;
+  /** Junk commands since the session started or last delivered a message. */
+  private junk = 0;
+  /** The client does not read its replies: no command is executed until they drain. */
+  private clientCongested = false;
+  /** The client half-closed: what it sent is still executed and answered, then the session ends. */
+  private clientEnded = false;
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
+  private droppedOutcomes = 0;
   private readonly txnLogs: TxnLog[] = [];
   private droppedTxnLogs = 0;
+  private droppedTags = 0;
   private endReason = 'closed';
   private data: DataState | null = null;
   private backendCongested = false;
@@ -363,8 +391,37 @@ export class Session {
   /** Reads the client again after a back-pressure stop (the backend drained, closed, or refused). */
   private uncongest(): void {
     this.backendCongested = false;
-    this.socket.resume();
+    if (!this.clientCongested) this.socket.resume();
     this.pump();
+  }
+
+  /**
+   * Output is back-pressure like input: while the client has not read what was written
+   * (write() returned false, past the socket's high-water mark), its commands are neither read
+   * nor executed. On 'drain' the session goes on; a client that reads nothing within
+   * limits.writeTimeout is dropped (it would not read a 421 either).
+   */
+  private outputCongested(): boolean {
+    if (this.clientCongested) return true;
+    const s = this.socket;
+    if (!s.writableNeedDrain) return false;
+    this.clientCongested = true;
+    s.pause();
+    const timer = setTimeout(() => {
+      if (this.closed || this.socket !== s) return;
+      this.violation('write_timeout');
+      this.deps.log.warn({ session: this.id, client: this.client.text, unread: s.writableLength, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
+      this.endReason = 'write-timeout';
+      this.close('write-timeout');
+    }, this.deps.limits.writeTimeout);
+    timer.unref();
+    s.once('drain', () => {
+      clearTimeout(timer);
+      this.clientCongested = false;
+      if (!this.backendCongested) s.resume();
+      this.pump();
+    });
+    return true;
   }
 
   private attach(socket: net.Socket): void {
@@ -375,8 +432,22 @@ export class Session {
       this.endReason = 'timeout';
       this.send(R.timeout(this.deps.hostname));
     });
+    socket.on('end', () => this.onEnd());
     socket.on('error', () => this.close('error'));
     socket.on('close', () => this.close('client-closed'));
+  }
+
+  /**
+   * The client sent FIN (the listener allows half-open sockets): a client that pipelines the
+   * final "." and QUIT and then half-closes still gets its 250 and 221 — the backend has the
+   * message, so a client that never read the 250 would send it again.
+   */
+  private onEnd(): void {
+    this.clientEnded = true;
+    const w = this.dataWaiter;
+    this.dataWaiter = null;
+    w?.();
+    this.pump();
   }
 
   private onData(chunk: Buffer): void {
@@ -491,6 +562,25 @@ export class Session {
     this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
+  /** Adds tags not yet in `list`, at most `max`; the rest are counted for the log. */
+  private addTags(list: string[], tags: readonly string[], max = MAX_TAGS): void {
+    for (const t of tags) {
+      if (list.includes(t)) continue;
+      if (list.length < max) list.push(t);
+      else this.droppedTags++;
+    }
+  }
+
+  /** Writes the message's X-Doorman-Tag headers (distinct, at most MAX_TAG_HEADERS) to the backend. */
+  private writeTags(...lists: (readonly string[])[]): void {
+    const tags: string[] = [];
+    for (const l of lists) this.addTags(tags, l, MAX_TAG_HEADERS);
+    if (!tags.length) return;
+    const headers = tagHeaders(tags);
+    if (this.data) this.data.added += headers.length;
+    this.writeBackend(headers);
+  }
+
   private newTxnLog(from: string): TxnLog {
     const log: TxnLog = { from, mail: 0, rcpts: [] };
     if (this.txnLogs.length < MAX_LOGGED_TXNS) this.txnLogs.push(log);
@@ -518,7 +608,7 @@ export class Session {
       })
       .finally(() => {
         this.pumping = false;
-        if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+        if (!this.closed && this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested && !this.clientCongested) this.socket.resume();
         if (this.repump) this.pump();
       });
   }
@@ -528,7 +618,11 @@ export class Session {
       if (this.framing.inData) {
         if (this.backendCongested) return;
         const ev = this.framing.nextData();
-        if (!ev) return;
+        if (!ev) {
+          // Gone mid-DATA: the message is incomplete and never reaches the backend.
+          if (this.clientEnded) this.close('client-closed');
+          return;
+        }
         if (this.tooSlow()) return;
         // The last chunks of a message wait for the final "." when nothing else must run first.
         const tail = ev.end && !this.hasDataEndRules && !this.backendCongested;
@@ -538,9 +632,15 @@ export class Session {
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
         continue;
       }
+      if (this.outputCongested()) return;
       const ev = this.framing.nextCommand();
       if (!ev) {
         if (this.outq.length === 0) {
+          if (this.clientEnded) {
+            // Every command was answered: end the session once the replies are written.
+            if (this.endReason === 'closed') this.endReason = 'client-closed';
+            return this.closeAfterWrite();
+          }
           if (this.framing.buffered > 0 && !this.partialSince) this.partialSince = Date.now();
           return;
         }
@@ -560,6 +660,7 @@ export class Session {
       if (this.closed) return null;
       const ev = this.framing.nextCommand();
       if (ev) return ev;
+      if (this.clientEnded) return null;
       await new Promise<void>((r) => (this.dataWaiter = r));
     }
   }
@@ -572,6 +673,11 @@ export class Session {
   private async onCommandEvent(ev: CommandEvent): Promise<void> {
     this.commands++;
     this.commandStarted = performance.now();
+    if (this.commands > this.deps.limits.maxCommands) {
+      this.violation('command_flood');
+      this.endReason = 'too-many-commands';
+      return this.reject('LIMIT', R.tooManyCommands(this.deps.hostname));
+    }
     if (ev.type === 'too_long') {
       this.violation('line_too_long');
       return this.reject('TOO_LONG', R.lineTooLong());
@@ -603,6 +709,11 @@ export class Session {
     if (!KNOWN_VERBS.has(cmd.verb)) {
       this.unknown++;
       return this.reject('UNKNOWN', NOT_IMPLEMENTED_VERBS.has(cmd.verb) ? R.notImplemented() : R.unknown());
+    }
+    if (JUNK_VERBS.has(cmd.verb) && ++this.junk > this.deps.limits.maxJunkCommands) {
+      this.violation('command_flood');
+      this.endReason = 'too-many-commands';
+      return this.reject(cmd.verb, R.tooManyCommands(this.deps.hostname));
     }
     // Without backend PIPELINING every command waits for the previous reply.
     if (!PIPELINABLE.has(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
@@ -644,7 +755,7 @@ export class Session {
     const v = await this.runRules('helo', () => ({ stage: 'helo', session: this.snapshot(), verb, name }));
     if (v.reply) return this.queue(verb, v.reply);
     if (v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    this.sessionTags.push(...v.tags);
+    this.addTags(this.sessionTags, v.tags);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue(verb, b);
     // Answered from the capabilities the backend gave doorman on this connection; the backend
@@ -669,10 +780,27 @@ export class Session {
     return ext;
   }
 
+  /**
+   * The SIZE doorman advertises and enforces: its own limit, and the backend's less the room for
+   * the headers doorman adds (TAG_HEADROOM; the whole of a backend SIZE too small to spare it).
+   */
   private sizeLimit(): number {
     const own = this.deps.limits.maxMessageSize;
+    const theirs = this.backendSize();
+    if (theirs === null) return own;
+    return Math.min(own, theirs > 2 * TAG_HEADROOM ? theirs - TAG_HEADROOM : theirs);
+  }
+
+  /** The backend's SIZE (RFC 1870), null when it announces no limit. */
+  private backendSize(): number | null {
     const theirs = Number.parseInt(this.caps.get('SIZE') ?? '', 10);
-    return Number.isFinite(theirs) && theirs > 0 ? Math.min(own, theirs) : own;
+    return Number.isFinite(theirs) && theirs > 0 ? theirs : null;
+  }
+
+  /** The client's message is over the advertised SIZE, or with doorman's headers over the backend's. */
+  private oversized(d: DataState): boolean {
+    const n = this.framing.dataBytes;
+    return n > this.sizeLimit() || n + d.added > (this.backendSize() ?? Infinity);
   }
 
   private authMechanisms(): string | null {
@@ -704,7 +832,8 @@ export class Session {
     if (v.reply) return answer(v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [...v.tags], log };
+    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [], log };
+    this.addTags(txn.tags, v.tags);
     this.txn = txn;
     if (v.acceptedBy) txn.acceptedBy = v.acceptedBy;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
@@ -787,7 +916,7 @@ export class Session {
     if (txn.mailRefused) return answer(txn.mailRefused);
     txn.mail ??= this.sendDeferredMail(b, txn);
     txn.rcptForwarded++;
-    txn.tags.push(...v.tags);
+    this.addTags(txn.tags, v.tags);
     answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
   }
 
@@ -836,6 +965,7 @@ export class Session {
     plain.removeAllListeners('data');
     plain.removeAllListeners('timeout');
     plain.removeAllListeners('close');
+    plain.removeAllListeners('end');
     plain.removeAllListeners('error');
     plain.on('error', () => undefined);
     const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
@@ -936,6 +1066,7 @@ export class Session {
       bdat: bdat ? new Unstuffer() : null,
       bdatRefused: null,
       aborted: null,
+      added: 0,
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
       headerRule: null,
@@ -970,8 +1101,7 @@ export class Session {
     this.socket.setTimeout(this.deps.limits.dataTimeout);
     this.dataStarted = Date.now();
     this.framing.beginData();
-    const tags = [...this.sessionTags, ...txn.tags];
-    if (!hasHeaderRules && tags.length) this.writeBackend(tagHeaders(tags));
+    if (!hasHeaderRules) this.writeTags(this.sessionTags, txn.tags);
   }
 
   /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
@@ -993,7 +1123,7 @@ export class Session {
     if (!d) return;
     const f = this.framing;
     if (!d.aborted) {
-      if (f.dataBytes > this.sizeLimit()) d.aborted = 'size';
+      if (this.oversized(d)) d.aborted = 'size';
       else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
       else if (f.longLine) d.aborted = 'long_line';
       if (d.aborted) {
@@ -1086,8 +1216,7 @@ export class Session {
       this.backend?.destroy();
       return;
     }
-    const tags = [...this.sessionTags, ...(this.txn?.tags ?? []), ...v.tags];
-    if (tags.length) this.writeBackend(tagHeaders(tags));
+    this.writeTags(this.sessionTags, this.txn?.tags ?? [], v.tags);
     if (!d.aborted) this.writeBackend(held);
   }
 
@@ -1103,7 +1232,7 @@ export class Session {
     const msg = txn.log;
     msg.size = size;
     let r: Reply;
-    if (!d.aborted && this.framing.dataBytes > this.sizeLimit()) d.aborted = 'size';
+    if (!d.aborted && this.oversized(d)) d.aborted = 'size';
     if (d.aborted === 'backend_refused') {
       // The backend refused DATA and never saw a byte; clear the transaction it still holds.
       r = this.abortReply(d);
@@ -1125,6 +1254,8 @@ export class Session {
       }
     }
     msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
+    // As Postfix: the junk command count starts again after a delivered message.
+    if (msg.outcome === 'accepted') this.junk = 0;
     msg.reply = describeReply(r);
     this.deps.metrics.messages.inc({ outcome: msg.outcome });
     this.data = null;
@@ -1224,12 +1355,16 @@ export class Session {
       onRuleError: (rule, kind, err) =>
         this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
     });
-    for (const o of v.outcomes) if (o.finding !== 'pass') this.outcomes.push(o);
+    for (const o of v.outcomes) {
+      if (o.finding === 'pass') continue;
+      if (this.outcomes.length < MAX_LOGGED_OUTCOMES) this.outcomes.push(o);
+      else this.droppedOutcomes++;
+    }
     if (v.reply && v.decidedBy) {
       this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (stage === 'connect' && v.acceptedBy) this.acceptedBy = v.acceptedBy;
-    if (stage === 'connect') this.sessionTags.push(...v.tags);
+    if (stage === 'connect') this.addTags(this.sessionTags, v.tags);
     return v;
   }
 
@@ -1282,6 +1417,8 @@ export class Session {
           ...(o.reason ? { reason: o.reason } : {}),
           ...(o.reply ? { reply: describeReply(o.reply) } : {}),
         })),
+        ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
+        ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
         outcome: this.endReason,
         commands: this.commands,
         errors: this.errors,
@@ -1319,11 +1456,26 @@ interface DataState {
   headerRule: { reply: Reply; rule: string } | null;
   /** The message's last chunks, written together with the final "." (fewer writes). */
   tail: Buffer[];
+  /** Octets doorman added to the message (X-Doorman-Tag headers). */
+  added: number;
 }
 
 function tagHeaders(tags: readonly string[]): Buffer {
   // eslint-disable-next-line no-control-regex
-  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${t.replace(/[\x00-\x1f\x7f]/g, ' ').slice(0, 900)}\r\n`).join(''), 'utf8');
+  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${truncateUtf8(t.replace(/[\x00-\x1f\x7f]/g, ' '), MAX_TAG_OCTETS)}\r\n`).join(''), 'utf8');
+}
+
+/** `s` cut to at most `max` octets of UTF-8, at a character boundary. */
+function truncateUtf8(s: string, max: number): string {
+  if (Buffer.byteLength(s, 'utf8') <= max) return s;
+  let out = '';
+  let n = 0;
+  for (const ch of s) {
+    n += Buffer.byteLength(ch, 'utf8');
+    if (n > max) break;
+    out += ch;
+  }
+  return out;
 }
 
 function b64(s: string): string | null {

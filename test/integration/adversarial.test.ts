@@ -31,6 +31,7 @@ limits:
   minDataRate: 1000
   maxErrors: 1000000
   maxUnknownCommands: 1000000
+  maxJunkCommands: 1000000
 `;
 
 const rssKb = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);

@@ -1,0 +1,102 @@
+/**
+ * The SIZE doorman advertises leaves room for the X-Doorman-Tag headers it adds: a message that
+ * fits doorman's SIZE also fits the backend's (Postfix message_size_limit) with them, so the
+ * client never gets the backend's 552 for bytes it did not send.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startDoorman, type Doorman } from '../helpers/doorman.js';
+import { startPostfix, type Postfix } from '../helpers/postfix.js';
+import { startSink, type Sink } from '../helpers/sink.js';
+import { SmtpClient } from '../helpers/smtp.js';
+import { useCleanup } from '../helpers/procs.js';
+
+useCleanup();
+let sink: Sink;
+let postfix: Postfix;
+let dm: Doorman;
+
+/** Postfix's message_size_limit (and the SIZE it advertises). */
+const BACKEND_SIZE = 100_000;
+/** Tags every message to tagged.example: doorman adds an X-Doorman-Tag header to it. */
+const TAG_RULE = `rule: access
+action: tag
+settings:
+  recipients:
+    - deny: "@tagged.example"
+      reason: tagged
+`;
+
+before(async () => {
+  sink = await startSink();
+  postfix = await startPostfix({ relayPort: sink.port, domains: ['example.com', 'tagged.example'], main: [`message_size_limit = ${BACKEND_SIZE}`] });
+  dm = await startDoorman({ backendPort: postfix.port, rules: { 'tag.yaml': TAG_RULE } });
+});
+after(async () => {
+  await dm?.stop();
+  await postfix?.stop();
+  await sink?.stop();
+});
+
+/** A message of exactly `octets` octets as counted for SIZE (CRLF line ends, no stuffing needed). */
+function messageOf(octets: number, subject: string): string {
+  const head = `Subject: ${subject}\r\n\r\n`;
+  const line = 'x'.repeat(76) + '\r\n';
+  let body = '';
+  while (head.length + body.length + line.length <= octets) body += line;
+  const rest = octets - head.length - body.length;
+  if (rest >= 2) body += 'y'.repeat(rest - 2) + '\r\n';
+  const text = head + body;
+  assert.equal(text.length, octets);
+  return text;
+}
+
+async function send(from: string, to: string, text: string): Promise<{ code: number; raw: string }> {
+  const c = await SmtpClient.connect(dm.port);
+  assert.equal((await c.reply()).code, 220);
+  await c.ehlo();
+  assert.equal((await c.cmd(`MAIL FROM:<${from}> SIZE=${text.length}`)).code, 250);
+  assert.equal((await c.cmd(`RCPT TO:<${to}>`)).code, 250);
+  assert.equal((await c.cmd('DATA')).code, 354);
+  c.write(text + '.\r\n');
+  const r = await c.reply(30_000);
+  c.close();
+  return { code: r.code, raw: r.raw };
+}
+
+test('a tagged message of exactly the advertised SIZE reaches a backend with a small message_size_limit', async () => {
+  const c = await SmtpClient.connect(dm.port);
+  assert.equal((await c.reply()).code, 220);
+  const { keywords } = await c.ehlo();
+  c.close();
+  const size = Number(keywords.get('SIZE'));
+  assert.ok(size > 0 && size <= BACKEND_SIZE);
+  const r = await send('fits@example.org', 'user@tagged.example', messageOf(size, 'fits'));
+  assert.equal(r.code, 250, `a message of the advertised SIZE ${size}: ${r.raw}`);
+  const m = await sink.bySender('fits@example.org');
+  assert.match(m.body, /^X-Doorman-Tag: tag; tagged$/m);
+});
+
+test('one octet over the advertised SIZE: 552 5.3.4 from doorman, nothing delivered', async () => {
+  const c = await SmtpClient.connect(dm.port);
+  assert.equal((await c.reply()).code, 220);
+  const { keywords } = await c.ehlo();
+  const size = Number(keywords.get('SIZE'));
+  const over = await c.cmd(`MAIL FROM:<over@example.org> SIZE=${size + 1}`);
+  assert.equal(over.code, 552, over.raw);
+  assert.match(over.text, /^5\.3\.4 /);
+  c.close();
+  // Without SIZE= the data is counted: refused after the data, never sent to the backend.
+  const c2 = await SmtpClient.connect(dm.port);
+  assert.equal((await c2.reply()).code, 220);
+  await c2.ehlo();
+  assert.equal((await c2.cmd('MAIL FROM:<over2@example.org>')).code, 250);
+  assert.equal((await c2.cmd('RCPT TO:<user@tagged.example>')).code, 250);
+  assert.equal((await c2.cmd('DATA')).code, 354);
+  c2.write(messageOf(size + 1, 'over') + '.\r\n');
+  const r = await c2.reply(30_000);
+  assert.equal(r.code, 552, r.raw);
+  assert.match(r.text, /^5\.3\.4 /);
+  c2.close();
+  assert.equal(sink.messages().filter((m) => m.mail.startsWith('<over2@example.org>')).length, 0);
+});
