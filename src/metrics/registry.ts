@@ -25,6 +25,7 @@ export function createMetrics(opts: MetricsOptions) {
     buildInfo: new Gauge({ name: 'doorman_build_info', help: 'Build information; value is always 1.', labelNames: ['version', 'node'], registers: r }),
     connections: new Counter({ name: 'doorman_connections_total', help: 'Client connections accepted, by listener.', labelNames: ['listener'], registers: r }),
     connectionsActive: new Gauge({ name: 'doorman_connections_active', help: 'Client sessions open now, by listener.', labelNames: ['listener'], registers: r }),
+    connectionsPending: new Gauge({ name: 'doorman_connections_pending', help: 'Connections accepted and not yet a session, by listener and stage (proxy_header, tls_handshake); they count in the connection limits.', labelNames: ['listener', 'stage'], registers: r }),
     connectionsRefused: new Counter({ name: 'doorman_connections_refused_total', help: 'Connections refused before the greeting, by reason.', labelNames: ['listener', 'reason'], registers: r }),
     tlsSessions: new Counter({ name: 'doorman_tls_sessions_total', help: 'Client TLS handshakes, by listener and how (starttls, implicit) and result.', labelNames: ['listener', 'mode', 'result'], registers: r }),
     sessionDuration: new Histogram({ name: 'doorman_session_duration_seconds', help: 'Client session duration.', labelNames: ['listener'], buckets: SESSION_BUCKETS, registers: r }),
