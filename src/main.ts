@@ -11,10 +11,11 @@ import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
 import { BackendPool, parseBackendSpec } from './backend/pool.js';
-import type { LoadedConfig } from './config/load.js';
+import { loadConfig, type LoadedConfig } from './config/load.js';
+import { restartOnlyChanges } from './config/reload.js';
 import { closeRuleSet, loadRuleSet, type RuleSet } from './config/rules.js';
 import { parseHostPort } from './config/schema.js';
-import { watchRules } from './config/watch.js';
+import { watchFiles, watchRules } from './config/watch.js';
 import { DoormanError } from './errors.js';
 import { startMetricsServer } from './metrics/http.js';
 import { createMetrics, type Metrics } from './metrics/registry.js';
@@ -31,7 +32,10 @@ export interface Running {
   proxy: Proxy;
   metrics: Metrics;
   log: Logger;
-  /** Reloads the rule files; false when they were invalid (the old set stays). */
+  /**
+   * Reloads the rule files, and the settings that may change while running (limits, the TLS
+   * certificate: src/config/reload.ts); false when something was invalid (its last good version stays).
+   */
   reload(): boolean;
   /** Drains and stops everything. */
   stop(deadline?: number): Promise<void>;
@@ -179,9 +183,10 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     for (const r of set.rules) for (const kind of ['error', 'timeout']) metrics.ruleErrors.inc({ rule: r.rule.name, kind }, 0);
   };
   announce(rules);
+  let limits = config.limits;
   const proxy: Proxy = new Proxy({
     hostname: loaded.hostname,
-    limits: config.limits,
+    limits,
     backend: backendOptions(loaded),
     pool,
     listeners: config.listen,
@@ -198,23 +203,49 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     throw new DoormanError('DMN_ERR_LISTEN', (e as Error).message);
   }
 
-  const reload = (): boolean => {
+  const reloadRules = (): boolean => {
     try {
       const next = loadRuleSet(config.rules.dir, deps);
       const old = rules;
       rules = next;
       if (!proxy.ruleSetInUse(old)) closeRuleSet(old);
       announce(next);
-      metrics.configReloads.inc({ result: 'success' });
+      metrics.configReloads.inc({ what: 'rules', result: 'success' });
       log.info({ version: next.version, rules: next.rules.map((r) => r.rule.name) }, 'rules reloaded');
       return true;
     } catch (e) {
-      metrics.configReloads.inc({ result: 'failure' });
+      metrics.configReloads.inc({ what: 'rules', result: 'failure' });
       log.error({ err: e instanceof Error ? e.message : String(e), version: rules.version }, 'rule reload failed; keeping the last good rules');
       return false;
     }
   };
-  const watcher = config.rules.watch ? watchRules(config.rules.dir, reload) : null;
+  // The configuration file and the certificate: new connections get the new limits and
+  // certificate, open sessions keep theirs; an invalid file or certificate keeps the last good.
+  const reloadSettings = (): boolean => {
+    try {
+      const next = loadConfig(loaded.file ? { file: loaded.file } : {});
+      next.config.rules.dir = config.rules.dir; // --rules on the command line
+      const secureContext = loadSecureContext(next);
+      const needRestart = restartOnlyChanges(config, next.config);
+      if (needRestart.length) log.warn({ keys: needRestart }, 'changed settings apply only after a restart; the running values stay');
+      proxy.update({ limits: next.config.limits, secureContext });
+      limits = next.config.limits;
+      metrics.configReloads.inc({ what: 'settings', result: 'success' });
+      log.info({ file: next.file, tls: next.config.tls.cert ?? null }, 'settings reloaded');
+      return true;
+    } catch (e) {
+      metrics.configReloads.inc({ what: 'settings', result: 'failure' });
+      log.error({ err: e instanceof Error ? e.message : String(e) }, 'settings reload failed; keeping the last good settings and certificate');
+      return false;
+    }
+  };
+  const reload = (): boolean => {
+    const r = reloadRules();
+    return reloadSettings() && r;
+  };
+  const watcher = config.rules.watch ? watchRules(config.rules.dir, reloadRules) : null;
+  const settingFiles = [loaded.file, config.tls.cert, config.tls.key].filter((f): f is string => Boolean(f));
+  const settingsWatcher = config.rules.watch && settingFiles.length ? watchFiles(settingFiles, reloadSettings) : null;
 
   let metricsServer: import('node:http').Server | null = null;
   if (config.metrics.listen !== 'off' && !worker) {
@@ -232,8 +263,9 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     metrics,
     log,
     reload,
-    async stop(deadline = config.limits.drainTimeout) {
+    async stop(deadline = limits.drainTimeout) {
       watcher?.close();
+      settingsWatcher?.close();
       log.info({ sessions: proxy.activeSessions, deadline }, 'draining');
       await proxy.drain(deadline);
       pool.closeIdle();

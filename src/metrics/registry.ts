@@ -60,14 +60,14 @@ export function createMetrics(opts: MetricsOptions) {
     greylist: new Counter({ name: 'doorman_greylist_total', help: 'Greylisting decisions, by result (greylisted, passed, allowlisted).', labelNames: ['result'], registers: r }),
     eventLoopLag: new Gauge({ name: 'doorman_event_loop_lag_seconds', help: 'Event-loop lag measured by the overload sampler (shedding above limits.maxEventLoopLag).', registers: r }),
     overloaded: new Gauge({ name: 'doorman_overloaded', help: '1 while new connections are shed with 421 4.3.2 because the event loop lags.', registers: r }),
-    configReloads: new Counter({ name: 'doorman_config_reloads_total', help: 'Rule file reloads, by result (success, failure).', labelNames: ['result'], registers: r }),
+    configReloads: new Counter({ name: 'doorman_config_reloads_total', help: 'Reloads, by what (rules: the rule files; settings: the configuration file and the TLS certificate) and result (success, failure).', labelNames: ['what', 'result'], registers: r }),
     rulesInfo: new Gauge({ name: 'doorman_rules_loaded_info', help: 'The loaded rule set; version is a hash of the rule files.', labelNames: ['version'], registers: r }),
     rulesLoaded: new Gauge({ name: 'doorman_rules_loaded', help: 'Number of enabled rules loaded.', registers: r }),
   };
   m.buildInfo.set({ version: opts.version, node: process.version }, 1);
   // Known label values start at 0, so dashboards and alerts see a series before the first event.
   for (const kind of ['pregreet', 'line_too_long', 'nul', 'bare_lf', 'non_smtp', 'starttls_injection', 'slow_client', 'auth_flood']) m.protocolViolations.inc({ kind }, 0);
-  for (const result of ['success', 'failure']) m.configReloads.inc({ result }, 0);
+  for (const what of ['rules', 'settings']) for (const result of ['success', 'failure']) m.configReloads.inc({ what, result }, 0);
   for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ outcome }, 0);
   for (const result of ['greylisted', 'passed', 'allowlisted']) m.greylist.inc({ result }, 0);
   if (opts.defaults !== false) collectDefaultMetrics({ register: registry });
