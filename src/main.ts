@@ -20,6 +20,7 @@ import { DoormanError } from './errors.js';
 import { startMetricsServer } from './metrics/http.js';
 import { createMetrics, type Metrics } from './metrics/registry.js';
 import { Proxy } from './listener.js';
+import { serveSlots, WorkerSlots } from './slots.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
 import { createResolver, type DnsResolver } from './net/dns.js';
@@ -195,6 +196,8 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     log,
     rules: () => rules,
     onRuleSetUnused: (set) => closeRuleSet(set),
+    // In cluster mode the primary counts connections for the whole instance (src/slots.ts).
+    ...(worker ? { slots: new WorkerSlots() } : {}),
   });
   try {
     await proxy.start();
@@ -305,7 +308,8 @@ function tcpReachable(host: string, port: number, timeout: number): Promise<bool
 /**
  * Cluster mode: the primary forks `n` workers that share the listening sockets, serves /metrics
  * aggregated over all workers, forwards SIGHUP (reload) and SIGTERM (drain) to them, and replaces
- * a worker that dies unexpectedly. Shared limits need Redis (each worker has its own memory).
+ * a worker that dies unexpectedly, and keeps the connection counts (maxClients, maxClientsPerIp)
+ * for all workers. Rule state shared between workers needs Redis (each worker has its own memory).
  */
 export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void> {
   const { config } = loaded;
@@ -319,6 +323,8 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   // NODE_CLUSTER_SCHED_POLICY=rr restores round-robin.
   if (!process.env.NODE_CLUSTER_SCHED_POLICY) cluster.schedulingPolicy = cluster.SCHED_NONE;
   const fork = () => cluster.fork({ UV_TCP_SINGLE_ACCEPT: process.env.UV_TCP_SINGLE_ACCEPT ?? '1' });
+  // maxClients and maxClientsPerIp hold for the instance: workers take their slots here.
+  serveSlots(cluster);
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;

@@ -9,7 +9,7 @@
  * for the whole instance (`serveSlots`) and each worker asks it over IPC (`WorkerSlots`), so the
  * limits hold for the instance, not per worker.
  */
-import type { Worker } from 'node:cluster';
+import type { Cluster, Worker } from 'node:cluster';
 
 /** Why a connection was refused a slot (the `reason` label of doorman_connections_refused_total). */
 export type Refusal = 'max_clients' | 'max_clients_per_ip';
@@ -132,7 +132,7 @@ export class WorkerSlots implements Slots {
  * The primary's side: one count for all workers. What a worker holds is given back when it
  * exits, so a worker that dies does not leave its connections counted.
  */
-export function serveSlots(workers: { on(event: 'message', f: (w: Worker, m: unknown) => void): unknown; on(event: 'exit', f: (w: Worker) => void): unknown }): LocalSlots {
+export function serveSlots(workers: Cluster): LocalSlots {
   const slots = new LocalSlots();
   const held = new Map<number, { total: number; keys: Map<string, number> }>();
   const of = (w: Worker) => {
@@ -140,7 +140,7 @@ export function serveSlots(workers: { on(event: 'message', f: (w: Worker, m: unk
     if (!h) held.set(w.id, (h = { total: 0, keys: new Map() }));
     return h;
   };
-  workers.on('message', (w, m) => {
+  workers.on('message', (w: Worker, m: unknown) => {
     if (!isSlotMessage(m)) return;
     const h = of(w);
     if (m.doormanSlots === 'take') {
@@ -165,7 +165,7 @@ export function serveSlots(workers: { on(event: 'message', f: (w: Worker, m: unk
       slots.release(total, key);
     }
   });
-  workers.on('exit', (w) => {
+  workers.on('exit', (w: Worker) => {
     const h = held.get(w.id);
     held.delete(w.id);
     if (!h) return;
