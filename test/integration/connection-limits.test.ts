@@ -6,6 +6,7 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import { makeCert } from '../helpers/certs.js';
 import { startDoorman, type Doorman } from '../helpers/doorman.js';
@@ -128,5 +129,58 @@ test('a client that leaves during its handshake gives its slot back at once', as
     c.close();
   } finally {
     await dm.stop();
+  }
+});
+
+/**
+ * IPv6 test hosts: addresses of two /64 networks of fd00:14:4c::/48 (unique local, RFC 4193) added
+ * to lo for this test and removed after it; they never leave the machine. Needs root and `ip`;
+ * the test is skipped without them (the keying is also tested in test/unit/client-key.test.ts).
+ */
+const V6 = ['fd00:14:4c:1::1', 'fd00:14:4c:1::2', 'fd00:14:4c:1::3', 'fd00:14:4c:2::1'];
+function addV6(): boolean {
+  try {
+    for (const a of V6) execFileSync('ip', ['-6', 'addr', 'add', `${a}/128`, 'dev', 'lo', 'nodad'], { stdio: 'pipe' });
+    return true;
+  } catch {
+    delV6();
+    return false;
+  }
+}
+function delV6(): void {
+  for (const a of V6) {
+    try {
+      execFileSync('ip', ['-6', 'addr', 'del', `${a}/128`, 'dev', 'lo'], { stdio: 'pipe' });
+    } catch {
+      // not added
+    }
+  }
+}
+
+test('IPv6 clients are counted per /64: three addresses of one /64 share maxClientsPerIp 2', async (t) => {
+  if (!addV6()) return t.skip('cannot add IPv6 test addresses to lo (needs root)');
+  let dm: Doorman | null = null;
+  const held: SmtpClient[] = [];
+  try {
+    dm = await startDoorman({ backendPort: sink.port, listen: 'smtp://[::1]:{PORT}', config: 'limits:\n  maxClientsPerIp: 2\n' });
+    const open = async (localAddress: string) => {
+      const c = await SmtpClient.connect(dm!.port, { host: '::1', localAddress });
+      const r = await c.reply();
+      if (r.code === 220) held.push(c);
+      else c.close();
+      return r.code;
+    };
+    assert.equal(await open('fd00:14:4c:1::1'), 220);
+    assert.equal(await open('fd00:14:4c:1::2'), 220);
+    assert.equal(await open('fd00:14:4c:1::3'), 421, 'a third address of the same /64 is the same client');
+    assert.equal(await open('fd00:14:4c:2::1'), 220, 'another /64 is another client');
+    held.shift()?.close();
+    const s = await dm.waitSessions(1);
+    assert.equal(s[0]?.client, 'fd00:14:4c:1::1', 'the session log names the address, not the network');
+    assert.equal(await open('fd00:14:4c:1::3'), 220, 'the slot is back once a session of that /64 ended');
+  } finally {
+    for (const c of held) c.close();
+    await dm?.stop();
+    delV6();
   }
 });
