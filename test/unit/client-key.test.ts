@@ -1,12 +1,11 @@
 /**
  * The key a client is counted under for maxClientsPerIp (src/net/ip.ts clientKey): an IPv4
  * address, an IPv6 network of limits.clientIpv6Prefix bits (a host usually holds a /64), and an
- * IPv4-mapped IPv6 address as the IPv4 address it wraps. Also LocalSlots (src/slots.ts).
+ * IPv4-mapped IPv6 address as the IPv4 address it wraps.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { clientKey, parseAddress } from '../../src/net/ip.js';
-import { LocalSlots } from '../../src/slots.js';
 
 const key = (a: string, bits = 64) => clientKey(parseAddress(a), bits);
 
@@ -28,23 +27,4 @@ test('IPv4 is per address, also when it arrives IPv4-mapped on a dual-stack sock
   assert.equal(key('192.0.2.7'), '192.0.2.7');
   assert.equal(key('::ffff:192.0.2.7'), '192.0.2.7');
   assert.notEqual(key('192.0.2.7'), key('192.0.2.8'));
-});
-
-test('LocalSlots: total and per key, both or neither, and released', () => {
-  const s = new LocalSlots();
-  const limits = { maxClients: 3, maxClientsPerIp: 2 };
-  assert.equal(s.take(true, 'a', limits), null);
-  assert.equal(s.take(true, 'a', limits), null);
-  assert.equal(s.take(true, 'a', limits), 'max_clients_per_ip');
-  assert.equal(s.held(), 2, 'a refused take takes nothing');
-  assert.equal(s.take(true, null, limits), null);
-  assert.equal(s.take(true, 'b', limits), 'max_clients');
-  assert.equal(s.take(false, 'b', limits), null, 'a client slot for a connection counted in total already');
-  s.release(true, 'a');
-  assert.equal(s.held('a'), 1);
-  assert.equal(s.held(), 2);
-  s.release(true, 'a');
-  s.release(true, 'b');
-  assert.equal(s.held(), 0);
-  assert.equal(s.held('a'), 0);
 });
