@@ -318,6 +318,11 @@ export class Proxy {
       }, limits.tlsHandshakeTimeout);
       secure.once('secure', () => {
         if (!settle('success') || socket.destroyed) return;
+        if (this.draining) {
+          // The handshake outlived the start of a drain: no new session now.
+          this.deps.metrics.connectionsRefused.inc({ listener: name, reason: 'shutdown' });
+          return void secure.end(formatReply(R.shuttingDown(this.deps.hostname)) as string);
+        }
         this.startSession(secure, b, hold, peer, undefined, true);
       });
       secure.once('error', () => {
