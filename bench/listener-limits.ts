@@ -11,13 +11,19 @@
  *     Prints connections/s and the median and 99th percentile time to the greeting (in cluster
  *     mode each connection takes its slot from the primary over IPC first).
  *
+ *   node --import tsx bench/listener-limits.ts ipc [N=20000]
+ *     The IPC round trip alone: a forked worker takes and releases N slots from a primary running
+ *     serveSlots, one after the other. Prints microseconds per take.
+ *
  * Bounded: N connections, every wait has a deadline. Uses the built doorman (bin/doorman.js).
  */
+import cluster from 'node:cluster';
 import fs from 'node:fs';
 import net from 'node:net';
 import { makeCert } from '../test/helpers/certs.js';
 import { startDoorman } from '../test/helpers/doorman.js';
 import { startFakeBackend } from '../test/helpers/fake-backend.js';
+import { serveSlots, WorkerSlots } from '../src/slots.js';
 
 const [mode = 'half-open', ...rest] = process.argv.slice(2);
 
@@ -128,6 +134,27 @@ async function connectRate(workers: number, n: number, c: number): Promise<void>
   }
 }
 
-if (mode === 'half-open') await halfOpen(Number(rest[0] ?? 1000));
+async function ipc(n: number): Promise<void> {
+  if (cluster.isPrimary) {
+    serveSlots(cluster);
+    const w = cluster.fork();
+    await new Promise((r) => w.once('exit', r));
+    return;
+  }
+  const slots = new WorkerSlots();
+  const limits = { maxClients: 1_000_000, maxClientsPerIp: 1_000_000 };
+  await slots.take(true, 'warm-up', limits);
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < n; i++) {
+    await slots.take(true, `192.0.2.${i % 250}`, limits);
+    slots.release(true, `192.0.2.${i % 250}`);
+  }
+  const us = Number(process.hrtime.bigint() - t0) / 1000 / n;
+  process.stdout.write(`${n} slot takes over IPC, one at a time: ${us.toFixed(1)} µs each (round trip to the primary)\n`);
+  process.exit(0);
+}
+
+if (mode === 'ipc') await ipc(Number(rest[0] ?? 20000));
+else if (mode === 'half-open') await halfOpen(Number(rest[0] ?? 1000));
 else if (mode === 'connect-rate') await connectRate(Number(rest[0] ?? 2), Number(rest[1] ?? 3000), Number(rest[2] ?? 20));
 else throw new Error('usage: listener-limits.ts half-open [N] | connect-rate [WORKERS] [N] [C]');
