@@ -1,7 +1,7 @@
 /**
  * cli.ts — the `doorman` command.
  *
- *   doorman [start] [--config FILE]   start the proxy (SIGHUP reloads rules, SIGTERM drains)
+ *   doorman [start] [--config FILE]   start the proxy (SIGHUP reloads rules, limits, certificate; SIGTERM drains)
  *   doorman check [--config FILE] [--rules DIR]
  *                                     validate configuration and rule files; exit 1 on errors
  *   doorman --help | --version
@@ -28,7 +28,7 @@ Usage:
   doorman --help                     this text
   doorman --version                  the version
 
-Signals: SIGHUP reloads the rule files; SIGTERM/SIGINT drain and stop.
+Signals: SIGHUP reloads the rule files, the limits and the TLS certificate; SIGTERM/SIGINT drain and stop.
 
 Environment (overrides the configuration file):
 ${Object.entries(ENV_VARS)

@@ -2,8 +2,9 @@
  * listener.ts — the listening sockets and everything before a session starts.
  *
  * For each configured listener: accept, read a PROXY header when the peer is a trusted load
- * balancer (with a deadline and a size bound), start TLS for the smtps role, enforce the
- * concurrency limits (in total and per client IP, 421 4.7.0), then hand the socket to a Session.
+ * balancer (with a deadline and a size bound), start TLS for the smtps role (with its own
+ * deadline), enforce the concurrency limits (in total and per client, 421 4.7.0) from accept to
+ * close, then hand the socket to a Session. `update()` applies a reload to new connections.
  * `drain()` implements SIGTERM: stop accepting, let sessions finish until the deadline, then
  * send 421 to the rest.
  */
@@ -16,17 +17,20 @@ import { MAX_PROXY_HEADER, parseProxyHeader, unmap, type ProxiedAddress } from '
 import type { RuleSet } from './config/rules.js';
 import { parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
 import type { Metrics } from './metrics/registry.js';
-import { inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
+import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
 import { formatReply, R } from './smtp/reply.js';
 import { Session, type ListenerRuntime, type SessionDeps } from './smtp/session.js';
+import { LocalSlots, type Refusal, type Slots } from './slots.js';
 
 export interface ProxyDeps {
   hostname: string;
+  /** The limits at start; `update` replaces them (reload). */
   limits: Limits;
   backend: BackendOptions;
   /** The backends, in MX order, with their health. */
   pool: BackendPool;
   listeners: readonly ListenerConfig[];
+  /** The certificate at start; `update` replaces it (reload). */
   secureContext: tls.SecureContext | null;
   metrics: Metrics;
   log: Logger;
@@ -34,6 +38,14 @@ export interface ProxyDeps {
   rules: () => RuleSet;
   /** Called when a rule set no longer in use by any session may release its resources. */
   onRuleSetUnused?: (set: RuleSet) => void;
+  /** Where connections are counted against the limits; default: in this process. */
+  slots?: Slots;
+}
+
+/** What a reload may change for new connections; open sessions keep what they started with. */
+export interface ProxySettings {
+  limits: Limits;
+  secureContext: tls.SecureContext | null;
 }
 
 interface Bound {
@@ -43,36 +55,86 @@ interface Bound {
   trusted: Cidr[];
   /** The local address when the listener is bound to one address (no getsockname per connection). */
   local: Endpoint | null;
-  /** The session dependencies for this listener and the current rule set (built once per rule set). */
+  /** The session dependencies for this listener, rule set and settings (built once per change). */
   deps: { rules: RuleSet; deps: SessionDeps } | null;
 }
+
+/**
+ * One accepted connection's hold on the connection limits. Released once, when the connection
+ * closes, whichever way it ends (refused, PROXY timeout, TLS failure or timeout, session end).
+ */
+class Hold {
+  private total = false;
+  private key: string | null = null;
+  closed = false;
+
+  constructor(private readonly slots: Slots) {}
+
+  /** Records slots taken; false (and gives them back) when the connection closed meanwhile. */
+  add(total: boolean, key: string | null): boolean {
+    if (this.closed) {
+      this.slots.release(total, key);
+      return false;
+    }
+    this.total ||= total;
+    if (key !== null) this.key = key;
+    return true;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.slots.release(this.total, this.key);
+  }
+}
+
+/** A stage before the session: counted in doorman_connections_pending while it lasts. */
+type PendingStage = 'proxy_header' | 'tls_handshake';
 
 export class Proxy {
   private readonly bound: Bound[] = [];
   private readonly sessions = new Set<Session>();
-  private readonly perIp = new Map<string, number>();
+  private readonly slots: Slots;
   private readonly setUsers = new Map<RuleSet, number>();
+  private limits: Limits;
+  private secureContext: tls.SecureContext | null;
   private draining = false;
   private overloaded = false;
   private sampler: NodeJS.Timeout | null = null;
 
-  constructor(private readonly deps: ProxyDeps) {}
+  constructor(private readonly deps: ProxyDeps) {
+    this.slots = deps.slots ?? new LocalSlots();
+    this.limits = deps.limits;
+    this.secureContext = deps.secureContext;
+  }
+
+  /**
+   * Reload: new connections get these limits and this certificate; open sessions (and
+   * connections in their handshake) keep the ones they started with.
+   */
+  update(settings: ProxySettings): void {
+    this.limits = settings.limits;
+    this.secureContext = settings.secureContext;
+    for (const b of this.bound) {
+      b.runtime = { ...b.runtime, secureContext: settings.secureContext };
+      b.deps = null;
+    }
+  }
 
   /**
    * Overload shedding (Haraka toobusy): a timer measures how late it fires; while the lag is over
    * limits.maxEventLoopLag, new connections get 421 4.3.2 rather than everyone getting slow.
    */
   private startSampler(): void {
-    const limit = this.deps.limits.maxEventLoopLag;
-    if (limit <= 0) return;
     const every = 250;
     let last = performance.now();
     this.sampler = setInterval(() => {
+      const limit = this.limits.maxEventLoopLag;
       const now = performance.now();
       const lag = Math.max(0, now - last - every);
       last = now;
       this.deps.metrics.eventLoopLag.set(lag / 1000);
-      const over = lag > limit;
+      const over = limit > 0 && lag > limit;
       if (over !== this.overloaded) {
         this.overloaded = over;
         this.deps.metrics.overloaded.set(over ? 1 : 0);
@@ -91,7 +153,7 @@ export class Proxy {
         name: cfg.name ?? `${cfg.role}@${cfg.address}`,
         role: cfg.role,
         authPlaintext: cfg.authPlaintext,
-        secureContext: this.deps.secureContext,
+        secureContext: this.secureContext,
       };
       const trusted = cfg.trustedProxies.map(parseCidr);
       const server = net.createServer({ pauseOnConnect: false, noDelay: true, allowHalfOpen: true }, (s) => this.onConnection(s, b));
@@ -108,6 +170,7 @@ export class Proxy {
       if (net.isIP(hp.host) && !['0.0.0.0', '::'].includes(hp.host)) {
         b.local = endpoint(bound.address, bound.port);
       }
+      for (const stage of ['proxy_header', 'tls_handshake']) this.deps.metrics.connectionsPending.set({ listener: runtime.name, stage }, 0);
       this.bound.push(b);
     }
   }
@@ -124,10 +187,21 @@ export class Proxy {
     return this.sessions.size;
   }
 
+  /** The key a client is counted under for maxClientsPerIp (IPv6: its network, limits.clientIpv6Prefix). */
+  private clientKey(address: string): string {
+    return clientKey(parseAddress(address), this.limits.clientIpv6Prefix);
+  }
+
+  /**
+   * Every accepted connection is counted from here until it closes: in total at once, and under
+   * its client as soon as the client is known (here, or after a trusted PROXY header).
+   */
   private onConnection(socket: net.Socket, b: Bound): void {
     socket.on('error', () => undefined);
     const remote = socket.remoteAddress;
     if (!remote) return void socket.destroy();
+    const hold = new Hold(this.slots);
+    socket.once('close', () => hold.close());
     const peer = endpoint(remote, socket.remotePort ?? 0);
     const local = b.local ?? endpoint(socket.localAddress ?? '0.0.0.0', socket.localPort ?? 0);
     const direct: ProxiedAddress = {
@@ -136,25 +210,73 @@ export class Proxy {
       destPort: local.port,
       destFamily: local.family,
     };
+    const host = this.deps.hostname;
+    if (this.draining) return this.refuse(socket, b, 'shutdown', formatReply(R.shuttingDown(host)) as string);
+    if (this.overloaded) return this.refuse(socket, b, 'overload', formatReply(R.overloaded(host)) as string);
+    const limits = this.limits;
+    const secureContext = this.secureContext;
     if (b.config.proxyProtocol && inAnyCidr(parseAddress(direct.address), b.trusted)) {
-      this.readProxyHeader(socket, b, direct);
+      // The balancer is not the client: count in total now, under the client once it is named.
+      this.claim(socket, b, hold, true, null, limits, () => this.readProxyHeader(socket, b, hold, direct, limits, secureContext));
       return;
     }
-    this.admit(socket, b, direct, undefined);
+    this.claim(socket, b, hold, true, this.clientKey(direct.address), limits, () => this.admit(socket, b, hold, direct, undefined, limits, secureContext));
   }
 
-  private readProxyHeader(socket: net.Socket, b: Bound, direct: ProxiedAddress): void {
+  /** Takes slots for a connection, then goes on with `next`, or refuses it (421 4.7.0). */
+  private claim(socket: net.Socket, b: Bound, hold: Hold, total: boolean, key: string | null, limits: Limits, next: () => void): void {
+    const decide = (refusal: Refusal | null) => {
+      if (refusal) return this.refuse(socket, b, refusal, formatReply(R.tooManyConnections(this.deps.hostname)) as string);
+      if (hold.add(total, key)) next();
+    };
+    const r = this.slots.take(total, key, limits);
+    if (r instanceof Promise) {
+      socket.pause();
+      void r.then(decide);
+    } else decide(r);
+  }
+
+  /**
+   * Refuses a connection before its session: a plaintext 421 on smtp and submission listeners;
+   * on smtps the client expects a TLS handshake and could not read one, so it is closed.
+   */
+  private refuse(socket: net.Socket, b: Bound, reason: string, text: string): void {
+    this.deps.metrics.connectionsRefused.inc({ listener: b.runtime.name, reason });
+    if (b.config.role === 'smtps') return void socket.destroy();
+    socket.end(text);
+    setTimeout(() => socket.destroy(), 1000).unref();
+  }
+
+  /** Counts a stage in doorman_connections_pending; the returned function ends it (once). */
+  private pending(b: Bound, stage: PendingStage): () => void {
+    const labels = { listener: b.runtime.name, stage };
+    this.deps.metrics.connectionsPending.inc(labels);
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      this.deps.metrics.connectionsPending.dec(labels);
+    };
+  }
+
+  private readProxyHeader(socket: net.Socket, b: Bound, hold: Hold, direct: ProxiedAddress, limits: Limits, secureContext: tls.SecureContext | null): void {
     let buf = Buffer.alloc(0);
+    const ended = this.pending(b, 'proxy_header');
     const timer = setTimeout(() => {
       this.deps.metrics.connectionsRefused.inc({ listener: b.runtime.name, reason: 'proxy_timeout' });
       socket.destroy();
-    }, this.deps.limits.proxyHeaderTimeout);
+    }, limits.proxyHeaderTimeout);
+    const finish = () => {
+      clearTimeout(timer);
+      ended();
+      socket.off('data', onData);
+      socket.off('close', finish);
+    };
     const onData = (chunk: Buffer) => {
       buf = Buffer.concat([buf, chunk]);
       const r = parseProxyHeader(buf.subarray(0, MAX_PROXY_HEADER));
       if (r.state === 'incomplete' && buf.length < MAX_PROXY_HEADER) return;
-      clearTimeout(timer);
-      socket.off('data', onData);
+      finish();
       if (r.state !== 'done') {
         this.deps.metrics.connectionsRefused.inc({ listener: b.runtime.name, reason: 'proxy_header' });
         this.deps.log.warn({ peer: direct.address, reason: r.state === 'error' ? r.reason : 'too long' }, 'bad PROXY header');
@@ -162,63 +284,72 @@ export class Proxy {
         return;
       }
       socket.pause();
-      this.admit(socket, b, r.address ?? direct, buf.subarray(r.consumed));
+      const peer = r.address ?? direct;
+      const rest = buf.subarray(r.consumed);
+      this.claim(socket, b, hold, false, this.clientKey(peer.address), limits, () => this.admit(socket, b, hold, peer, rest, limits, secureContext));
     };
     socket.on('data', onData);
-  }
-
-  private admit(socket: net.Socket, b: Bound, peer: ProxiedAddress, initial: Buffer | undefined): void {
-    const name = b.runtime.name;
-    const refuse = (reason: string, text: string) => {
-      this.deps.metrics.connectionsRefused.inc({ listener: name, reason });
-      socket.end(text);
-      setTimeout(() => socket.destroy(), 1000).unref();
-    };
-    const host = this.deps.hostname;
-    if (this.draining) return refuse('shutdown', formatReply(R.shuttingDown(host)) as string);
-    if (this.overloaded) return refuse('overload', formatReply(R.overloaded(host)) as string);
-    if (this.sessions.size >= this.deps.limits.maxClients) return refuse('max_clients', formatReply(R.tooManyConnections(host)) as string);
-    const ip = peer.address;
-    const n = this.perIp.get(ip) ?? 0;
-    if (n >= this.deps.limits.maxClientsPerIp) return refuse('max_clients_per_ip', formatReply(R.tooManyConnections(host)) as string);
-    if (b.config.role === 'smtps') {
-      if (!this.deps.secureContext) return refuse('no_tls', formatReply(R.unavailable(host)) as string);
-      if (initial?.length) socket.unshift(initial);
-      const secure = new tls.TLSSocket(socket, { isServer: true, secureContext: this.deps.secureContext });
-      const t = setTimeout(() => secure.destroy(), this.deps.limits.commandTimeout);
-      secure.once('secure', () => {
-        clearTimeout(t);
-        this.deps.metrics.tlsSessions.inc({ listener: name, mode: 'implicit', result: 'success' });
-        this.startSession(secure, b, peer, undefined, true);
-      });
-      secure.once('error', () => {
-        clearTimeout(t);
-        this.deps.metrics.tlsSessions.inc({ listener: name, mode: 'implicit', result: 'failure' });
-        secure.destroy();
-      });
-      socket.resume();
-      return;
-    }
-    this.startSession(socket, b, peer, initial, false);
+    socket.on('close', finish);
     socket.resume();
   }
 
-  private startSession(socket: net.Socket, b: Bound, peer: ProxiedAddress, initial: Buffer | undefined, isTls: boolean): void {
+  private admit(socket: net.Socket, b: Bound, hold: Hold, peer: ProxiedAddress, initial: Buffer | undefined, limits: Limits, secureContext: tls.SecureContext | null): void {
+    const name = b.runtime.name;
+    if (b.config.role === 'smtps') {
+      if (!secureContext) return this.refuse(socket, b, 'no_tls', formatReply(R.unavailable(this.deps.hostname)) as string);
+      if (initial?.length) socket.unshift(initial);
+      const secure = new tls.TLSSocket(socket, { isServer: true, secureContext });
+      const ended = this.pending(b, 'tls_handshake');
+      let settled = false;
+      const settle = (result: 'success' | 'failure' | 'timeout') => {
+        if (settled) return false;
+        settled = true;
+        clearTimeout(deadline);
+        ended();
+        this.deps.metrics.tlsSessions.inc({ listener: name, mode: 'implicit', result });
+        return true;
+      };
+      // Its own short deadline: a client that connects and never sends a ClientHello holds a slot
+      // only this long (limits.tlsHandshakeTimeout, not the command timeout).
+      const deadline = setTimeout(() => {
+        if (!settle('timeout')) return;
+        this.deps.metrics.connectionsRefused.inc({ listener: name, reason: 'tls_timeout' });
+        secure.destroy();
+      }, limits.tlsHandshakeTimeout);
+      secure.once('secure', () => {
+        if (!settle('success') || socket.destroyed) return;
+        if (this.draining) {
+          // The handshake outlived the start of a drain: no new session now.
+          this.deps.metrics.connectionsRefused.inc({ listener: name, reason: 'shutdown' });
+          return void secure.end(formatReply(R.shuttingDown(this.deps.hostname)) as string);
+        }
+        this.startSession(secure, b, hold, peer, undefined, true);
+      });
+      secure.once('error', () => {
+        settle('failure');
+        secure.destroy();
+      });
+      secure.once('close', () => settle('failure'));
+      socket.resume();
+      return;
+    }
+    this.startSession(socket, b, hold, peer, initial, false);
+    socket.resume();
+  }
+
+  private startSession(socket: net.Socket, b: Bound, hold: Hold, peer: ProxiedAddress, initial: Buffer | undefined, isTls: boolean): void {
     const rules = this.deps.rules();
-    if (b.deps?.rules !== rules) b.deps = { rules, deps: { ...this.deps, listener: b.runtime, rules } };
+    if (b.deps?.rules !== rules) b.deps = { rules, deps: { ...this.deps, limits: this.limits, listener: b.runtime, rules } };
     const session = new Session(socket, peer, b.deps.deps, { tls: isTls, ...(initial ? { initial } : {}) });
-    const ip = peer.address;
-    this.perIp.set(ip, (this.perIp.get(ip) ?? 0) + 1);
     this.setUsers.set(rules, (this.setUsers.get(rules) ?? 0) + 1);
     this.sessions.add(session);
     const name = b.runtime.name;
     this.deps.metrics.connections.inc({ listener: name });
     this.deps.metrics.connectionsActive.inc({ listener: name });
     void session.done.then(() => {
+      // STARTTLS moves the session to a new socket: its end, not the first socket's, releases.
+      hold.close();
       this.sessions.delete(session);
-      const left = (this.perIp.get(ip) ?? 1) - 1;
-      if (left <= 0) this.perIp.delete(ip);
-      else this.perIp.set(ip, left);
       const users = (this.setUsers.get(rules) ?? 1) - 1;
       if (users <= 0) {
         this.setUsers.delete(rules);

@@ -11,14 +11,16 @@ import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BackendOptions } from './backend/connection.js';
 import { BackendPool, parseBackendSpec } from './backend/pool.js';
-import type { LoadedConfig } from './config/load.js';
+import { loadConfig, type LoadedConfig } from './config/load.js';
+import { restartOnlyChanges } from './config/reload.js';
 import { closeRuleSet, loadRuleSet, type RuleSet } from './config/rules.js';
 import { parseHostPort } from './config/schema.js';
-import { watchRules } from './config/watch.js';
+import { watchFiles, watchRules } from './config/watch.js';
 import { DoormanError } from './errors.js';
 import { startMetricsServer } from './metrics/http.js';
 import { createMetrics, type Metrics } from './metrics/registry.js';
 import { Proxy } from './listener.js';
+import { serveSlots, WorkerSlots } from './slots.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
 import { createResolver, type DnsResolver } from './net/dns.js';
@@ -31,7 +33,10 @@ export interface Running {
   proxy: Proxy;
   metrics: Metrics;
   log: Logger;
-  /** Reloads the rule files; false when they were invalid (the old set stays). */
+  /**
+   * Reloads the rule files, and the settings that may change while running (limits, the TLS
+   * certificate: src/config/reload.ts); false when something was invalid (its last good version stays).
+   */
   reload(): boolean;
   /** Drains and stops everything. */
   stop(deadline?: number): Promise<void>;
@@ -179,9 +184,10 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     for (const r of set.rules) for (const kind of ['error', 'timeout']) metrics.ruleErrors.inc({ rule: r.rule.name, kind }, 0);
   };
   announce(rules);
+  let limits = config.limits;
   const proxy: Proxy = new Proxy({
     hostname: loaded.hostname,
-    limits: config.limits,
+    limits,
     backend: backendOptions(loaded),
     pool,
     listeners: config.listen,
@@ -190,6 +196,8 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     log,
     rules: () => rules,
     onRuleSetUnused: (set) => closeRuleSet(set),
+    // In cluster mode the primary counts connections for the whole instance (src/slots.ts).
+    ...(worker ? { slots: new WorkerSlots() } : {}),
   });
   try {
     await proxy.start();
@@ -198,23 +206,49 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     throw new DoormanError('DMN_ERR_LISTEN', (e as Error).message);
   }
 
-  const reload = (): boolean => {
+  const reloadRules = (): boolean => {
     try {
       const next = loadRuleSet(config.rules.dir, deps);
       const old = rules;
       rules = next;
       if (!proxy.ruleSetInUse(old)) closeRuleSet(old);
       announce(next);
-      metrics.configReloads.inc({ result: 'success' });
+      metrics.configReloads.inc({ what: 'rules', result: 'success' });
       log.info({ version: next.version, rules: next.rules.map((r) => r.rule.name) }, 'rules reloaded');
       return true;
     } catch (e) {
-      metrics.configReloads.inc({ result: 'failure' });
+      metrics.configReloads.inc({ what: 'rules', result: 'failure' });
       log.error({ err: e instanceof Error ? e.message : String(e), version: rules.version }, 'rule reload failed; keeping the last good rules');
       return false;
     }
   };
-  const watcher = config.rules.watch ? watchRules(config.rules.dir, reload) : null;
+  // The configuration file and the certificate: new connections get the new limits and
+  // certificate, open sessions keep theirs; an invalid file or certificate keeps the last good.
+  const reloadSettings = (): boolean => {
+    try {
+      const next = loadConfig(loaded.file ? { file: loaded.file } : {});
+      next.config.rules.dir = config.rules.dir; // --rules on the command line
+      const secureContext = loadSecureContext(next);
+      const needRestart = restartOnlyChanges(config, next.config);
+      if (needRestart.length) log.warn({ keys: needRestart }, 'changed settings apply only after a restart; the running values stay');
+      proxy.update({ limits: next.config.limits, secureContext });
+      limits = next.config.limits;
+      metrics.configReloads.inc({ what: 'settings', result: 'success' });
+      log.info({ file: next.file, tls: next.config.tls.cert ?? null }, 'settings reloaded');
+      return true;
+    } catch (e) {
+      metrics.configReloads.inc({ what: 'settings', result: 'failure' });
+      log.error({ err: e instanceof Error ? e.message : String(e) }, 'settings reload failed; keeping the last good settings and certificate');
+      return false;
+    }
+  };
+  const reload = (): boolean => {
+    const r = reloadRules();
+    return reloadSettings() && r;
+  };
+  const watcher = config.rules.watch ? watchRules(config.rules.dir, reloadRules) : null;
+  const settingFiles = [loaded.file, config.tls.cert, config.tls.key].filter((f): f is string => Boolean(f));
+  const settingsWatcher = config.rules.watch && settingFiles.length ? watchFiles(settingFiles, reloadSettings) : null;
 
   let metricsServer: import('node:http').Server | null = null;
   if (config.metrics.listen !== 'off' && !worker) {
@@ -232,8 +266,9 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     metrics,
     log,
     reload,
-    async stop(deadline = config.limits.drainTimeout) {
+    async stop(deadline = limits.drainTimeout) {
       watcher?.close();
+      settingsWatcher?.close();
       log.info({ sessions: proxy.activeSessions, deadline }, 'draining');
       await proxy.drain(deadline);
       pool.closeIdle();
@@ -273,7 +308,8 @@ function tcpReachable(host: string, port: number, timeout: number): Promise<bool
 /**
  * Cluster mode: the primary forks `n` workers that share the listening sockets, serves /metrics
  * aggregated over all workers, forwards SIGHUP (reload) and SIGTERM (drain) to them, and replaces
- * a worker that dies unexpectedly. Shared limits need Redis (each worker has its own memory).
+ * a worker that dies unexpectedly, and keeps the connection counts (maxClients, maxClientsPerIp)
+ * for all workers. Rule state shared between workers needs Redis (each worker has its own memory).
  */
 export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void> {
   const { config } = loaded;
@@ -287,6 +323,8 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   // NODE_CLUSTER_SCHED_POLICY=rr restores round-robin.
   if (!process.env.NODE_CLUSTER_SCHED_POLICY) cluster.schedulingPolicy = cluster.SCHED_NONE;
   const fork = () => cluster.fork({ UV_TCP_SINGLE_ACCEPT: process.env.UV_TCP_SINGLE_ACCEPT ?? '1' });
+  // maxClients and maxClientsPerIp hold for the instance: workers take their slots here.
+  serveSlots(cluster);
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;

@@ -10,6 +10,11 @@ export const LIMIT_DEFAULTS = {
   maxClients: 1000,
   /** Concurrent sessions from one client IP address; above it 421 4.7.0. */
   maxClientsPerIp: 20,
+  /**
+   * IPv6 clients are counted for maxClientsPerIp per network of this many bits (a host usually
+   * holds a whole /64); IPv4 clients per address. 128 = per IPv6 address.
+   */
+  clientIpv6Prefix: 64,
   /** Longest command line, octets including CRLF (RFC 5321 §4.5.3.1.4). */
   maxCommandLine: 512,
   /** Extra octets allowed on MAIL/RCPT lines for extension parameters (SIZE, BODY, ORCPT…). */
@@ -42,6 +47,8 @@ export const LIMIT_DEFAULTS = {
   maxBuffered: 65_536, // 64 KiB
   /** Deadline for a trusted load balancer's PROXY header, ms (Postfix: 5 s). */
   proxyHeaderTimeout: 5_000,
+  /** Deadline for the TLS handshake on an smtps (implicit TLS) listener, ms; counted in the connection limits meanwhile. */
+  tlsHandshakeTimeout: 10_000,
   /** Largest header block held for data_headers rules, octets; past it rules see a prefix. */
   maxHeaderBytes: 65_536, // 64 KiB
   /** Bare CR or LF in commands and data: `normalize` to CRLF (safely re-stuffed) or `reject`. */

@@ -110,6 +110,7 @@ export const configSchema = z.strictObject({
     .strictObject({
       maxClients: positive.default(LIMIT_DEFAULTS.maxClients),
       maxClientsPerIp: positive.default(LIMIT_DEFAULTS.maxClientsPerIp),
+      clientIpv6Prefix: z.number().int().min(16).max(128).default(LIMIT_DEFAULTS.clientIpv6Prefix),
       maxCommandLine: z.number().int().min(512).default(LIMIT_DEFAULTS.maxCommandLine),
       extensionAllowance: z.number().int().nonnegative().default(LIMIT_DEFAULTS.extensionAllowance),
       maxAuthLine: z.number().int().min(512).default(LIMIT_DEFAULTS.maxAuthLine),
@@ -126,6 +127,7 @@ export const configSchema = z.strictObject({
       drainTimeout: ms.default(LIMIT_DEFAULTS.drainTimeout),
       maxBuffered: z.number().int().min(4096).default(LIMIT_DEFAULTS.maxBuffered),
       proxyHeaderTimeout: positive.default(LIMIT_DEFAULTS.proxyHeaderTimeout),
+      tlsHandshakeTimeout: positive.default(LIMIT_DEFAULTS.tlsHandshakeTimeout),
       maxHeaderBytes: z.number().int().min(1024).default(LIMIT_DEFAULTS.maxHeaderBytes),
       bareNewline: z.enum(['normalize', 'reject']).default(LIMIT_DEFAULTS.bareNewline),
       greetDelay: ms.max(30_000).default(LIMIT_DEFAULTS.greetDelay),

@@ -62,3 +62,19 @@ export function inCidr(addr: ClientAddress, cidr: Cidr): boolean {
 export function inAnyCidr(addr: ClientAddress, cidrs: readonly Cidr[]): boolean {
   return cidrs.some((c) => inCidr(addr, c));
 }
+
+/**
+ * The key under which a client is counted for the per-client connection limit: an IPv4 address
+ * (a /32), or the IPv6 network of `v6Prefix` bits around an IPv6 address (`2001:db8:1:2::/64`).
+ * One IPv6 host is usually given a whole /64, so counting each IPv6 address separately would let
+ * it open a limit's worth of connections per address it picks (2^64 of them).
+ */
+export function clientKey(addr: ClientAddress, v6Prefix: number): string {
+  if (addr.family === 4 || v6Prefix >= 128) return addr.text;
+  const bytes = addr.ip.toByteArray();
+  for (let i = 0; i < 16; i++) {
+    const keep = Math.min(8, Math.max(0, v6Prefix - i * 8));
+    bytes[i] = (bytes[i] ?? 0) & ((0xff << (8 - keep)) & 0xff);
+  }
+  return `${ipaddr.fromByteArray(bytes).toString()}/${v6Prefix}`;
+}

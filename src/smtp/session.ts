@@ -202,7 +202,8 @@ export class Session {
       bareNewline: l.bareNewline,
     });
     this.done = new Promise((r) => (this.resolveDone = r));
-    if (opts.initial?.length) this.framing.push(opts.initial);
+    // Bytes that came with a PROXY header, before the greeting: pregreet like any other.
+    if (opts.initial?.length) this.onData(opts.initial);
     this.attach(socket);
   }
 

@@ -1,7 +1,8 @@
 /**
  * Cluster mode: two worker processes share the listener; limits hold across them through Redis;
- * the primary serves /metrics aggregated over the workers; SIGHUP reloads every worker; SIGTERM
- * drains them all and the primary exits 0.
+ * maxClients and maxClientsPerIp hold for the instance (the primary counts); the primary serves
+ * /metrics aggregated over the workers, each gauge by its own rule (a state is not summed);
+ * SIGHUP reloads every worker; SIGTERM drains them all and the primary exits 0.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { startDoorman } from '../helpers/doorman.js';
 import { startFakeBackend } from '../helpers/fake-backend.js';
+import { startRbldnsd } from '../helpers/rbldnsd.js';
 import { startRedis } from '../helpers/redis.js';
 import { SmtpClient } from '../helpers/smtp.js';
 import { eventually, sleep, useCleanup } from '../helpers/procs.js';
@@ -56,6 +58,56 @@ test('two workers: shared port, a Redis-backed limit across both, aggregated met
   } finally {
     await d.stop();
     await redis.stop();
+    await fb.close();
+  }
+});
+
+test('two workers: maxClients and maxClientsPerIp hold for the instance; state gauges are not multiplied', { timeout: 60_000 }, async () => {
+  const fb = await startFakeBackend('none');
+  const rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:listed', '127.0.0.2'] }]);
+  const d = await startDoorman({
+    backendPort: fb.port,
+    // Round-robin: consecutive connections go to alternate workers, so each worker alone would
+    // admit up to the limits (what happened before the primary kept the counts).
+    env: { DOORMAN_WORKERS: '2', NODE_CLUSTER_SCHED_POLICY: 'rr', DOORMAN_DNS_SERVERS: rbl.server },
+    config: 'limits:\n  maxClients: 4\n  maxClientsPerIp: 3\n',
+    rules: { 'dnsbl.yaml': 'rule: dnsbl\nsettings:\n  zones:\n    - zone: bl.test\n', 'helo.yaml': 'rule: helo\n' },
+  });
+  const held: SmtpClient[] = [];
+  try {
+    await eventually(() => d.logs().filter((l) => l.msg === 'doorman started').length === 2, 15_000);
+    const attempt = async (localAddress: string) => {
+      const c = await SmtpClient.connect(d.port, { localAddress });
+      const r = await c.reply();
+      if (r.code === 220) held.push(c);
+      else c.close();
+      return r.code;
+    };
+    const perIp = await Promise.all(Array.from({ length: 6 }, () => attempt('127.0.0.60')));
+    assert.deepEqual(perIp.sort(), [220, 220, 220, 421, 421, 421], 'maxClientsPerIp 3 for the instance, not per worker');
+    assert.equal(await attempt('127.0.0.61'), 220);
+    assert.equal(await attempt('127.0.0.62'), 421, 'maxClients 4 for the instance');
+    assert.equal(await d.metric('doorman_connections_refused_total', { reason: 'max_clients_per_ip' }), 3);
+    assert.equal(await d.metric('doorman_connections_refused_total', { reason: 'max_clients' }), 1);
+    assert.equal(await d.metric('doorman_connections_active'), 4, 'a count is summed');
+    // A state or a setting is the same in every worker: it reads once, not once per worker.
+    await eventually(async () => (await d.metric('doorman_dnsbl_zone_up')) > 0, 10_000);
+    assert.equal(await d.metric('doorman_dnsbl_zone_up'), 1);
+    assert.equal(await d.metric('doorman_rules_loaded'), 2);
+    assert.equal(await d.metric('doorman_build_info'), 1);
+    assert.equal(await d.metric('doorman_redis_up'), 1);
+    assert.equal(await d.metric('doorman_backend_up'), 1);
+    assert.equal(await d.metric('doorman_overloaded'), 0);
+    // Slots come back when sessions end, in whichever worker they ran.
+    for (const c of held.splice(0)) c.close();
+    await eventually(async () => (await d.metric('doorman_connections_active')) === 0, 5000);
+    const again = await Promise.all(Array.from({ length: 3 }, () => attempt('127.0.0.60')));
+    assert.deepEqual(again, [220, 220, 220]);
+    assert.equal(new Set(d.sessions().map((s) => s.worker)).size, 2, 'both workers served sessions');
+  } finally {
+    for (const c of held) c.close();
+    await d.stop();
+    await rbl.stop();
     await fb.close();
   }
 });

@@ -79,6 +79,20 @@ test('a PROXY header from an untrusted address is just an unknown command', asyn
   assert.equal(await postfixClient(postfix, id), 'unknown[127.0.0.9]');
 });
 
+test('commands in the same packet as the PROXY header are talking before the greeting: 521, never executed', async () => {
+  const before = await dm.metric('doorman_protocol_violations_total', { kind: 'pregreet' });
+  const c = await SmtpClient.connect(dm.port);
+  c.write('PROXY TCP4 192.0.2.11 127.0.0.1 40000 25\r\nEHLO early.example\r\nMAIL FROM:<early@example.org>\r\nRCPT TO:<bob@example.com>\r\n');
+  const r = await c.reply();
+  assert.equal(r.code, 521, r.raw);
+  assert.match(r.text, /^5\.5\.1 /);
+  assert.equal(await c.waitClosed(), true);
+  assert.equal(c.pending(), '', 'no reply to the early commands');
+  assert.equal(await dm.metric('doorman_protocol_violations_total', { kind: 'pregreet' }), before + 1);
+  const s = await eventually(() => dm.sessions().find((x) => x.client === '192.0.2.11'));
+  assert.equal(s?.outcome, 'pregreet');
+});
+
 test('a trusted peer that sends garbage instead of a header is disconnected, no greeting', async () => {
   const c = await SmtpClient.connect(dm.port);
   c.write('EHLO not-a-proxy-header\r\n');
