@@ -972,10 +972,20 @@ export class Session {
     const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
     this.socket = secure;
     this.attach(secure);
+    // The handshake has its own short deadline (limits.tlsHandshakeTimeout), as on the smtps
+    // listener: a client that says STARTTLS and then nothing must not hold its slot for minutes.
     const ok = await new Promise<boolean>((resolve) => {
-      secure.once('secure', () => resolve(true));
-      secure.once('error', () => resolve(false));
-      secure.once('close', () => resolve(false));
+      const timer = setTimeout(() => {
+        secure.destroy();
+        resolve(false);
+      }, this.deps.limits.tlsHandshakeTimeout);
+      const done = (v: boolean) => {
+        clearTimeout(timer);
+        resolve(v);
+      };
+      secure.once('secure', () => done(true));
+      secure.once('error', () => done(false));
+      secure.once('close', () => done(false));
     });
     this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
     if (!ok) return this.close('tls-failed');

@@ -184,3 +184,24 @@ test('IPv6 clients are counted per /64: three addresses of one /64 share maxClie
     delV6();
   }
 });
+
+test('STARTTLS and then no ClientHello: the connection ends at tlsHandshakeTimeout, its slot is free', async () => {
+  const dm = await start('  maxClients: 5\n  maxClientsPerIp: 1\n  tlsHandshakeTimeout: 1500\n');
+  try {
+    const c = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.36' });
+    assert.equal((await c.reply()).code, 220);
+    await c.ehlo();
+    const t0 = Date.now();
+    assert.equal((await c.cmd('STARTTLS')).code, 220);
+    // No handshake follows: doorman closes at the handshake deadline, not at commandTimeout (300 s).
+    assert.ok(await c.waitClosed(6000), 'closed by doorman');
+    const ms = Date.now() - t0;
+    assert.ok(ms >= 1300, `closed after the deadline (${ms} ms)`);
+    assert.equal(await dm.metric('doorman_tls_sessions_total', { mode: 'starttls', result: 'failure' }), 1);
+    const next = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.36' });
+    assert.equal((await next.reply()).code, 220, 'maxClientsPerIp 1: the slot was given back');
+    next.close();
+  } finally {
+    await dm.stop();
+  }
+});
