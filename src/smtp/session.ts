@@ -3,9 +3,10 @@
  *
  * Order of work for a session:
  *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
- *   2. doorman's own greeting, while the backend connection is prepared in parallel (a pooled one
- *      re-bound with XCLIENT, or a new one: greeting, EHLO, STARTTLS, XCLIENT); the first
- *      command that needs it (EHLO) waits for it;
+ *   2. doorman's own greeting; no backend connection yet: a client that connects and says
+ *      nothing (or only what doorman answers itself) costs the backend nothing. Its HELO/EHLO
+ *      takes one from the pool (a prepared spare or one an earlier session left clean, re-bound
+ *      with XCLIENT; else a new one: greeting, EHLO, STARTTLS), within backend.maxConnections;
  *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
  *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
  *      together when the client's group is read; the backend gets them without waiting.
@@ -21,7 +22,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
-import type { BackendPool, BackendTarget } from '../backend/pool.js';
+import { BackendBusyError, type BackendPool, type BackendTarget } from '../backend/pool.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
@@ -194,11 +195,6 @@ export class Session {
     const teaser = this.deps.limits.greetDelay > 0;
     if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
     const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
-    // The backend connection is prepared while the client reads the greeting and sends EHLO;
-    // the first command that needs it waits for it (ensureBackend).
-    const opening = this.openBackend();
-    opening.catch(() => undefined);
-    this.backendP = opening;
     await teaserWait;
     if (this.closed) return;
     if (this.pregreet > 0) {
@@ -226,51 +222,68 @@ export class Session {
   }
 
   /**
-   * Opens a backend connection: the pool's candidates in MX order; a backend that refuses, times
-   * out or answers 421 is marked down and the next one is tried. Throws the last failure.
+   * Takes a backend connection: the pool's candidates in MX order; a backend that refuses, times
+   * out or answers 421 is marked down and the next one is tried. Backends at maxConnections are
+   * skipped; when none had room, waits up to acquireTimeout for one to free up, then throws
+   * BackendBusyError. Otherwise throws the last failure.
    */
   private async openBackend(): Promise<BackendConnection> {
     const m = this.deps.metrics;
+    const pool = this.deps.pool;
     let last: unknown = null;
     const identity = this.identity();
-    for (const t of await this.deps.pool.candidates()) {
-      if (this.closed) break;
-      const t0 = Date.now();
-      try {
-        // A connection an earlier session left is bound to this client at its HELO/EHLO (bind).
-        let b = this.deps.pool.takeIdle(t);
-        if (b && !b.alive) b = null;
-        if (b) m.backendReused.inc({ backend: t.name });
-        if (!b) {
-          b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity);
-          m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+    const started = Date.now();
+    for (;;) {
+      let full = false;
+      for (const t of await pool.candidates()) {
+        if (this.closed) break;
+        const t0 = Date.now();
+        try {
+          // A pooled connection is bound to this client at its HELO/EHLO (bind).
+          const got = await pool.acquire(t, () => BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity));
+          if (got === 'full') {
+            full = true;
+            continue;
+          }
+          const b = got.conn;
+          if (got.reused) m.backendReused.inc({ backend: t.name });
+          else m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+          if (this.closed) {
+            this.release(b, t);
+            break;
+          }
+          pool.succeeded(t);
+          m.backendSessions.inc({ backend: t.name });
+          b.onReply = (command, r, ms) => {
+            m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
+            m.backendReplyDuration.observe({ command }, ms / 1000);
+          };
+          b.on('close', () => this.onBackendClosed());
+          this.backendName = t.name;
+          this.backendTarget = t;
+          return b;
+        } catch (err) {
+          const kind = err instanceof BackendError ? err.kind : 'connect';
+          m.backendFailures.inc({ backend: t.name, kind });
+          this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
+          pool.failed(t, `${kind}: ${(err as Error).message}`);
+          last = err;
         }
-        this.deps.pool.succeeded(t);
-        m.backendSessions.inc({ backend: t.name });
-        b.onReply = (command, r, ms) => {
-          m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
-          m.backendReplyDuration.observe({ command }, ms / 1000);
-        };
-        b.on('close', () => this.onBackendClosed());
-        this.backendName = t.name;
-        this.backendTarget = t;
-        return b;
-      } catch (err) {
-        const kind = err instanceof BackendError ? err.kind : 'connect';
-        m.backendFailures.inc({ backend: t.name, kind });
-        this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
-        this.deps.pool.failed(t, `${kind}: ${(err as Error).message}`);
-        last = err;
+      }
+      if (!full || this.closed) break;
+      const waited = Date.now() - started;
+      if (!(await pool.waitForRoom(pool.limits.acquireTimeout - waited))) {
+        m.backendBusy.inc();
+        this.deps.log.warn({ session: this.id, ms: Date.now() - started }, 'every backend connection in use');
+        throw new BackendBusyError(Date.now() - started);
       }
     }
-    throw last ?? new BackendError('connect', 'no backend configured');
+    throw last ?? new BackendError('connect', this.closed ? 'client left' : 'no backend configured');
   }
 
   /** The backend this session uses (log line). */
   private backendName: string | null = null;
   private backendTarget: BackendTarget | null = null;
-  /** The backend connection being opened at connect, until a command needs it. */
-  private backendP: Promise<BackendConnection> | null = null;
 
   /** The backend's answer to binding this client (XCLIENT/EHLO), sent when the client said HELO/EHLO. */
   private binding: Promise<Reply | 'lost' | null> | null = null;
@@ -307,21 +320,19 @@ export class Session {
       }
     }
     if (this.backend?.alive) return this.backend;
-    const first = this.backendP;
-    if (first) {
-      this.backendP = null;
+    if (!this.backend) {
+      // The session's first backend connection (at its HELO/EHLO).
       try {
-        this.backend = await first;
+        this.backend = await this.openBackend();
         return this.backend;
       } catch (err) {
-        // No backend for this session: a backend that refused at its greeting is passed on as
-        // 554 (then 503 until QUIT); anything else is 421 and the session ends.
-        this.endReason = 'backend-unavailable';
-        const be = err instanceof BackendError ? err : null;
-        if (be?.atGreeting && be.reply && be.reply.code >= 500) {
-          this.refusedAtConnect = true;
-          return reply(554, '5.3.2', `${this.deps.hostname} Service not available`);
+        // No backend for this session: 421 and the session ends. A backend that refused doorman
+        // at its greeting (even with 5xx) is doorman's problem, not the client's: 4xx too.
+        if (err instanceof BackendBusyError) {
+          this.endReason = 'backend-busy';
+          return R.overloaded(this.deps.hostname);
         }
+        this.endReason = 'backend-unavailable';
         return R.unavailable(this.deps.hostname);
       }
     }
@@ -334,14 +345,14 @@ export class Session {
         if (r) return R.lostBackend(this.deps.hostname);
       }
       return b;
-    } catch {
+    } catch (err) {
+      if (err instanceof BackendBusyError) return R.overloaded(this.deps.hostname);
       return R.lostBackend(this.deps.hostname);
     }
   }
 
-  /** Hands a quiet backend connection to the pool for the next session, or closes it. */
-  private release(b: BackendConnection): void {
-    const t = this.backendTarget;
+  /** Hands a backend connection whose state is known to be clean to the pool, or closes it. */
+  private release(b: BackendConnection, t = this.backendTarget): void {
     if (t && !this.auth && b.reusable && this.deps.pool.idleOptions.max > 0) this.deps.pool.putIdle(t, b);
     else b.quit();
   }
@@ -405,9 +416,6 @@ export class Session {
     } else if (this.backend) {
       this.release(this.backend);
     }
-    // A backend still being opened when the client left goes back to the pool (or away).
-    this.backendP?.then((b) => this.release(b), () => undefined);
-    this.backendP = null;
     this.socket.destroy();
     if (this.heard('quit')) {
       const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };

@@ -19,8 +19,11 @@ after(async () => {
   await Promise.all(running.map((d) => d.stop()));
 });
 
-/** Short backend deadlines so the stall cases finish quickly. */
-const FAST = 'backend:\n  connectTimeout: 1000\n  greetingTimeout: 1000\n  commandTimeout: 1000\n  dataTimeout: 1500\n';
+/**
+ * Short backend deadlines so the stall cases finish quickly; no spares, so that the fake backend's
+ * connections and command log are the session's own.
+ */
+const FAST = 'backend:\n  connectTimeout: 1000\n  greetingTimeout: 1000\n  commandTimeout: 1000\n  dataTimeout: 1500\n  spares: 0\n';
 
 async function doorman(backendPort: number): Promise<Doorman> {
   const d = await startDoorman({ backendPort, config: FAST });
@@ -60,7 +63,8 @@ const greetingCases: [Fault, number, string][] = [
   ['no-greeting', 421, '4.4.1'],
   ['garbage-greeting', 421, '4.4.1'],
   ['busy-greeting', 421, '4.4.1'],
-  ['refuse-greeting', 554, '5.3.2'],
+  // A backend's refusal of doorman itself is doorman's problem, not the client's: 4xx.
+  ['refuse-greeting', 421, '4.4.1'],
 ];
 for (const [fault, code, enhanced] of greetingCases) {
   test(`backend ${fault}: the client gets ${code} ${enhanced}`, async () => {
@@ -69,11 +73,6 @@ for (const [fault, code, enhanced] of greetingCases) {
     const { c, r } = await ehloReply(d.port);
     assert.equal(r.code, code);
     assert.ok(r.text.startsWith(enhanced), r.raw);
-    if (code === 554) {
-      // RFC 5321 §3.1: after a 554, 503 to everything but QUIT.
-      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 503);
-      assert.equal((await c.cmd('QUIT')).code, 221);
-    }
     assert.equal(await c.waitClosed(), true);
     await fb.close();
   });
