@@ -61,7 +61,7 @@ export class BackendError extends Error {
     readonly kind: BackendFailure,
     message: string,
     readonly reply?: Reply,
-    /** The backend refused the session in its greeting (a 554 there is meant for the client). */
+    /** The backend refused doorman in its greeting (any code: the client gets 421 4.4.1, never a 5xx). */
     readonly atGreeting = false,
   ) {
     // Operational failures, not bugs: no stack trace (capturing one costs more than the rest).

@@ -78,6 +78,28 @@ for (const [fault, code, enhanced] of greetingCases) {
   });
 }
 
+test('a backend refusing doorman at its greeting (554) and another busy (421), in either order: 421 4.4.1, never a permanent error', async () => {
+  const refusing = await startFakeBackend('refuse-greeting');
+  const busy = await startFakeBackend('busy-greeting');
+  try {
+    for (const order of [
+      [refusing, busy],
+      [busy, refusing],
+    ]) {
+      const d = await startDoorman({ backendPort: 1, config: FAST, env: { DOORMAN_BACKEND: `10 127.0.0.1:${order[0]!.port}, 20 127.0.0.1:${order[1]!.port}` } });
+      running.push(d);
+      const { c, r } = await ehloReply(d.port);
+      assert.equal(r.code, 421, r.raw);
+      assert.match(r.text, /^4\.4\.1 /);
+      assert.equal(await c.waitClosed(), true);
+      assert.equal(await d.metric('doorman_backend_failures_total', { backend: `127.0.0.1:${refusing.port}`, kind: 'refused' }), 1, 'the 554 greeting is counted as a refusal');
+    }
+  } finally {
+    await refusing.close();
+    await busy.close();
+  }
+});
+
 test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
   const sink = await startSink();
   const d = await doorman(sink.port);
