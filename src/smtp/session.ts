@@ -99,7 +99,7 @@ const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
 /** Keep at most this many unanswered pipelined commands before writing replies. */
 const MAX_QUEUED_REPLIES = 100;
 /** EHLO keywords doorman passes through when the backend offers them. */
-const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN'];
+const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN', 'ETRN'];
 
 export class Session {
   /** Unique per process and start time (no per-session randomness on the hot path). */
@@ -633,6 +633,7 @@ export class Session {
     HELP: (_c: Command) => this.queue('HELP', R.help()),
     STARTTLS: (c: Command) => this.onStartTls(c),
     AUTH: (c: Command) => this.onAuth(c),
+    ETRN: (c: Command) => this.onEtrn(c),
   } as const;
 
   // ---------------------------------------------------------------- handlers
@@ -908,6 +909,25 @@ export class Session {
       this.endReason = 'too-many-errors';
       this.queue('AUTH', reply(421, '4.7.0', `${this.deps.hostname} Error: too many authentication failures`));
     }
+  }
+
+  /**
+   * ETRN (RFC 1985): relayed to a backend that offers it (Postfix flushes the node's deferred
+   * mail), after the etrn-stage rules (the relay rule: clients with relay rights only); 502 when
+   * the backend does not offer it. Its reply is the backend's.
+   */
+  private async onEtrn(c: Command): Promise<void> {
+    if (!this.helo) return this.queue('ETRN', R.needHelo());
+    if (!this.caps.has('ETRN')) return this.queue('ETRN', R.notImplemented());
+    if (this.txn) return this.queue('ETRN', R.authInTransaction());
+    const node = c.arg.trim();
+    // A domain, "@domain" (its subdomains too) or "#queue" (RFC 1985 §5), as Postfix takes them.
+    if (!/^[@#]?[A-Za-z0-9][A-Za-z0-9.-]{0,254}$/.test(node)) return this.queue('ETRN', R.syntax('ETRN domain'));
+    const v = await this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node }));
+    if (v.reply) return this.queue('ETRN', v.reply);
+    const b = await this.ensureBackend();
+    if (!(b instanceof BackendConnection)) return this.queue('ETRN', b);
+    this.queue('ETRN', b.command(`ETRN ${node}`).catch((e: unknown) => this.backendFailed(e)));
   }
 
   // ---------------------------------------------------------------- DATA
