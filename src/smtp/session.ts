@@ -954,6 +954,7 @@ export class Session {
     const d: DataState = {
       bdat: bdat ? new Unstuffer() : null,
       bdatRefused: null,
+      bdatReplies: [],
       aborted: null,
       pendingHeaders: hasHeaderRules ? [] : null,
       tail: [],
@@ -1059,11 +1060,13 @@ export class Session {
       const body = d.bdat.push(list);
       if (body.length === 0) return;
       const sent = b.bdat(body, false);
-      void sent.reply.then(
-        (r) => {
-          if (replyClass(r) !== 2) d.bdatRefused ??= r;
-        },
-        () => undefined,
+      d.bdatReplies.push(
+        sent.reply.then(
+          (r) => {
+            if (replyClass(r) !== 2) d.bdatRefused ??= r;
+          },
+          () => undefined,
+        ),
       );
       if (!sent.ok) this.congested(b);
       return;
@@ -1165,15 +1168,21 @@ export class Session {
 
   /**
    * The end of a message sent with BDAT. A refused chunk decides the message: no LAST follows it.
-   * Otherwise the last chunk's reply is the message's fate (or, if it fails after an earlier chunk
-   * was refused in the meantime, that earlier refusal says why). A failed transaction is RSET.
+   * LAST may go before an earlier chunk's refusal came back (replies come in order, later): then
+   * that refusal still decides, even if the backend took LAST (RFC 3030 §2 has it refuse every
+   * chunk after a refused one; one that does not must not turn the refusal into a 250). Otherwise
+   * the last chunk's reply is the message's fate. A failed transaction is RSET.
    */
   private async endBdat(d: DataState, unstuffer: Unstuffer): Promise<Reply> {
     const b = this.backend;
     let r = d.bdatRefused;
     if (!r) {
       const last = b?.alive ? await b.bdat(unstuffer.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-      r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
+      await Promise.all(d.bdatReplies);
+      r = d.bdatRefused ?? last;
+      if (d.bdatRefused && replyClass(last) === 2) {
+        this.deps.log.warn({ session: this.id, backend: this.backendName, refused: describeReply(d.bdatRefused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal');
+      }
     }
     if (replyClass(r) !== 2) this.resetRefused(r);
     return r;
@@ -1321,6 +1330,8 @@ interface DataState {
   bdat: Unstuffer | null;
   /** The first refusal of a BDAT chunk (the message's fate, whatever LAST gets). */
   bdatRefused: Reply | null;
+  /** Settle when each non-last chunk's reply has been looked at (bdatRefused set if refused). */
+  bdatReplies: Promise<void>[];
   /** The backend answered 354: bytes may go to it. */
   ready: boolean;
   /** Bytes received before the backend's 354. */

@@ -32,7 +32,12 @@ export type Fault =
   /** Offers CHUNKING and takes BDAT (messages stored unstuffed, as sent). */
   | 'chunking'
   /** Offers CHUNKING, refuses the first BDAT chunk with 552 and every later one with 503. */
-  | 'chunking-refuse';
+  | 'chunking-refuse'
+  /**
+   * Offers CHUNKING, answers every command 50 ms late (so that LAST goes before the first chunk's
+   * reply comes), refuses the first chunk with 452 — and then accepts LAST with 250, as it should not.
+   */
+  | 'chunking-refuse-late';
 
 export interface FakeBackend {
   port: number;
@@ -90,7 +95,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     let outstanding = 0;
     let chain = Promise.resolve();
     const reply = (text: string) => {
-      if (f !== 'slow-replies') return void s.write(text);
+      if (f !== 'slow-replies' && f !== 'chunking-refuse-late') return void s.write(text);
       outstanding++;
       state.maxOutstanding = Math.max(state.maxOutstanding, outstanding);
       chain = chain.then(() => new Promise((r) => setTimeout(r, 50))).then(() => {
@@ -111,6 +116,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           bdatLeft = -1;
           bdatChunks++;
           if (f === 'chunking-refuse') reply(bdatChunks === 1 ? '552 5.3.4 Error: message file too big\r\n' : '503 5.5.1 Error: no transaction in progress\r\n');
+          else if (f === 'chunking-refuse-late' && bdatChunks === 1 && !bdatLast) reply('452 4.3.1 Error: insufficient system storage\r\n');
           else if (bdatLast) {
             state.messages.push(msg);
             reply('250 2.0.0 Ok: queued as FAKE\r\n');
@@ -151,7 +157,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           const m = /^BDAT (\d+)( LAST)?$/i.exec(line);
           bdatLeft = Number(m?.[1] ?? 0);
           bdatLast = Boolean(m?.[2]);
-        } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse')) {
+        } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse' || f === 'chunking-refuse-late')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
         } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');

@@ -323,6 +323,30 @@ test('BDAT: a backend that refuses a chunk decides the message — the client ge
   }
 });
 
+test('BDAT: a backend that refuses a chunk and then accepts LAST (its refusal came back after LAST went): the client gets the refusal, never 250', async () => {
+  const fb = await startFakeBackend('chunking-refuse-late');
+  const d = await doorman(fb.port);
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    await c.ehlo();
+    assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write(`Subject: late\r\n\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}.\r\n`);
+    const r = await c.reply();
+    assert.equal(r.code, 452, r.raw);
+    assert.match(r.text, /^4\.3\.1 /);
+    const bdat = fb.commands.filter((l) => l.startsWith('BDAT '));
+    assert.ok(bdat.length >= 2 && / LAST$/.test(bdat.at(-1)!), `LAST was sent after the refused chunk: ${bdat.join(' | ')}`);
+    assert.equal(fb.messages.length, 1, 'the backend took the message (its fault), yet the client was told the refusal');
+    assert.ok(d.logs().some((l) => l.msg.startsWith('backend accepted a message after refusing a chunk')));
+    c.close();
+  } finally {
+    await fb.close();
+  }
+});
+
 test('the backend dies while doorman waits for it to drain (back-pressure): the client is read again and gets 451, no hang', async () => {
   const fb = await startFakeBackend('stall-then-close');
   const d = await doorman(fb.port);
