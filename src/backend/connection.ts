@@ -113,8 +113,14 @@ export class BackendConnection extends EventEmitter {
   private pending: Pending[] = [];
   private timer: NodeJS.Timeout | null = null;
   private failure: BackendError | null = null;
-  /** Capabilities from the last EHLO answered 250. */
+  /** Capabilities from the last EHLO answered 250 (doorman's own, or a bound client's). */
   caps: Capabilities = new Map();
+  /**
+   * Capabilities from doorman's own EHLO when the connection was prepared (after STARTTLS): what
+   * the backend offers doorman, and what doorman offers every client bound to this connection —
+   * never what the backend told an earlier client of it (that may differ per client).
+   */
+  offered: Capabilities = new Map();
   /** The TLS state towards the backend. */
   tls = false;
   /** Milliseconds from connect() to the greeting. */
@@ -152,6 +158,7 @@ export class BackendConnection extends EventEmitter {
       } else if (opts.starttls === 'require') {
         throw new BackendError('tls', 'backend offers no STARTTLS');
       }
+      conn.offered = conn.caps;
       // XCLIENT is sent when the client has said HELO/EHLO (bind), its name along. An XCLIENT that
       // cannot carry the client's address (smtp-sink lists only NAME HELO) is not used.
       const attrs = new Set((conn.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));

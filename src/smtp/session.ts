@@ -655,7 +655,7 @@ export class Session {
     this.helo = name;
     this.esmtp = verb === 'EHLO';
     this.txn = null;
-    this.caps = verb === 'EHLO' ? b.caps : new Map();
+    this.caps = verb === 'EHLO' ? b.offered : new Map();
     if (verb === 'HELO') return this.queue(verb, reply(250, '', this.deps.hostname));
     return this.queue(verb, reply(250, '', [this.deps.hostname, ...this.extensions()]));
   }

@@ -27,6 +27,8 @@ export type Fault =
   | 'refuse-xclient'
   /** Offers XCLIENT NAME ADDR PROTO HELO and accepts it with 220, as Postfix does. */
   | 'xclient'
+  /** As 'xclient', and its EHLO differs by client: SIZE 1000000 after XCLIENT ADDR=127.0.0.81 (a per-client limit). */
+  | 'xclient-per-client'
   /** After its 354, stops reading (doorman's writes back up), then dies half a second later. */
   | 'stall-then-close'
   /** Offers CHUNKING and takes BDAT (messages stored unstuffed, as sent). */
@@ -93,6 +95,8 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     let bdatLast = false;
     let bdatChunks = 0;
     let outstanding = 0;
+    /** The client named by the last XCLIENT on this connection. */
+    let xclientAddr = '';
     let chain = Promise.resolve();
     const reply = (text: string) => {
       if (f !== 'slow-replies' && f !== 'chunking-refuse-late') return void s.write(text);
@@ -159,9 +163,12 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           bdatLast = Boolean(m?.[2]);
         } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse' || f === 'chunking-refuse-late')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
+        } else if (verb === 'EHLO' && f === 'xclient-per-client') {
+          reply(`250-fake.backend\r\n250-PIPELINING\r\n250-SIZE ${xclientAddr === '127.0.0.81' ? 1000000 : 100000000}\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n`);
         } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
-        } else if (verb === 'XCLIENT' && f === 'xclient') {
+        } else if (verb === 'XCLIENT' && (f === 'xclient' || f === 'xclient-per-client')) {
+          xclientAddr = /ADDR=(\S+)/.exec(line)?.[1] ?? '';
           reply('220 fake.backend ESMTP\r\n');
         } else if (verb === 'XCLIENT') {
           reply('550 5.7.0 Error: insufficient authorization\r\n');

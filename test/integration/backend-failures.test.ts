@@ -11,7 +11,7 @@ import { startFakeBackend, type Fault } from '../helpers/fake-backend.js';
 import { freePort } from '../helpers/net.js';
 import { startSink } from '../helpers/sink.js';
 import { SmtpClient } from '../helpers/smtp.js';
-import { eventually, useCleanup } from '../helpers/procs.js';
+import { eventually, sleep, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
 const running: Doorman[] = [];
@@ -285,6 +285,33 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
     assert.deepEqual(off.map((l) => l.split(' ')[0]), ['XCLIENT', 'EHLO']);
     assert.doesNotMatch(off[0]!, /HELO=/);
     for (const l of fb.commands.filter((x) => x.startsWith('XCLIENT '))) assert.ok(l.length <= 510, `XCLIENT line of ${l.length} characters`);
+  } finally {
+    await fb.close();
+  }
+});
+
+test('a reused backend connection: the EHLO a client is shown never comes from an earlier client’s EHLO on it', async () => {
+  const fb = await startFakeBackend('xclient-per-client');
+  // XCLIENT, then the client's own EHLO: the backend answers it per client (SIZE 1000000 for .81).
+  const d = await startDoorman({ backendPort: fb.port, config: `${FAST}  xclientHelo: false\n` });
+  running.push(d);
+  try {
+    const sizes: string[] = [];
+    for (const ip of ['127.0.0.81', '127.0.0.82']) {
+      const c = await SmtpClient.connect(d.port, { localAddress: ip });
+      await c.reply();
+      const { keywords } = await c.ehlo();
+      sizes.push(keywords.get('SIZE') ?? '');
+      assert.equal((await c.cmd('NOOP')).code, 250);
+      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+      await sleep(100);
+    }
+    assert.equal(fb.connections, 1, 'the second client reused the first one’s connection');
+    assert.equal(await d.metric('doorman_backend_reused_total'), 1);
+    // What the backend offers doorman on the connection, for both (not .81's SIZE for .82).
+    assert.deepEqual(sizes, ['52428800', '52428800']);
   } finally {
     await fb.close();
   }
