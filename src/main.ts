@@ -9,7 +9,7 @@ import os from 'node:os';
 import { AggregatorRegistry } from 'prom-client';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
-import type { BackendOptions } from './backend/connection.js';
+import { BackendConnection, type BackendOptions } from './backend/connection.js';
 import { BackendPool, parseBackendSpec } from './backend/pool.js';
 import { loadConfig, type LoadedConfig } from './config/load.js';
 import { restartOnlyChanges } from './config/reload.js';
@@ -58,12 +58,23 @@ export function createBackendPool(loaded: LoadedConfig, resolver: DnsResolver, m
       else log.warn({ backend: t.name, reason, backoffMs: loaded.config.backend.backoff }, 'backend down; skipped until the back-off ends');
     },
     onIdle: (n) => metrics.backendPoolIdle.set(n),
+    onConnections: (t, n) => metrics.backendConnections.set({ backend: t.name }, n),
     onResolveError: (err) => log.warn({ err: err.message, backend: loaded.config.backend.address }, 'backend MX lookup failed; keeping the last known backends'),
   });
-  pool.idleOptions = { max: loaded.config.backend.poolSize, timeout: loaded.config.backend.poolIdleTimeout };
+  const b = loaded.config.backend;
+  pool.idleOptions = { max: b.poolSize, timeout: b.poolIdleTimeout };
+  // The cap holds for the instance: cluster workers share it (each its own pool).
+  const workers = cluster.isWorker ? workerCount(loaded) : 1;
+  pool.limits = { maxConnections: Math.max(1, Math.floor(b.maxConnections / workers)), spares: b.spares, acquireTimeout: b.acquireTimeout };
+  // Spares know no client yet: only without a PROXY header to the backend (it names one client).
+  if (b.proxyProtocol === 'off') {
+    const opts = backendOptions(loaded);
+    pool.opener = (t) => BackendConnection.open({ ...opts, host: t.host, port: t.port }, { address: '0.0.0.0', port: 0, destAddress: '0.0.0.0', destPort: 0, family: 4, destFamily: 4 });
+  }
 
   for (const t of pool.all) {
     metrics.backendUp.set({ backend: t.name }, 1);
+    metrics.backendConnections.set({ backend: t.name }, 0);
     for (const kind of ['connect', 'timeout', 'closed', 'protocol', 'refused', 'tls']) metrics.backendFailures.inc({ backend: t.name, kind }, 0);
   }
   return pool;

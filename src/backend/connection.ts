@@ -61,7 +61,7 @@ export class BackendError extends Error {
     readonly kind: BackendFailure,
     message: string,
     readonly reply?: Reply,
-    /** The backend refused the session in its greeting (a 554 there is meant for the client). */
+    /** The backend refused doorman in its greeting (any code: the client gets 421 4.4.1, never a 5xx). */
     readonly atGreeting = false,
   ) {
     // Operational failures, not bugs: no stack trace (capturing one costs more than the rest).
@@ -91,6 +91,10 @@ interface Pending {
   timeout: number;
   what: string;
   sent: number;
+  /** Part of a SASL exchange (AUTH or a response to its 334): its reply says whether one is open. */
+  sasl?: boolean;
+  /** A DATA command: its 354 puts the connection in message mode. */
+  data?: boolean;
 }
 
 const DOT_CRLF = Buffer.from('.\r\n');
@@ -109,8 +113,14 @@ export class BackendConnection extends EventEmitter {
   private pending: Pending[] = [];
   private timer: NodeJS.Timeout | null = null;
   private failure: BackendError | null = null;
-  /** Capabilities from the last EHLO answered 250. */
+  /** Capabilities from the last EHLO answered 250 (doorman's own, or a bound client's). */
   caps: Capabilities = new Map();
+  /**
+   * Capabilities from doorman's own EHLO when the connection was prepared (after STARTTLS): what
+   * the backend offers doorman, and what doorman offers every client bound to this connection —
+   * never what the backend told an earlier client of it (that may differ per client).
+   */
+  offered: Capabilities = new Map();
   /** The TLS state towards the backend. */
   tls = false;
   /** Milliseconds from connect() to the greeting. */
@@ -148,6 +158,7 @@ export class BackendConnection extends EventEmitter {
       } else if (opts.starttls === 'require') {
         throw new BackendError('tls', 'backend offers no STARTTLS');
       }
+      conn.offered = conn.caps;
       // XCLIENT is sent when the client has said HELO/EHLO (bind), its name along. An XCLIENT that
       // cannot carry the client's address (smtp-sink lists only NAME HELO) is not used.
       const attrs = new Set((conn.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
@@ -202,6 +213,12 @@ export class BackendConnection extends EventEmitter {
   private xclientAllowed: Set<string> | null = null;
   /** A MAIL was sent and its transaction has not ended yet (end of data, RSET, HELO/EHLO, XCLIENT). */
   private inTransaction = false;
+  /** The backend waits for a SASL response (its last AUTH reply was 334). */
+  private saslOpen = false;
+  /** The backend accepted an AUTH (235): the connection speaks for that login from now on. */
+  private authenticated = false;
+  /** The backend answered DATA with 354 and has not seen the end of data: bytes are message text. */
+  private dataOpen = false;
 
   /** The backend holds a transaction (a MAIL was sent and not ended): RSET has something to reset. */
   get transactionOpen(): boolean {
@@ -268,7 +285,10 @@ export class BackendConnection extends EventEmitter {
     if (/[\r\n\0]/.test(line)) return Promise.reject(new BackendError('protocol', 'refusing to send CR/LF/NUL'));
     const verb = line.split(' ')[0] ?? line;
     // SASL responses are not commands: never let a credential become a metric label.
-    const p = this.expect(timeout, /^[A-Z]{4,8}$/.test(verb) ? verb : 'AUTH_RESPONSE');
+    const response = this.saslOpen || !/^[A-Z]{4,8}$/.test(verb);
+    const p = this.expect(timeout, response ? 'AUTH_RESPONSE' : verb, { sasl: response || verb === 'AUTH', data: verb === 'DATA' });
+    // Sent: the backend's state is unknown until the reply (it stays not reusable while pending).
+    if (response) this.saslOpen = false;
     if (!this.failure) {
       this.batch();
       this.socket.write(`${line}\r\n`);
@@ -331,6 +351,7 @@ export class BackendConnection extends EventEmitter {
   endData(tail: readonly Buffer[] = []): Promise<Reply> {
     const p = this.expect(this.opts.dataTimeout, 'DATA_END');
     this.inTransaction = false;
+    this.dataOpen = false;
     // The message's last bytes and the final "." go out in one write.
     if (!this.failure) this.socket.write(tail.length ? Buffer.concat([...tail, DOT_CRLF]) : DOT_CRLF);
     return p;
@@ -342,12 +363,14 @@ export class BackendConnection extends EventEmitter {
   }
 
   /**
-   * Whether this connection can carry another client: nothing pending, and no PROXY header (that
-   * names one client for the whole connection). The next client is bound with XCLIENT, or — when
-   * the backend never learns client addresses anyway — with its own HELO/EHLO.
+   * Whether this connection can carry another client: its state is known to be clean — nothing
+   * pending, no SASL exchange waiting for a response, not authenticated as a client's login, not
+   * inside DATA — and no PROXY header (that names one client for the whole connection). An open
+   * transaction is fine: bind() resets it. The next client is bound with XCLIENT, or — when the
+   * backend never learns client addresses anyway — with its own HELO/EHLO.
    */
   get reusable(): boolean {
-    return this.quiet && this.opts.proxyProtocol === 'off';
+    return this.quiet && !this.saslOpen && !this.authenticated && !this.dataOpen && this.opts.proxyProtocol === 'off';
   }
 
   /** Polite close: QUIT, then end the socket without waiting long. */
@@ -365,6 +388,16 @@ export class BackendConnection extends EventEmitter {
     if (!this.failure) this.failure = new BackendError('closed', 'closed by doorman');
     this.fail(this.failure);
     this.socket.destroy();
+    this.markGone();
+  }
+
+  private goneEmitted = false;
+
+  /** 'gone' once: the backend no longer holds a process for this connection (the pool counts it). */
+  private markGone(): void {
+    if (this.goneEmitted) return;
+    this.goneEmitted = true;
+    this.emit('gone');
   }
 
   get alive(): boolean {
@@ -376,10 +409,10 @@ export class BackendConnection extends EventEmitter {
     this.socket.once('drain', cb);
   }
 
-  private expect(timeout: number, what: string): Promise<Reply> {
+  private expect(timeout: number, what: string, flags: { sasl?: boolean; data?: boolean } = {}): Promise<Reply> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<Reply>((resolve, reject) => {
-      this.pending.push({ resolve, reject, timeout, what, sent: performance.now() });
+      this.pending.push({ resolve, reject, timeout, what, sent: performance.now(), ...flags });
       if (this.pending.length === 1) this.arm();
     });
   }
@@ -401,6 +434,7 @@ export class BackendConnection extends EventEmitter {
     socket.on('error', (e) => this.fail(new BackendError('closed', e.message)));
     socket.on('close', () => {
       this.fail(new BackendError('closed', 'connection closed by backend'));
+      this.markGone();
       this.emit('close');
     });
   }
@@ -431,6 +465,11 @@ export class BackendConnection extends EventEmitter {
         return;
       }
       this.arm();
+      if (head.sasl) {
+        this.saslOpen = reply.code === 334;
+        if (reply.code === 235) this.authenticated = true;
+      }
+      if (head.data) this.dataOpen = reply.code === 354;
       this.onReply?.(head.what, reply, performance.now() - head.sent);
       head.resolve(reply);
       if (reply.code === 421) {

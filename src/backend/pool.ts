@@ -10,6 +10,15 @@
  *   "mx:example.com" or "mx:example.com:2525"   the domain's MX records (then A/AAAA), resolved
  *                                               with doorman's resolver and re-resolved when the
  *                                               shortest address TTL runs out (30 s … 1 h)
+ *
+ * Connections per backend are counted and capped (`maxConnections`: busy, idle and being opened,
+ * all alike — each is an smtpd process at the backend). A session takes one at its HELO/EHLO
+ * (`acquire`): an idle one (a spare, or one an earlier session left clean), else a new one while
+ * under the cap; when every backend is at its cap it waits (`waitForRoom`) up to
+ * `acquireTimeout`, then gets BackendBusyError (the client: 421 4.3.2). `spares` prepared
+ * connections (greeted and EHLO'd, ready for XCLIENT) are refilled in the background after a
+ * session takes or opens one, so the next client's EHLO does not wait for a TCP connect and a
+ * greeting; an idle connection closes after `timeout`, so a quiet doorman holds nothing.
  */
 import net from 'node:net';
 import type { DnsResolver } from '../net/dns.js';
@@ -50,6 +59,8 @@ export interface PoolEvents {
   onState(target: BackendTarget, up: boolean, reason: string): void;
   /** The number of idle pooled connections changed. */
   onIdle?(count: number): void;
+  /** The number of connections to a backend (busy, idle, being opened) changed. */
+  onConnections?(target: BackendTarget, count: number): void;
   onResolveError(err: Error): void;
 }
 
@@ -64,11 +75,43 @@ export interface IdleOptions {
   timeout: number;
 }
 
+export interface ConnectionLimits {
+  /** Connections per backend, busy + idle + being opened. */
+  maxConnections: number;
+  /** Prepared idle connections kept ready per backend while sessions come (0: none). */
+  spares: number;
+  /** How long a session waits for a connection when every backend is at maxConnections, ms. */
+  acquireTimeout: number;
+}
+
+/** Every backend is at maxConnections and none freed up within acquireTimeout. */
+export class BackendBusyError extends Error {
+  constructor(readonly waited: number) {
+    super(`every backend connection in use; waited ${waited} ms`);
+    this.name = 'BackendBusyError';
+  }
+}
+
+/** A connection for a session: a pooled one (reused) or a new one. */
+export interface Acquired {
+  conn: BackendConnection;
+  reused: boolean;
+}
+
 export class BackendPool {
   private targets: BackendTarget[] = [];
   /** Idle backend connections by backend name, most recent last. */
   private readonly idle = new Map<string, { conn: BackendConnection; timer: NodeJS.Timeout }[]>();
   idleOptions: IdleOptions = { max: 0, timeout: 10_000 };
+  limits: ConnectionLimits = { maxConnections: 50, spares: 0, acquireTimeout: 5_000 };
+  /** Opens a prepared connection for the spares (no client yet); null: no spares. */
+  opener: ((t: BackendTarget) => Promise<BackendConnection>) | null = null;
+  /** Connections per backend counted against maxConnections: open (busy or idle) and being opened. */
+  private readonly held = new Map<string, number>();
+  /** Spares being opened per backend. */
+  private readonly refilling = new Map<string, number>();
+  /** Sessions waiting for a connection to free up. */
+  private waiters: (() => void)[] = [];
   private readonly downUntil = new Map<string, number>();
   private refreshAt = 0;
   private refreshing: Promise<void> | null = null;
@@ -112,6 +155,99 @@ export class BackendPool {
     this.events.onState(t, true, 'connected');
   }
 
+  /**
+   * A connection to `t` for a session: an idle one, else one opened with `open` when `t` is under
+   * maxConnections; 'full' when it is at the cap (nothing opened). Rejects with open's error.
+   */
+  async acquire(t: BackendTarget, open: () => Promise<BackendConnection>): Promise<Acquired | 'full'> {
+    for (;;) {
+      const idle = this.takeIdle(t);
+      if (!idle) break;
+      if (idle.alive) {
+        this.refill(t);
+        return { conn: idle, reused: true };
+      }
+    }
+    if (this.connections(t) >= this.limits.maxConnections) return 'full';
+    const conn = await this.track(t, open);
+    this.refill(t);
+    return { conn, reused: false };
+  }
+
+  /**
+   * Waits until a connection to one of `targets` is freed (closed, or left idle), at most `ms`.
+   * Resolves false on timeout. Every waiter is woken by each freed connection and tries again
+   * (before new sessions, which arrive with I/O, after these microtasks).
+   */
+  waitForRoom(ms: number): Promise<boolean> {
+    if (ms <= 0) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== wake);
+        resolve(false);
+      }, ms);
+      this.waiters.push(wake);
+    });
+  }
+
+  /** Backend connections to `t` now: busy, idle and being opened. */
+  connections(t: BackendTarget): number {
+    return this.held.get(t.name) ?? 0;
+  }
+
+  /** Counts a connection from the start of its opening until it is gone. */
+  private async track(t: BackendTarget, open: () => Promise<BackendConnection>): Promise<BackendConnection> {
+    this.count(t, +1);
+    let conn: BackendConnection;
+    try {
+      conn = await open();
+    } catch (err) {
+      this.count(t, -1);
+      throw err;
+    }
+    conn.once('gone', () => this.count(t, -1));
+    return conn;
+  }
+
+  private count(t: BackendTarget, d: number): void {
+    const n = (this.held.get(t.name) ?? 0) + d;
+    this.held.set(t.name, n);
+    this.events.onConnections?.(t, n);
+    if (d < 0) this.wake();
+  }
+
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  /** Opens spares in the background up to `spares` idle connections (within maxConnections). */
+  private refill(t: BackendTarget): void {
+    const open = this.opener;
+    if (!open || this.idleOptions.max === 0) return;
+    const want = Math.min(this.limits.spares, this.idleOptions.max);
+    for (;;) {
+      const busy = this.refilling.get(t.name) ?? 0;
+      if ((this.idle.get(t.name)?.length ?? 0) + busy >= want || this.connections(t) >= this.limits.maxConnections) return;
+      this.refilling.set(t.name, busy + 1);
+      this.track(t, () => open(t)).then(
+        (conn) => {
+          this.refilling.set(t.name, (this.refilling.get(t.name) ?? 1) - 1);
+          this.putIdle(t, conn);
+        },
+        (err: unknown) => {
+          this.refilling.set(t.name, (this.refilling.get(t.name) ?? 1) - 1);
+          this.failed(t, `spare: ${(err as Error).message}`);
+        },
+      );
+    }
+  }
+
   /** A connection a finished session left for reuse, or null. */
   takeIdle(t: BackendTarget): BackendConnection | null {
     const list = this.idle.get(t.name);
@@ -146,6 +282,7 @@ export class BackendPool {
     list.push(entry);
     this.idle.set(t.name, list);
     this.events.onIdle?.(this.idleCount);
+    this.wake();
   }
 
   private drop(name: string, conn: BackendConnection): void {

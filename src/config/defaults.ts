@@ -73,6 +73,16 @@ export const BACKEND_DEFAULTS = {
   poolSize: 32,
   /** An idle pooled backend connection is closed after this long, ms (Postfix's smtpd_timeout is 300 s). */
   poolIdleTimeout: 10_000,
+  /**
+   * Connections per backend, busy + idle + being opened, per doorman instance (divided among
+   * cluster workers); well under Postfix's default_process_limit of 100, so that doorman never
+   * takes every smtpd process of its backend.
+   */
+  maxConnections: 50,
+  /** Prepared connections (greeted, EHLO'd, ready for XCLIENT) kept idle per backend while sessions come. */
+  spares: 2,
+  /** How long a client's HELO/EHLO waits for a backend connection when all are in use, ms; then 421 4.3.2. */
+  acquireTimeout: 5_000,
   /** TCP connect deadline, ms. */
   connectTimeout: 10_000,
   /** Deadline for the backend's 220 greeting, ms. */

@@ -44,6 +44,12 @@ export const configSchema = z.strictObject({
       poolSize: z.number().int().nonnegative().default(BACKEND_DEFAULTS.poolSize),
       /** An idle pooled connection is closed after this long, ms. */
       poolIdleTimeout: positive.default(BACKEND_DEFAULTS.poolIdleTimeout),
+      /** Connections per backend (busy + idle + being opened) per instance. */
+      maxConnections: positive.default(BACKEND_DEFAULTS.maxConnections),
+      /** Prepared idle connections kept per backend; 0 = none. */
+      spares: z.number().int().nonnegative().default(BACKEND_DEFAULTS.spares),
+      /** Wait for a free backend connection at HELO/EHLO, ms. */
+      acquireTimeout: ms.default(BACKEND_DEFAULTS.acquireTimeout),
       connectTimeout: ms.default(BACKEND_DEFAULTS.connectTimeout),
       greetingTimeout: ms.default(BACKEND_DEFAULTS.greetingTimeout),
       commandTimeout: ms.default(BACKEND_DEFAULTS.commandTimeout),

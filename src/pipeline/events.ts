@@ -2,7 +2,7 @@
  * events.ts — the typed events of a session, as rules see them.
  *
  * A session is a stream of these events (connect, helo, auth, mail, rcpt, data_headers,
- * data_end, quit): `Session.events$` emits each one, and the runner evaluates the rules of its
+ * data_end, quit, and etrn when a client asks for a queue): `Session.events$` emits each one, and the runner evaluates the rules of its
  * stage. Each carries a read-only snapshot of the session so far; rules never get the
  * socket or the session object.
  */
@@ -10,7 +10,7 @@ import type { ParsedPath } from '../smtp/address.js';
 import type { MailParam } from '../smtp/commands.js';
 import type { ClientAddress } from '../net/ip.js';
 
-export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end', 'quit'] as const;
+export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end', 'quit', 'etrn'] as const;
 export type Stage = (typeof STAGES)[number];
 
 export interface SessionSnapshot {
@@ -65,6 +65,8 @@ export type SessionEvent =
   | (Base & { readonly stage: 'data_headers'; readonly headers: Buffer; readonly truncated: boolean })
   | (Base & { readonly stage: 'data_end'; readonly size: number })
   /** The session ended (QUIT, timeout, disconnect…): for bookkeeping; findings are ignored. */
-  | (Base & { readonly stage: 'quit'; readonly reason: string });
+  | (Base & { readonly stage: 'quit'; readonly reason: string })
+  /** ETRN (RFC 1985): the client asks for the queue of `node` (a domain, `@domain` or `#queue`). */
+  | (Base & { readonly stage: 'etrn'; readonly node: string });
 
 export type EventOf<S extends Stage> = Extract<SessionEvent, { stage: S }>;

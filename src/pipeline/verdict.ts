@@ -64,6 +64,7 @@ export function defaultReply(stage: Stage, kind: 'reject' | 'tempfail'): ReplySp
     data_headers: 'Message rejected: Access denied',
     data_end: 'Message rejected: Access denied',
     quit: '',
+    etrn: 'Etrn command rejected: Access denied',
   };
   if (kind === 'reject') return { code: stage === 'connect' ? 554 : 550, enhanced: '5.7.1', text: what[stage] };
   if (stage === 'connect') return { code: 421, enhanced: '4.7.0', text: 'Service temporarily unavailable, try again later' };

@@ -17,9 +17,14 @@
  *               null_sender_rcpts  more than `nullSenderMaxRecipients` recipients for `<>`, counting
  *                               every recipient let through (pipelined ones the backend has
  *                               not answered yet too)
+ *   stage etrn  etrn_denied    ETRN (RFC 1985: "flush the queue of this node") from a client
+ *                              without relay rights, for a node not in `etrnDomains`
+ *                              → 554 5.7.1 <node>: Etrn command rejected: Access denied (as
+ *                              Postfix's smtpd_etrn_restrictions answer)
  * Settings: localDomains ([]), relayNetworks ([]), authenticatedMayRelay (true),
  *   requireAuthOn ([submission, smtps]), nullSenderMaxRecipients (null: no limit),
- *   relayReply ("554 5.7.1 <{address}>: Relay access denied"; {address} is replaced).
+ *   relayReply ("554 5.7.1 <{address}>: Relay access denied"; {address} is replaced),
+ *   etrnDomains ([]: domains whose queue anyone may ask for with ETRN).
  * Not bypassable: an allowlist never opens the relay.
  * Metrics: doorman_rejections_total{rule,stage}; the reason is in the session log.
  * Errors: none expected (pure matching); onError applies regardless.
@@ -28,7 +33,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
-import type { ParsedPath } from '../smtp/address.js';
+import { normaliseDomain, type ParsedPath } from '../smtp/address.js';
 import { DomainList } from './match.js';
 import { cidrList, domainList, echo, fillReply, replyTemplate } from './shared.js';
 
@@ -42,6 +47,7 @@ const settings = z.strictObject({
   requireAuthOn: z.array(z.enum(['smtp', 'submission', 'smtps'])).default(['submission', 'smtps']),
   nullSenderMaxRecipients: z.number().int().positive().nullable().default(null),
   relayReply: replyTemplate.default(DEFAULT_RELAY_REPLY),
+  etrnDomains: domainList.default([]),
 });
 
 /** Why a recipient needs relay rights, or null when it is a plain local address. */
@@ -67,14 +73,20 @@ export const relayRule = defineRuleType({
   create(name, s) {
     const local = new DomainList(s.localDomains);
     const networks = s.relayNetworks.map(parseCidr);
+    const etrnDomains = new DomainList(s.etrnDomains);
     return {
       name,
       type: 'relay',
-      stages: ['mail', 'rcpt'],
+      stages: ['mail', 'rcpt', 'etrn'],
       bypassable: false,
       check(ev: SessionEvent): Finding {
-        if (ev.stage !== 'mail' && ev.stage !== 'rcpt') return PASS;
+        if (ev.stage !== 'mail' && ev.stage !== 'rcpt' && ev.stage !== 'etrn') return PASS;
         if (hasRelayRights(ev.session, networks, s.authenticatedMayRelay)) return PASS;
+        if (ev.stage === 'etrn') {
+          // Flushing a queue is the relay's business: its clients, or the domains listed for anyone.
+          if (etrnDomains.has(normaliseDomain(ev.node.replace(/^@/, '')))) return PASS;
+          return { kind: 'reject', reason: 'etrn_denied', reply: { code: 554, enhanced: '5.7.1', text: `<${echo(ev.node)}>: Etrn command rejected: Access denied` } };
+        }
         if (ev.stage === 'mail') {
           if (!s.requireAuthOn.includes(ev.session.listener.role)) return PASS;
           return { kind: 'reject', reason: 'auth_required', reply: { code: 530, enhanced: '5.7.0', text: 'Authentication required' } };

@@ -8,12 +8,12 @@ import { parsePath, splitPathArg, type ParsedPath } from './address.js';
 
 /** Verbs doorman answers; anything else is "unknown" (500). */
 export const KNOWN_VERBS = new Set([
-  'HELO', 'EHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'EXPN', 'HELP', 'STARTTLS', 'AUTH',
+  'HELO', 'EHLO', 'MAIL', 'RCPT', 'DATA', 'RSET', 'NOOP', 'QUIT', 'VRFY', 'EXPN', 'HELP', 'STARTTLS', 'AUTH', 'ETRN',
 ]);
 
 /** Verbs that exist (RFC 821, extensions) but that doorman does not offer: 502. */
 export const NOT_IMPLEMENTED_VERBS = new Set([
-  'SEND', 'SOML', 'SAML', 'TURN', 'ETRN', 'ATRN', 'BDAT', 'VERB', 'ONEX', 'XCLIENT', 'XFORWARD', 'XEXCH50',
+  'SEND', 'SOML', 'SAML', 'TURN', 'ATRN', 'BDAT', 'VERB', 'ONEX', 'XCLIENT', 'XFORWARD', 'XEXCH50',
   'X-EXPS', 'XADR', 'XQUE', 'XSTA', 'XTRN', 'XUSR', 'BURL', 'LHLO', 'XAUTH', 'XSHADOW', 'XAUTHOR', 'CHUNKING',
 ]);
 

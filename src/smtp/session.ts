@@ -3,9 +3,10 @@
  *
  * Order of work for a session:
  *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
- *   2. doorman's own greeting, while the backend connection is prepared in parallel (a pooled one
- *      re-bound with XCLIENT, or a new one: greeting, EHLO, STARTTLS, XCLIENT); the first
- *      command that needs it (EHLO) waits for it;
+ *   2. doorman's own greeting; no backend connection yet: a client that connects and says
+ *      nothing (or only what doorman answers itself) costs the backend nothing. Its HELO/EHLO
+ *      takes one from the pool (a prepared spare or one an earlier session left clean, re-bound
+ *      with XCLIENT; else a new one: greeting, EHLO, STARTTLS), within backend.maxConnections;
  *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
  *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
  *      together when the client's group is read; the backend gets them without waiting.
@@ -21,7 +22,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
-import type { BackendPool, BackendTarget } from '../backend/pool.js';
+import { BackendBusyError, type BackendPool, type BackendTarget } from '../backend/pool.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
@@ -120,7 +121,7 @@ const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
 /** Keep at most this many unanswered pipelined commands before writing replies. */
 const MAX_QUEUED_REPLIES = 100;
 /** EHLO keywords doorman passes through when the backend offers them. */
-const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN'];
+const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN', 'ETRN'];
 
 export class Session {
   /** Unique per process and start time (no per-session randomness on the hot path). */
@@ -230,11 +231,6 @@ export class Session {
     const teaser = this.deps.limits.greetDelay > 0;
     if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
     const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
-    // The backend connection is prepared while the client reads the greeting and sends EHLO;
-    // the first command that needs it waits for it (ensureBackend).
-    const opening = this.openBackend();
-    opening.catch(() => undefined);
-    this.backendP = opening;
     await teaserWait;
     if (this.closed) return;
     if (this.pregreet > 0) {
@@ -262,51 +258,68 @@ export class Session {
   }
 
   /**
-   * Opens a backend connection: the pool's candidates in MX order; a backend that refuses, times
-   * out or answers 421 is marked down and the next one is tried. Throws the last failure.
+   * Takes a backend connection: the pool's candidates in MX order; a backend that refuses, times
+   * out or answers 421 is marked down and the next one is tried. Backends at maxConnections are
+   * skipped; when none had room, waits up to acquireTimeout for one to free up, then throws
+   * BackendBusyError. Otherwise throws the last failure.
    */
   private async openBackend(): Promise<BackendConnection> {
     const m = this.deps.metrics;
+    const pool = this.deps.pool;
     let last: unknown = null;
     const identity = this.identity();
-    for (const t of await this.deps.pool.candidates()) {
-      if (this.closed) break;
-      const t0 = Date.now();
-      try {
-        // A connection an earlier session left is bound to this client at its HELO/EHLO (bind).
-        let b = this.deps.pool.takeIdle(t);
-        if (b && !b.alive) b = null;
-        if (b) m.backendReused.inc({ backend: t.name });
-        if (!b) {
-          b = await BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity);
-          m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+    const started = Date.now();
+    for (;;) {
+      let full = false;
+      for (const t of await pool.candidates()) {
+        if (this.closed) break;
+        const t0 = Date.now();
+        try {
+          // A pooled connection is bound to this client at its HELO/EHLO (bind).
+          const got = await pool.acquire(t, () => BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity));
+          if (got === 'full') {
+            full = true;
+            continue;
+          }
+          const b = got.conn;
+          if (got.reused) m.backendReused.inc({ backend: t.name });
+          else m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
+          if (this.closed) {
+            this.release(b, t);
+            break;
+          }
+          pool.succeeded(t);
+          m.backendSessions.inc({ backend: t.name });
+          b.onReply = (command, r, ms) => {
+            m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
+            m.backendReplyDuration.observe({ command }, ms / 1000);
+          };
+          b.on('close', () => this.onBackendClosed());
+          this.backendName = t.name;
+          this.backendTarget = t;
+          return b;
+        } catch (err) {
+          const kind = err instanceof BackendError ? err.kind : 'connect';
+          m.backendFailures.inc({ backend: t.name, kind });
+          this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
+          pool.failed(t, `${kind}: ${(err as Error).message}`);
+          last = err;
         }
-        this.deps.pool.succeeded(t);
-        m.backendSessions.inc({ backend: t.name });
-        b.onReply = (command, r, ms) => {
-          m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
-          m.backendReplyDuration.observe({ command }, ms / 1000);
-        };
-        b.on('close', () => this.onBackendClosed());
-        this.backendName = t.name;
-        this.backendTarget = t;
-        return b;
-      } catch (err) {
-        const kind = err instanceof BackendError ? err.kind : 'connect';
-        m.backendFailures.inc({ backend: t.name, kind });
-        this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
-        this.deps.pool.failed(t, `${kind}: ${(err as Error).message}`);
-        last = err;
+      }
+      if (!full || this.closed) break;
+      const waited = Date.now() - started;
+      if (!(await pool.waitForRoom(pool.limits.acquireTimeout - waited))) {
+        m.backendBusy.inc();
+        this.deps.log.warn({ session: this.id, ms: Date.now() - started }, 'every backend connection in use');
+        throw new BackendBusyError(Date.now() - started);
       }
     }
-    throw last ?? new BackendError('connect', 'no backend configured');
+    throw last ?? new BackendError('connect', this.closed ? 'client left' : 'no backend configured');
   }
 
   /** The backend this session uses (log line). */
   private backendName: string | null = null;
   private backendTarget: BackendTarget | null = null;
-  /** The backend connection being opened at connect, until a command needs it. */
-  private backendP: Promise<BackendConnection> | null = null;
 
   /** The backend's answer to binding this client (XCLIENT/EHLO), sent when the client said HELO/EHLO. */
   private binding: Promise<Reply | 'lost' | null> | null = null;
@@ -343,21 +356,19 @@ export class Session {
       }
     }
     if (this.backend?.alive) return this.backend;
-    const first = this.backendP;
-    if (first) {
-      this.backendP = null;
+    if (!this.backend) {
+      // The session's first backend connection (at its HELO/EHLO).
       try {
-        this.backend = await first;
+        this.backend = await this.openBackend();
         return this.backend;
       } catch (err) {
-        // No backend for this session: a backend that refused at its greeting is passed on as
-        // 554 (then 503 until QUIT); anything else is 421 and the session ends.
-        this.endReason = 'backend-unavailable';
-        const be = err instanceof BackendError ? err : null;
-        if (be?.atGreeting && be.reply && be.reply.code >= 500) {
-          this.refusedAtConnect = true;
-          return reply(554, '5.3.2', `${this.deps.hostname} Service not available`);
+        // No backend for this session: 421 and the session ends. A backend that refused doorman
+        // at its greeting (even with 5xx) is doorman's problem, not the client's: 4xx too.
+        if (err instanceof BackendBusyError) {
+          this.endReason = 'backend-busy';
+          return R.overloaded(this.deps.hostname);
         }
+        this.endReason = 'backend-unavailable';
         return R.unavailable(this.deps.hostname);
       }
     }
@@ -370,14 +381,14 @@ export class Session {
         if (r) return R.lostBackend(this.deps.hostname);
       }
       return b;
-    } catch {
+    } catch (err) {
+      if (err instanceof BackendBusyError) return R.overloaded(this.deps.hostname);
       return R.lostBackend(this.deps.hostname);
     }
   }
 
-  /** Hands a quiet backend connection to the pool for the next session, or closes it. */
-  private release(b: BackendConnection): void {
-    const t = this.backendTarget;
+  /** Hands a backend connection whose state is known to be clean to the pool, or closes it. */
+  private release(b: BackendConnection, t = this.backendTarget): void {
     if (t && !this.auth && b.reusable && this.deps.pool.idleOptions.max > 0) this.deps.pool.putIdle(t, b);
     else b.quit();
   }
@@ -484,9 +495,6 @@ export class Session {
     } else if (this.backend) {
       this.release(this.backend);
     }
-    // A backend still being opened when the client left goes back to the pool (or away).
-    this.backendP?.then((b) => this.release(b), () => undefined);
-    this.backendP = null;
     this.socket.destroy();
     this.ended.abort();
     if (this.heard('quit')) {
@@ -745,6 +753,7 @@ export class Session {
     HELP: (_c: Command) => this.queue('HELP', R.help()),
     STARTTLS: (c: Command) => this.onStartTls(c),
     AUTH: (c: Command) => this.onAuth(c),
+    ETRN: (c: Command) => this.onEtrn(c),
   } as const;
 
   // ---------------------------------------------------------------- handlers
@@ -766,7 +775,7 @@ export class Session {
     this.helo = name;
     this.esmtp = verb === 'EHLO';
     this.txn = null;
-    this.caps = verb === 'EHLO' ? b.caps : new Map();
+    this.caps = verb === 'EHLO' ? b.offered : new Map();
     if (verb === 'HELO') return this.queue(verb, reply(250, '', this.deps.hostname));
     return this.queue(verb, reply(250, '', [this.deps.hostname, ...this.extensions()]));
   }
@@ -1052,6 +1061,25 @@ export class Session {
     }
   }
 
+  /**
+   * ETRN (RFC 1985): relayed to a backend that offers it (Postfix flushes the node's deferred
+   * mail), after the etrn-stage rules (the relay rule: clients with relay rights only); 502 when
+   * the backend does not offer it. Its reply is the backend's.
+   */
+  private async onEtrn(c: Command): Promise<void> {
+    if (!this.helo) return this.queue('ETRN', R.needHelo());
+    if (!this.caps.has('ETRN')) return this.queue('ETRN', R.notImplemented());
+    if (this.txn) return this.queue('ETRN', R.authInTransaction());
+    const node = c.arg.trim();
+    // A domain, "@domain" (its subdomains too) or "#queue" (RFC 1985 §5), as Postfix takes them.
+    if (!/^[@#]?[A-Za-z0-9][A-Za-z0-9.-]{0,254}$/.test(node)) return this.queue('ETRN', R.syntax('ETRN domain'));
+    const v = await this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node }));
+    if (v.reply) return this.queue('ETRN', v.reply);
+    const b = await this.ensureBackend();
+    if (!(b instanceof BackendConnection)) return this.queue('ETRN', b);
+    this.queue('ETRN', b.command(`ETRN ${node}`).catch((e: unknown) => this.backendFailed(e)));
+  }
+
   // ---------------------------------------------------------------- DATA
 
   private async onData_(c: Command): Promise<void> {
@@ -1076,6 +1104,7 @@ export class Session {
     const d: DataState = {
       bdat: bdat ? new Unstuffer() : null,
       bdatRefused: null,
+      bdatReplies: [],
       aborted: null,
       added: 0,
       pendingHeaders: hasHeaderRules ? [] : null,
@@ -1181,11 +1210,13 @@ export class Session {
       const body = d.bdat.push(list);
       if (body.length === 0) return;
       const sent = b.bdat(body, false);
-      void sent.reply.then(
-        (r) => {
-          if (replyClass(r) !== 2) d.bdatRefused ??= r;
-        },
-        () => undefined,
+      d.bdatReplies.push(
+        sent.reply.then(
+          (r) => {
+            if (replyClass(r) !== 2) d.bdatRefused ??= r;
+          },
+          () => undefined,
+        ),
       );
       if (!sent.ok) this.congested(b);
       return;
@@ -1288,15 +1319,21 @@ export class Session {
 
   /**
    * The end of a message sent with BDAT. A refused chunk decides the message: no LAST follows it.
-   * Otherwise the last chunk's reply is the message's fate (or, if it fails after an earlier chunk
-   * was refused in the meantime, that earlier refusal says why). A failed transaction is RSET.
+   * LAST may go before an earlier chunk's refusal came back (replies come in order, later): then
+   * that refusal still decides, even if the backend took LAST (RFC 3030 §2 has it refuse every
+   * chunk after a refused one; one that does not must not turn the refusal into a 250). Otherwise
+   * the last chunk's reply is the message's fate. A failed transaction is RSET.
    */
   private async endBdat(d: DataState, unstuffer: Unstuffer): Promise<Reply> {
     const b = this.backend;
     let r = d.bdatRefused;
     if (!r) {
       const last = b?.alive ? await b.bdat(unstuffer.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-      r = replyClass(last) === 2 ? last : (d.bdatRefused ?? last);
+      await Promise.all(d.bdatReplies);
+      r = d.bdatRefused ?? last;
+      if (d.bdatRefused && replyClass(last) === 2) {
+        this.deps.log.warn({ session: this.id, backend: this.backendName, refused: describeReply(d.bdatRefused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal');
+      }
     }
     if (replyClass(r) !== 2) this.resetRefused(r);
     return r;
@@ -1453,6 +1490,8 @@ interface DataState {
   bdat: Unstuffer | null;
   /** The first refusal of a BDAT chunk (the message's fate, whatever LAST gets). */
   bdatRefused: Reply | null;
+  /** Settle when each non-last chunk's reply has been looked at (bdatRefused set if refused). */
+  bdatReplies: Promise<void>[];
   /** The backend answered 354: bytes may go to it. */
   ready: boolean;
   /** Bytes received before the backend's 354. */

@@ -27,12 +27,19 @@ export type Fault =
   | 'refuse-xclient'
   /** Offers XCLIENT NAME ADDR PROTO HELO and accepts it with 220, as Postfix does. */
   | 'xclient'
+  /** As 'xclient', and its EHLO differs by client: SIZE 1000000 after XCLIENT ADDR=127.0.0.81 (a per-client limit). */
+  | 'xclient-per-client'
   /** After its 354, stops reading (doorman's writes back up), then dies half a second later. */
   | 'stall-then-close'
   /** Offers CHUNKING and takes BDAT (messages stored unstuffed, as sent). */
   | 'chunking'
   /** Offers CHUNKING, refuses the first BDAT chunk with 552 and every later one with 503. */
-  | 'chunking-refuse';
+  | 'chunking-refuse'
+  /**
+   * Offers CHUNKING, answers every command 50 ms late (so that LAST goes before the first chunk's
+   * reply comes), refuses the first chunk with 452 — and then accepts LAST with 250, as it should not.
+   */
+  | 'chunking-refuse-late';
 
 export interface FakeBackend {
   port: number;
@@ -88,9 +95,11 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     let bdatLast = false;
     let bdatChunks = 0;
     let outstanding = 0;
+    /** The client named by the last XCLIENT on this connection. */
+    let xclientAddr = '';
     let chain = Promise.resolve();
     const reply = (text: string) => {
-      if (f !== 'slow-replies') return void s.write(text);
+      if (f !== 'slow-replies' && f !== 'chunking-refuse-late') return void s.write(text);
       outstanding++;
       state.maxOutstanding = Math.max(state.maxOutstanding, outstanding);
       chain = chain.then(() => new Promise((r) => setTimeout(r, 50))).then(() => {
@@ -111,6 +120,7 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           bdatLeft = -1;
           bdatChunks++;
           if (f === 'chunking-refuse') reply(bdatChunks === 1 ? '552 5.3.4 Error: message file too big\r\n' : '503 5.5.1 Error: no transaction in progress\r\n');
+          else if (f === 'chunking-refuse-late' && bdatChunks === 1 && !bdatLast) reply('452 4.3.1 Error: insufficient system storage\r\n');
           else if (bdatLast) {
             state.messages.push(msg);
             reply('250 2.0.0 Ok: queued as FAKE\r\n');
@@ -151,11 +161,14 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           const m = /^BDAT (\d+)( LAST)?$/i.exec(line);
           bdatLeft = Number(m?.[1] ?? 0);
           bdatLast = Boolean(m?.[2]);
-        } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse')) {
+        } else if (verb === 'EHLO' && (f === 'chunking' || f === 'chunking-refuse' || f === 'chunking-refuse-late')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000000\r\n250 8BITMIME\r\n');
+        } else if (verb === 'EHLO' && f === 'xclient-per-client') {
+          reply(`250-fake.backend\r\n250-PIPELINING\r\n250-SIZE ${xclientAddr === '127.0.0.81' ? 1000000 : 100000000}\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n`);
         } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
-        } else if (verb === 'XCLIENT' && f === 'xclient') {
+        } else if (verb === 'XCLIENT' && (f === 'xclient' || f === 'xclient-per-client')) {
+          xclientAddr = /ADDR=(\S+)/.exec(line)?.[1] ?? '';
           reply('220 fake.backend ESMTP\r\n');
         } else if (verb === 'XCLIENT') {
           reply('550 5.7.0 Error: insufficient authorization\r\n');

@@ -11,7 +11,7 @@ import { startFakeBackend, type Fault } from '../helpers/fake-backend.js';
 import { freePort } from '../helpers/net.js';
 import { startSink } from '../helpers/sink.js';
 import { SmtpClient } from '../helpers/smtp.js';
-import { eventually, useCleanup } from '../helpers/procs.js';
+import { eventually, sleep, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
 const running: Doorman[] = [];
@@ -19,8 +19,11 @@ after(async () => {
   await Promise.all(running.map((d) => d.stop()));
 });
 
-/** Short backend deadlines so the stall cases finish quickly. */
-const FAST = 'backend:\n  connectTimeout: 1000\n  greetingTimeout: 1000\n  commandTimeout: 1000\n  dataTimeout: 1500\n';
+/**
+ * Short backend deadlines so the stall cases finish quickly; no spares, so that the fake backend's
+ * connections and command log are the session's own.
+ */
+const FAST = 'backend:\n  connectTimeout: 1000\n  greetingTimeout: 1000\n  commandTimeout: 1000\n  dataTimeout: 1500\n  spares: 0\n';
 
 async function doorman(backendPort: number): Promise<Doorman> {
   const d = await startDoorman({ backendPort, config: FAST });
@@ -60,7 +63,8 @@ const greetingCases: [Fault, number, string][] = [
   ['no-greeting', 421, '4.4.1'],
   ['garbage-greeting', 421, '4.4.1'],
   ['busy-greeting', 421, '4.4.1'],
-  ['refuse-greeting', 554, '5.3.2'],
+  // A backend's refusal of doorman itself is doorman's problem, not the client's: 4xx.
+  ['refuse-greeting', 421, '4.4.1'],
 ];
 for (const [fault, code, enhanced] of greetingCases) {
   test(`backend ${fault}: the client gets ${code} ${enhanced}`, async () => {
@@ -69,15 +73,32 @@ for (const [fault, code, enhanced] of greetingCases) {
     const { c, r } = await ehloReply(d.port);
     assert.equal(r.code, code);
     assert.ok(r.text.startsWith(enhanced), r.raw);
-    if (code === 554) {
-      // RFC 5321 §3.1: after a 554, 503 to everything but QUIT.
-      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 503);
-      assert.equal((await c.cmd('QUIT')).code, 221);
-    }
     assert.equal(await c.waitClosed(), true);
     await fb.close();
   });
 }
+
+test('a backend refusing doorman at its greeting (554) and another busy (421), in either order: 421 4.4.1, never a permanent error', async () => {
+  const refusing = await startFakeBackend('refuse-greeting');
+  const busy = await startFakeBackend('busy-greeting');
+  try {
+    for (const order of [
+      [refusing, busy],
+      [busy, refusing],
+    ]) {
+      const d = await startDoorman({ backendPort: 1, config: FAST, env: { DOORMAN_BACKEND: `10 127.0.0.1:${order[0]!.port}, 20 127.0.0.1:${order[1]!.port}` } });
+      running.push(d);
+      const { c, r } = await ehloReply(d.port);
+      assert.equal(r.code, 421, r.raw);
+      assert.match(r.text, /^4\.4\.1 /);
+      assert.equal(await c.waitClosed(), true);
+      assert.equal(await d.metric('doorman_backend_failures_total', { backend: `127.0.0.1:${refusing.port}`, kind: 'refused' }), 1, 'the 554 greeting is counted as a refusal');
+    }
+  } finally {
+    await refusing.close();
+    await busy.close();
+  }
+});
 
 test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
   const sink = await startSink();
@@ -269,6 +290,33 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
   }
 });
 
+test('a reused backend connection: the EHLO a client is shown never comes from an earlier client’s EHLO on it', async () => {
+  const fb = await startFakeBackend('xclient-per-client');
+  // XCLIENT, then the client's own EHLO: the backend answers it per client (SIZE 1000000 for .81).
+  const d = await startDoorman({ backendPort: fb.port, config: `${FAST}  xclientHelo: false\n` });
+  running.push(d);
+  try {
+    const sizes: string[] = [];
+    for (const ip of ['127.0.0.81', '127.0.0.82']) {
+      const c = await SmtpClient.connect(d.port, { localAddress: ip });
+      await c.reply();
+      const { keywords } = await c.ehlo();
+      sizes.push(keywords.get('SIZE') ?? '');
+      assert.equal((await c.cmd('NOOP')).code, 250);
+      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+      assert.equal((await c.cmd('QUIT')).code, 221);
+      await sleep(100);
+    }
+    assert.equal(fb.connections, 1, 'the second client reused the first one’s connection');
+    assert.equal(await d.metric('doorman_backend_reused_total'), 1);
+    // What the backend offers doorman on the connection, for both (not .81's SIZE for .82).
+    assert.deepEqual(sizes, ['52428800', '52428800']);
+  } finally {
+    await fb.close();
+  }
+});
+
 test('BDAT: a backend that refuses a chunk decides the message — the client gets that refusal after its data, never 250', async () => {
   const ok = await startFakeBackend('chunking');
   const refusing = await startFakeBackend('chunking-refuse');
@@ -299,6 +347,30 @@ test('BDAT: a backend that refuses a chunk decides the message — the client ge
   } finally {
     await ok.close();
     await refusing.close();
+  }
+});
+
+test('BDAT: a backend that refuses a chunk and then accepts LAST (its refusal came back after LAST went): the client gets the refusal, never 250', async () => {
+  const fb = await startFakeBackend('chunking-refuse-late');
+  const d = await doorman(fb.port);
+  try {
+    const c = await SmtpClient.connect(d.port);
+    await c.reply();
+    await c.ehlo();
+    assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write(`Subject: late\r\n\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}.\r\n`);
+    const r = await c.reply();
+    assert.equal(r.code, 452, r.raw);
+    assert.match(r.text, /^4\.3\.1 /);
+    const bdat = fb.commands.filter((l) => l.startsWith('BDAT '));
+    assert.ok(bdat.length >= 2 && / LAST$/.test(bdat.at(-1)!), `LAST was sent after the refused chunk: ${bdat.join(' | ')}`);
+    assert.equal(fb.messages.length, 1, 'the backend took the message (its fault), yet the client was told the refusal');
+    assert.ok(d.logs().some((l) => l.msg.startsWith('backend accepted a message after refusing a chunk')));
+    c.close();
+  } finally {
+    await fb.close();
   }
 });
 

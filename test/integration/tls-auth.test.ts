@@ -209,7 +209,8 @@ test('authPlaintext: a listener configured for it offers AUTH without TLS', asyn
 });
 
 test('backend connections are reused across client sessions, each bound to its client by one XCLIENT (HELO included, no EHLO)', async () => {
-  const d = await startDoorman({ backendPort: postfix.port });
+  // No spares: the one connection a session leaves serves the next (spares: backend-pool.test.ts).
+  const d = await startDoorman({ backendPort: postfix.port, config: 'backend:\n  spares: 0\n' });
   try {
     const connects = () => postfix.log().split('\n').filter((l) => /smtpd\[\d+\]: connect from localhost\[127\.0\.0\.1\]/.test(l)).length;
     const before = connects();
