@@ -200,6 +200,7 @@ export class Proxy {
     socket.on('error', () => undefined);
     const remote = socket.remoteAddress;
     if (!remote) return void socket.destroy();
+    this.endsEarly(socket);
     const hold = new Hold(this.slots);
     socket.once('close', () => hold.close());
     const peer = endpoint(remote, socket.remotePort ?? 0);
@@ -221,6 +222,24 @@ export class Proxy {
       return;
     }
     this.claim(socket, b, hold, true, this.clientKey(direct.address), limits, () => this.admit(socket, b, hold, direct, undefined, limits, secureContext));
+  }
+
+  /**
+   * Before its session starts, a client's FIN ends the connection: the listeners allow half-open
+   * sockets for the session's sake (a client that half-closes after QUIT still gets its replies),
+   * so a client that leaves during its PROXY header or TLS handshake would otherwise hold its
+   * slots until a deadline. The session handles its own 'end' (handOver).
+   */
+  private readonly earlyEnd = new WeakMap<net.Socket, () => void>();
+  private endsEarly(socket: net.Socket): void {
+    const end = () => socket.destroy();
+    socket.on('end', end);
+    this.earlyEnd.set(socket, end);
+  }
+  private handOver(socket: net.Socket): void {
+    const end = this.earlyEnd.get(socket);
+    if (end) socket.off('end', end);
+    this.earlyEnd.delete(socket);
   }
 
   /** Takes slots for a connection, then goes on with `next`, or refuses it (421 4.7.0). */
@@ -299,6 +318,8 @@ export class Proxy {
       if (!secureContext) return this.refuse(socket, b, 'no_tls', formatReply(R.unavailable(this.deps.hostname)) as string);
       if (initial?.length) socket.unshift(initial);
       const secure = new tls.TLSSocket(socket, { isServer: true, secureContext });
+      this.handOver(socket);
+      this.endsEarly(secure);
       const ended = this.pending(b, 'tls_handshake');
       let settled = false;
       const settle = (result: 'success' | 'failure' | 'timeout') => {
@@ -338,6 +359,7 @@ export class Proxy {
   }
 
   private startSession(socket: net.Socket, b: Bound, hold: Hold, peer: ProxiedAddress, initial: Buffer | undefined, isTls: boolean): void {
+    this.handOver(socket);
     const rules = this.deps.rules();
     if (b.deps?.rules !== rules) b.deps = { rules, deps: { ...this.deps, limits: this.limits, listener: b.runtime, rules } };
     const session = new Session(socket, peer, b.deps.deps, { tls: isTls, ...(initial ? { initial } : {}) });

@@ -193,9 +193,9 @@ test('2000 idle connections: bounded memory per connection; a new client is stil
   assert.equal((await fresh.cmd('NOOP')).code, 250);
   fresh.close();
   for (const c of clients) c.close();
-  // Each idle session holds a client socket and a backend connection.
+  // Each idle session holds only its client socket: no backend connection before HELO/EHLO (backend-pool.test.ts).
   assert.ok(perConnKb < 100, `${perConnKb.toFixed(1)} KB RSS per idle session`);
-  console.log(`# idle sessions: ${perConnKb.toFixed(1)} KB RSS each (client socket + backend connection)`);
+  console.log(`# idle sessions: ${perConnKb.toFixed(1)} KB RSS each (client socket only: no backend connection before HELO/EHLO)`);
   await eventually(async () => (await dm.metric('doorman_connections_active')) === 0, 10_000);
 });
 
