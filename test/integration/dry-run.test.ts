@@ -20,25 +20,28 @@ let fb: FakeBackend;
 let dryRun: Doorman;
 let enforceConnect: Doorman;
 let enforceRcpt: Doorman;
+let spfRcpt: Doorman;
 
 const fcrdns = (action: string, stage: string) =>
   `rule: fcrdns\naction: ${action}\ntimeout: 10000\nsettings:\n  stage: ${stage}\n  timeout: 8000\n`;
 
 before(async () => {
   // 127.0.0.83 has no PTR record: fcrdns finds `fail` after one (slow) lookup.
-  dns = await startDnsmasq({ ptr: [['81.0.0.127.in-addr.arpa', 'good.test']], a: [['good.test', '127.0.0.81']] });
+  dns = await startDnsmasq({ ptr: [['81.0.0.127.in-addr.arpa', 'good.test']], a: [['good.test', '127.0.0.81']], txt: [['strict.test', 'v=spf1 ip4:127.0.0.40 -all']] });
   slow = await startSlowDns(dns.server, DELAY);
   fb = await startFakeBackend('none');
   // One try, long enough for the slow answer: the finding is `fail`, not a DNS timeout.
   const config = `dns:\n  servers: ["${slow.server}"]\n  timeout: 8000\n  tries: 1\n`;
-  [dryRun, enforceConnect, enforceRcpt] = await Promise.all([
+  const spf = 'rule: spf\ntimeout: 10000\nsettings:\n  stage: rcpt\n  checkHelo: false\n  results:\n    fail: reject\n';
+  [dryRun, enforceConnect, enforceRcpt, spfRcpt] = await Promise.all([
     startDoorman({ backendPort: fb.port, config, rules: { 'fcrdns.yaml': fcrdns('dry-run', 'connect') } }),
     startDoorman({ backendPort: fb.port, config, rules: { 'fcrdns.yaml': fcrdns('enforce', 'connect') } }),
     startDoorman({ backendPort: fb.port, config, rules: { 'fcrdns.yaml': fcrdns('enforce', 'rcpt') } }),
+    startDoorman({ backendPort: fb.port, config, rules: { 'spf.yaml': spf } }),
   ]);
 });
 after(async () => {
-  await Promise.all([dryRun?.stop(), enforceConnect?.stop(), enforceRcpt?.stop()]);
+  await Promise.all([dryRun?.stop(), enforceConnect?.stop(), enforceRcpt?.stop(), spfRcpt?.stop()]);
   await fb?.close();
   await slow?.stop();
   await dns?.stop();
@@ -98,5 +101,24 @@ test('an enforcing fcrdns at rcpt: the lookup starts at connect, the greeting is
   assert.equal(rcpt.text, '5.7.25 Reverse DNS validation failed for [127.0.0.83]');
   // One check for the session, started at connect.
   assert.equal(await enforceRcpt.metric('doorman_fcrdns_checks_total', { result: 'fail' }), 1);
+  r.c.close();
+});
+
+test('an enforcing spf at rcpt: evaluated from MAIL, the MAIL reply is not held, RCPT is refused', async () => {
+  const r = await greet(spfRcpt.port);
+  assert.equal(r.code, 220);
+  await r.c.ehlo('client.example.net');
+  const t0 = Date.now();
+  assert.equal((await r.c.cmd('MAIL FROM:<alice@strict.test>')).code, 250);
+  const mailMs = Date.now() - t0;
+  assert.ok(mailMs < 1000, `MAIL reply took ${mailMs} ms`);
+  const rcpt = await r.c.cmd('RCPT TO:<bob@example.org>', 15_000);
+  assert.equal(rcpt.code, 550);
+  assert.equal(rcpt.text, '5.7.23 <alice@strict.test>: Sender address rejected: SPF fail');
+  // Every recipient of the transaction gets the same verdict; the next transaction is its own.
+  assert.equal((await r.c.cmd('RCPT TO:<carol@example.org>')).code, 550);
+  assert.equal((await r.c.cmd('RSET')).code, 250);
+  assert.equal((await r.c.cmd('MAIL FROM:<alice@nospf.test>')).code, 250);
+  assert.equal((await r.c.cmd('RCPT TO:<bob@example.org>', 15_000)).code, 250);
   r.c.close();
 });
