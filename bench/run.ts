@@ -12,13 +12,19 @@
  *   (e) added latency per command round trip (MAIL, RCPT) at half of the saturating load (the
  *       number of smtp-source sessions whose throughput is closest to half of (b)'s)
  * each through doorman without rules and with the default rule set (relay, sender, a DNSBL zone on
- * a local rbldnsd, rate limits on a local Redis). Results: bench/results/latest.json and
- * bench/results/latest.md (copy the table into docs/performance.md).
+ * a local rbldnsd, rate limits on a local Redis) — the tuned rows. Then (a) and (b) once more with
+ * doorman as scripts/install.sh starts it: the shipped rule files (rules/*.yaml), the shipped
+ * limits (no configuration file), its NODE_OPTIONS, workers `auto`, state in memory — so a default
+ * that slows or refuses mail shows in the table. The one difference: DNS goes to a resolver on
+ * 127.0.0.1 (dnsmasq, authoritative for the loopback reverse zone) that answers BENCH_DNS_DELAY ms
+ * late (default 500: a slow resolver; 0: at once), never to the system's. Results:
+ * bench/results/latest.json and bench/results/latest.md (copy the table into docs/performance.md).
  *
  * BENCH_PIPE=1 adds a raw Node byte pipe (bench/pipe.ts) as a calibration row for (a) and (b).
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
- * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run).
+ * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run);
+ * BENCH_SHIPPED=0 leaves out the shipped-defaults rows.
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -34,6 +40,7 @@ import { startHaraka } from './haraka.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
 import { startRbldnsd } from '../test/helpers/rbldnsd.js';
+import { startDnsmasq, startSlowDns } from '../test/helpers/dns.js';
 import { startRedis } from '../test/helpers/redis.js';
 import { SmtpClient } from '../test/helpers/smtp.js';
 
@@ -46,6 +53,10 @@ const LATENCY_ROUNDS = 1000;
 // Each idle session holds two sockets in doorman (client and backend): with this machine's limit of
 // 20000 open files per process, 9000 is the most that fits.
 const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
+
+/** ms the shipped-defaults rows' resolver holds each answer. */
+const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
+const SHIPPED = 'shipped defaults (install.sh)';
 
 const ONLY = new Set((process.env.BENCH_ONLY ?? 'a,b,c,d,e').split(',').map((x) => x.trim()));
 const only = (w: string) => ONLY.has(w);
@@ -242,6 +253,21 @@ async function latency(cfg: string, d: Doorman, sinkPort: number, saturating: nu
   };
 }
 
+/**
+ * Notes on the shipped-defaults rows: their throughput as a multiple of the tuned default rules',
+ * and what the shipped limits and rules refused over the runs (a default must not refuse this load).
+ */
+async function noteRefusals(rows: Row[], d: Doorman, dnsDelay: number): Promise<void> {
+  const refused = await d.metric('doorman_connections_refused_total');
+  const rejected = await d.metric('doorman_rejections_total');
+  const dry = await d.metric('doorman_rule_evaluations_total', { outcome: 'dry_run' });
+  for (const r of rows.filter((x) => x.config === SHIPPED)) {
+    const tuned = rows.find((x) => x.workload === r.workload && x.config === 'default rules');
+    const vs = tuned ? `${(r.doorman / tuned.doorman).toFixed(2)}× the tuned default rules; ` : '';
+    r.note = `${vs}resolver ${dnsDelay} ms late; over all its runs: ${refused} connections refused, ${rejected} rule refusals, ${dry} dry-run findings`;
+  }
+}
+
 /** Notes on doorman's (a) and (b) rows: its throughput as a multiple of a peer's in the same run. */
 function compareWith(rows: Row[], peerConfig: string, label: string, digits: number): void {
   for (const w of ['(a) one message per connection', '(b) many messages per session']) {
@@ -273,36 +299,50 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   // Cluster mode as shipped: one worker per core (BENCH_WORKERS to compare with 1).
   const workers = process.env.BENCH_WORKERS ?? String((await import('node:os')).availableParallelism());
-  const configs: [string, Record<string, string>, Record<string, string>][] = [
-    ['no rules', {}, { ...quiet, DOORMAN_WORKERS: workers }],
-    ['default rules', defaultRules, { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }],
+  const configs: { name: string; rules: Record<string, string>; env: Record<string, string>; config?: string; workloads: string[] }[] = [
+    { name: 'no rules', rules: {}, env: { ...quiet, DOORMAN_WORKERS: workers }, config, workloads: ['a', 'b', 'c', 'e'] },
+    { name: 'default rules', rules: defaultRules, env: { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, config, workloads: ['a', 'b', 'c', 'e'] },
   ];
-  for (const [name, rules, env] of configs) {
-    const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
+  // As scripts/install.sh starts it: shipped rule files and limits (no configuration file), its
+  // NODE_OPTIONS, the default worker count; only the resolver is a local one (slow on purpose).
+  const dnsmasq = process.env.BENCH_SHIPPED === '0' ? null : await startDnsmasq({});
+  const slowDns = dnsmasq && DNS_DELAY > 0 ? await startSlowDns(dnsmasq.server, DNS_DELAY) : null;
+  if (dnsmasq) {
+    const rulesDir = path.join(ROOT, 'rules');
+    const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+    const env = { NODE_OPTIONS: '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info', DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
+    configs.push({ name: SHIPPED, rules: shipped, env, workloads: ['a', 'b'] });
+  }
+  for (const { name, rules, env, config: cfgText, workloads } of configs) {
+    const d = await startDoorman({ backendPort: sinkPort, rules, env, ...(cfgText !== undefined ? { config: cfgText } : {}) });
+    const doing = (w: string) => only(w) && workloads.includes(w);
     try {
       // Warm-up (JIT, pooled backend connections, DNS cache), not measured.
       await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
-      if (only('a')) {
+      if (doing('a')) {
         process.stdout.write(`${name}: (a) one message per connection…\n`);
         rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
       }
-      if (only('b')) {
+      if (doing('b')) {
         process.stdout.write(`${name}: (b) many messages per session…\n`);
         rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
       }
-      if (only('c')) {
+      if (doing('c')) {
         process.stdout.write(`${name}: (c) 20 MB messages…\n`);
         rows.push(await bigMessages(name, d, sinkPort));
       }
-      if (only('e')) {
+      if (doing('e')) {
         process.stdout.write(`${name}: (e) latency…\n`);
         const b = rows.find((r) => r.config === name && r.workload.startsWith('(b)'));
         rows.push(await latency(name, d, sinkPort, b ? b.doorman : null));
       }
+      if (name === SHIPPED) await noteRefusals(rows, d, DNS_DELAY);
     } finally {
       await d.stop();
     }
   }
+  await slowDns?.stop();
+  await dnsmasq?.stop();
   if (process.env.BENCH_HARAKA === '1' && (only('a') || only('b'))) {
     // Haraka as a peer, same sink, same Redis, same load, alternating with the direct path.
     const hm = Number(process.env.BENCH_HARAKA_MESSAGES ?? 1000);

@@ -1,7 +1,7 @@
 /**
  * The benchmark itself keeps working: `npm run bench` with tiny counts (one repetition, 40
  * messages, 50 idle sessions, the raw-pipe peer) writes a JSON and a Markdown table with every
- * row the issue asks for. The figures themselves are not asserted (speed is measured by the
+ * row the issue asks for, the shipped-defaults rows (install.sh's doorman) among them. The figures themselves are not asserted (speed is measured by the
  * bench, never in tests) — only that they were measured.
  */
 import { test } from 'node:test';
@@ -44,6 +44,10 @@ test('the benchmark runs end to end and writes its JSON and Markdown tables', { 
         assert.equal(r.unit, 'msg/s');
       }
       assert.match(find(w, 'no rules')?.note ?? '', /× the raw pipe/);
+      // Doorman as scripts/install.sh starts it, beside the tuned rows, with what its defaults refused.
+      const shipped = find(w, 'shipped defaults (install.sh)');
+      assert.ok(shipped && (shipped.direct ?? 0) > 0 && shipped.doorman > 0, `${w} shipped defaults measured`);
+      assert.match(shipped.note ?? '', /× the tuned default rules; resolver \d+ ms late; .* connections refused, \d+ rule refusals/);
     }
     const idle = find('(d)', 'no rules');
     assert.ok(idle && idle.doorman > 0, 'RSS per idle connection measured');
