@@ -24,7 +24,11 @@
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
  * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run);
- * BENCH_SHIPPED=0 leaves out the shipped-defaults rows.
+ * BENCH_SHIPPED=0 leaves out the shipped-defaults rows. BENCH_REDIS=1 adds (a) and (b) with the
+ * shipped rule files and rate limits on the bench's Redis (workers `auto`: one per core), and
+ * reads Redis's INFO commandstats around each Redis-backed row: commands per message and, solved
+ * from (a) and (b) together, per session and per message, by command (the capacity model in
+ * docs/operations.md).
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -57,6 +61,24 @@ const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
 /** ms the shipped-defaults rows' resolver holds each answer. */
 const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
 const SHIPPED = 'shipped defaults (install.sh)';
+const SHIPPED_REDIS = 'shipped rules, Redis';
+
+/** Calls per command from Redis's INFO commandstats (the bench's own INFO left out). */
+async function commandStats(port: number): Promise<Map<string, number>> {
+  const { stdout } = await run('redis-cli', ['-p', String(port), 'INFO', 'commandstats'], { timeout: 5000 });
+  const calls = new Map<string, number>();
+  for (const m of stdout.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) if (m[1] !== 'info') calls.set(m[1]!, Number(m[2]));
+  return calls;
+}
+
+/** Redis commands during one Redis-backed row, with doorman's own count of its sessions and messages. */
+interface RedisUse {
+  workload: string;
+  config: string;
+  sessions: number;
+  messages: number;
+  calls: Record<string, number>;
+}
 
 const ONLY = new Set((process.env.BENCH_ONLY ?? 'a,b,c,d,e').split(',').map((x) => x.trim()));
 const only = (w: string) => ONLY.has(w);
@@ -268,6 +290,36 @@ async function noteRefusals(rows: Row[], d: Doorman, dnsDelay: number): Promise<
   }
 }
 
+/**
+ * Redis commands per message for each Redis-backed row, by command; and for each config with both
+ * (a) and (b), the per-session and per-message parts solved from the two rows
+ * (calls = perSession × sessions + perMessage × messages). Empty without Redis rows.
+ */
+function redisTable(use: readonly RedisUse[]): string {
+  if (!use.length) return '';
+  const f = (n: number) => (Number.isFinite(n) ? n.toFixed(2) : '—');
+  const lines = ['| workload | doorman config | sessions | messages | Redis commands per message, by command |', '|---|---|---|---|---|'];
+  for (const u of use) {
+    const per = Object.entries(u.calls).map(([c, n]) => `${c} ${f(n / Math.max(1, u.messages))}`).join(', ');
+    lines.push(`| ${u.workload} | ${u.config} | ${u.sessions} | ${u.messages} | ${per} |`);
+  }
+  const solved: string[] = [];
+  for (const cfg of new Set(use.map((u) => u.config))) {
+    const a = use.find((u) => u.config === cfg && u.workload.startsWith('(a)'));
+    const b = use.find((u) => u.config === cfg && u.workload.startsWith('(b)'));
+    if (!a || !b) continue;
+    const det = a.sessions * b.messages - b.sessions * a.messages;
+    if (det === 0) continue;
+    const parts = [...new Set([...Object.keys(a.calls), ...Object.keys(b.calls)])].map((c) => {
+      const ca = a.calls[c] ?? 0;
+      const cb = b.calls[c] ?? 0;
+      return `${c}: ${f((ca * b.messages - cb * a.messages) / det)} per session + ${f((a.sessions * cb - b.sessions * ca) / det)} per message`;
+    });
+    solved.push(`- ${cfg}: ${parts.join('; ')}`);
+  }
+  return `${lines.join('\n')}\n\n${solved.length ? `${solved.join('\n')}\n\n` : ''}`;
+}
+
 /** Notes on doorman's (a) and (b) rows: its throughput as a multiple of a peer's in the same run. */
 function compareWith(rows: Row[], peerConfig: string, label: string, digits: number): void {
   for (const w of ['(a) one message per connection', '(b) many messages per session']) {
@@ -312,20 +364,35 @@ async function main(): Promise<void> {
     const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
     const env = { NODE_OPTIONS: '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info', DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
     configs.push({ name: SHIPPED, rules: shipped, env, workloads: ['a', 'b'] });
+    if (process.env.BENCH_REDIS === '1') configs.push({ name: SHIPPED_REDIS, rules: shipped, env: { ...env, DOORMAN_REDIS_URL: redis.url }, workloads: ['a', 'b'] });
   }
+  const redisUse: RedisUse[] = [];
+  const redisPort = Number(new URL(redis.url).port);
   for (const { name, rules, env, config: cfgText, workloads } of configs) {
     const d = await startDoorman({ backendPort: sinkPort, rules, env, ...(cfgText !== undefined ? { config: cfgText } : {}) });
     const doing = (w: string) => only(w) && workloads.includes(w);
+    // Rows on Redis: the commands Redis ran meanwhile, against doorman's sessions and messages.
+    const counted = async (measureRow: () => Promise<Row>): Promise<Row> => {
+      if (!env.DOORMAN_REDIS_URL) return measureRow();
+      const counts = async () => ({ stats: await commandStats(redisPort), sessions: await d.metric('doorman_connections_total'), messages: await d.metric('doorman_messages_total', { outcome: 'accepted' }) });
+      const before = await counts();
+      const row = await measureRow();
+      const after = await counts();
+      const calls: Record<string, number> = {};
+      for (const [cmd, n] of after.stats) if (n - (before.stats.get(cmd) ?? 0) > 0) calls[cmd] = n - (before.stats.get(cmd) ?? 0);
+      redisUse.push({ workload: row.workload, config: name, sessions: after.sessions - before.sessions, messages: after.messages - before.messages, calls });
+      return row;
+    };
     try {
       // Warm-up (JIT, pooled backend connections, DNS cache), not measured.
       await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
       if (doing('a')) {
         process.stdout.write(`${name}: (a) one message per connection…\n`);
-        rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
+        rows.push(await counted(() => throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS)));
       }
       if (doing('b')) {
         process.stdout.write(`${name}: (b) many messages per session…\n`);
-        rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
+        rows.push(await counted(() => throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2)));
       }
       if (doing('c')) {
         process.stdout.write(`${name}: (c) 20 MB messages…\n`);
@@ -401,12 +468,13 @@ async function main(): Promise<void> {
     `|---|---|---|---|---|---|---|---|---|`,
     ...rows.map((r) => `| ${r.workload} | ${r.config} | ${fmt(r.direct, r.unit === 'ms' ? 2 : 0)} | ${fmt(r.doorman, r.unit === 'ms' || r.unit.startsWith('KB') ? 2 : 0)} | ${fmt(r.ratio, 2)} | ${r.unit} | ${fmt(r.cpuMsPerMsg ?? NaN, 3)} | ${fmt(r.peakRssMb ?? NaN, 0)} | ${r.note ?? ''} |`),
   ].join('\n');
+  const redisMd = redisTable(redisUse);
   const out = process.env.BENCH_OUT ?? path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(out, { recursive: true });
   const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length, workers };
-  fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows }, null, 2));
-  fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${JSON.stringify(meta)}\n`);
-  process.stdout.write(`\n${md}\n\n${path.join(out, 'latest.{json,md}')} written\n`);
+  fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows, redis: redisUse }, null, 2));
+  fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${redisMd}${JSON.stringify(meta)}\n`);
+  process.stdout.write(`\n${md}\n\n${redisMd}${path.join(out, 'latest.{json,md}')} written\n`);
 }
 
 main()
