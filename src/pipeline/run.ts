@@ -13,9 +13,11 @@
  * spot; Promises are raced against their rule's timeout with one timer each; rules that answer with
  * an Observable go through the RxJS pipeline below.
  *
- * Never waiting for what cannot change the reply: a rule in `dry-run` whose check did not answer
- * at once is not awaited; its outcome is recorded (metrics, `onRuleError`) when it arrives and is
- * handed to `hooks.deferred`, so a slow DNS lookup of a rule being measured never holds a reply.
+ * Never waiting for what cannot change the reply: when the caller takes late outcomes
+ * (`hooks.deferred`; the session does, up to `limits.maxPendingDryRun` at a time), a rule in
+ * `dry-run` whose check did not answer at once is not awaited; its outcome is recorded (metrics,
+ * `onRuleError`) when it arrives and is handed to `hooks.deferred`, so a slow DNS lookup of a rule
+ * being measured never holds a reply.
  * And a rule can start its work at an earlier stage than the one whose verdict it applies
  * (`Rule.starts` / `start`): the runner calls `start` and goes on.
  */
@@ -46,7 +48,8 @@ export interface RunnerHooks {
   onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
   /**
    * The outcome of a dry-run rule that was not awaited, settled when the rule answers or its
-   * timeout passes (never rejects; already counted in metrics). The session logs it.
+   * timeout passes (never rejects; already counted in metrics). The session logs it. Without this
+   * hook, dry-run rules are awaited like the others.
    */
   deferred?: (outcome: Promise<RuleOutcome>) => void;
 }
@@ -114,7 +117,7 @@ function runTier(tier: readonly LoadedRule[], event: SessionEvent, hooks: Runner
       c = { ok: false, err };
     }
     // A dry-run rule cannot change the reply: what it has not answered yet is not waited for.
-    if (lr.action === 'dry-run' && stage !== 'quit' && c.ok && (c.value instanceof Promise || isObservable(c.value))) {
+    if (hooks.deferred && lr.action === 'dry-run' && stage !== 'quit' && c.ok && (c.value instanceof Promise || isObservable(c.value))) {
       const late = isObservable(c.value) ? firstValueFrom(checkOne(lr, event, hooks, c)) : (settle(lr, stage, c, started, hooks) as Promise<RuleOutcome>);
       hooks.deferred?.(late);
       continue;

@@ -1220,7 +1220,8 @@ export class Session {
       metrics: this.deps.metrics,
       onRuleError: (rule, kind, err) =>
         this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
-      deferred: (outcome) => this.lateOutcome(outcome),
+      // A bound on the checks a session leaves running: past it, this stage waits for its own.
+      ...(this.lateChecks.size < this.deps.limits.maxPendingDryRun ? { deferred: (outcome: Promise<RuleOutcome>) => this.lateOutcome(outcome) } : {}),
     });
     for (const o of v.outcomes) if (o.finding !== 'pass') this.outcomes.push(o);
     if (v.reply && v.decidedBy) {

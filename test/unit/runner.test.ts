@@ -156,6 +156,10 @@ test('a dry-run rule that has not answered is not waited for: its outcome is han
   assert.deepEqual([b?.rule, b?.effect, b?.wouldBe], ['dry-obs', 'none', 'reject']);
   const text = await metrics.registry.getSingleMetricAsString('doorman_rule_evaluations_total');
   assert.match(text, /rule="dry",stage="connect",outcome="dry_run"} 1/);
+  // Without the hook (a caller at its bound of checks left running) dry-run rules are waited for.
+  const waited = evaluate([rule('dry', () => Promise.resolve(reject('slow')), { action: 'dry-run' })], ev());
+  assert.ok(waited instanceof Promise);
+  assert.equal((await waited).outcomes[0]?.wouldBe, 'reject');
   // An enforcing rule just as slow is waited for.
   const enforcing = evaluate([rule('slow', () => timer(30).pipe(map(() => reject('x'))))], ev(), { deferred: () => assert.fail('enforcing rules are awaited') });
   assert.ok(enforcing instanceof Promise);
