@@ -12,13 +12,23 @@
  *   (e) added latency per command round trip (MAIL, RCPT) at half of the saturating load (the
  *       number of smtp-source sessions whose throughput is closest to half of (b)'s)
  * each through doorman without rules and with the default rule set (relay, sender, a DNSBL zone on
- * a local rbldnsd, rate limits on a local Redis). Results: bench/results/latest.json and
- * bench/results/latest.md (copy the table into docs/performance.md).
+ * a local rbldnsd, rate limits on a local Redis) — the tuned rows. Then (a) and (b) once more with
+ * doorman as scripts/install.sh starts it: the shipped rule files (rules/*.yaml), the shipped
+ * limits (no configuration file), its NODE_OPTIONS, workers `auto`, state in memory — so a default
+ * that slows or refuses mail shows in the table. The one difference: DNS goes to a resolver on
+ * 127.0.0.1 (dnsmasq, authoritative for the loopback reverse zone) that answers BENCH_DNS_DELAY ms
+ * late (default 500: a slow resolver; 0: at once), never to the system's. Results:
+ * bench/results/latest.json and bench/results/latest.md (copy the table into docs/performance.md).
  *
  * BENCH_PIPE=1 adds a raw Node byte pipe (bench/pipe.ts) as a calibration row for (a) and (b).
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
- * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run).
+ * only those workloads (for quick comparisons; the table in docs/performance.md is from a full run);
+ * BENCH_SHIPPED=0 leaves out the shipped-defaults rows. BENCH_REDIS=1 adds (a) and (b) with the
+ * shipped rule files and rate limits on the bench's Redis (workers `auto`: one per core), and
+ * reads Redis's INFO commandstats around each Redis-backed row: commands per message and, solved
+ * from (a) and (b) together, per session and per message, by command (the capacity model in
+ * docs/operations.md).
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -34,6 +44,7 @@ import { startHaraka } from './haraka.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
 import { startRbldnsd } from '../test/helpers/rbldnsd.js';
+import { startDnsmasq, startSlowDns } from '../test/helpers/dns.js';
 import { startRedis } from '../test/helpers/redis.js';
 import { SmtpClient } from '../test/helpers/smtp.js';
 
@@ -46,6 +57,28 @@ const LATENCY_ROUNDS = 1000;
 // Each idle session holds two sockets in doorman (client and backend): with this machine's limit of
 // 20000 open files per process, 9000 is the most that fits.
 const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
+
+/** ms the shipped-defaults rows' resolver holds each answer. */
+const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
+const SHIPPED = 'shipped defaults (install.sh)';
+const SHIPPED_REDIS = 'shipped rules, Redis';
+
+/** Calls per command from Redis's INFO commandstats (the bench's own INFO left out). */
+async function commandStats(port: number): Promise<Map<string, number>> {
+  const { stdout } = await run('redis-cli', ['-p', String(port), 'INFO', 'commandstats'], { timeout: 5000 });
+  const calls = new Map<string, number>();
+  for (const m of stdout.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) if (m[1] !== 'info') calls.set(m[1]!, Number(m[2]));
+  return calls;
+}
+
+/** Redis commands during one Redis-backed row, with doorman's own count of its sessions and messages. */
+interface RedisUse {
+  workload: string;
+  config: string;
+  sessions: number;
+  messages: number;
+  calls: Record<string, number>;
+}
 
 const ONLY = new Set((process.env.BENCH_ONLY ?? 'a,b,c,d,e').split(',').map((x) => x.trim()));
 const only = (w: string) => ONLY.has(w);
@@ -251,6 +284,51 @@ async function latency(cfg: string, d: Doorman, sinkPort: number, saturating: nu
   };
 }
 
+/**
+ * Notes on the shipped-defaults rows: their throughput as a multiple of the tuned default rules',
+ * and what the shipped limits and rules refused over the runs (a default must not refuse this load).
+ */
+async function noteRefusals(rows: Row[], d: Doorman, dnsDelay: number): Promise<void> {
+  const refused = await d.metric('doorman_connections_refused_total');
+  const rejected = await d.metric('doorman_rejections_total');
+  const dry = await d.metric('doorman_rule_evaluations_total', { outcome: 'dry_run' });
+  for (const r of rows.filter((x) => x.config === SHIPPED)) {
+    const tuned = rows.find((x) => x.workload === r.workload && x.config === 'default rules');
+    const vs = tuned ? `${(r.doorman / tuned.doorman).toFixed(2)}× the tuned default rules; ` : '';
+    r.note = `${vs}resolver ${dnsDelay} ms late; over all its runs: ${refused} connections refused, ${rejected} rule refusals, ${dry} dry-run findings`;
+  }
+}
+
+/**
+ * Redis commands per message for each Redis-backed row, by command; and for each config with both
+ * (a) and (b), the per-session and per-message parts solved from the two rows
+ * (calls = perSession × sessions + perMessage × messages). Empty without Redis rows.
+ */
+function redisTable(use: readonly RedisUse[]): string {
+  if (!use.length) return '';
+  const f = (n: number) => (Number.isFinite(n) ? n.toFixed(2) : '—');
+  const lines = ['| workload | doorman config | sessions | messages | Redis commands per message, by command |', '|---|---|---|---|---|'];
+  for (const u of use) {
+    const per = Object.entries(u.calls).map(([c, n]) => `${c} ${f(n / Math.max(1, u.messages))}`).join(', ');
+    lines.push(`| ${u.workload} | ${u.config} | ${u.sessions} | ${u.messages} | ${per} |`);
+  }
+  const solved: string[] = [];
+  for (const cfg of new Set(use.map((u) => u.config))) {
+    const a = use.find((u) => u.config === cfg && u.workload.startsWith('(a)'));
+    const b = use.find((u) => u.config === cfg && u.workload.startsWith('(b)'));
+    if (!a || !b) continue;
+    const det = a.sessions * b.messages - b.sessions * a.messages;
+    if (det === 0) continue;
+    const parts = [...new Set([...Object.keys(a.calls), ...Object.keys(b.calls)])].map((c) => {
+      const ca = a.calls[c] ?? 0;
+      const cb = b.calls[c] ?? 0;
+      return `${c}: ${f((ca * b.messages - cb * a.messages) / det)} per session + ${f((a.sessions * cb - b.sessions * ca) / det)} per message`;
+    });
+    solved.push(`- ${cfg}: ${parts.join('; ')}`);
+  }
+  return `${lines.join('\n')}\n\n${solved.length ? `${solved.join('\n')}\n\n` : ''}`;
+}
+
 /** Notes on doorman's (a) and (b) rows: its throughput as a multiple of a peer's in the same run. */
 function compareWith(rows: Row[], peerConfig: string, label: string, digits: number): void {
   for (const w of ['(a) one message per connection', '(b) many messages per session']) {
@@ -282,36 +360,65 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   // Cluster mode as shipped: one worker per core (BENCH_WORKERS to compare with 1).
   const workers = process.env.BENCH_WORKERS ?? String((await import('node:os')).availableParallelism());
-  const configs: [string, Record<string, string>, Record<string, string>][] = [
-    ['no rules', {}, { ...quiet, DOORMAN_WORKERS: workers }],
-    ['default rules', defaultRules, { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }],
+  const configs: { name: string; rules: Record<string, string>; env: Record<string, string>; config?: string; workloads: string[] }[] = [
+    { name: 'no rules', rules: {}, env: { ...quiet, DOORMAN_WORKERS: workers }, config, workloads: ['a', 'b', 'c', 'e'] },
+    { name: 'default rules', rules: defaultRules, env: { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, config, workloads: ['a', 'b', 'c', 'e'] },
   ];
-  for (const [name, rules, env] of configs) {
-    const d = await startDoorman({ backendPort: sinkPort, rules, env, config });
+  // As scripts/install.sh starts it: shipped rule files and limits (no configuration file), its
+  // NODE_OPTIONS, the default worker count; only the resolver is a local one (slow on purpose).
+  const dnsmasq = process.env.BENCH_SHIPPED === '0' ? null : await startDnsmasq({});
+  const slowDns = dnsmasq && DNS_DELAY > 0 ? await startSlowDns(dnsmasq.server, DNS_DELAY) : null;
+  if (dnsmasq) {
+    const rulesDir = path.join(ROOT, 'rules');
+    const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+    const env = { NODE_OPTIONS: '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info', DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
+    configs.push({ name: SHIPPED, rules: shipped, env, workloads: ['a', 'b'] });
+    if (process.env.BENCH_REDIS === '1') configs.push({ name: SHIPPED_REDIS, rules: shipped, env: { ...env, DOORMAN_REDIS_URL: redis.url }, workloads: ['a', 'b'] });
+  }
+  const redisUse: RedisUse[] = [];
+  const redisPort = Number(new URL(redis.url).port);
+  for (const { name, rules, env, config: cfgText, workloads } of configs) {
+    const d = await startDoorman({ backendPort: sinkPort, rules, env, ...(cfgText !== undefined ? { config: cfgText } : {}) });
+    const doing = (w: string) => only(w) && workloads.includes(w);
+    // Rows on Redis: the commands Redis ran meanwhile, against doorman's sessions and messages.
+    const counted = async (measureRow: () => Promise<Row>): Promise<Row> => {
+      if (!env.DOORMAN_REDIS_URL) return measureRow();
+      const counts = async () => ({ stats: await commandStats(redisPort), sessions: await d.metric('doorman_connections_total'), messages: await d.metric('doorman_messages_total', { outcome: 'accepted' }) });
+      const before = await counts();
+      const row = await measureRow();
+      const after = await counts();
+      const calls: Record<string, number> = {};
+      for (const [cmd, n] of after.stats) if (n - (before.stats.get(cmd) ?? 0) > 0) calls[cmd] = n - (before.stats.get(cmd) ?? 0);
+      redisUse.push({ workload: row.workload, config: name, sessions: after.sessions - before.sessions, messages: after.messages - before.messages, calls });
+      return row;
+    };
     try {
       // Warm-up (JIT, pooled backend connections, DNS cache), not measured.
       await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
-      if (only('a')) {
+      if (doing('a')) {
         process.stdout.write(`${name}: (a) one message per connection…\n`);
-        rows.push(await throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS));
+        rows.push(await counted(() => throughput('(a) one message per connection', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS), '-s', '20'], MSGS)));
       }
-      if (only('b')) {
+      if (doing('b')) {
         process.stdout.write(`${name}: (b) many messages per session…\n`);
-        rows.push(await throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2));
+        rows.push(await counted(() => throughput('(b) many messages per session', name, d, sinkPort, ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], MSGS * 2)));
       }
-      if (only('c')) {
+      if (doing('c')) {
         process.stdout.write(`${name}: (c) 20 MB messages…\n`);
         rows.push(await bigMessages(name, d, sinkPort));
       }
-      if (only('e')) {
+      if (doing('e')) {
         process.stdout.write(`${name}: (e) latency…\n`);
         const b = rows.find((r) => r.config === name && r.workload.startsWith('(b)'));
         rows.push(await latency(name, d, sinkPort, b ? b.doorman : null));
       }
+      if (name === SHIPPED) await noteRefusals(rows, d, DNS_DELAY);
     } finally {
       await d.stop();
     }
   }
+  await slowDns?.stop();
+  await dnsmasq?.stop();
   if (process.env.BENCH_HARAKA === '1' && (only('a') || only('b'))) {
     // Haraka as a peer, same sink, same Redis, same load, alternating with the direct path.
     const hm = Number(process.env.BENCH_HARAKA_MESSAGES ?? 1000);
@@ -370,12 +477,13 @@ async function main(): Promise<void> {
     `|---|---|---|---|---|---|---|---|---|`,
     ...rows.map((r) => `| ${r.workload} | ${r.config} | ${fmt(r.direct, r.unit === 'ms' ? 2 : 0)} | ${fmt(r.doorman, r.unit === 'ms' || r.unit.startsWith('KB') ? 2 : 0)} | ${fmt(r.ratio, 2)} | ${r.unit} | ${fmt(r.cpuMsPerMsg ?? NaN, 3)} | ${fmt(r.peakRssMb ?? NaN, 0)} | ${r.note ?? ''} |`),
   ].join('\n');
+  const redisMd = redisTable(redisUse);
   const out = process.env.BENCH_OUT ?? path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(out, { recursive: true });
   const meta = { date: new Date().toISOString(), node: process.version, reps: REPS, messages: MSGS, cpus: (await import('node:os')).cpus().length, workers };
-  fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows }, null, 2));
-  fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${JSON.stringify(meta)}\n`);
-  process.stdout.write(`\n${md}\n\n${path.join(out, 'latest.{json,md}')} written\n`);
+  fs.writeFileSync(path.join(out, 'latest.json'), JSON.stringify({ ...meta, rows, redis: redisUse }, null, 2));
+  fs.writeFileSync(path.join(out, 'latest.md'), `${md}\n\n${redisMd}${JSON.stringify(meta)}\n`);
+  process.stdout.write(`\n${md}\n\n${redisMd}${path.join(out, 'latest.{json,md}')} written\n`);
 }
 
 main()

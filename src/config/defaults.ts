@@ -63,6 +63,8 @@ export const LIMIT_DEFAULTS = {
   maxAuthFailures: 3,
   /** Event-loop lag above which new connections get 421 4.3.2 (overload shedding), ms; 0 = off. */
   maxEventLoopLag: 500,
+  /** Dry-run checks of one session still running (not awaited) before its next stage waits for them, count. */
+  maxPendingDryRun: 16,
 } as const;
 
 export const BACKEND_DEFAULTS = {

@@ -82,7 +82,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps): RuleSet {
     for (const r of rules) r.rule.close?.();
     throw new DoormanError('DMN_ERR_RULES_INVALID', dir, problems);
   }
-  return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => r.rule.stages)) };
+  return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => [...r.rule.stages, ...(r.rule.starts ?? [])])) };
 }
 
 function loadRuleFile(file: string, text: string, deps: RuleDeps, problems: Problem[]): LoadedRule | null {

@@ -141,6 +141,7 @@ export const configSchema = z.strictObject({
       minDataRate: z.number().int().nonnegative().default(LIMIT_DEFAULTS.minDataRate),
       maxAuthFailures: positive.default(LIMIT_DEFAULTS.maxAuthFailures),
       maxEventLoopLag: ms.default(LIMIT_DEFAULTS.maxEventLoopLag),
+      maxPendingDryRun: z.number().int().nonnegative().default(LIMIT_DEFAULTS.maxPendingDryRun),
     })
     .prefault({}),
 });

@@ -42,6 +42,14 @@ export interface Rule {
   /** Rule type (the file name under src/rules/). */
   readonly type: string;
   readonly stages: readonly Stage[];
+  /**
+   * Stages at which the rule only starts work (DNS lookups) whose verdict `check` applies at a
+   * later stage of `stages`: the runner calls `start` there before the stage's checks and never
+   * waits for it. A rule that starts at connect and decides at MAIL or RCPT (Postfix's
+   * smtpd_delay_reject) does not hold the greeting. A throw is the rule's error (`onError`).
+   */
+  readonly starts?: readonly Stage[];
+  start?(event: SessionEvent): void;
   /** An `accept` finding from another rule overrides this rule's refusals. */
   readonly bypassable: boolean;
   check(event: SessionEvent): FindingResult;

@@ -12,6 +12,14 @@
  * a tier whose rules all answer synchronously (pure matching, cached lookups) is combined on the
  * spot; Promises are raced against their rule's timeout with one timer each; rules that answer with
  * an Observable go through the RxJS pipeline below.
+ *
+ * Never waiting for what cannot change the reply: when the caller takes late outcomes
+ * (`hooks.deferred`; the session does, up to `limits.maxPendingDryRun` at a time), a rule in
+ * `dry-run` whose check did not answer at once is not awaited; its outcome is recorded (metrics,
+ * `onRuleError`) when it arrives and is handed to `hooks.deferred`, so a slow DNS lookup of a rule
+ * being measured never holds a reply.
+ * And a rule can start its work at an earlier stage than the one whose verdict it applies
+ * (`Rule.starts` / `start`): the runner calls `start` and goes on.
  */
 import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
 import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
@@ -38,6 +46,12 @@ export interface RunnerHooks {
   metrics?: Metrics;
   /** Called for a rule that threw or timed out (the session logs it). */
   onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
+  /**
+   * The outcome of a dry-run rule that was not awaited, settled when the rule answers or its
+   * timeout passes (never rejects; already counted in metrics). The session logs it. Without this
+   * hook, dry-run rules are awaited like the others.
+   */
+  deferred?: (outcome: Promise<RuleOutcome>) => void;
 }
 
 class RuleTimeoutError extends Error {}
@@ -50,7 +64,9 @@ export function evaluate(
 ): StageVerdict | Promise<StageVerdict> {
   const accepted = event.session.acceptedBy;
   // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
-  const applicable = rules.filter((r) => r.rule.stages.includes(event.stage) && !(accepted && r.rule.bypassable && event.stage !== 'quit'));
+  const applicable = rules.filter(
+    (r) => (r.rule.stages.includes(event.stage) || r.rule.starts?.includes(event.stage)) && !(accepted && r.rule.bypassable && event.stage !== 'quit'),
+  );
   if (applicable.length === 0) return EMPTY_VERDICT;
   const v = evaluateRules(applicable, event, hooks);
   return v instanceof Promise ? v.then((x) => settleRefused(applicable, event, x)) : settleRefused(applicable, event, v);
@@ -93,19 +109,52 @@ function evaluateRules(applicable: readonly LoadedRule[], event: SessionEvent, h
 type Called = { ok: true; value: Finding | Promise<Finding> | Observable<Finding> } | { ok: false; err: unknown };
 
 /**
- * One tier: every rule's check is called at once. When each answered synchronously (matching
- * rules, cache hits) the outcomes are combined on the spot — no scheduler, Promise or timer; when
- * any answered with a Promise or Observable, all go through the RxJS pipeline with its timeouts.
+ * One tier: the work of rules that start at this stage is started, then every rule's check is
+ * called at once; a dry-run rule that did not answer at once is handed to `hooks.deferred`. When
+ * each remaining one answered synchronously (matching rules, cache hits) the outcomes are combined
+ * on the spot — no scheduler, Promise or timer; when any answered with a Promise or Observable,
+ * all go through the RxJS pipeline with its timeouts.
  */
-function runTier(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
+function runTier(tier: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
   const started = performance.now();
-  const called: Called[] = rules.map((lr) => {
+  const stage = event.stage;
+  // Work started here for a later stage's verdict; a throw is the rule's error at this stage.
+  const startErrors: RuleOutcome[] = [];
+  for (const lr of tier) {
+    if (!lr.rule.starts?.includes(stage) || !lr.rule.start) continue;
     try {
-      return { ok: true, value: lr.rule.check(event) };
+      lr.rule.start(event);
     } catch (err) {
-      return { ok: false, err };
+      startErrors.push(record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks));
     }
-  });
+  }
+  const rules: LoadedRule[] = [];
+  const called: Called[] = [];
+  for (const lr of tier) {
+    if (!lr.rule.stages.includes(stage)) continue;
+    let c: Called;
+    try {
+      c = { ok: true, value: lr.rule.check(event) };
+    } catch (err) {
+      c = { ok: false, err };
+    }
+    // A dry-run rule cannot change the reply: what it has not answered yet is not waited for.
+    if (hooks.deferred && lr.action === 'dry-run' && stage !== 'quit' && c.ok && (c.value instanceof Promise || isObservable(c.value))) {
+      const late = isObservable(c.value) ? firstValueFrom(checkOne(lr, event, hooks, c)) : (settle(lr, stage, c, started, hooks) as Promise<RuleOutcome>);
+      hooks.deferred?.(late);
+      continue;
+    }
+    rules.push(lr);
+    called.push(c);
+  }
+  const v = settleTier(rules, called, event, hooks, started);
+  if (!startErrors.length) return v;
+  const all = (x: StageVerdict) => combine([...startErrors, ...x.outcomes], event.session.acceptedBy);
+  return v instanceof Promise ? v.then(all) : all(v);
+}
+
+/** The outcomes of the checks called, combined: at once when all answered synchronously. */
+function settleTier(rules: readonly LoadedRule[], called: readonly Called[], event: SessionEvent, hooks: RunnerHooks, started: number): StageVerdict | Promise<StageVerdict> {
   // Observables go through the RxJS pipeline (first value, complete-empty is a pass). Values and
   // Promises are settled here: values at once, Promises raced against their rule's deadline with
   // one timer each — a tier of values is combined without any Promise.

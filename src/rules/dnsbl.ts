@@ -8,8 +8,9 @@
  * its `weight` (negative for allowlists); the total is compared with `threshold`.
  *
  * When: the `ip` lookups start at connect, `helo` ones at HELO, `sender` ones at MAIL, all
- * concurrently and in the background; the verdict is applied at `stage` (`connect`, or `rcpt` so
- * the log shows sender and recipients). Concurrent sessions share one lookup per name, and
+ * concurrently and in the background (the runner's `start`, never awaited); the verdict is applied
+ * at `stage` (`connect`; `mail` or `rcpt` do not hold the greeting while lookups run, and the log
+ * shows the envelope). Concurrent sessions share one lookup per name, and
  * answers are cached for their TTL clamped to [cacheMinTtl, cacheMaxTtl].
  *
  * Defences: a per-zone `timeout` far below the SMTP deadlines; a timeout or error never rejects
@@ -100,8 +101,8 @@ const zoneSchema = z.strictObject({
 
 const settings = z.strictObject({
   zones: z.array(zoneSchema).min(1),
-  /** Where the verdict is applied. */
-  stage: z.enum(['connect', 'rcpt']).default('connect'),
+  /** Where the verdict is applied (lookups start at connect, HELO and MAIL whatever it is). */
+  stage: z.enum(['connect', 'mail', 'rcpt']).default('connect'),
   threshold: z.number().default(1),
   allowlistThreshold: z.number().nullable().default(null),
   reply: replyTemplate.default('554 5.7.1 Service unavailable; client [{ip}] blocked using {zone}{text}'),
@@ -346,28 +347,22 @@ export const dnsblRule = defineRuleType({
     return {
       name,
       type: 'dnsbl',
-      stages: ['connect', ...(needHelo ? (['helo'] as const) : []), ...(needSender || s.stage === 'rcpt' ? (['mail'] as const) : []), ...(s.stage === 'rcpt' ? (['rcpt'] as const) : []), 'quit'],
+      // Lookups start as soon as their subject is known; the verdict waits for `stage`.
+      starts: ['connect', ...(needHelo ? (['helo'] as const) : []), ...(needSender || s.stage !== 'connect' ? (['mail'] as const) : [])],
+      stages: [s.stage, 'quit'],
       bypassable: true,
-      check(ev: SessionEvent): Finding | Promise<Finding> {
+      start(ev: SessionEvent): void {
         const id = ev.session.id;
-        switch (ev.stage) {
-          case 'connect':
-            start(id, 'ip', ev.session.client.text);
-            return s.stage === 'connect' ? verdict(id, ev.session.client.text) : PASS;
-          case 'helo':
-            start(id, 'helo', ev.name);
-            return PASS;
-          case 'mail':
-            start(id, 'sender', !ev.sender.isNull && ev.sender.domain && ev.sender.literal === undefined ? ev.sender.domain : null);
-            return PASS;
-          case 'rcpt':
-            return verdict(id, ev.session.client.text);
-          case 'quit':
-            pending.delete(id);
-            return PASS;
-          default:
-            return PASS;
+        if (ev.stage === 'connect') start(id, 'ip', ev.session.client.text);
+        else if (ev.stage === 'helo') start(id, 'helo', ev.name);
+        else if (ev.stage === 'mail') start(id, 'sender', !ev.sender.isNull && ev.sender.domain && ev.sender.literal === undefined ? ev.sender.domain : null);
+      },
+      check(ev: SessionEvent): Finding | Promise<Finding> {
+        if (ev.stage === 'quit') {
+          pending.delete(ev.session.id);
+          return PASS;
         }
+        return verdict(ev.session.id, ev.session.client.text);
       },
       close() {
         if (timer) clearInterval(timer);

@@ -3,14 +3,15 @@
  *
  * The client's PTR names are looked up (at most `maxNames`), then each name's A/AAAA records; the
  * check passes when one of them is the client's real address. Lookups start at connect through
- * doorman's resolver; the verdict is applied at `stage` (connect, or rcpt so the log shows the
+ * doorman's resolver (the runner's `start`, never awaited); the verdict is applied at `stage`
+ * (connect; mail or rcpt do not hold the greeting while the lookups run, and the log shows the
  * envelope).
  * Results and their default actions (`results`: pass, reject, tempfail, tag):
  *   fail       no PTR, or no PTR name resolves back to the client → reject
  *              550 5.7.25 Reverse DNS validation failed for [ip]
  *   temperror  a DNS failure (timeout, SERVFAIL) and no confirmation → tempfail
  *              451 4.7.25 Reverse DNS lookup failed for [ip], try again later (421 at connect)
- * Settings: results, stage (connect), maxNames (10), timeout (per lookup, ms; 2000).
+ * Settings: results, stage (connect | mail | rcpt; default connect), maxNames (10), timeout (per lookup, ms; 2000).
  * Bypassable. Metrics: doorman_fcrdns_checks_total{result}. Never throws: DNS errors are data.
  */
 import { z } from 'zod';
@@ -22,7 +23,7 @@ const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
 
 const settings = z.strictObject({
   results: z.strictObject({ fail: action.default('reject'), temperror: action.default('tempfail') }).prefault({}),
-  stage: z.enum(['connect', 'rcpt']).default('connect'),
+  stage: z.enum(['connect', 'mail', 'rcpt']).default('connect'),
   maxNames: z.number().int().min(1).max(50).default(10),
   timeout: z.number().int().positive().max(30_000).default(2_000),
 });
@@ -57,11 +58,14 @@ export const fcrdnsRule = defineRuleType({
   description: 'Forward-confirmed reverse DNS of the client address',
   settings,
   create(name, s, deps) {
-    const pending = new Map<string, Promise<FcrdnsResult>>();
-    const decide = async (id: string, ip: string): Promise<Finding> => {
+    /** Per session: the lookup until it is in, then its result (so later verdicts are synchronous). */
+    const pending = new Map<string, FcrdnsResult | Promise<FcrdnsResult>>();
+    const decide = (id: string, ip: string): Finding | Promise<Finding> => {
       const p = pending.get(id);
       if (!p) return PASS;
-      const r = await p;
+      return p instanceof Promise ? p.then((r) => finding(r, ip)) : finding(p, ip);
+    };
+    const finding = (r: FcrdnsResult, ip: string): Finding => {
       if (r.result === 'pass') return PASS;
       const act = s.results[r.result];
       const reason = `${r.result}: ${r.detail}`;
@@ -76,21 +80,23 @@ export const fcrdnsRule = defineRuleType({
     return {
       name,
       type: 'fcrdns',
-      stages: s.stage === 'rcpt' ? ['connect', 'rcpt', 'quit'] : ['connect', 'quit'],
+      starts: ['connect'],
+      stages: [s.stage, 'quit'],
       bypassable: true,
-      async check(ev: SessionEvent): Promise<Finding> {
+      start(ev: SessionEvent): void {
         const id = ev.session.id;
         const client = ev.session.client;
-        if (ev.stage === 'connect') {
-          const p = fcrdns(client.text, client.family, deps, s.maxNames, s.timeout).then((r) => {
-            deps.metrics.fcrdnsChecks.inc({ result: r.result });
-            return r;
-          });
-          pending.set(id, p);
-          return s.stage === 'connect' ? decide(id, client.text) : PASS;
-        }
-        if (ev.stage === 'rcpt') return decide(id, client.text);
-        if (ev.stage === 'quit') pending.delete(id);
+        const p = fcrdns(client.text, client.family, deps, s.maxNames, s.timeout).then((r) => {
+          deps.metrics.fcrdnsChecks.inc({ result: r.result });
+          // In: later verdicts read it synchronously (unless the session has ended meanwhile).
+          if (pending.get(id) === p) pending.set(id, r);
+          return r;
+        });
+        pending.set(id, p);
+      },
+      check(ev: SessionEvent): Finding | Promise<Finding> {
+        if (ev.stage !== 'quit') return decide(ev.session.id, ev.session.client.text);
+        pending.delete(ev.session.id);
         return PASS;
       },
       close() {

@@ -3,7 +3,9 @@
  * mailauth with doorman's resolver (dns.servers, timeout, tries) and the real client address
  * (after PROXY protocol; the same address XCLIENT gives the backend).
  *
- * Stage mail. With `checkHelo` (default true) the HELO identity is checked first when the HELO name
+ * Evaluated from MAIL; the verdict is applied at `stage`: `mail` (the MAIL reply waits for the
+ * lookups) or `rcpt` (the evaluation begun at MAIL, the runner's `start`, is read at each RCPT of
+ * the transaction, so the MAIL reply is not held: Postfix's smtpd_delay_reject). With `checkHelo` (default true) the HELO identity is checked first when the HELO name
  * is a host name with a dot (RFC 7208 §2.3); its `fail` decides. Then the MAIL FROM identity (for
  * the null sender: postmaster@<helo>, RFC 7208 §2.4). Each result maps to a finding through
  * `results` (pass, reject, tempfail, tag):
@@ -12,7 +14,7 @@
  *   neutral, none, pass → pass
  *   temperror → tempfail 451 4.7.24 <addr>: SPF temporary error, try again later
  *   permerror → pass     (or reject: 550 5.7.24 <addr>: SPF permanent error)
- * Settings: results, checkHelo (true), skipAuthenticated (true), skipNetworks ([] CIDRs: relay
+ * Settings: results, stage (mail), checkHelo (true), skipAuthenticated (true), skipNetworks ([] CIDRs: relay
  *   networks and other trusted clients), maxLookups (10) and maxVoidLookups (2) (RFC 7208 §4.6.4).
  * Bypassable (allowlisted clients are not checked). Metrics: doorman_rule_evaluations_total,
  * doorman_rejections_total; the SPF comment is in the session log. DNS failures become
@@ -23,7 +25,7 @@ import { spf } from 'mailauth';
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
-import type { SessionEvent } from '../pipeline/events.js';
+import type { EventOf, SessionEvent } from '../pipeline/events.js';
 import { cidrList, echo, isHostName } from './shared.js';
 
 const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
@@ -41,6 +43,7 @@ const settings = z.strictObject({
       permerror: action.default('pass'),
     })
     .prefault({}),
+  stage: z.enum(['mail', 'rcpt']).default('mail'),
   checkHelo: z.boolean().default(true),
   skipAuthenticated: z.boolean().default(true),
   skipNetworks: cidrList.default([]),
@@ -84,26 +87,42 @@ export const spfRule = defineRuleType({
       if (act === 'tag') return { kind: 'tag', reason };
       return { kind: act as 'reject' | 'tempfail', reason, reply: spfReply(result, address, act as 'reject' | 'tempfail') };
     };
+    const evaluateMail = async (ev: EventOf<'mail'>): Promise<Finding> => {
+      const session = ev.session;
+      if (s.skipAuthenticated && session.auth) return PASS;
+      if (inAnyCidr(session.client, skip)) return PASS;
+      const ip = session.client.text;
+      const helo = session.helo ?? undefined;
+      if (s.checkHelo && helo && isHostName(helo) && helo.includes('.')) {
+        const h = await evaluateIdentity(`postmaster@${helo}`, ip, helo);
+        if (h.result === 'fail') return decide('fail', 'helo', `postmaster@${helo}`, h.comment);
+      }
+      const sender = ev.sender.isNull ? undefined : `${ev.sender.local}@${ev.sender.domain}`;
+      if (!sender && !helo) return PASS;
+      const m = await evaluateIdentity(sender, ip, helo);
+      return decide(m.result, 'mailfrom', sender ?? `postmaster@${helo}`, m.comment);
+    };
+    /** stage rcpt — per session: the current transaction's evaluation, then its finding. */
+    const pending = new Map<string, Finding | Promise<Finding>>();
     return {
       name,
       type: 'spf',
-      stages: ['mail'],
+      starts: s.stage === 'rcpt' ? ['mail'] : [],
+      stages: s.stage === 'rcpt' ? ['rcpt', 'quit'] : ['mail'],
       bypassable: true,
-      async check(ev: SessionEvent): Promise<Finding> {
-        if (ev.stage !== 'mail') return PASS;
-        const session = ev.session;
-        if (s.skipAuthenticated && session.auth) return PASS;
-        if (inAnyCidr(session.client, skip)) return PASS;
-        const ip = session.client.text;
-        const helo = session.helo ?? undefined;
-        if (s.checkHelo && helo && isHostName(helo) && helo.includes('.')) {
-          const h = await evaluateIdentity(`postmaster@${helo}`, ip, helo);
-          if (h.result === 'fail') return decide('fail', 'helo', `postmaster@${helo}`, h.comment);
-        }
-        const sender = ev.sender.isNull ? undefined : `${ev.sender.local}@${ev.sender.domain}`;
-        if (!sender && !helo) return PASS;
-        const m = await evaluateIdentity(sender, ip, helo);
-        return decide(m.result, 'mailfrom', sender ?? `postmaster@${helo}`, m.comment);
+      start(ev: SessionEvent): void {
+        if (ev.stage !== 'mail') return;
+        const id = ev.session.id;
+        const p = evaluateMail(ev);
+        pending.set(id, p);
+        // In: the RCPT verdicts read it synchronously (a failure stays the Promise: the rule's error).
+        p.then((f) => void (pending.get(id) === p && pending.set(id, f)), () => undefined);
+      },
+      check(ev: SessionEvent): Finding | Promise<Finding> {
+        if (ev.stage === 'mail') return evaluateMail(ev);
+        if (ev.stage === 'rcpt') return pending.get(ev.session.id) ?? PASS;
+        if (ev.stage === 'quit') pending.delete(ev.session.id);
+        return PASS;
       },
     };
   },

@@ -173,6 +173,8 @@ export class Session {
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
+  /** Dry-run checks still running (not awaited): `quit` bookkeeping waits for them. */
+  private readonly lateChecks = new Set<Promise<void>>();
   private readonly txnLogs: TxnLog[] = [];
   private droppedTxnLogs = 0;
   private droppedTags = 0;
@@ -500,8 +502,12 @@ export class Session {
     if (this.heard('quit')) {
       const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
       this.events$.next(quit);
-      // Bookkeeping only: quit-stage findings are ignored and cannot fail the session.
-      void Promise.resolve(evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics })).catch(() => undefined);
+      // Bookkeeping only: quit-stage findings are ignored and cannot fail the session. It comes
+      // after the dry-run checks still running (each bounded by its rule's timeout), so that a
+      // rule never releases at quit what a late check is still taking.
+      const bookkeeping = () => evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics });
+      const late = [...this.lateChecks];
+      void (late.length ? Promise.allSettled(late).then(bookkeeping) : Promise.resolve(bookkeeping())).catch(() => undefined);
     }
     this.events$.complete();
     this.logSession();
@@ -1402,18 +1408,36 @@ export class Session {
       metrics: this.deps.metrics,
       onRuleError: (rule, kind, err) =>
         this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
+      // A bound on the checks a session leaves running: past it, this stage waits for its own.
+      ...(this.lateChecks.size < this.deps.limits.maxPendingDryRun ? { deferred: (outcome: Promise<RuleOutcome>) => this.lateOutcome(outcome) } : {}),
     });
-    for (const o of v.outcomes) {
-      if (o.finding === 'pass') continue;
-      if (this.outcomes.length < MAX_LOGGED_OUTCOMES) this.outcomes.push(o);
-      else this.droppedOutcomes++;
-    }
+    for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
       this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (stage === 'connect' && v.acceptedBy) this.acceptedBy = v.acceptedBy;
     if (stage === 'connect') this.addTags(this.sessionTags, v.tags);
     return v;
+  }
+
+  /** A finding for the session log line, within MAX_LOGGED_OUTCOMES (the rest are counted). */
+  private noteOutcome(o: RuleOutcome): void {
+    if (this.outcomes.length < MAX_LOGGED_OUTCOMES) this.outcomes.push(o);
+    else this.droppedOutcomes++;
+  }
+
+  /**
+   * A dry-run finding that arrived after its stage's reply: in the session log line when it came
+   * before the session ended, else in a log line of its own ('late rule finding').
+   */
+  private lateOutcome(outcome: Promise<RuleOutcome>): void {
+    const p = outcome.then((o) => {
+      this.lateChecks.delete(p);
+      if (o.finding === 'pass') return;
+      if (!this.logged) this.noteOutcome(o);
+      else this.deps.log.info({ session: this.id, client: this.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
+    });
+    this.lateChecks.add(p);
   }
 
   private snapshot(): SessionSnapshot {
@@ -1455,16 +1479,7 @@ export class Session {
         login: this.auth?.login ?? null,
         transactions: this.txnLogs,
         ...(this.droppedTxnLogs ? { moreTransactions: this.droppedTxnLogs } : {}),
-        rules: this.outcomes.map((o) => ({
-          rule: o.rule,
-          stage: o.stage,
-          finding: o.finding,
-          action: o.action,
-          effect: o.effect,
-          ...(o.wouldBe ? { would: o.wouldBe } : {}),
-          ...(o.reason ? { reason: o.reason } : {}),
-          ...(o.reply ? { reply: describeReply(o.reply) } : {}),
-        })),
+        rules: this.outcomes.map(ruleLogEntry),
         ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
         ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
         outcome: this.endReason,
@@ -1475,6 +1490,20 @@ export class Session {
       'session',
     );
   }
+}
+
+/** One rule outcome as the session log shows it. */
+function ruleLogEntry(o: RuleOutcome): object {
+  return {
+    rule: o.rule,
+    stage: o.stage,
+    finding: o.finding,
+    action: o.action,
+    effect: o.effect,
+    ...(o.wouldBe ? { would: o.wouldBe } : {}),
+    ...(o.reason ? { reason: o.reason } : {}),
+    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
+  };
 }
 
 const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;

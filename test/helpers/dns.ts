@@ -1,11 +1,11 @@
 /**
  * dns.ts — DNS servers for tests: dnsmasq on a free loopback port serving the records a test
- * names (authoritative for *.test: unknown names are NXDOMAIN), and a black hole that never
- * answers (for timeouts).
+ * names (authoritative for *.test: unknown names are NXDOMAIN), a black hole that never
+ * answers (for timeouts), and a relay that answers late (a slow resolver).
  */
 import dgram from 'node:dgram';
 import { freePort } from './net.js';
-import { spawnProc, type Proc } from './procs.js';
+import { spawnProc, trackCloser, type Proc } from './procs.js';
 
 export interface DnsRecords {
   txt?: [string, string][];
@@ -44,4 +44,47 @@ export async function startBlackHole(): Promise<{ server: string; queries: () =>
   await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
   const port = sock.address().port;
   return { server: `127.0.0.1:${port}`, queries: () => n, stop: () => new Promise((r) => sock.close(() => r())) };
+}
+
+/**
+ * A slow resolver: a UDP relay in front of `upstream` (host:port) that holds every query for
+ * `delayMs` before passing it on, then relays the answer back — a resolver that answers, late.
+ */
+export async function startSlowDns(upstream: string, delayMs: number): Promise<{ server: string; queries: () => number; stop(): Promise<void> }> {
+  const [host, port] = [upstream.slice(0, upstream.lastIndexOf(':')), Number(upstream.slice(upstream.lastIndexOf(':') + 1))];
+  const sock = dgram.createSocket('udp4');
+  const timers = new Set<NodeJS.Timeout>();
+  const relays = new Set<dgram.Socket>();
+  let n = 0;
+  sock.on('message', (msg, from) => {
+    n++;
+    const t = setTimeout(() => {
+      timers.delete(t);
+      const relay = dgram.createSocket('udp4');
+      relays.add(relay);
+      const done = () => {
+        if (relays.delete(relay)) relay.close();
+      };
+      relay.on('message', (answer) => {
+        sock.send(answer, from.port, from.address);
+        done();
+      });
+      relay.on('error', done);
+      relay.send(msg, port, host);
+      setTimeout(done, 5000).unref();
+    }, delayMs);
+    timers.add(t);
+  });
+  await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+  let closing: Promise<void> | null = null;
+  // Once, whoever asks first: the test, or the file's cleanup after a failure.
+  const stop = () =>
+    (closing ??= new Promise<void>((r) => {
+      for (const t of timers) clearTimeout(t);
+      for (const x of relays) x.close();
+      relays.clear();
+      sock.close(() => r());
+    }));
+  trackCloser(stop);
+  return { server: `127.0.0.1:${sock.address().port}`, queries: () => n, stop };
 }

@@ -161,3 +161,65 @@ test('a refused event is told to every rule of the stage (refunds); a passed one
   assert.equal(v.reply?.code, 554, 'a throwing hook does not fail the stage');
   assert.deepEqual(told, ['rate']);
 });
+
+test('a dry-run rule that has not answered is not waited for: its outcome is handed over when it arrives', async () => {
+  const metrics = createMetrics({ version: 't', defaults: false });
+  let answer!: (f: Finding) => void;
+  const slowDry = rule('dry', () => new Promise<Finding>((r) => (answer = r)), { action: 'dry-run', timeout: 60_000 });
+  const slowObs = rule('dry-obs', () => timer(30).pipe(map(() => reject('obs'))), { action: 'dry-run' });
+  const late: Promise<RuleOutcome>[] = [];
+  const v = evaluate([rule('now', () => ({ kind: 'pass' })), slowDry, slowObs], ev(), { metrics, deferred: (o) => late.push(o) });
+  assert.ok(!(v instanceof Promise), 'the stage is decided without the dry-run rules');
+  assert.deepEqual((v as { outcomes: readonly RuleOutcome[] }).outcomes.map((o) => o.rule), ['now']);
+  assert.equal(late.length, 2);
+  answer(reject('slow'));
+  const [a, b] = await Promise.all(late);
+  assert.deepEqual([a?.rule, a?.effect, a?.wouldBe, a?.reason], ['dry', 'none', 'reject', 'slow']);
+  assert.deepEqual([b?.rule, b?.effect, b?.wouldBe], ['dry-obs', 'none', 'reject']);
+  const text = await metrics.registry.getSingleMetricAsString('doorman_rule_evaluations_total');
+  assert.match(text, /rule="dry",stage="connect",outcome="dry_run"} 1/);
+  // Without the hook (a caller at its bound of checks left running) dry-run rules are waited for.
+  const waited = evaluate([rule('dry', () => Promise.resolve(reject('slow')), { action: 'dry-run' })], ev());
+  assert.ok(waited instanceof Promise);
+  assert.equal((await waited).outcomes[0]?.wouldBe, 'reject');
+  // An enforcing rule just as slow is waited for.
+  const enforcing = evaluate([rule('slow', () => timer(30).pipe(map(() => reject('x'))))], ev(), { deferred: () => assert.fail('enforcing rules are awaited') });
+  assert.ok(enforcing instanceof Promise);
+  assert.equal((await enforcing).reply?.code, 554);
+});
+
+test('a late dry-run rule still meets its timeout (an error outcome, counted)', async () => {
+  const errors: string[] = [];
+  const late: Promise<RuleOutcome>[] = [];
+  evaluate([rule('hang', () => new Promise<Finding>(() => undefined), { action: 'dry-run', timeout: 20 })], ev(), { deferred: (o) => late.push(o), onRuleError: (r, k) => errors.push(`${r}:${k}`) });
+  assert.equal((await late[0])?.finding, 'timeout');
+  assert.deepEqual(errors, ['hang:timeout']);
+});
+
+test('start: work begun at one stage for a verdict at a later one, never waited for', async () => {
+  const calls: string[] = [];
+  let lookup: Promise<Finding> | null = null;
+  const r: Rule = {
+    name: 'dns', type: 't', stages: ['rcpt'], starts: ['connect'], bypassable: true,
+    start: (e) => {
+      calls.push(`start:${e.stage}`);
+      lookup = new Promise((res) => setTimeout(() => res(reject('listed')), 20));
+    },
+    check: (e) => {
+      calls.push(`check:${e.stage}`);
+      return lookup ?? { kind: 'pass' };
+    },
+  };
+  const lr: LoadedRule = { rule: r, action: 'enforce', onError: 'pass', timeout: 1000, file: 'dns.yaml' };
+  const atConnect = evaluate([lr], ev());
+  assert.ok(!(atConnect instanceof Promise), 'nothing to wait for at connect');
+  assert.equal((atConnect as { reply: unknown }).reply, null);
+  const v = await evaluate([lr], { stage: 'rcpt', session, recipient: { raw: '' }, params: [] } as unknown as SessionEvent);
+  assert.deepEqual(calls, ['start:connect', 'check:rcpt']);
+  assert.equal(v.reply?.code, 550);
+  // A throwing start is the rule's error, with its onError.
+  const broken: Rule = { ...r, start: () => { throw new Error('boom'); } };
+  const b = await evaluate([{ ...lr, rule: broken, onError: 'tempfail' }], ev());
+  assert.equal(b.reply?.code, 421);
+  assert.equal(b.outcomes[0]?.finding, 'error');
+});
