@@ -6,7 +6,7 @@
  *   (a) one 4 KB message per connection, 20 parallel sessions
  *   (b) many 4 KB messages per session, 20 parallel sessions
  *   (c) 20 MB messages (MB/s, RSS)
- *   (d) idle concurrent connections (RSS per connection, each holding its backend connection;
+ *   (d) idle concurrent connections (RSS per connection; an idle client holds no backend connection;
  *       BENCH_IDLE, default 9000 — two sockets each under a 20000-file limit; against a Node
  *       backend in its own process, since smtp-sink stops near 1000)
  *   (e) added latency per command round trip (MAIL, RCPT) at half of the saturating load (the
