@@ -9,28 +9,9 @@ import path from 'node:path';
 /** Quiet time after the last change before reloading, ms. */
 export const RELOAD_DEBOUNCE = 250;
 
+/** Calls `reload` (debounced) when a YAML file in `dir` changes. */
 export function watchRules(dir: string, reload: () => void): { close(): void } {
-  let timer: NodeJS.Timeout | null = null;
-  let watcher: fs.FSWatcher | null = null;
-  try {
-    watcher = fs.watch(dir, { persistent: false }, (_event, file) => {
-      if (file && !/\.ya?ml$/.test(String(file))) return;
-      if (timer) clearTimeout(timer);
-      timer = setTimeout(() => {
-        timer = null;
-        reload();
-      }, RELOAD_DEBOUNCE);
-    });
-    watcher.on('error', () => undefined);
-  } catch {
-    watcher = null;
-  }
-  return {
-    close() {
-      if (timer) clearTimeout(timer);
-      watcher?.close();
-    },
-  };
+  return watchFolders(new Map([[dir, (name: string) => /\.ya?ml$/.test(name)]]), reload);
 }
 
 /**
@@ -40,19 +21,26 @@ export function watchRules(dir: string, reload: () => void): { close(): void } {
  * on the file itself.
  */
 export function watchFiles(files: readonly string[], onChange: () => void): { close(): void } {
-  let timer: NodeJS.Timeout | null = null;
   const byDir = new Map<string, Set<string>>();
   for (const f of files) {
     const dir = path.dirname(f);
-    const names = byDir.get(dir) ?? new Set<string>();
-    names.add(path.basename(f));
-    byDir.set(dir, names);
+    byDir.set(dir, (byDir.get(dir) ?? new Set<string>()).add(path.basename(f)));
   }
+  return watchFolders(new Map([...byDir].map(([dir, names]) => [dir, (name: string) => names.has(name)])), onChange);
+}
+
+/**
+ * Watches each folder for changes to the names its filter accepts (an event without a name
+ * counts), and calls `onChange` once things are quiet for RELOAD_DEBOUNCE. A folder that cannot
+ * be watched is skipped: SIGHUP still reloads.
+ */
+function watchFolders(folders: ReadonlyMap<string, (name: string) => boolean>, onChange: () => void): { close(): void } {
+  let timer: NodeJS.Timeout | null = null;
   const watchers: fs.FSWatcher[] = [];
-  for (const [dir, names] of byDir) {
+  for (const [dir, accepts] of folders) {
     try {
       const w = fs.watch(dir, { persistent: false }, (_event, file) => {
-        if (file && !names.has(String(file))) return;
+        if (file && !accepts(String(file))) return;
         if (timer) clearTimeout(timer);
         timer = setTimeout(() => {
           timer = null;
@@ -62,7 +50,7 @@ export function watchFiles(files: readonly string[], onChange: () => void): { cl
       w.on('error', () => undefined);
       watchers.push(w);
     } catch {
-      // A folder that cannot be watched: SIGHUP still reloads.
+      // not watched
     }
   }
   return {
