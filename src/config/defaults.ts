@@ -8,8 +8,13 @@
 export const LIMIT_DEFAULTS = {
   /** Concurrent client sessions in total; above it new clients get 421 4.7.0. */
   maxClients: 1000,
-  /** Concurrent sessions from one client IP address; above it 421 4.7.0. */
-  maxClientsPerIp: 20,
+  /**
+   * Concurrent connections from one client (address or IPv6 network); above it 421 4.7.0.
+   * Postfix's smtpd_client_connection_count_limit (50): a sending Postfix opens up to 20 at once
+   * (default_destination_concurrency_limit), and a connection it just closed still counts until
+   * doorman sees the close, so a limit of 20 refused a good sender now and then.
+   */
+  maxClientsPerIp: 50,
   /**
    * IPv6 clients are counted for maxClientsPerIp per network of this many bits (a host usually
    * holds a whole /64); IPv4 clients per address. 128 = per IPv6 address.

@@ -324,9 +324,10 @@ test('mixed load with faults: every 250 reached the backend exactly once, nothin
     }
     for (const id of accepted) assert.equal(counts.get(id), 1, `${id}: 250 to the client, ${counts.get(id) ?? 0} at the backend`);
     // While the backend is down, new sessions are told 421 at once (that is the point); of the
-    // messages whose data was sent, nearly all must get through.
+    // messages whose data was sent, only those in flight when the backend died may fail: at most
+    // one per client (a fixed share of the total failed on a slow machine, where fewer completed).
     const answered = [...outcomes].filter(([k]) => k.startsWith('data ')).reduce((n, [, v]) => n + v, 0);
-    assert.ok(accepted.size >= answered * 0.9, `${accepted.size} of ${answered} completed transactions accepted through ${faults} faults`);
+    assert.ok(answered - accepted.size <= WORKERS, `${accepted.size} of ${answered} completed transactions accepted through ${faults} faults (${WORKERS} clients)`);
     assert.ok(d.logs().some((l) => l.msg.startsWith('rule reload failed')), 'the invalid rule file was refused');
     console.log(`# mixed load outcomes: ${JSON.stringify([...outcomes])}`);
     console.log(`# mixed load: ${sent.size} messages sent, ${accepted.size} accepted (250), ${faults} faults, all accepted delivered exactly once`);
