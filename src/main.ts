@@ -25,6 +25,7 @@ import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
 import { createResolver, type DnsResolver } from './net/dns.js';
 import { RedisStore } from './store/redis.js';
+import { serveStore, WorkerStore } from './store/primary.js';
 import { MemoryStore, type Store } from './store/store.js';
 import { parseAddress } from './net/ip.js';
 import { VERSION } from './version.js';
@@ -100,28 +101,29 @@ export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['
 export function createStore(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['log']): Store {
   const r = loaded.config.redis;
   let { url } = r;
-  let cluster = [...r.cluster];
+  let clusterNodes = [...r.cluster];
   let sentinels = [...r.sentinels];
   let sentinelName = r.sentinelName;
   const m = url ? /^redis\+(cluster|sentinel):\/\/([^/]+)(?:\/(.+))?$/.exec(url) : null;
   if (m?.[2]) {
     const nodes = m[2].split(',').map((x) => x.trim());
-    if (m[1] === 'cluster') cluster = nodes;
+    if (m[1] === 'cluster') clusterNodes = nodes;
     else {
       sentinels = nodes;
       sentinelName = m[3] ?? sentinelName;
     }
     url = undefined;
   }
-  if (!url && !cluster.length && !sentinels.length) {
+  if (!url && !clusterNodes.length && !sentinels.length) {
     metrics.redisUp.set(1);
-    return new MemoryStore();
+    // In cluster mode the memory lives in the primary, one for the instance (store/primary.ts).
+    return cluster.isWorker ? new WorkerStore() : new MemoryStore();
   }
   metrics.redisUp.set(1);
   for (const op of ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset']) metrics.redisErrors.inc({ op }, 0);
   return new RedisStore({
     ...(url ? { url } : {}),
-    cluster,
+    cluster: clusterNodes,
     sentinels,
     sentinelName,
     prefix: r.prefix,
@@ -164,12 +166,19 @@ export function loadSecureContext(loaded: LoadedConfig): tls.SecureContext | nul
   }
 }
 
-/** Worker processes to run: `workers`, or auto — one per core when Redis holds the shared state. */
+/**
+ * Worker processes to run: `workers`, or auto — one per core. Without Redis the workers share the
+ * primary's in-memory store (store/primary.ts), so limits and greylisting hold for the instance.
+ */
 export function workerCount(loaded: LoadedConfig): number {
   const w = loaded.config.workers;
-  if (w !== 'auto') return w;
+  return w === 'auto' ? os.availableParallelism() : w;
+}
+
+/** True when the configuration names a Redis (server, cluster or sentinels). */
+function usesRedis(loaded: LoadedConfig): boolean {
   const r = loaded.config.redis;
-  return r.url || r.cluster.length || r.sentinels.length ? os.availableParallelism() : 1;
+  return Boolean(r.url || r.cluster.length || r.sentinels.length);
 }
 
 export async function start(loaded: LoadedConfig): Promise<Running> {
@@ -320,7 +329,7 @@ function tcpReachable(host: string, port: number, timeout: number): Promise<bool
  * Cluster mode: the primary forks `n` workers that share the listening sockets, serves /metrics
  * aggregated over all workers, forwards SIGHUP (reload) and SIGTERM (drain) to them, and replaces
  * a worker that dies unexpectedly, and keeps the connection counts (maxClients, maxClientsPerIp)
- * for all workers. Rule state shared between workers needs Redis (each worker has its own memory).
+ * for all workers, and — without Redis — the in-memory rule state (store/primary.ts).
  */
 export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void> {
   const { config } = loaded;
@@ -336,6 +345,8 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   const fork = () => cluster.fork({ UV_TCP_SINGLE_ACCEPT: process.env.UV_TCP_SINGLE_ACCEPT ?? '1' });
   // maxClients and maxClientsPerIp hold for the instance: workers take their slots here.
   serveSlots(cluster);
+  // Without Redis, rule state (rate limits, greylisting) lives here, one for every worker.
+  if (!usesRedis(loaded)) serveStore(cluster);
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;

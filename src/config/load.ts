@@ -25,7 +25,7 @@ export const ENV_VARS = {
   DOORMAN_TLS_CERT: 'PEM certificate file (tls.cert)',
   DOORMAN_TLS_KEY: 'PEM private key file (tls.key)',
   DOORMAN_LOG_LEVEL: 'log level (log.level)',
-  DOORMAN_WORKERS: 'worker processes: a number or auto (one per core with Redis, else 1) (workers)',
+  DOORMAN_WORKERS: 'worker processes: a number or auto (one per core) (workers)',
 } as const;
 
 type Raw = Record<string, unknown>;

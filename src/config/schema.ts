@@ -30,8 +30,8 @@ export const listenerSchema = z.strictObject({
 export const configSchema = z.strictObject({
   /** Name in the greeting and EHLO reply. */
   hostname: z.string().regex(/^[A-Za-z0-9.-]+$/, 'a host name').optional(),
-  /** Worker processes sharing the listeners: a number, or auto (one per core when Redis holds the
-   *  shared state; 1 with the in-memory store, whose limits must stay in one process). */
+  /** Worker processes sharing the listeners: a number, or auto (one per core; without Redis the
+   *  workers share the primary's in-memory store, store/primary.ts). */
   workers: z.union([z.literal('auto'), z.number().int().min(1).max(64)]).default('auto'),
   listen: z.array(listenerSchema).min(1).default([{ address: DEFAULT_LISTEN, role: 'smtp', proxyProtocol: false, trustedProxies: [], authPlaintext: false }]),
   backend: z

@@ -111,3 +111,46 @@ test('two workers: maxClients and maxClientsPerIp hold for the instance; state g
     await fb.close();
   }
 });
+
+test('two workers without Redis: rate limits and greylisting hold for the instance (the primary keeps the memory)', { timeout: 60_000 }, async () => {
+  const fb = await startFakeBackend('none');
+  const d = await startDoorman({
+    backendPort: fb.port,
+    // Round-robin: consecutive connections alternate between the workers, so state kept in each
+    // worker's own memory would count each limit twice and greylist a retry again.
+    env: { DOORMAN_WORKERS: '2', NODE_CLUSTER_SCHED_POLICY: 'rr' },
+    rules: {
+      'ratelimit.yaml': 'rule: ratelimit\nsettings:\n  limits:\n    - name: conn\n      count: connections\n      limit: 4\n      window: 60000\n',
+      'greylist.yaml': 'rule: greylist\nsettings:\n  delay: 500\n  retryWindow: 60000\n',
+    },
+  });
+  try {
+    await eventually(() => d.logs().filter((l) => l.msg === 'doorman started').length === 2, 15_000);
+    const codes: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.63' });
+      codes.push((await c.reply()).code);
+      c.close();
+      await sleep(20);
+    }
+    assert.deepEqual(codes, [220, 220, 220, 220, 421, 421], 'one connection limit for the instance, without Redis');
+    const rcpt = async (localAddress: string) => {
+      const c = await SmtpClient.connect(d.port, { localAddress });
+      assert.equal((await c.reply()).code, 220);
+      await c.ehlo();
+      assert.equal((await c.cmd('MAIL FROM:<news@sender.example>')).code, 250);
+      const r = await c.cmd('RCPT TO:<user@example.com>');
+      c.close();
+      return r.code;
+    };
+    assert.equal(await rcpt('127.0.0.64'), 451, 'first attempt greylisted');
+    await sleep(700);
+    // Two retries in a row: round-robin puts them on different workers; both find the triplet.
+    assert.equal(await rcpt('127.0.0.64'), 250, 'retry after the delay passes');
+    assert.equal(await rcpt('127.0.0.64'), 250, 'and on the other worker too');
+    assert.equal(new Set(d.sessions().map((s) => s.worker)).size, 2, 'both workers served sessions');
+  } finally {
+    await d.stop();
+    await fb.close();
+  }
+});

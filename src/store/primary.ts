@@ -1,0 +1,146 @@
+/**
+ * primary.ts — the in-memory store for a cluster: one `MemoryStore` in the primary process, and in
+ * each worker a `WorkerStore` that asks it over the cluster's IPC channel.
+ *
+ * Without Redis each worker used to keep its own memory, so rate limits counted per worker and a
+ * greylisted client retrying on another worker was greylisted again: doorman ran one process
+ * instead (workers `auto` = 1 without Redis), and a default install used one core. With the state
+ * in the primary, the limits and triplets hold for the instance whatever worker a connection
+ * lands on, and `auto` is one worker per core either way. Redis is still what shares state
+ * between instances (machines).
+ *
+ * Each call is one IPC round trip (about 75 µs here, measured for the connection slots in
+ * bench/listener-limits.ts). A call the primary does not answer within `STORE_ANSWER_TIMEOUT`
+ * rejects, as a Redis command past its deadline does: the rules apply their fail mode (open by
+ * default), never a crash.
+ */
+import type { Cluster, Worker } from 'node:cluster';
+import { REDIS_DEFAULTS } from '../config/defaults.js';
+import { MemoryStore, type Store } from './store.js';
+
+/** Deadline for the primary's answer, ms: as the Redis command deadline (REDIS_DEFAULTS.commandTimeout). */
+export const STORE_ANSWER_TIMEOUT = REDIS_DEFAULTS.commandTimeout;
+
+/** The Store methods that travel (the state changes and the operator's look-ups). */
+const METHODS = ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset'] as const;
+type Method = (typeof METHODS)[number];
+
+interface CallMessage {
+  doormanStore: 'call';
+  id: number;
+  method: Method;
+  args: (string | number)[];
+}
+interface AnswerMessage {
+  doormanStore: 'answer';
+  id: number;
+  value?: unknown;
+  error?: string;
+}
+
+function isStoreMessage(m: unknown): m is CallMessage | AnswerMessage {
+  return typeof m === 'object' && m !== null && 'doormanStore' in m;
+}
+
+/** A worker's store: every call goes to the primary's MemoryStore. */
+export class WorkerStore implements Store {
+  readonly kind = 'memory' as const;
+  private nextId = 1;
+  private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  private readonly onMessage = (m: unknown) => {
+    if (!isStoreMessage(m) || m.doormanStore !== 'answer') return;
+    const w = this.waiting.get(m.id);
+    if (!w) return;
+    this.waiting.delete(m.id);
+    clearTimeout(w.timer);
+    if (m.error !== undefined) w.reject(new Error(m.error));
+    else w.resolve(m.value);
+  };
+
+  constructor(
+    private readonly proc: NodeJS.Process = process,
+    private readonly timeoutMs: number = STORE_ANSWER_TIMEOUT,
+  ) {
+    proc.on('message', this.onMessage);
+  }
+
+  private call<T>(method: Method, args: (string | number)[]): Promise<T> {
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      if (!this.proc.send || !this.proc.connected) return reject(new Error('store: no primary'));
+      const timer = setTimeout(() => {
+        this.waiting.delete(id);
+        reject(new Error('store: the primary did not answer in time'));
+      }, this.timeoutMs);
+      timer.unref();
+      this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
+      const msg: CallMessage = { doormanStore: 'call', id, method, args };
+      this.proc.send(msg);
+    });
+  }
+
+  rate(key: string, windowMs: number, limit: number, cost: number): ReturnType<Store['rate']> {
+    return this.call('rate', [key, windowMs, limit, cost]);
+  }
+  acquire(key: string, token: string, limit: number, ttlMs: number): ReturnType<Store['acquire']> {
+    return this.call('acquire', [key, token, limit, ttlMs]);
+  }
+  release(key: string, token: string): Promise<void> {
+    return this.call('release', [key, token]);
+  }
+  greylist(key: string, delayMs: number, retryWindowMs: number, lifetimeMs: number): ReturnType<Store['greylist']> {
+    return this.call('greylist', [key, delayMs, retryWindowMs, lifetimeMs]);
+  }
+  inspect(key: string): ReturnType<Store['inspect']> {
+    return this.call('inspect', [key]);
+  }
+  reset(key: string): Promise<boolean> {
+    return this.call('reset', [key]);
+  }
+  ready(): Promise<boolean> {
+    return Promise.resolve(true);
+  }
+  close(): Promise<void> {
+    this.proc.off('message', this.onMessage);
+    for (const [, w] of this.waiting) {
+      clearTimeout(w.timer);
+      w.reject(new Error('store closed'));
+    }
+    this.waiting.clear();
+    return Promise.resolve();
+  }
+}
+
+/** The primary's side: answers every worker's calls from one MemoryStore. */
+export function serveStore(workers: Cluster, store: MemoryStore = new MemoryStore()): MemoryStore {
+  const run = (m: CallMessage): Promise<unknown> => {
+    const a = m.args;
+    const s = (i: number) => String(a[i]);
+    const n = (i: number) => Number(a[i]);
+    switch (m.method) {
+      case 'rate':
+        return store.rate(s(0), n(1), n(2), n(3));
+      case 'acquire':
+        return store.acquire(s(0), s(1), n(2), n(3));
+      case 'release':
+        return store.release(s(0), s(1));
+      case 'greylist':
+        return store.greylist(s(0), n(1), n(2), n(3));
+      case 'inspect':
+        return store.inspect(s(0));
+      case 'reset':
+        return store.reset(s(0));
+    }
+  };
+  workers.on('message', (w: Worker, m: unknown) => {
+    if (!isStoreMessage(m) || m.doormanStore !== 'call' || !METHODS.includes(m.method)) return;
+    const answer = (a: AnswerMessage) => {
+      if (w.isConnected()) w.send(a);
+    };
+    run(m).then(
+      (value) => answer({ doormanStore: 'answer', id: m.id, value: value ?? null }),
+      (e: unknown) => answer({ doormanStore: 'answer', id: m.id, error: e instanceof Error ? e.message : String(e) }),
+    );
+  });
+  return store;
+}
