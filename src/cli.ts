@@ -70,7 +70,7 @@ export async function main(argv: string[]): Promise<number | undefined> {
       loadSecureContext(loaded);
       // check builds the rules to validate them, but starts nothing (no self-tests run).
       const quiet = { warn: () => undefined, info: () => undefined };
-      const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, createMetrics({ version: VERSION, defaults: false }), quiet), checkOnly: true });
+      const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, createMetrics({ version: VERSION, defaults: false }), quiet), checkOnly: true }, RULE_TYPES);
       process.stdout.write(
         `ok: ${loaded.file ?? 'defaults + environment'}; ${set.rules.length} rule(s) from ${loaded.config.rules.dir}: ${set.rules.map((r) => `${r.rule.name} (${r.rule.type}, ${r.action})`).join(', ') || 'none'}\n`,
       );
@@ -121,7 +121,7 @@ async function limits(args: string[], file: string | undefined, rulesDir: string
   const metrics = createMetrics({ version: VERSION, defaults: false });
   const store = createStore(loaded, metrics, quiet);
   try {
-    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, store), checkOnly: true });
+    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, store), checkOnly: true }, RULE_TYPES);
     const rule = set.rules.find((r) => r.rule.name === ruleName)?.rule;
     for (const r of set.rules) r.rule.close?.();
     if (!rule?.admin) {

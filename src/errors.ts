@@ -1,7 +1,7 @@
 /**
  * errors.ts — the catalogue of startup and configuration errors (DMN_ERR_*).
  *
- * SMTP outcomes are Replies (smtp/reply.ts), never exceptions. These errors stop a start or a
+ * SMTP outcomes are Replies (protocol/reply.ts), never exceptions. These errors stop a start or a
  * `doorman check`, and each names what the operator must fix. docs/errors.md lists every code;
  * a test checks that the two agree.
  */

@@ -18,7 +18,7 @@ import type { RuleSet } from './config/rules.js';
 import { parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
 import type { Metrics } from './metrics/registry.js';
 import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
-import { formatReply, R } from './smtp/reply.js';
+import { formatReply, R } from './protocol/reply.js';
 import { Session, type ListenerRuntime, type SessionDeps } from './smtp/session.js';
 import { LocalSlots, type Refusal, type Slots } from './slots.js';
 

@@ -23,6 +23,7 @@ import { Proxy } from './listener.js';
 import { serveSlots, WorkerSlots } from './slots.js';
 import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
+import { RULE_TYPES } from './rules/index.js';
 import { createResolver, type DnsResolver } from './net/dns.js';
 import { RedisStore } from './store/redis.js';
 import { serveStore, WorkerStore } from './store/primary.js';
@@ -196,7 +197,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
   const deps = ruleDeps(loaded, metrics, log, store);
   const pool = createBackendPool(loaded, deps.resolver, metrics, log);
-  let rules: RuleSet = loadRuleSet(config.rules.dir, deps);
+  let rules: RuleSet = loadRuleSet(config.rules.dir, deps, RULE_TYPES);
   const announce = (set: RuleSet) => {
     metrics.rulesInfo.reset();
     metrics.rulesInfo.set({ version: set.version }, 1);
@@ -228,7 +229,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
 
   const reloadRules = (): boolean => {
     try {
-      const next = loadRuleSet(config.rules.dir, deps);
+      const next = loadRuleSet(config.rules.dir, deps, RULE_TYPES);
       const old = rules;
       rules = next;
       if (!proxy.ruleSetInUse(old)) closeRuleSet(old);

@@ -16,7 +16,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { EventEmitter } from 'node:events';
-import { parseReplyLines, replyClass, type Reply } from '../smtp/reply.js';
+import { parseReplyLines, replyClass, type Reply } from '../protocol/reply.js';
 import { proxyHeaderV1, proxyHeaderV2, type ProxiedAddress } from './proxy-protocol.js';
 
 export interface BackendOptions {

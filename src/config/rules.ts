@@ -10,6 +10,8 @@
  *   timeout:  evaluation deadline in ms (default 5000)
  *   reply:    "<code> <x.y.z> text" replacing the rule's own reply for refusals (optional)
  *   settings: the rule type's own keys (validated by its schema)
+ * The rule types come from the caller (src/rules/index.ts's RULE_TYPES, handed in by main.ts and
+ * cli.ts): config/ never imports rules/.
  * Files load in name order; that order breaks ties between refusals of one stage.
  * Every problem names the file, line and key; one bad file fails the whole load, so a reload
  * with an invalid file keeps the last good rule set.
@@ -22,9 +24,7 @@ import { z } from 'zod';
 import { DoormanError, type Problem } from '../errors.js';
 import type { Stage } from '../pipeline/events.js';
 import type { LoadedRule } from '../pipeline/run.js';
-import { parseReplySpec, type RuleDeps } from '../pipeline/rule.js';
-import { RULE_TYPES } from '../rules/index.js';
-import { replyTemplate } from '../rules/shared.js';
+import { parseReplySpec, replyTemplate, type RuleDeps, type RuleType } from '../pipeline/rule.js';
 import { RULE_DEFAULTS } from './defaults.js';
 import { validateYaml } from './yaml.js';
 
@@ -58,8 +58,11 @@ export function listRuleFiles(dir: string): string[] {
   return names.filter((n) => /\.ya?ml$/.test(n) && !n.startsWith('.')).sort().map((n) => path.join(dir, n));
 }
 
-/** Loads and builds every rule in `dir`. Throws DoormanError listing every problem. */
-export function loadRuleSet(dir: string, deps: RuleDeps): RuleSet {
+/** The rule types a loader knows, by the name rule files use in `rule:` (src/rules/index.ts). */
+export type RuleTypes = ReadonlyMap<string, RuleType>;
+
+/** Loads and builds every rule in `dir` with the rule types `types`. Throws DoormanError listing every problem. */
+export function loadRuleSet(dir: string, deps: RuleDeps, types: RuleTypes): RuleSet {
   const files = listRuleFiles(dir);
   const problems: Problem[] = [];
   const rules: LoadedRule[] = [];
@@ -68,7 +71,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps): RuleSet {
   for (const file of files) {
     const text = fs.readFileSync(file, 'utf8');
     hash.update(path.basename(file)).update('\0').update(text).update('\0');
-    const loaded = loadRuleFile(file, text, deps, problems);
+    const loaded = loadRuleFile(file, text, deps, types, problems);
     if (!loaded) continue;
     const other = seen.get(loaded.rule.name);
     if (other) {
@@ -85,7 +88,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps): RuleSet {
   return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => [...r.rule.stages, ...(r.rule.starts ?? [])])) };
 }
 
-function loadRuleFile(file: string, text: string, deps: RuleDeps, problems: Problem[]): LoadedRule | null {
+function loadRuleFile(file: string, text: string, deps: RuleDeps, types: RuleTypes, problems: Problem[]): LoadedRule | null {
   let peek: unknown;
   try {
     peek = parseYaml(text);
@@ -93,9 +96,9 @@ function loadRuleFile(file: string, text: string, deps: RuleDeps, problems: Prob
     peek = null; // validateYaml reports the syntax error with its line
   }
   const typeName = peek && typeof peek === 'object' && 'rule' in peek ? String((peek as { rule: unknown }).rule) : null;
-  const type = typeName ? RULE_TYPES.get(typeName) : undefined;
+  const type = typeName ? types.get(typeName) : undefined;
   if (typeName && !type) {
-    const v = validateYaml(text, file, baseSchema.extend({ rule: z.enum([...RULE_TYPES.keys()] as [string, ...string[]]) }));
+    const v = validateYaml(text, file, baseSchema.extend({ rule: z.enum([...types.keys()] as [string, ...string[]]) }));
     problems.push(...(v.ok ? [] : v.problems));
     return null;
   }

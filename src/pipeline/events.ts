@@ -6,8 +6,8 @@
  * stage. Each carries a read-only snapshot of the session so far; rules never get the
  * socket or the session object.
  */
-import type { ParsedPath } from '../smtp/address.js';
-import type { MailParam } from '../smtp/commands.js';
+import type { ParsedPath } from '../protocol/address.js';
+import type { MailParam } from '../protocol/params.js';
 import type { ClientAddress } from '../net/ip.js';
 
 export const STAGES = ['connect', 'helo', 'auth', 'mail', 'rcpt', 'data_headers', 'data_end', 'quit', 'etrn'] as const;

@@ -7,7 +7,7 @@
  * (pipeline/run.ts) owns timeouts, crashes and metrics.
  */
 import type { Observable } from 'rxjs';
-import type { z } from 'zod';
+import { z } from 'zod';
 import type { Metrics } from '../metrics/registry.js';
 import type { DnsResolver } from '../net/dns.js';
 import type { Store } from '../store/store.js';
@@ -106,3 +106,11 @@ export function parseReplySpec(s: string): ReplySpec | null {
   if (m[1][0] !== m[2][0]) return null;
   return { code: Number(m[1]), enhanced: m[2], text: m[3] };
 }
+
+/**
+ * A reply "<code> <x.y.z> text" whose classes agree; {placeholders} allowed in the text. Used by
+ * rule settings (via rules/shared.ts) and by a rule file's own `reply:` key (config/rules.ts).
+ */
+export const replyTemplate = z
+  .string()
+  .refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes');

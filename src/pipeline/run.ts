@@ -23,7 +23,7 @@
  */
 import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
 import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
-import { reply } from '../smtp/reply.js';
+import { reply } from '../protocol/reply.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { SessionEvent, Stage } from './events.js';
 import type { Finding, ReplySpec, Rule } from './rule.js';

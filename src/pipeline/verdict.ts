@@ -15,7 +15,7 @@
  *   4. tags; 5. pass.
  * Ties go to the rule loaded first (rule files in name order).
  */
-import { reply, type Reply } from '../smtp/reply.js';
+import { reply, type Reply } from '../protocol/reply.js';
 import type { Stage } from './events.js';
 import type { Finding, ReplySpec } from './rule.js';
 

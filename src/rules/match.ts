@@ -6,7 +6,7 @@
  * any domain), `<>` (the null sender). Host patterns: `name.example` or `*.example`. Matching
  * is case-insensitive and ignores one trailing dot.
  */
-import { normaliseDomain, type ParsedPath } from '../smtp/address.js';
+import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
 
 export type AddressPattern =
   | { kind: 'null' }

@@ -36,7 +36,7 @@ import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/
 import type { SessionEvent } from '../pipeline/events.js';
 import { parseAddress } from '../net/ip.js';
 import { clientKey } from './shared.js';
-import type { ParsedPath } from '../smtp/address.js';
+import type { ParsedPath } from '../protocol/address.js';
 
 const limitSchema = z.strictObject({
   /** Name in logs, metrics and `doorman limits show`. */

@@ -33,7 +33,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
-import { normaliseDomain, type ParsedPath } from '../smtp/address.js';
+import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
 import { DomainList } from './match.js';
 import { cidrList, domainList, echo, fillReply, replyTemplate } from './shared.js';
 

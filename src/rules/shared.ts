@@ -25,10 +25,8 @@ export const domainList = z.array(z.string()).superRefine((list, ctx) => {
   for (const d of list) if (!isDomainPattern(d)) ctx.addIssue({ code: 'custom', message: `not a domain pattern: ${d}` });
 });
 
-/** A reply "<code> <x.y.z> text" whose classes agree; {placeholders} allowed in the text. */
-export const replyTemplate = z
-  .string()
-  .refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes');
+/** Reply templates are generic rule-file vocabulary (config/ checks `reply:` too): pipeline/rule.ts. */
+export { replyTemplate } from '../pipeline/rule.js';
 
 /**
  * A reply template (checked by `replyTemplate`) with its {placeholders} filled; each value is

@@ -15,7 +15,7 @@
  *      the backend connection is dropped (the backend never sees an end of data) and reopened
  *      for the next transaction.
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
- * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in reply.ts.
+ * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in protocol/reply.ts.
  */
 import { Subject } from 'rxjs';
 import type net from 'node:net';
@@ -31,10 +31,11 @@ import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
 import { evaluate } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
-import { addressOf, type ParsedPath } from './address.js';
-import { formatMailRcpt, heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, parseMailRcpt, type Command, type MailParam } from './commands.js';
+import { addressOf, type ParsedPath } from '../protocol/address.js';
+import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
+import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
-import { describeReply, formatReply, R, reply, replyClass, type Reply } from './reply.js';
+import { describeReply, formatReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
   readonly name: string;

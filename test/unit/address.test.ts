@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { addressOf, parsePath } from '../../src/smtp/address.js';
-import { parseMailRcpt, formatMailRcpt } from '../../src/smtp/commands.js';
+import { addressOf, parsePath } from '../../src/protocol/address.js';
+import { parseMailRcpt, formatMailRcpt } from '../../src/protocol/params.js';
 
 const ok = (raw: string) => {
   const r = parsePath(raw);

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { loadConfig } from '../../src/config/load.js';
 import { LIMIT_DEFAULTS } from '../../src/config/defaults.js';
 import { DoormanError } from '../../src/errors.js';
-import { reply, formatReply } from '../../src/smtp/reply.js';
+import { reply, formatReply } from '../../src/protocol/reply.js';
 import { xtext } from '../../src/backend/connection.js';
 
 const cwd = fs.mkdtempSync(path.join(os.tmpdir(), 'doorman-cfg-'));

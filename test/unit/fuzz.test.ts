@@ -8,8 +8,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { Framing, type FramingLimits } from '../../src/smtp/framing.js';
-import { parseCommand, parseMailRcpt } from '../../src/smtp/commands.js';
-import { parsePath } from '../../src/smtp/address.js';
+import { parseCommand } from '../../src/smtp/commands.js';
+import { parseMailRcpt } from '../../src/protocol/params.js';
+import { parsePath } from '../../src/protocol/address.js';
 import { parseProxyHeader } from '../../src/backend/proxy-protocol.js';
 
 const LIMITS: FramingLimits = { maxCommandLine: 512, extensionAllowance: 512, maxAuthLine: 12288, maxDataLine: 1000, bareNewline: 'normalize' };

@@ -1,5 +1,8 @@
 /**
- * address.ts — RFC 5321 §4.1.2 paths: `<[@route,@route:]local@domain>` and `<>`.
+ * protocol/address.ts — RFC 5321 §4.1.2 paths: `<[@route,@route:]local@domain>` and `<>`.
+ *
+ * Part of the protocol ground floor (src/protocol/): smtp/, backend/, pipeline/ and rules/ import
+ * it; it imports none of them.
  *
  * A pure parser: it never throws on client input; it returns either a parsed path or the reason
  * it could not be parsed. The parsed form keeps the client's spelling (`raw`, forwarded to the

@@ -1,5 +1,8 @@
 /**
- * reply.ts — the only place that formats SMTP replies.
+ * protocol/reply.ts — the only place that formats SMTP replies.
+ *
+ * Part of the protocol ground floor (src/protocol/): smtp/, backend/, pipeline/ and rules/ import
+ * it; it imports none of them.
  *
  * A Reply carries a three-digit code, an RFC 3463 enhanced status code and its text lines.
  * Replies that doorman itself makes always carry an enhanced code; replies relayed from the
