@@ -39,7 +39,8 @@ export const senderRule = defineRuleType({
     const networks = s.relayNetworks.map(parseCidr);
     const owners = new Map<string, string[]>();
     for (const [k, v] of Object.entries(s.senderLogins)) {
-      const key = k.trim().toLowerCase().replace(/^@/, '');
+      // One trailing dot is ignored, as everywhere a domain is matched (match.ts).
+      const key = k.trim().toLowerCase().replace(/^@/, '').replace(/\.$/, '');
       owners.set(key, (Array.isArray(v) ? v : [v]).map((x) => x.toLowerCase()));
     }
     return {

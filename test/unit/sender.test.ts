@@ -74,6 +74,13 @@ test('login_mismatch: senderLogins by address, @domain or domain; logins case-in
   assert.deepEqual(check(rule, mail('x@other.test', null)), { kind: 'reject', reason: 'login_mismatch', reply: { code: 553, enhanced: '5.7.1', text: '<x@other.test>: Sender address rejected: not owned by user' } }, 'AUTH without a login name owns nothing');
 });
 
+test('senderLogins keys ignore one trailing dot, as every domain match does', () => {
+  const rule = make({ senderLogins: { 'example.com.': 'alice', '@other.test.': 'bob' } });
+  assert.equal(check(rule, mail('x@example.com', 'alice')).kind, 'pass');
+  assert.deepEqual(check(rule, mail('x@example.com', 'mallory')), mismatch('x@example.com', 'mallory'), 'the entry applies: only alice owns example.com');
+  assert.deepEqual(check(rule, mail('y@other.test', 'alice')), mismatch('y@other.test', 'alice'));
+});
+
 test('requireOwnedSender: an authenticated client may not use a sender nobody owns', () => {
   const logins = { 'example.com': 'alice' };
   assert.equal(check(make({ senderLogins: logins }), mail('x@unlisted.test', 'alice')).kind, 'pass');
