@@ -2,7 +2,8 @@
  * greylist — greylisting (RFC 6647) that does not hurt big senders.
  *
  * Stage rcpt. A new triplet (client network, sender, recipient) gets 451 4.7.1 Greylisted, try
- * again later; a retry after `delay` and within `retryWindow` of the first attempt passes, and the
+ * again later; a retry after `delay` and before `delay + retryWindow` from the first attempt (the
+ * window opens when the delay ends) passes, and the
  * triplet then stays passed for `passLifetime` (refreshed by each use). The client network is
  * the client address masked to `ipv4Prefix` (/24) or `ipv6Prefix` (/64), so big senders retrying
  * from another address of the same network pass (the postgrey/rspamd complaint). The state lives

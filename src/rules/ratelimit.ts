@@ -234,8 +234,9 @@ export const ratelimitRule = defineRuleType({
         due.map(async ({ l, key }): Promise<Finding> => {
           try {
             if (l.count === 'concurrency') return (await take(ev, l, key)) ? PASS : over(l, stage);
-            const perMessage = l.cost === 'message';
-            // One charge per transaction and key when a message costs one.
+            // One charge per transaction and key when a message costs one (message limits only:
+            // `cost` defaults to message for every count, and each AUTH attempt must cost a token).
+            const perMessage = l.count === 'messages' && l.cost === 'message';
             let txn = charged.get(id);
             if (perMessage && txn?.txn === transaction && txn.keys.has(key)) return PASS;
             op('rate');

@@ -275,3 +275,15 @@ test('admin: the store key a limit and subject name', () => {
   assert.match(String(rule.admin?.(['conn'])), /usage/);
   assert.match(String(rule.admin?.(['conn', 'not-an-ip'])), /not an IP address/);
 });
+
+test('auth_failures: every AUTH attempt of one session takes a token, not only the first', async () => {
+  const deps = { ownNames: [], ownAddresses: [], resolver: null as unknown as RuleDeps['resolver'], store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: Date.now } satisfies RuleDeps;
+  const rule = ratelimitRule.create('rl', ratelimitRule.settings.parse({ limits: [{ name: 'af', count: 'auth_failures', limit: 2 }] }), deps);
+  const session = { id: 's', client: parseAddress('192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' as const }, localAddress: '127.0.0.1', tls: false, helo: 'x.test', esmtp: true, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal };
+  const out: string[] = [];
+  for (let i = 0; i < 5; i++) {
+    const ev: SessionEvent = { stage: 'auth', session, mechanism: 'PLAIN', login: `guess${i}` };
+    out.push(((await rule.check(ev)) as Finding).kind);
+  }
+  assert.deepEqual(out, ['pass', 'pass', 'tempfail', 'tempfail', 'tempfail']);
+});
