@@ -98,6 +98,8 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
     /** The client named by the last XCLIENT on this connection. */
     let xclientAddr = '';
     let chain = Promise.resolve();
+    /** chunking-refuse-late: chunk replies held until the LAST chunk has arrived. */
+    const heldBdat: string[] = [];
     const reply = (text: string) => {
       if (f !== 'slow-replies' && f !== 'chunking-refuse-late') return void s.write(text);
       outstanding++;
@@ -120,9 +122,13 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           bdatLeft = -1;
           bdatChunks++;
           if (f === 'chunking-refuse') reply(bdatChunks === 1 ? '552 5.3.4 Error: message file too big\r\n' : '503 5.5.1 Error: no transaction in progress\r\n');
-          else if (f === 'chunking-refuse-late' && bdatChunks === 1 && !bdatLast) reply('452 4.3.1 Error: insufficient system storage\r\n');
-          else if (bdatLast) {
+          else if (f === 'chunking-refuse-late' && !bdatLast) {
+            // Every chunk's reply is held until LAST has arrived, so the refusal of the first
+            // comes back only after LAST went, however fast or slow the client's side is.
+            heldBdat.push(bdatChunks === 1 ? '452 4.3.1 Error: insufficient system storage\r\n' : '250 2.0.0 Ok\r\n');
+          } else if (bdatLast) {
             state.messages.push(msg);
+            for (const h of heldBdat.splice(0)) reply(h);
             reply('250 2.0.0 Ok: queued as FAKE\r\n');
           } else reply('250 2.0.0 Ok\r\n');
           if (bdatLast) {

@@ -250,7 +250,7 @@ test('a backend that offers XCLIENT but refuses it: 421 4.4.2 at the next comman
     assert.ok(await c.waitClosed(), 'the session ends');
     assert.ok(!fb.commands.some((l) => l.startsWith('MAIL')), 'no MAIL reached the backend');
     assert.ok((await d.metric('doorman_backend_failures_total', { kind: 'refused' })) >= 1);
-    assert.ok(d.logs().some((l) => l.msg === 'backend refused the client binding'));
+    assert.ok(await eventually(() => d.logs().some((l) => l.msg === 'backend refused the client binding')));
   } finally {
     await fb.close();
   }
@@ -367,7 +367,8 @@ test('BDAT: a backend that refuses a chunk and then accepts LAST (its refusal ca
     const bdat = fb.commands.filter((l) => l.startsWith('BDAT '));
     assert.ok(bdat.length >= 2 && / LAST$/.test(bdat.at(-1)!), `LAST was sent after the refused chunk: ${bdat.join(' | ')}`);
     assert.equal(fb.messages.length, 1, 'the backend took the message (its fault), yet the client was told the refusal');
-    assert.ok(d.logs().some((l) => l.msg.startsWith('backend accepted a message after refusing a chunk')));
+    // doorman's log is read from its stdout as it comes: wait for the line, do not race it.
+    assert.ok(await eventually(() => d.logs().some((l) => l.msg.startsWith('backend accepted a message after refusing a chunk')), 5000));
     c.close();
   } finally {
     await fb.close();

@@ -100,7 +100,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
     assert.doesNotMatch(busy.text, /backend/i);
     assert.ok(await x.waitClosed(), 'the session ends after 421');
     assert.equal(await d.metric('doorman_backend_busy_total'), 1);
-    assert.ok(d.logs().some((l) => l.msg === 'every backend connection in use'));
+    assert.ok(await eventually(() => d.logs().some((l) => l.msg === 'every backend connection in use')));
     // A fifth client waits; the first active client finishes and leaves: its connection serves it.
     const y = await SmtpClient.connect(d.port, { localAddress: '127.0.0.71' });
     await y.reply();
