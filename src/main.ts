@@ -118,7 +118,7 @@ export function createStore(loaded: LoadedConfig, metrics: Metrics, log: RuleDep
   if (!url && !clusterNodes.length && !sentinels.length) {
     metrics.redisUp.set(1);
     // In cluster mode the memory lives in the primary, one for the instance (store/primary.ts).
-    return cluster.isWorker ? new WorkerStore() : new MemoryStore();
+    return cluster.isWorker ? new WorkerStore(r.commandTimeout) : new MemoryStore();
   }
   metrics.redisUp.set(1);
   for (const op of ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset']) metrics.redisErrors.inc({ op }, 0);

@@ -10,16 +10,12 @@
  * between instances (machines).
  *
  * Each call is one IPC round trip (about 75 µs here, measured for the connection slots in
- * bench/listener-limits.ts). A call the primary does not answer within `STORE_ANSWER_TIMEOUT`
- * rejects, as a Redis command past its deadline does: the rules apply their fail mode (open by
- * default), never a crash.
+ * bench/listener-limits.ts). A call the primary does not answer within the deadline the worker
+ * is given (main.ts: `redis.commandTimeout`, as for a Redis command) rejects: the rules apply
+ * their fail mode (open by default), never a crash.
  */
 import type { Cluster, Worker } from 'node:cluster';
-import { REDIS_DEFAULTS } from '../config/defaults.js';
 import { MemoryStore, type Store } from './store.js';
-
-/** Deadline for the primary's answer, ms: as the Redis command deadline (REDIS_DEFAULTS.commandTimeout). */
-export const STORE_ANSWER_TIMEOUT = REDIS_DEFAULTS.commandTimeout;
 
 /** The Store methods that travel (the state changes and the operator's look-ups). */
 const METHODS = ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset'] as const;
@@ -58,8 +54,8 @@ export class WorkerStore implements Store {
   };
 
   constructor(
+    private readonly timeoutMs: number,
     private readonly proc: NodeJS.Process = process,
-    private readonly timeoutMs: number = STORE_ANSWER_TIMEOUT,
   ) {
     proc.on('message', this.onMessage);
   }

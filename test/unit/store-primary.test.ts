@@ -23,7 +23,7 @@ function wire() {
     return proc;
   });
   serveStore(primary as unknown as Cluster);
-  return procs.map((p) => new WorkerStore(p as unknown as NodeJS.Process, 200));
+  return procs.map((p) => new WorkerStore(200, p as unknown as NodeJS.Process));
 }
 
 test('two workers share one bucket, one slot set and one greylist triplet', async () => {
@@ -48,7 +48,7 @@ test('a primary that does not answer: the call rejects at the deadline', async (
   const proc = new EventEmitter() as EventEmitter & { send: (m: unknown) => boolean; connected: boolean };
   proc.connected = true;
   proc.send = () => true;
-  const s = new WorkerStore(proc as unknown as NodeJS.Process, 50);
+  const s = new WorkerStore(50, proc as unknown as NodeJS.Process);
   const t0 = Date.now();
   const alive = setTimeout(() => undefined, 5000); // the deadline's timer is unref'd, as in a worker
   await assert.rejects(s.rate('k', 1000, 1, 1), /did not answer/);
