@@ -6,36 +6,16 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { accessRule } from '../../src/rules/access.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
-import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
-import { createMetrics } from '../../src/metrics/registry.js';
-import { MemoryStore } from '../../src/store/store.js';
+import { pathOf, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
 
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
-const deps = (): RuleDeps => ({ ownNames: ['mx.test'], ownAddresses: [], resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
-const snap = (ip = '192.0.2.5'): SessionSnapshot => ({
-  id: 's', client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
-  ended: new AbortController().signal,
-});
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(r.reason);
-  return r.path;
-}
+const deps = (): RuleDeps => ruleDeps();
+const snap = (ip = '192.0.2.5'): SessionSnapshot => snapshot({ ip });
 const connect = (ip: string): SessionEvent => ({ stage: 'connect', session: snap(ip) });
 const helo = (name: string): SessionEvent => ({ stage: 'helo', verb: 'EHLO', name, session: snap() });
-const mail = (raw: string): SessionEvent => ({ stage: 'mail', sender: path(raw), params: [], session: snap() });
-const rcpt = (raw: string): SessionEvent => ({ stage: 'rcpt', recipient: path(raw), params: [], session: snap() });
+const mail = (raw: string): SessionEvent => ({ stage: 'mail', sender: pathOf(raw), params: [], session: snap() });
+const rcpt = (raw: string): SessionEvent => ({ stage: 'rcpt', recipient: pathOf(raw), params: [], session: snap() });
 const make = (settings: unknown): Rule => accessRule.create('access', accessRule.settings.parse(settings), deps());
 const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
 const kind = (rule: Rule, ev: SessionEvent) => check(rule, ev).kind;

@@ -7,47 +7,17 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { greylistRule } from '../../src/rules/greylist.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore, type Store } from '../../src/store/store.js';
+import { noDns, pathOf, clock } from '../helpers/rule-fixtures.js';
 
 const MIN = 60_000;
 
-/**
- * A virtual clock for the store. MemoryStore's LRU cache memoises its clock for 1 ms of real time
- * (lru-cache ttlResolution), so each step also lets 2 real ms pass before the next read.
- */
-function clock(start = 1_000_000_000) {
-  let t = start;
-  return {
-    now: () => t,
-    advance: async (ms: number) => {
-      t += ms;
-      await new Promise((r) => setTimeout(r, 2));
-    },
-  };
-}
-
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
-
 function deps(store: Store, now: () => number): RuleDeps {
   return { ownNames: ['mx.test'], ownAddresses: [], resolver: noDns, store, metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now };
-}
-
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(r.reason);
-  return r.path;
 }
 
 interface Opts {
@@ -59,9 +29,9 @@ const rcpt = (to: string, o: Opts = {}): SessionEvent => {
   const session: SessionSnapshot = {
     id: 's', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
     tls: false, helo: 'mail.example.org', esmtp: true, auth: o.auth ? { mechanism: 'PLAIN', login: 'u' } : null, transaction: 1,
-    sender: path(o.from ?? 'alice@example.org'), recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
+    sender: pathOf(o.from ?? 'alice@example.org'), recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
   };
-  return { stage: 'rcpt', session, recipient: path(to), params: [] };
+  return { stage: 'rcpt', session, recipient: pathOf(to), params: [] };
 };
 
 function setup(settings: Record<string, unknown> = {}, store?: Store) {

@@ -5,20 +5,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { heloRule } from '../../src/rules/helo.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore } from '../../src/store/store.js';
+import { noDns } from '../helpers/rule-fixtures.js';
 
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
 const deps = (ownAddresses: string[] = ['198.51.100.25']): RuleDeps => ({ ownNames: ['mx.doorman.test'], ownAddresses, resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
 const snap = (ip: string, localAddress: string): SessionSnapshot => ({
   id: 's', client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress,

@@ -7,42 +7,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ratelimitRule } from '../../src/rules/ratelimit.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
-import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore, type Store } from '../../src/store/store.js';
-
-/**
- * A virtual clock for the store. MemoryStore's LRU cache memoises its clock for 1 ms of real time
- * (lru-cache ttlResolution), so each step also lets 2 real ms pass before the next read.
- */
-function clock(start = 1_000_000_000) {
-  let t = start;
-  return {
-    now: () => t,
-    advance: async (ms: number) => {
-      t += ms;
-      await new Promise((r) => setTimeout(r, 2));
-    },
-  };
-}
-
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
-
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(r.reason);
-  return r.path;
-}
+import { noDns, pathOf, clock, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
 
 interface Sess {
   id?: string;
@@ -52,19 +21,18 @@ interface Sess {
   txn?: number;
   ended?: AbortSignal;
 }
-const snap = (o: Sess = {}): SessionSnapshot => ({
-  id: o.id ?? 's1', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: 'mail.example.org', esmtp: true, auth: o.login ? { mechanism: 'PLAIN', login: o.login } : null, transaction: o.txn ?? 0,
-  sender: o.from === undefined ? null : path(o.from), recipients: [], recipientsForwarded: 0, acceptedBy: null,
-  ended: o.ended ?? new AbortController().signal,
-});
+const snap = (o: Sess = {}): SessionSnapshot =>
+  snapshot({
+    id: o.id ?? 's1', ip: o.ip ?? '192.0.2.5', helo: 'mail.example.org', esmtp: true, auth: o.login ? { mechanism: 'PLAIN', login: o.login } : null,
+    transaction: o.txn ?? 0, sender: o.from === undefined ? null : pathOf(o.from), ended: o.ended ?? new AbortController().signal,
+  });
 let sessions = 0;
 /** A new session (its own id) unless one is named. */
 const connect = (o: Sess = {}): SessionEvent => ({ stage: 'connect', session: snap({ id: `c${++sessions}`, ...o }) });
 /** An AUTH attempt, each in a session of its own unless one is named. */
 const auth = (login: string | null, o: Sess = {}): SessionEvent => ({ stage: 'auth', session: snap({ id: `a${++sessions}`, ...o }), mechanism: 'PLAIN', login });
-const mail = (o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap({ from: 'alice@example.org', txn: 1, ...o }), sender: path(o.from ?? 'alice@example.org'), params: [] });
-const rcpt = (to: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap({ from: 'alice@example.org', txn: 1, ...o }), recipient: path(to), params: [] });
+const mail = (o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap({ from: 'alice@example.org', txn: 1, ...o }), sender: pathOf(o.from ?? 'alice@example.org'), params: [] });
+const rcpt = (to: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap({ from: 'alice@example.org', txn: 1, ...o }), recipient: pathOf(to), params: [] });
 const quit = (o: Sess = {}): SessionEvent => ({ stage: 'quit', session: snap(o), reason: 'QUIT' });
 
 function setup(settings: Record<string, unknown>, store?: Store) {
@@ -277,9 +245,9 @@ test('admin: the store key a limit and subject name', () => {
 });
 
 test('auth_failures: every AUTH attempt of one session takes a token, not only the first', async () => {
-  const deps = { ownNames: [], ownAddresses: [], resolver: null as unknown as RuleDeps['resolver'], store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: Date.now } satisfies RuleDeps;
+  const deps = ruleDeps({ now: Date.now, checkOnly: false });
   const rule = ratelimitRule.create('rl', ratelimitRule.settings.parse({ limits: [{ name: 'af', count: 'auth_failures', limit: 2 }] }), deps);
-  const session = { id: 's', client: parseAddress('192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' as const }, localAddress: '127.0.0.1', tls: false, helo: 'x.test', esmtp: true, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal };
+  const session = snapshot({ helo: 'x.test', esmtp: true });
   const out: string[] = [];
   for (let i = 0; i < 5; i++) {
     const ev: SessionEvent = { stage: 'auth', session, mechanism: 'PLAIN', login: `guess${i}` };

@@ -6,27 +6,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { relayRule } from '../../src/rules/relay.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
-import { createMetrics } from '../../src/metrics/registry.js';
-import { MemoryStore } from '../../src/store/store.js';
+import { pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
 
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
-const deps = (): RuleDeps => ({ ownNames: ['mx.test'], ownAddresses: [], resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(`${raw}: ${r.reason}`);
-  return r.path;
-}
+const deps = (): RuleDeps => ruleDeps();
 interface Opts {
   ip?: string;
   role?: 'smtp' | 'submission' | 'smtps';
@@ -37,11 +22,11 @@ interface Opts {
 const snap = (o: Opts = {}): SessionSnapshot => ({
   id: 's', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: o.role ?? 'smtp' }, localAddress: '127.0.0.1',
   tls: false, helo: 'client.example', esmtp: true, auth: o.auth ? { mechanism: 'PLAIN', login: 'alice' } : null, transaction: 1,
-  sender: o.sender === undefined ? null : path(o.sender), recipients: [], recipientsForwarded: o.forwarded ?? 0, acceptedBy: null,
+  sender: o.sender === undefined ? null : pathOf(o.sender), recipients: [], recipientsForwarded: o.forwarded ?? 0, acceptedBy: null,
   ended: new AbortController().signal,
 });
-const mail = (o: Opts = {}): SessionEvent => ({ stage: 'mail', sender: path(o.sender ?? 'a@remote.test'), params: [], session: snap(o) });
-const rcpt = (raw: string, o: Opts = {}): SessionEvent => ({ stage: 'rcpt', recipient: path(raw), params: [], session: snap(o) });
+const mail = (o: Opts = {}): SessionEvent => ({ stage: 'mail', sender: pathOf(o.sender ?? 'a@remote.test'), params: [], session: snap(o) });
+const rcpt = (raw: string, o: Opts = {}): SessionEvent => ({ stage: 'rcpt', recipient: pathOf(raw), params: [], session: snap(o) });
 const etrn = (node: string, o: Opts = {}): SessionEvent => ({ stage: 'etrn', node, session: snap(o) });
 const make = (settings: unknown = {}): Rule => relayRule.create('relay', relayRule.settings.parse(settings), deps());
 const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;

@@ -5,34 +5,19 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { senderRule } from '../../src/rules/sender.js';
-import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
-import { createMetrics } from '../../src/metrics/registry.js';
-import { MemoryStore } from '../../src/store/store.js';
+import { pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
 
-const noDns: DnsResolver = {
-  servers: [],
-  resolve: () => Promise.reject(new Error('unused')),
-  resolveA: () => Promise.reject(new Error('unused')),
-  resolveAAAA: () => Promise.reject(new Error('unused')),
-  reverse: () => Promise.reject(new Error('unused')),
-};
-const deps = (): RuleDeps => ({ ownNames: ['mx.test'], ownAddresses: [], resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(`${raw}: ${r.reason}`);
-  return r.path;
-}
+const deps = (): RuleDeps => ruleDeps();
 const snap = (ip: string, login: string | null | undefined): SessionSnapshot => ({
   id: 's', client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'submission' }, localAddress: '127.0.0.1',
   tls: true, helo: 'client.example', esmtp: true, auth: login === undefined ? null : { mechanism: 'PLAIN', login }, transaction: 1,
   sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
 });
 /** MAIL FROM:<raw> from `ip`, authenticated as `login` when given (null: AUTH without a login name). */
-const mail = (raw: string, login?: string | null, ip = '192.0.2.5'): SessionEvent => ({ stage: 'mail', sender: path(raw), params: [], session: snap(ip, login) });
+const mail = (raw: string, login?: string | null, ip = '192.0.2.5'): SessionEvent => ({ stage: 'mail', sender: pathOf(raw), params: [], session: snap(ip, login) });
 const make = (settings: unknown = {}): Rule => senderRule.create('sender', senderRule.settings.parse(settings), deps());
 const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
 const notOwned = (raw: string): Finding => ({ kind: 'reject', reason: 'not_owned', reply: { code: 553, enhanced: '5.7.1', text: `<${raw}>: Sender address rejected: not owned by you` } });

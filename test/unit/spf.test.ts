@@ -11,9 +11,10 @@ import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
+import { type ParsedPath } from '../../src/protocol/address.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore } from '../../src/store/store.js';
+import { pathOf } from '../helpers/rule-fixtures.js';
 
 /** Records by owner name; a string is the error code every query of that name gets. */
 type Zone = Record<string, { TXT?: string[]; A?: string[]; AAAA?: string[] } | 'ESERVFAIL' | 'ETIMEOUT'>;
@@ -43,12 +44,6 @@ function zoneResolver(zone: Zone): DnsResolver & { calls: string[] } {
   };
 }
 
-function path(raw: string): ParsedPath {
-  const r = parsePath(raw);
-  if (!r.ok) throw new Error(r.reason);
-  return r.path;
-}
-
 interface Sess {
   id?: string;
   ip?: string;
@@ -61,8 +56,8 @@ const snap = (o: Sess, sender: ParsedPath | null): SessionSnapshot => ({
   tls: false, helo: o.helo === undefined ? 'relay.example.net' : o.helo, esmtp: true, auth: o.login ? { mechanism: 'PLAIN', login: o.login } : null,
   transaction: o.txn ?? 1, sender, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
 });
-const mail = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap(o, path(from)), sender: path(from), params: [] });
-const rcpt = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap(o, path(from)), recipient: path('bob@example.net'), params: [] });
+const mail = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap(o, pathOf(from)), sender: pathOf(from), params: [] });
+const rcpt = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap(o, pathOf(from)), recipient: pathOf('bob@example.net'), params: [] });
 const quit = (o: Sess = {}): SessionEvent => ({ stage: 'quit', session: snap(o, null), reason: 'QUIT' });
 
 /** What the runner does at a stage: start the rule's work, then ask for its verdict. */
