@@ -27,6 +27,7 @@ import { reply } from '../protocol/reply.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { SessionEvent, Stage } from './events.js';
 import type { Finding, ReplySpec, Rule } from './rule.js';
+import { inScope, inSessionScope, type RuleScope } from './scope.js';
 import { applyAction, combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
 
 /** A rule with the settings of its rule file. */
@@ -40,6 +41,8 @@ export interface LoadedRule {
   readonly reply?: ReplySpec;
   /** Source file, for logs. */
   readonly file: string;
+  /** Where the rule applies (rule file `scope:`); absent: everywhere. */
+  readonly scope?: RuleScope;
 }
 
 export interface RunnerHooks {
@@ -64,8 +67,12 @@ export function evaluate(
 ): StageVerdict | Promise<StageVerdict> {
   const accepted = event.session.acceptedBy;
   // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
+  // A rule out of scope is not asked (scope.ts); one that only starts work here needs the part
+  // of its scope the session already tells.
   const applicable = rules.filter(
-    (r) => (r.rule.stages.includes(event.stage) || r.rule.starts?.includes(event.stage)) && !(accepted && r.rule.bypassable && event.stage !== 'quit'),
+    (r) =>
+      ((r.rule.stages.includes(event.stage) && inScope(r.scope, event)) || (r.rule.starts?.includes(event.stage) && inSessionScope(r.scope, event))) &&
+      !(accepted && r.rule.bypassable && event.stage !== 'quit'),
   );
   if (applicable.length === 0) return EMPTY_VERDICT;
   const v = evaluateRules(applicable, event, hooks);
@@ -131,7 +138,7 @@ function runTier(tier: readonly LoadedRule[], event: SessionEvent, hooks: Runner
   const rules: LoadedRule[] = [];
   const called: Called[] = [];
   for (const lr of tier) {
-    if (!lr.rule.stages.includes(stage)) continue;
+    if (!lr.rule.stages.includes(stage) || !inScope(lr.scope, event)) continue;
     let c: Called;
     try {
       c = { ok: true, value: lr.rule.check(event) };

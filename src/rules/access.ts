@@ -6,7 +6,7 @@
  * Settings (each list optional; a stage runs only when its list is given):
  *   clients:    [{ allow|deny: CIDR or [CIDR…], reply?: "5xx x.y.z text" }]
  *   helo:       [{ allow|deny: name, *.suffix or […], reply? }]
- *   senders:    [{ allow|deny: address pattern or […], reply? }]   (patterns: rules/match.ts)
+ *   senders:    [{ allow|deny: address pattern or […], reply? }]   (patterns: protocol/match.ts)
  *   recipients: [{ allow|deny: address pattern or […], reply? }]
  * Findings: deny → reject (the entry's reply, else the stage's default "Access denied");
  *   allow → accept (an allowlist: other rules' bypassable refusals are cancelled; a client or
@@ -20,7 +20,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr, type Cidr } from '../net/ip.js';
 import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { SessionEvent, Stage } from '../pipeline/events.js';
-import { matchAddress, matchHost, parseAddressPattern, type AddressPattern } from './match.js';
+import { matchAddress, matchHost, parseAddressPattern, type AddressPattern } from '../protocol/match.js';
 import { cidrList, replyTemplate } from './shared.js';
 
 const oneOrMany = z.union([z.string().min(1), z.array(z.string().min(1)).min(1)]).transform((v) => (Array.isArray(v) ? v : [v]));

@@ -18,7 +18,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseAddress, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { DomainList } from './match.js';
+import { DomainList } from '../protocol/match.js';
 import { cidrList, clientKey, domainList } from './shared.js';
 
 const settings = z.strictObject({

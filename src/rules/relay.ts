@@ -34,7 +34,7 @@ import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
-import { DomainList } from './match.js';
+import { DomainList } from '../protocol/match.js';
 import { cidrList, domainList, echo, fillReply, replyTemplate } from './shared.js';
 
 export const DEFAULT_RELAY_REPLY = '554 5.7.1 <{address}>: Relay access denied';

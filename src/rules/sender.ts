@@ -17,7 +17,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
-import { DomainList } from './match.js';
+import { DomainList } from '../protocol/match.js';
 import { cidrList, domainList, fillReply, replyTemplate } from './shared.js';
 
 

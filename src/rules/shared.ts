@@ -7,7 +7,7 @@ import ipaddr from 'ipaddr.js';
 import { z } from 'zod';
 import { parseCidr, type ClientAddress } from '../net/ip.js';
 import { parseReplySpec, type ReplySpec } from '../pipeline/rule.js';
-import { isDomainPattern } from './match.js';
+import { isDomainPattern } from '../protocol/match.js';
 
 /** A list of addresses / CIDRs (IPv4 and IPv6), each checked with ipaddr.js. */
 export const cidrList = z.array(z.string()).superRefine((list, ctx) => {

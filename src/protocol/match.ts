@@ -1,12 +1,12 @@
 /**
- * match.ts — patterns shared by rules that list hosts and addresses (access, later relay).
+ * match.ts — host, domain and address patterns: rules that list them, site policy and rule scopes.
  *
  * Address patterns: `user@example.com` (that address), `example.com` or `@example.com` (that
  * domain), `*.example.com` (any subdomain, not the domain itself), `user@` (that local part at
  * any domain), `<>` (the null sender). Host patterns: `name.example` or `*.example`. Matching
  * is case-insensitive and ignores one trailing dot.
  */
-import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
+import { normaliseDomain, type ParsedPath } from './address.js';
 
 export type AddressPattern =
   | { kind: 'null' }
