@@ -8,7 +8,8 @@
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
 import { loadRuleSet } from './config/rules.js';
-import { DoormanError } from './errors.js';
+import { listenerRefs } from './config/schema.js';
+import { DoormanError, formatProblem } from './errors.js';
 import cluster from 'node:cluster';
 import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
@@ -70,7 +71,11 @@ export async function main(argv: string[]): Promise<number | undefined> {
       loadSecureContext(loaded);
       // check builds the rules to validate them, but starts nothing (no self-tests run).
       const quiet = { warn: () => undefined, info: () => undefined };
-      const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, createMetrics({ version: VERSION, defaults: false }), quiet), checkOnly: true }, RULE_TYPES);
+      const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, createMetrics({ version: VERSION, defaults: false }), quiet), checkOnly: true }, RULE_TYPES, {
+        listeners: listenerRefs(loaded.config),
+      });
+      // Still working, but to be changed: old keys, rule lists that contradict rules/site.yaml.
+      for (const w of set.warnings) process.stderr.write(`warning: ${formatProblem(w)}\n`);
       process.stdout.write(
         `ok: ${loaded.file ?? 'defaults + environment'}; ${set.rules.length} rule(s) from ${loaded.config.rules.dir}: ${set.rules.map((r) => `${r.rule.name} (${r.rule.type}, ${r.action})`).join(', ') || 'none'}\n`,
       );

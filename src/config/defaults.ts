@@ -152,3 +152,16 @@ export const RULE_DEFAULTS = {
 export const DEFAULT_LISTEN = '127.0.0.1:2525';
 export const DEFAULT_RULES_DIR = 'rules';
 export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9725';
+
+/** rules/site.yaml when the file or a key is missing (docs/rules.md#site). */
+export const SITE_DEFAULTS = {
+  /** Domains we receive mail for: none until you say (only relay clients can send anywhere). */
+  localDomains: [] as string[],
+  /** Clients with relay rights: this host only. */
+  relayNetworks: ['127.0.0.0/8', '::1'],
+  /** Clients not checked for forged local senders nor SPF (backup MX, forwarders): none. */
+  trustedNetworks: [] as string[],
+};
+
+/** The site policy's file name in the rules folder: not a rule file. */
+export const SITE_FILE = 'site.yaml';

@@ -147,6 +147,11 @@ export const configSchema = z.strictObject({
 });
 
 export type Config = z.output<typeof configSchema>;
+
+/** A listener's name in logs, metrics and rule scopes: `name`, or role@address (as listener.ts names it). */
+export function listenerRefs(config: Config): { name: string; role: string }[] {
+  return config.listen.map((l) => ({ name: l.name ?? `${l.role}@${l.address}`, role: l.role }));
+}
 export type ListenerConfig = z.output<typeof listenerSchema>;
 export type Limits = Config['limits'];
 

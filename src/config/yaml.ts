@@ -33,6 +33,18 @@ export function validateYaml<S extends z.ZodType>(text: string, file: string, sc
   return { ok: false, problems };
 }
 
+/**
+ * The line of the node at `path` in a YAML text (a key's value; with `key`, the key itself), or
+ * of the deepest node on the way that exists; null for a text that does not parse.
+ */
+export function lineOf(text: string, path: readonly (string | number)[], key = false): number | null {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false });
+  if (doc.errors.length) return null;
+  const node = nodeAt(doc.contents as Node | null, path, key);
+  return node?.range ? lineCounter.linePos(node.range[0]).line : null;
+}
+
 /** The deepest node on `path` that exists (for an unknown key, its parent map). */
 function nodeAt(root: Node | null, path: readonly (string | number)[], wantKey = false): Node | null {
   let node: Node | null = root;

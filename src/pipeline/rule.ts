@@ -12,6 +12,7 @@ import type { Metrics } from '../metrics/registry.js';
 import type { DnsResolver } from '../net/dns.js';
 import type { Store } from '../store/store.js';
 import type { SessionEvent, Stage } from './events.js';
+import type { SitePolicy } from './site.js';
 
 /** A reply a rule suggests; code and enhanced code must agree in class (5xx ↔ 5.x.x). */
 export interface ReplySpec {
@@ -85,6 +86,16 @@ export interface RuleDeps {
   readonly now: () => number;
   /** `doorman check`: build and validate only; start no timers or lookups. */
   readonly checkOnly?: boolean;
+  /**
+   * What is ours (rules/site.yaml): local domains, relay and trusted networks. Always set by the
+   * rule loader; absent (a rule's unit test) means NO_SITE (pipeline/site.ts).
+   */
+  readonly site?: SitePolicy;
+  /**
+   * The rule file's `onError`, for a rule that counts its own failures before it throws them to
+   * the runner (a store failure: doorman_store_fail_open_total or _closed_total). Default pass.
+   */
+  readonly onError?: 'pass' | 'tempfail';
 }
 
 /** A rule type: its settings schema and a constructor. */
@@ -93,6 +104,13 @@ export interface RuleType<S extends z.ZodType = z.ZodType> {
   readonly description: string;
   readonly settings: S;
   create(name: string, settings: z.output<S>, deps: RuleDeps): Rule;
+  /**
+   * Settings keys that narrow a list of rules/site.yaml for this rule only (absent: the site's
+   * list). The loader warns when such a key widens the site's list, or when there is no site.yaml.
+   */
+  readonly siteKeys?: readonly ('localDomains' | 'relayNetworks' | 'trustedNetworks')[];
+  /** Settings keys kept for old rule files → what to write instead (warned with file:line). */
+  readonly deprecated?: Readonly<Record<string, string>>;
 }
 
 export function defineRuleType<S extends z.ZodType>(t: RuleType<S>): RuleType<S> {

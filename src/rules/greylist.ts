@@ -11,8 +11,9 @@
  * Never greylisted: clients in `allowClients` (CIDRs), senders in `allowSenderDomains`
  * (domain or *.domain), authenticated sessions (`skipAuthenticated`), and — the rule is
  * bypassable — sessions an allowlist accepted (access allow, a DNSWL score).
- * Store failure: `failMode: open` (default) passes (doorman_store_fail_open_total); `closed`
- * answers 451 4.3.0. Metric: doorman_greylist_total{result}.
+ * Store failure: the rule's error (thrown to the runner), so the rule file's `onError` decides:
+ * pass (default; counted in doorman_store_fail_open_total) or tempfail, 451 4.3.0 (counted in
+ * doorman_store_fail_closed_total). Metric: doorman_greylist_total{result}.
  */
 import { z } from 'zod';
 import { inAnyCidr, parseAddress, parseCidr } from '../net/ip.js';
@@ -30,7 +31,6 @@ const settings = z.strictObject({
   allowClients: cidrList.default([]),
   allowSenderDomains: domainList.default([]),
   skipAuthenticated: z.boolean().default(true),
-  failMode: z.enum(['open', 'closed']).default('open'),
 });
 
 export const greylistRule = defineRuleType({
@@ -75,12 +75,8 @@ export const greylistRule = defineRuleType({
             reply: { code: 451, enhanced: '4.7.1', text: 'Greylisted, try again later' },
           };
         } catch (err) {
-          if (s.failMode === 'open') {
-            deps.metrics.failOpen.inc({ rule: name });
-            return PASS;
-          }
-          deps.metrics.failClosed.inc({ rule: name });
-          return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code: 451, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
+          (deps.onError === 'tempfail' ? deps.metrics.failClosed : deps.metrics.failOpen).inc({ rule: name });
+          throw new Error(`store unavailable: ${(err as Error).message}`, { cause: err });
         }
       },
       admin(args) {

@@ -24,9 +24,10 @@
  * refused event costs nothing: neither one this rule refuses nor one another rule of the stage
  * refuses (greylisted, a DNSBL listing) — its tokens are refunded (Rule.refused). Replies are 4xx
  * only (never 5xx) and name no internal detail.
- * Store failure: `failMode: open` (default) passes and counts doorman_store_fail_open_total;
- * `closed` answers 451 4.3.0 (421 at connect). Checks never wait longer than the store's command
- * timeout. A concurrency slot is given back when the session ends, also one the store granted
+ * Store failure: the rule's error (thrown to the runner), so the rule file's `onError` decides:
+ * pass (default; counted in doorman_store_fail_open_total) or tempfail, 451 4.3.0 (421 at
+ * connect; counted in doorman_store_fail_closed_total). Checks never wait longer than the store's
+ * command timeout. A concurrency slot is given back when the session ends, also one the store granted
  * after the rule's deadline or after the client left (SessionSnapshot.ended).
  * Bypassable: allowlisted sessions are not limited.
  * Metrics: doorman_ratelimit_exceeded_total{rule,limit}, doorman_rejections_total.
@@ -57,7 +58,6 @@ const settings = z.strictObject({
   limits: z.array(limitSchema).min(1),
   ipv6Prefix: z.number().int().min(1).max(128).default(64),
   ipv4Prefix: z.number().int().min(1).max(32).default(32),
-  failMode: z.enum(['open', 'closed']).default('open'),
   /** Concurrency slots expire after this many ms unless the session refreshes them (at MAIL). */
   slotLifetime: z.number().int().positive().default(900_000),
 });
@@ -141,14 +141,10 @@ export const ratelimitRule = defineRuleType({
       deps.metrics.rateLimited.inc({ rule: name, limit: l.name });
       return { kind: 'tempfail', reason: `${l.name} exceeded`, reply: OVER[stage] };
     };
-    const storeDown = (err: unknown, stage: Counted): Finding => {
-      if (s.failMode === 'open') {
-        deps.metrics.failOpen.inc({ rule: name });
-        return PASS;
-      }
-      deps.metrics.failClosed.inc({ rule: name });
-      const code = stage === 'connect' ? 421 : stage === 'auth' ? 454 : 451;
-      return { kind: 'tempfail', reason: `store unavailable: ${(err as Error).message}`, reply: { code, enhanced: '4.3.0', text: 'Temporary failure, try again later' } };
+    /** A store failure is the rule's error: counted here (once per check), decided by onError. */
+    const storeDown = (err: unknown): never => {
+      (deps.onError === 'tempfail' ? deps.metrics.failClosed : deps.metrics.failOpen).inc({ rule: name });
+      throw new Error(`store unavailable: ${(err as Error).message}`, { cause: err });
     };
     const op = (o: string) => deps.metrics.storeOps.inc({ op: o, store: deps.store.kind });
 
@@ -228,6 +224,7 @@ export const ratelimitRule = defineRuleType({
     const charge = async (ev: SessionEvent, due: readonly { l: LimitCfg; key: string }[], stage: Counted): Promise<Finding> => {
       const { id, transaction, ended } = ev.session;
       const record: Spent = { refunded: false, charges: [] };
+      const failures: unknown[] = [];
       spent.set(ev, record);
       if (stage === 'auth' && !ended.aborted) authAttempt.set(id, record);
       const outcomes = await Promise.all(
@@ -252,11 +249,16 @@ export const ratelimitRule = defineRuleType({
             }
             return PASS;
           } catch (err) {
-            return storeDown(err, stage);
+            failures.push(err);
+            return PASS;
           }
         }),
       );
-      return outcomes.find((f) => f.kind !== 'pass') ?? PASS;
+      // A limit the store says is reached refuses; else a store failure is the rule's error.
+      const refusal = outcomes.find((f) => f.kind !== 'pass');
+      if (refusal) return refusal;
+      if (failures.length) storeDown(failures[0]);
+      return PASS;
     };
     /** One token given back (atomically in the store), and the transaction's charge forgotten. */
     const refund = (ev: SessionEvent, l: LimitCfg, key: string): void => {

@@ -2,7 +2,9 @@
  * relay — open-relay prevention (Postfix reject_unauth_destination + allow_untrusted_routing=no).
  *
  * Relay rights: the client is in `relayNetworks`, or authenticated at the backend (AUTH 235) when
- * `authenticatedMayRelay`. Clients with relay rights are not checked further.
+ * `authenticatedMayRelay`. Clients with relay rights are not checked further. `localDomains` and
+ * `relayNetworks` are rules/site.yaml's (RuleDeps.site) unless the rule file narrows them; the
+ * site's `trustedNetworks` get no relay rights.
  * Detects, for clients without relay rights:
  *   stage mail  auth_required   the listener's role is in `requireAuthOn` (default submission,
  *                               smtps) and the client is not authenticated → 530 5.7.0
@@ -21,7 +23,7 @@
  *                              without relay rights, for a node not in `etrnDomains`
  *                              → 554 5.7.1 <node>: Etrn command rejected: Access denied (as
  *                              Postfix's smtpd_etrn_restrictions answer)
- * Settings: localDomains ([]), relayNetworks ([]), authenticatedMayRelay (true),
+ * Settings: localDomains, relayNetworks (absent: rules/site.yaml's), authenticatedMayRelay (true),
  *   requireAuthOn ([submission, smtps]), nullSenderMaxRecipients (null: no limit),
  *   relayReply ("554 5.7.1 <{address}>: Relay access denied"; {address} is replaced),
  *   etrnDomains ([]: domains whose queue anyone may ask for with ETRN).
@@ -30,7 +32,8 @@
  * Errors: none expected (pure matching); onError applies regardless.
  */
 import { z } from 'zod';
-import { inAnyCidr, parseCidr } from '../net/ip.js';
+import { inAnyCidr, parseCidr, type Cidr } from '../net/ip.js';
+import { NO_SITE } from '../pipeline/site.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
@@ -41,8 +44,9 @@ export const DEFAULT_RELAY_REPLY = '554 5.7.1 <{address}>: Relay access denied';
 
 
 const settings = z.strictObject({
-  localDomains: domainList.default([]),
-  relayNetworks: cidrList.default([]),
+  /** Absent: rules/site.yaml's; present: this rule's own (narrower) list. */
+  localDomains: domainList.optional(),
+  relayNetworks: cidrList.optional(),
   authenticatedMayRelay: z.boolean().default(true),
   requireAuthOn: z.array(z.enum(['smtp', 'submission', 'smtps'])).default(['submission', 'smtps']),
   nullSenderMaxRecipients: z.number().int().positive().nullable().default(null),
@@ -62,7 +66,7 @@ export function routingTrick(p: ParsedPath, local: DomainList): string | null {
   return null;
 }
 
-export function hasRelayRights(s: SessionSnapshot, networks: ReturnType<typeof parseCidr>[], authMayRelay: boolean): boolean {
+export function hasRelayRights(s: SessionSnapshot, networks: readonly Cidr[], authMayRelay: boolean): boolean {
   return inAnyCidr(s.client, networks) || (authMayRelay && s.auth !== null);
 }
 
@@ -70,9 +74,11 @@ export const relayRule = defineRuleType({
   type: 'relay',
   description: 'Open-relay prevention: local domains, relay networks, AUTH, routing tricks',
   settings,
-  create(name, s) {
-    const local = new DomainList(s.localDomains);
-    const networks = s.relayNetworks.map(parseCidr);
+  siteKeys: ['localDomains', 'relayNetworks'],
+  create(name, s, deps) {
+    const site = deps.site ?? NO_SITE;
+    const local = s.localDomains ? new DomainList(s.localDomains) : site.localDomains;
+    const networks = s.relayNetworks ? s.relayNetworks.map(parseCidr) : site.relayNetworks;
     const etrnDomains = new DomainList(s.etrnDomains);
     return {
       name,

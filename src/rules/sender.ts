@@ -4,17 +4,21 @@
  *
  * Detects at stage mail (the null sender `<>` is never forged):
  *   not_owned      a sender in `localDomains` from a client neither in `relayNetworks` nor
- *                  authenticated → 553 5.7.1 <addr>: Sender address rejected: not owned by you
+ *                  authenticated (nor in the site's `trustedNetworks`: a backup MX or forwarder
+ *                  passes on mail from our domains it did not originate)
+ *                  → 553 5.7.1 <addr>: Sender address rejected: not owned by you
  *   login_mismatch an authenticated client using a sender that `senderLogins` gives to other
  *                  logins (or, with `requireOwnedSender`, one it gives to nobody)
  *                  → 553 5.7.1 <addr>: Sender address rejected: not owned by user <login>
- * Settings: localDomains ([]), relayNetworks ([]), senderLogins ({} — address, @domain or domain
+ * Settings: localDomains, relayNetworks (absent: rules/site.yaml's; present: this rule's own),
+ *   senderLogins ({} — address, @domain or domain
  *   → logins that own it), requireOwnedSender (false), notOwnedReply, mismatchReply ({address},
  *   {login} are replaced).
  * Not bypassable. Metrics: doorman_rejections_total{rule}. Errors: none expected.
  */
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
+import { NO_SITE } from '../pipeline/site.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from '../protocol/match.js';
@@ -22,8 +26,9 @@ import { cidrList, domainList, fillReply, replyTemplate } from './shared.js';
 
 
 const settings = z.strictObject({
-  localDomains: domainList.default([]),
-  relayNetworks: cidrList.default([]),
+  /** Absent: rules/site.yaml's; present: this rule's own (narrower) list. */
+  localDomains: domainList.optional(),
+  relayNetworks: cidrList.optional(),
   senderLogins: z.record(z.string(), z.union([z.string(), z.array(z.string())])).default({}),
   requireOwnedSender: z.boolean().default(false),
   notOwnedReply: replyTemplate.default('553 5.7.1 <{address}>: Sender address rejected: not owned by you'),
@@ -34,9 +39,11 @@ export const senderRule = defineRuleType({
   type: 'sender',
   description: 'Forged senders: local-domain senders from outside, sender/login mismatch',
   settings,
-  create(name, s) {
-    const local = new DomainList(s.localDomains);
-    const networks = s.relayNetworks.map(parseCidr);
+  siteKeys: ['localDomains', 'relayNetworks'],
+  create(name, s, deps) {
+    const site = deps.site ?? NO_SITE;
+    const local = s.localDomains ? new DomainList(s.localDomains) : site.localDomains;
+    const networks = s.relayNetworks ? s.relayNetworks.map(parseCidr) : site.relayNetworks;
     const owners = new Map<string, string[]>();
     for (const [k, v] of Object.entries(s.senderLogins)) {
       // One trailing dot is ignored, as everywhere a domain is matched (match.ts).
@@ -59,7 +66,7 @@ export const senderRule = defineRuleType({
           if (found ? found.includes(login) : !s.requireOwnedSender) return PASS;
           return { kind: 'reject', reason: 'login_mismatch', reply: fillReply(s.mismatchReply, { address: p.raw, login: auth.login ?? '' }) };
         }
-        if (inAnyCidr(ev.session.client, networks)) return PASS;
+        if (inAnyCidr(ev.session.client, networks) || inAnyCidr(ev.session.client, site.trustedNetworks)) return PASS;
         if (p.domain && local.has(p.domain)) return { kind: 'reject', reason: 'not_owned', reply: fillReply(s.notOwnedReply, { address: p.raw }) };
         return PASS;
       },

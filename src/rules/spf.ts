@@ -14,8 +14,11 @@
  *   neutral, none, pass → pass
  *   temperror → tempfail 451 4.7.24 <addr>: SPF temporary error, try again later
  *   permerror → pass     (or reject: 550 5.7.24 <addr>: SPF permanent error)
- * Settings: results, stage (mail), checkHelo (true), skipAuthenticated (true), skipNetworks ([] CIDRs: relay
- *   networks and other trusted clients), maxLookups (10) and maxVoidLookups (2) (RFC 7208 §4.6.4).
+ * Not evaluated for clients in rules/site.yaml's `trustedNetworks` (a backup MX or forwarder is
+ * not in the senders' SPF records). Which other clients are checked is the rule file's `scope`
+ * (shipped: `clients: ["!relayNetworks"]`).
+ * Settings: results, stage (mail), checkHelo (true), skipAuthenticated (true), maxLookups (10)
+ *   and maxVoidLookups (2) (RFC 7208 §4.6.4); skipNetworks (deprecated: a scope's negated clients).
  * Bypassable (allowlisted clients are not checked). Metrics: doorman_rule_evaluations_total,
  * doorman_rejections_total; the SPF comment is in the session log. DNS failures become
  * temperror (never a crash); a rule timeout gets onError (set the rule's timeout above
@@ -24,6 +27,7 @@
 import { spf } from 'mailauth';
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
+import { NO_SITE } from '../pipeline/site.js';
 import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { EventOf, SessionEvent } from '../pipeline/events.js';
 import { cidrList, echo, isHostName } from './shared.js';
@@ -46,6 +50,7 @@ const settings = z.strictObject({
   stage: z.enum(['mail', 'rcpt']).default('mail'),
   checkHelo: z.boolean().default(true),
   skipAuthenticated: z.boolean().default(true),
+  /** Deprecated: `scope: { clients: ["!…"] }` says it for every rule. Still honoured. */
   skipNetworks: cidrList.default([]),
   maxLookups: z.number().int().min(1).max(50).default(10),
   maxVoidLookups: z.number().int().min(0).max(20).default(2),
@@ -64,8 +69,11 @@ export const spfRule = defineRuleType({
   type: 'spf',
   description: 'SPF (RFC 7208) for the HELO and MAIL FROM identities',
   settings,
+  deprecated: {
+    skipNetworks: 'write scope: { clients: ["!relayNetworks", "!<cidr>"…] } (top level; relayNetworks / trustedNetworks from rules/site.yaml) and remove skipNetworks',
+  },
   create(name, s, deps) {
-    const skip = s.skipNetworks.map(parseCidr);
+    const skip = [...s.skipNetworks.map(parseCidr), ...(deps.site ?? NO_SITE).trustedNetworks];
     const resolver = (domain: string, rrtype: string) => deps.resolver.resolve(domain, rrtype);
     const evaluateIdentity = async (sender: string | undefined, ip: string, helo: string | undefined) => {
       const r = await spf({

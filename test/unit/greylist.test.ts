@@ -2,7 +2,7 @@
  * The greylist rule (RFC 6647) with the real MemoryStore on a virtual clock: a new triplet is
  * greylisted, a retry after `delay` and within `retryWindow` passes, the pass lasts `passLifetime`,
  * client networks are masked, allowlists and authenticated sessions skip it, store failures follow
- * `failMode`.
+ * the store failures the runner handles by the file's `onError`.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -34,10 +34,10 @@ const rcpt = (to: string, o: Opts = {}): SessionEvent => {
   return { stage: 'rcpt', session, recipient: pathOf(to), params: [] };
 };
 
-function setup(settings: Record<string, unknown> = {}, store?: Store) {
+function setup(settings: Record<string, unknown> = {}, store?: Store, onError?: 'pass' | 'tempfail') {
   const c = clock();
   const st = store ?? new MemoryStore(c.now);
-  const d = deps(st, c.now);
+  const d = { ...deps(st, c.now), ...(onError ? { onError } : {}) };
   const rule = greylistRule.create('grey', greylistRule.settings.parse(settings), d);
   const check = (ev: SessionEvent) => rule.check(ev) as Promise<Finding>;
   return { c, rule, check, metrics: d.metrics };
@@ -159,15 +159,15 @@ test('non-rcpt events pass', async () => {
 
 const broken: Store = Object.assign(new MemoryStore(), { greylist: () => Promise.reject(new Error('redis down')) });
 
-test('store failure: failMode open passes and counts; closed answers 451 4.3.0', async () => {
+test('store failure is the rule\'s error (the runner applies onError), counted open or closed by onError', async () => {
   const open = setup({}, broken);
-  assert.equal((await open.check(rcpt('bob@example.net'))).kind, 'pass');
+  await assert.rejects(open.check(rcpt('bob@example.net')), /store unavailable: redis down/);
   assert.equal((await open.metrics.failOpen.get()).values.find((v) => v.labels.rule === 'grey')?.value, 1);
-  const closed = setup({ failMode: 'closed' }, broken);
-  assert.deepEqual(await closed.check(rcpt('bob@example.net')), {
-    kind: 'tempfail', reason: 'store unavailable: redis down', reply: { code: 451, enhanced: '4.3.0', text: 'Temporary failure, try again later' },
-  });
+  const closed = setup({}, broken, 'tempfail');
+  await assert.rejects(closed.check(rcpt('bob@example.net')), /store unavailable: redis down/);
   assert.equal((await closed.metrics.failClosed.get()).values.find((v) => v.labels.rule === 'grey')?.value, 1);
+  assert.equal((await closed.metrics.failOpen.get()).values.find((v) => v.labels.rule === 'grey')?.value, 0);
+  assert.throws(() => greylistRule.settings.parse({ failMode: 'open' }), /failMode/, 'failMode is read by the loader, not the rule');
 });
 
 test('admin names the triplet key of the masked network, lower-cased', () => {

@@ -133,7 +133,7 @@ test('etrn_denied: ETRN without relay rights for a node not in etrnDomains → 5
 
 test('settings: defaults and validation', () => {
   assert.deepEqual(relayRule.settings.parse({}), {
-    localDomains: [], relayNetworks: [], authenticatedMayRelay: true, requireAuthOn: ['submission', 'smtps'],
+    authenticatedMayRelay: true, requireAuthOn: ['submission', 'smtps'],
     nullSenderMaxRecipients: null, relayReply: '554 5.7.1 <{address}>: Relay access denied', etrnDomains: [],
   });
   assert.equal(relayRule.settings.safeParse({ localDomains: ['bad domain'] }).success, false);

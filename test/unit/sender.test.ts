@@ -87,7 +87,7 @@ test('notOwnedReply and mismatchReply templates: {address} and {login} filled an
 test('settings: defaults and validation', () => {
   const d = senderRule.settings.parse({});
   assert.deepEqual(d, {
-    localDomains: [], relayNetworks: [], senderLogins: {}, requireOwnedSender: false,
+    senderLogins: {}, requireOwnedSender: false,
     notOwnedReply: '553 5.7.1 <{address}>: Sender address rejected: not owned by you',
     mismatchReply: '553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}',
   });
