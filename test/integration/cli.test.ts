@@ -43,6 +43,7 @@ test('doorman --help lists the commands and every environment variable', async (
 test('doorman check accepts the shipped rules/ folder', async () => {
   const r = await run(['check', '--rules', path.join(ROOT, 'rules')]);
   assert.equal(r.code, 0, r.err);
+  assert.equal(r.err, '', 'the shipped files use nothing that warns');
   assert.match(r.out, /^ok: .*access \(access, enforce\).*helo \(helo, dry-run\)/);
 });
 
@@ -61,6 +62,32 @@ test('doorman check names file, line and key for every problem, and exits 1', as
   assert.match(r.err, /b\.yaml:1: rule: .*expected one of "access"\|"helo"/);
   assert.match(r.err, /c\.yaml:2: action: /);
   assert.match(r.err, /d\.yaml:\d+: /);
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('doorman check warns (exit 0) about rule lists that contradict site.yaml and old keys, with file:line and where to move them', async () => {
+  const dir = tmpdir({
+    'site.yaml': 'localDomains: [example.com]\n',
+    'relay.yaml': 'rule: relay\nsettings:\n  localDomains: [example.com, example.net]\n',
+    'spf.yaml': 'rule: spf\nsettings:\n  skipNetworks: [10.0.0.0/8]\n',
+    'greylist.yaml': 'rule: greylist\nsettings:\n  failMode: closed\n',
+    'helo.yaml': 'rule: helo\nscope:\n  recipientDomains: [example.com]\n',
+  });
+  const r = await run(['check', '--rules', dir]);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /^ok: /);
+  assert.match(r.err, /warning: .*relay\.yaml:3: settings\.localDomains: example\.net not in localDomains of .*site\.yaml: add it there/);
+  assert.match(r.err, /warning: .*spf\.yaml:3: settings\.skipNetworks: deprecated \(still used\): write scope: \{ clients: \["!relayNetworks"/);
+  assert.match(r.err, /warning: .*greylist\.yaml:3: settings\.failMode: failMode is replaced by the rule file's onError: remove it and write onError: tempfail/);
+  assert.match(r.err, /warning: .*helo\.yaml:3: scope\.recipientDomains: .*never applies/);
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('doorman check refuses a scope naming a listener that is not configured, and names the ones that are', async () => {
+  const dir = tmpdir({ 'dnsbl.yaml': 'rule: dnsbl\nscope:\n  listeners: [mx25]\nsettings:\n  zones: [{ zone: bl.test }]\n' });
+  const r = await run(['check', '--rules', dir], { DOORMAN_LISTEN: 'smtp://127.0.0.1:25,submission://127.0.0.1:587' });
+  assert.equal(r.code, 1);
+  assert.match(r.err, /dnsbl\.yaml:3: scope\.listeners\.0: no listener role or name "mx25": roles are smtp, submission, smtps; the listeners configured are smtp@127\.0\.0\.1:25 \(smtp\), submission@127\.0\.0\.1:587 \(submission\)/);
   fs.rmSync(dir, { recursive: true });
 });
 

@@ -1,8 +1,8 @@
 /**
  * Rate and concurrency limits end to end with a real redis-server shared by two doorman
  * instances: a limit holds across both; replies are 4xx and name no internal detail; killing
- * Redis never blocks or crashes mail in fail-open mode (logged once per outage) and gives 4xx in
- * fail-closed mode; limits come back when Redis does; `doorman limits show|reset` works; the
+ * Redis never blocks or crashes mail with onError: pass (fail open) (logged once per outage) and gives 4xx in
+ * onError: tempfail (fail closed); limits come back when Redis does; `doorman limits show|reset` works; the
  * in-memory default applies the same limits to a single instance.
  */
 import { test, before, after } from 'node:test';
@@ -24,8 +24,8 @@ let a: Doorman;
 let b: Doorman;
 
 const LIMITS = `rule: ratelimit
+onError: pass
 settings:
-  failMode: open
   limits:
     - name: conn-rate
       count: connections
@@ -138,7 +138,7 @@ test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 
   const closed = await startDoorman({
     backendPort: fb.port,
     env: { DOORMAN_REDIS_URL: redis.url },
-    rules: { 'ratelimit.yaml': LIMITS.replace('failMode: open', 'failMode: closed') },
+    rules: { 'ratelimit.yaml': LIMITS.replace('onError: pass', 'onError: tempfail') },
   });
   try {
     await redis.kill();
@@ -161,6 +161,8 @@ test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 
     assert.equal(g.code, 421);
     assert.equal(g.text, '4.3.0 Temporary failure, try again later');
     g.c.close();
+    assert.ok((await closed.metric('doorman_store_fail_closed_total', { rule: 'ratelimit' })) >= 1);
+    assert.equal(await closed.metric('doorman_store_fail_open_total', { rule: 'ratelimit' }), 0);
 
     await redis.restart();
     await eventually(async () => (await a.metric('doorman_redis_up')) === 1, 10_000);
