@@ -134,7 +134,7 @@ export function createStore(loaded: LoadedConfig, metrics: Metrics, log: RuleDep
       metrics.redisUp.set(up ? 1 : 0);
       // Once per outage, and once when it is over.
       if (up) log.info({}, 'redis reachable again');
-      else log.warn({ err: err?.message }, 'redis unreachable; rules use their fail mode until it is back');
+      else log.warn({ err: err?.message }, 'redis unreachable; rules use their onError until it is back');
     },
   });
 }
@@ -194,7 +194,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   }
   const store = createStore(loaded, metrics, log);
   // Give Redis a moment to connect so the first sessions see it; if it is down, rules fail over.
-  if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their fail mode until it is');
+  if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their onError until it is');
   const deps = ruleDeps(loaded, metrics, log, store);
   const pool = createBackendPool(loaded, deps.resolver, metrics, log);
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps, RULE_TYPES, { listeners: listenerRefs(config) });

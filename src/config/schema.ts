@@ -87,7 +87,7 @@ export const configSchema = z.strictObject({
       sentinelName: z.string().default('mymaster'),
       /** Key prefix, so several deployments can share a Redis. */
       prefix: z.string().default('doorman:'),
-      /** Per-command deadline, ms: a slow Redis fails fast into the rule's fail mode. */
+      /** Per-command deadline, ms: a slow Redis fails fast into the rule's onError. */
       commandTimeout: positive.default(REDIS_DEFAULTS.commandTimeout),
     })
     .prefault({}),

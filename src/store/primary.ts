@@ -12,7 +12,7 @@
  * Each call is one IPC round trip (about 75 µs here, measured for the connection slots in
  * bench/listener-limits.ts). A call the primary does not answer within the deadline the worker
  * is given (main.ts: `redis.commandTimeout`, as for a Redis command) rejects: the rules apply
- * their fail mode (open by default), never a crash.
+ * their rule file's onError (pass by default), never a crash.
  */
 import type { Cluster, Worker } from 'node:cluster';
 import { MemoryStore, type Store } from './store.js';
