@@ -30,7 +30,9 @@ let promDir: string;
 const RELAY_REFUSALS = 7;
 
 const RULES = {
-  '10-relay.yaml': 'rule: relay\nsettings:\n  localDomains: [example.com]\n',
+  // No relay networks: the test's clients on 127.0.0.x are outsiders (the default relays 127/8).
+  'site.yaml': 'localDomains: [example.com]\nrelayNetworks: []\n',
+  '10-relay.yaml': 'rule: relay\n',
   '20-dnsbl.yaml': 'rule: dnsbl\nsettings:\n  zones:\n    - zone: bl.test\n',
   '30-ratelimit.yaml': 'rule: ratelimit\nsettings:\n  limits:\n    - name: conn\n      count: connections\n      limit: 3\n      window: 60000\n',
   '40-greylist.yaml': 'rule: greylist\nsettings:\n  delay: 0\n',
