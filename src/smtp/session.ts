@@ -34,8 +34,11 @@ import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/
 import { addressOf, type ParsedPath } from '../protocol/address.js';
 import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
 import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
+import { initialLogin, parseAuth, relayAuth } from './auth.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
-import { describeReply, formatReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
+import { ReplyWriter, type Pending } from './reply-writer.js';
+import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog, type TxnLog } from './session-log.js';
+import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
   readonly name: string;
@@ -76,28 +79,6 @@ interface Transaction {
   acceptedBy?: string;
 }
 
-/** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
-interface TxnLog {
-  from: string;
-  /** Reply code to MAIL. */
-  mail: number;
-  rcpts: { to: string; code: number }[];
-  /** Recipients past MAX_LOGGED_RCPTS, counted only. */
-  moreRcpts?: number;
-  size?: number;
-  outcome?: 'accepted' | 'rejected' | 'tempfailed';
-  reply?: string;
-  queueId?: string;
-  rule?: string;
-}
-
-/** Bounds on one session's log line. */
-const MAX_LOGGED_TXNS = 50;
-const MAX_LOGGED_RCPTS = 100;
-/** Rule findings (other than pass) kept for the session log line; the rest are counted (moreRules). */
-const MAX_LOGGED_OUTCOMES = 100;
-/** Distinct tags kept per session and per transaction (each becomes an X-Doorman-Tag header); the rest are counted (moreTags). */
-const MAX_TAGS = 10;
 /** X-Doorman-Tag headers added to one message, at most. */
 const MAX_TAG_HEADERS = 20;
 /** Longest tag text in a header, octets. */
@@ -114,8 +95,6 @@ const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTET
  * between delivered messages, then 421 4.7.0.
  */
 const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
-
-type Pending = Reply | Promise<Reply>;
 
 /** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
 const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
@@ -145,7 +124,8 @@ export class Session {
   private readonly ended = new AbortController();
   private sessionTags: string[] = [];
   private refusedAtConnect = false;
-  private outq: Pending[] = [];
+  /** Every byte to the client: replies, queued or now, and output back-pressure. */
+  private readonly out: ReplyWriter;
   private pumping = false;
   private repump = false;
   /** Bytes received before the greeting (pregreet), and what they looked like. */
@@ -158,17 +138,12 @@ export class Session {
   private dataStarted = 0;
   /** Greeting sent: commands may be read. */
   private greeted = false;
-  /** A closing reply was written; the socket ends once it is flushed. */
-  private closing = false;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
-  private errors = 0;
   private unknown = 0;
   private commands = 0;
   /** Junk commands since the session started or last delivered a message. */
   private junk = 0;
-  /** The client does not read its replies: no command is executed until they drain. */
-  private clientCongested = false;
   /** The client half-closed: what it sent is still executed and answered, then the session ends. */
   private clientEnded = false;
   private caps: Capabilities = new Map();
@@ -176,9 +151,7 @@ export class Session {
   private droppedOutcomes = 0;
   /** Dry-run checks still running (not awaited): `quit` bookkeeping waits for them. */
   private readonly lateChecks = new Set<Promise<void>>();
-  private readonly txnLogs: TxnLog[] = [];
-  private droppedTxnLogs = 0;
-  private droppedTags = 0;
+  private readonly sessionLog: SessionLog;
   private endReason = 'closed';
   private data: DataState | null = null;
   private backendCongested = false;
@@ -204,6 +177,29 @@ export class Session {
       maxAuthLine: l.maxAuthLine,
       maxDataLine: l.maxDataLine,
       bareNewline: l.bareNewline,
+    });
+    this.sessionLog = new SessionLog(deps.log);
+    this.out = new ReplyWriter(socket, {
+      hostname: deps.hostname,
+      get maxErrors() {
+        return deps.limits.maxErrors;
+      },
+      get writeTimeout() {
+        return deps.limits.writeTimeout;
+      },
+      isClosed: () => this.closed,
+      close: () => this.close(this.endReason),
+      tooManyErrors: () => (this.endReason = 'too-many-errors'),
+      writeTimedOut: (unread) => {
+        this.violation('write_timeout');
+        this.deps.log.warn({ session: this.id, client: this.client.text, unread, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
+        this.endReason = 'write-timeout';
+        this.close('write-timeout');
+      },
+      drained: (s) => {
+        if (!this.backendCongested) s.resume();
+        this.pump();
+      },
     });
     this.done = new Promise((r) => (this.resolveDone = r));
     // Bytes that came with a PROXY header, before the greeting: pregreet like any other.
@@ -232,7 +228,7 @@ export class Session {
     }
     // postscreen-style teaser: "220-" now, the rest after greetDelay; early talkers are caught.
     const teaser = this.deps.limits.greetDelay > 0;
-    if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
+    if (teaser) this.out.sendContinued(R.greeting(this.deps.hostname));
     const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
     await teaserWait;
     if (this.closed) return;
@@ -410,33 +406,14 @@ export class Session {
     this.pump();
   }
 
-  /**
-   * Output is back-pressure like input: while the client has not read what was written
-   * (write() returned false, past the socket's high-water mark), its commands are neither read
-   * nor executed. On 'drain' the session goes on; a client that reads nothing within
-   * limits.writeTimeout is dropped (it would not read a 421 either).
-   */
-  private outputCongested(): boolean {
-    if (this.clientCongested) return true;
-    const s = this.socket;
-    if (!s.writableNeedDrain) return false;
-    this.clientCongested = true;
-    s.pause();
-    const timer = setTimeout(() => {
-      if (this.closed || this.socket !== s) return;
-      this.violation('write_timeout');
-      this.deps.log.warn({ session: this.id, client: this.client.text, unread: s.writableLength, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
-      this.endReason = 'write-timeout';
-      this.close('write-timeout');
-    }, this.deps.limits.writeTimeout);
-    timer.unref();
-    s.once('drain', () => {
-      clearTimeout(timer);
-      this.clientCongested = false;
-      if (!this.backendCongested) s.resume();
-      this.pump();
-    });
-    return true;
+  /** A closing reply was written; the socket ends once it is flushed. */
+  private get closing(): boolean {
+    return this.out.closing;
+  }
+
+  /** The client does not read its replies: no command is executed until they drain. */
+  private get clientCongested(): boolean {
+    return this.out.congestedNow;
   }
 
   private attach(socket: net.Socket): void {
@@ -519,51 +496,12 @@ export class Session {
 
   /** Writes a reply now (after anything queued is flushed by the caller). */
   private send(r: Reply): void {
-    if (this.closed || this.closing) return;
-    this.account(r);
-    this.socket.write(formatReply(r));
-    if (r.closes) this.closeAfterWrite();
-  }
-
-  /** Ends the socket once written; the session closes when it has finished (or 2 s later). */
-  private closeAfterWrite(): void {
-    this.closing = true;
-    this.outq = [];
-    this.socket.end();
-    const t = setTimeout(() => this.close(this.endReason), 2000);
-    t.unref();
-    this.socket.once('finish', () => this.close(this.endReason));
-  }
-
-  private account(r: Reply): void {
-    if (r.code >= 400) this.errors++;
+    this.out.send(r);
   }
 
   /** Waits for every queued reply, in order, and writes them in one go. */
-  private async flush(): Promise<void> {
-    while (this.outq.length) {
-      const batch = this.outq;
-      this.outq = [];
-      const out: (string | Buffer)[] = [];
-      let closes = false;
-      for (const p of batch) {
-        const r = p instanceof Promise ? await p : p;
-        out.push(formatReply(r));
-        this.account(r);
-        if (r.closes) {
-          closes = true;
-          break;
-        }
-      }
-      if (this.closed || this.closing) return;
-      if (!closes && this.errors > this.deps.limits.maxErrors) {
-        out.push(formatReply(R.tooManyErrors(this.deps.hostname)));
-        closes = true;
-        this.endReason = 'too-many-errors';
-      }
-      this.socket.write(out.length === 1 ? (out[0] as string | Buffer) : Buffer.concat(out.map((o) => (typeof o === 'string' ? Buffer.from(o, 'utf8') : o))));
-      if (closes) return this.closeAfterWrite();
-    }
+  private flush(): Promise<void> {
+    return this.out.flush();
   }
 
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
@@ -575,16 +513,12 @@ export class Session {
       return x;
     };
     // A reply known now is counted now (no Promise); a backend's reply when it comes.
-    this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
+    this.out.queue(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
-  /** Adds tags not yet in `list`, at most `max`; the rest are counted for the log. */
-  private addTags(list: string[], tags: readonly string[], max = MAX_TAGS): void {
-    for (const t of tags) {
-      if (list.includes(t)) continue;
-      if (list.length < max) list.push(t);
-      else this.droppedTags++;
-    }
+  /** Adds tags not yet in `list`, at most `max` (default MAX_TAGS); the rest are counted for the log. */
+  private addTags(list: string[], tags: readonly string[], max?: number): void {
+    this.sessionLog.addTags(list, tags, max);
   }
 
   /** Writes the message's X-Doorman-Tag headers (distinct, at most MAX_TAG_HEADERS) to the backend. */
@@ -595,13 +529,6 @@ export class Session {
     const headers = tagHeaders(tags);
     if (this.data) this.data.added += headers.length;
     this.writeBackend(headers);
-  }
-
-  private newTxnLog(from: string): TxnLog {
-    const log: TxnLog = { from, mail: 0, rcpts: [] };
-    if (this.txnLogs.length < MAX_LOGGED_TXNS) this.txnLogs.push(log);
-    else this.droppedTxnLogs++;
-    return log;
   }
 
   // ---------------------------------------------------------------- input loop
@@ -619,7 +546,7 @@ export class Session {
       .catch((err: unknown) => {
         this.deps.log.error({ session: this.id, err: err instanceof Error ? err.stack : String(err) }, 'session error');
         this.endReason = 'internal-error';
-        this.outq = [];
+        this.out.dropQueued();
         this.send(reply(421, '4.3.0', `${this.deps.hostname} Error: internal error, closing connection`));
       })
       .finally(() => {
@@ -648,14 +575,14 @@ export class Session {
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
         continue;
       }
-      if (this.outputCongested()) return;
+      if (this.out.congested()) return;
       const ev = this.framing.nextCommand();
       if (!ev) {
-        if (this.outq.length === 0) {
+        if (this.out.queued === 0) {
           if (this.clientEnded) {
             // Every command was answered: end the session once the replies are written.
             if (this.endReason === 'closed') this.endReason = 'client-closed';
-            return this.closeAfterWrite();
+            return this.out.closeAfterWrite();
           }
           if (this.framing.buffered > 0 && !this.partialSince) this.partialSince = Date.now();
           return;
@@ -666,7 +593,7 @@ export class Session {
       this.partialSince = 0;
       this.socket.resume();
       await this.onCommandEvent(ev);
-      if (this.outq.length >= MAX_QUEUED_REPLIES) await this.flush();
+      if (this.out.queued >= MAX_QUEUED_REPLIES) await this.flush();
     }
   }
 
@@ -838,7 +765,7 @@ export class Session {
       if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
       return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
     }
-    const log = this.newTxnLog(addressOf(p.path));
+    const log = this.sessionLog.newTxn(addressOf(p.path));
     const answer = (r: Pending) => this.queue('MAIL', r, (x) => (log.mail = x.code));
     const checked = this.checkParams('MAIL', p.params);
     if (checked) return answer(checked);
@@ -917,10 +844,7 @@ export class Session {
     txn.rcptTried++;
     const to = addressOf(p.path);
     const answer = (r: Pending) =>
-      this.queue('RCPT', r, (x) => {
-        if (txn.log.rcpts.length < MAX_LOGGED_RCPTS) txn.log.rcpts.push({ to, code: x.code });
-        else txn.log.moreRcpts = (txn.log.moreRcpts ?? 0) + 1;
-      });
+      this.queue('RCPT', r, (x) => this.sessionLog.noteRcpt(txn.log, to, x.code));
     const checked = this.checkParams('RCPT', p.params);
     if (checked) return answer(checked);
     if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
@@ -977,7 +901,7 @@ export class Session {
       this.deps.log.warn({ session: this.id, bytes: injected }, 'plaintext after STARTTLS discarded');
     }
     this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
-    this.socket.write(formatReply(R.tlsReady()));
+    this.send(R.tlsReady());
     const plain = this.socket;
     plain.removeAllListeners('data');
     plain.removeAllListeners('timeout');
@@ -987,6 +911,7 @@ export class Session {
     plain.on('error', () => undefined);
     const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
     this.socket = secure;
+    this.out.setSocket(secure);
     this.attach(secure);
     // The handshake has its own short deadline (limits.tlsHandshakeTimeout), as on the smtps
     // listener: a client that says STARTTLS and then nothing must not hold its slot for minutes.
@@ -1020,44 +945,32 @@ export class Session {
     const mechs = this.authMechanisms();
     if (!mechs) return this.queue('AUTH', R.authNotAvailable());
     if (!this.authAllowed()) return this.queue('AUTH', R.authNeedsTls());
-    const [mechRaw = '', initial] = c.arg.trim().split(/\s+/);
-    const mechanism = mechRaw.toUpperCase();
-    if (!/^[A-Z0-9_-]{1,20}$/.test(mechanism) || (initial !== undefined && !/^([A-Za-z0-9+/]+=*|=)$/.test(initial))) {
-      return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
-    }
-    let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
+    const parsed = parseAuth(c.arg);
+    if (!parsed) return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
+    const { mechanism, initial } = parsed;
+    const login = initialLogin(mechanism, initial);
     const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
     if (v.reply) return this.queue('AUTH', v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
-    let r = await b.command(`AUTH ${mechanism}${initial !== undefined ? ' ' + initial : ''}`).catch((e: unknown) => this.backendFailed(e));
-    let step = 0;
-    this.framing.sasl = true;
-    try {
-      while (r.code === 334 && !this.closed) {
-        this.socket.write(formatReply(r));
-        const ev = await this.readLine();
-        if (!ev) return;
-        if (ev.type !== 'line' || ev.bareCr || ev.line.includes(0)) {
-          // Cancel at the backend and tell the client.
-          await b.command('*').catch(() => undefined);
-          return this.queue('AUTH', ev.type === 'too_long' ? R.lineTooLong() : R.authCancelled());
-        }
-        const resp = ev.line.toString('latin1');
-        if (resp !== '*' && !/^([A-Za-z0-9+/]*=*)$/.test(resp)) {
-          await b.command('*').catch(() => undefined);
-          return this.queue('AUTH', reply(501, '5.5.2', 'Error: cannot decode response'));
-        }
-        if (mechanism === 'PLAIN' && step === 0 && login === null) login = plainLogin(resp);
-        if (mechanism === 'LOGIN' && step === 0 && initial === undefined) login = b64(resp);
-        step++;
-        r = await b.command(resp).catch((e: unknown) => this.backendFailed(e));
-      }
-    } finally {
-      this.framing.sasl = false;
-    }
+    const result = await relayAuth(
+      {
+        challenge: (r) => this.send(r),
+        readLine: () => this.readLine(),
+        isClosed: () => this.closed,
+        setSasl: (on) => (this.framing.sasl = on),
+        failed: (e) => this.backendFailed(e),
+      },
+      b,
+      mechanism,
+      initial,
+      login,
+    );
+    if (!result) return;
+    if ('cancelled' in result) return this.queue('AUTH', result.cancelled);
+    const r = result.reply;
     if (r.code === 235) {
-      this.auth = { mechanism, login: login ?? (mechanism === 'LOGIN' && initial ? b64(initial) : null) };
+      this.auth = { mechanism, login: result.login };
       this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
     }
     this.queue('AUTH', r);
@@ -1463,48 +1376,29 @@ export class Session {
 
   // ---------------------------------------------------------------- log
 
-  private logged = false;
+  /** The session's log line was written (it ended). */
+  private get logged(): boolean {
+    return this.sessionLog.written;
+  }
 
   private logSession(): void {
-    if (this.logged) return;
-    this.logged = true;
-    this.deps.log.info(
-      {
-        session: this.id,
-        client: this.client.text,
-        port: this.peer.port,
-        listener: this.deps.listener.name,
-        backend: this.backendName,
-        helo: this.helo,
-        tls: this.tls,
-        login: this.auth?.login ?? null,
-        transactions: this.txnLogs,
-        ...(this.droppedTxnLogs ? { moreTransactions: this.droppedTxnLogs } : {}),
-        rules: this.outcomes.map(ruleLogEntry),
-        ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
-        ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
-        outcome: this.endReason,
-        commands: this.commands,
-        errors: this.errors,
-        ms: Date.now() - this.started,
-      },
-      'session',
-    );
+    this.sessionLog.write({
+      session: this.id,
+      client: this.client.text,
+      port: this.peer.port,
+      listener: this.deps.listener.name,
+      backend: this.backendName,
+      helo: this.helo,
+      tls: this.tls,
+      login: this.auth?.login ?? null,
+      outcomes: this.outcomes,
+      droppedOutcomes: this.droppedOutcomes,
+      outcome: this.endReason,
+      commands: this.commands,
+      errors: this.out.errors,
+      started: this.started,
+    });
   }
-}
-
-/** One rule outcome as the session log shows it. */
-function ruleLogEntry(o: RuleOutcome): object {
-  return {
-    rule: o.rule,
-    stage: o.stage,
-    finding: o.finding,
-    action: o.action,
-    effect: o.effect,
-    ...(o.wouldBe ? { would: o.wouldBe } : {}),
-    ...(o.reason ? { reason: o.reason } : {}),
-    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
-  };
 }
 
 const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
@@ -1556,20 +1450,4 @@ function truncateUtf8(s: string, max: number): string {
     out += ch;
   }
   return out;
-}
-
-function b64(s: string): string | null {
-  try {
-    const v = Buffer.from(s, 'base64').toString('utf8');
-    // eslint-disable-next-line no-control-regex
-    return v && !/[\x00-\x1f]/.test(v) ? v : null;
-  } catch {
-    return null;
-  }
-}
-
-/** RFC 4616: authzid NUL authcid NUL passwd → authcid (never the password). */
-function plainLogin(resp: string): string | null {
-  const parts = Buffer.from(resp, 'base64').toString('utf8').split('\0');
-  return parts.length === 3 && parts[1] ? parts[1] : null;
 }
