@@ -25,7 +25,7 @@
  */
 import { Subject } from 'rxjs';
 import type net from 'node:net';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import type { Logger } from 'pino';
 import { BackendConnection, type BackendOptions, type Capabilities } from '../backend/connection.js';
 import type { BackendPool } from '../backend/pool.js';
@@ -46,6 +46,7 @@ import { authMechanisms, backendSize, checkParams, ehloKeywords, sizeLimit } fro
 import { Framing, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
+import { handshake, upgradeToTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog, type TxnLog } from './session-log.js';
 import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
@@ -741,32 +742,11 @@ export class Session {
     }
     this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
     this.send(R.tlsReady());
-    const plain = this.socket;
-    plain.removeAllListeners('data');
-    plain.removeAllListeners('timeout');
-    plain.removeAllListeners('close');
-    plain.removeAllListeners('end');
-    plain.removeAllListeners('error');
-    plain.on('error', () => undefined);
-    const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
+    const secure = upgradeToTls(this.socket, ctx);
     this.socket = secure;
     this.out.setSocket(secure);
     this.attach(secure);
-    // The handshake has its own short deadline (limits.tlsHandshakeTimeout), as on the smtps
-    // listener: a client that says STARTTLS and then nothing must not hold its slot for minutes.
-    const ok = await new Promise<boolean>((resolve) => {
-      const timer = setTimeout(() => {
-        secure.destroy();
-        resolve(false);
-      }, this.deps.limits.tlsHandshakeTimeout);
-      const done = (v: boolean) => {
-        clearTimeout(timer);
-        resolve(v);
-      };
-      secure.once('secure', () => done(true));
-      secure.once('error', () => done(false));
-      secure.once('close', () => done(false));
-    });
+    const ok = await handshake(secure, this.deps.limits.tlsHandshakeTimeout);
     this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
     if (!ok) return this.close('tls-failed');
     // RFC 3207 §4.2: forget everything learnt from the client before TLS.
