@@ -21,6 +21,7 @@
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
  *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
+ *   starttls.ts      the client socket's TLS upgrade;
  *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
