@@ -18,7 +18,8 @@ import type { RuleSet } from './config/rules.js';
 import { parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
 import type { Metrics } from './metrics/registry.js';
 import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
-import { formatReply, R } from './protocol/reply.js';
+import { R, type Reply } from './protocol/reply.js';
+import { endWith } from './smtp/reply-writer.js';
 import { Session, type ListenerRuntime, type SessionDeps } from './smtp/session.js';
 import { LocalSlots, type Refusal, type Slots } from './slots.js';
 
@@ -212,8 +213,8 @@ export class Proxy {
       destFamily: local.family,
     };
     const host = this.deps.hostname;
-    if (this.draining) return this.refuse(socket, b, 'shutdown', formatReply(R.shuttingDown(host)) as string);
-    if (this.overloaded) return this.refuse(socket, b, 'overload', formatReply(R.overloaded(host)) as string);
+    if (this.draining) return this.refuse(socket, b, 'shutdown', R.shuttingDown(host));
+    if (this.overloaded) return this.refuse(socket, b, 'overload', R.overloaded(host));
     const limits = this.limits;
     const secureContext = this.secureContext;
     if (b.config.proxyProtocol && inAnyCidr(parseAddress(direct.address), b.trusted)) {
@@ -245,7 +246,7 @@ export class Proxy {
   /** Takes slots for a connection, then goes on with `next`, or refuses it (421 4.7.0). */
   private claim(socket: net.Socket, b: Bound, hold: Hold, total: boolean, key: string | null, limits: Limits, next: () => void): void {
     const decide = (refusal: Refusal | null) => {
-      if (refusal) return this.refuse(socket, b, refusal, formatReply(R.tooManyConnections(this.deps.hostname)) as string);
+      if (refusal) return this.refuse(socket, b, refusal, R.tooManyConnections(this.deps.hostname));
       if (hold.add(total, key)) next();
     };
     const r = this.slots.take(total, key, limits);
@@ -259,10 +260,10 @@ export class Proxy {
    * Refuses a connection before its session: a plaintext 421 on smtp and submission listeners;
    * on smtps the client expects a TLS handshake and could not read one, so it is closed.
    */
-  private refuse(socket: net.Socket, b: Bound, reason: string, text: string): void {
+  private refuse(socket: net.Socket, b: Bound, reason: string, r: Reply): void {
     this.deps.metrics.connectionsRefused.inc({ listener: b.runtime.name, reason });
     if (b.config.role === 'smtps') return void socket.destroy();
-    socket.end(text);
+    endWith(socket, r);
     setTimeout(() => socket.destroy(), 1000).unref();
   }
 
@@ -315,7 +316,7 @@ export class Proxy {
   private admit(socket: net.Socket, b: Bound, hold: Hold, peer: ProxiedAddress, initial: Buffer | undefined, limits: Limits, secureContext: tls.SecureContext | null): void {
     const name = b.runtime.name;
     if (b.config.role === 'smtps') {
-      if (!secureContext) return this.refuse(socket, b, 'no_tls', formatReply(R.unavailable(this.deps.hostname)) as string);
+      if (!secureContext) return this.refuse(socket, b, 'no_tls', R.unavailable(this.deps.hostname));
       if (initial?.length) socket.unshift(initial);
       const secure = new tls.TLSSocket(socket, { isServer: true, secureContext });
       this.handOver(socket);
@@ -342,7 +343,7 @@ export class Proxy {
         if (this.draining) {
           // The handshake outlived the start of a drain: no new session now.
           this.deps.metrics.connectionsRefused.inc({ listener: name, reason: 'shutdown' });
-          return void secure.end(formatReply(R.shuttingDown(this.deps.hostname)) as string);
+          return void endWith(secure, R.shuttingDown(this.deps.hostname));
         }
         this.startSession(secure, b, hold, peer, undefined, true);
       });

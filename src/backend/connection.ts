@@ -4,7 +4,8 @@
  * Opens the TCP connection (optionally sending a PROXY protocol header first), reads the
  * greeting, says EHLO, upgrades with STARTTLS when the backend offers it (policy `auto`). When
  * the client has said HELO/EHLO, `bind` passes the real client to Postfix with XCLIENT (its HELO
- * name included, so no EHLO follows), or sends the client's HELO/EHLO. It is a command FIFO:
+ * name included, so no EHLO follows; the command is built in xclient.ts), or sends the client's
+ * HELO/EHLO. It is a command FIFO:
  * `command()` may be called several times without waiting (backend PIPELINING); replies are
  * matched to commands in order. DATA bytes are written raw with back-pressure (`writeData`
  * returns false until `drain`).
@@ -17,7 +18,10 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { EventEmitter } from 'node:events';
 import { parseReplyLines, replyClass, type Reply } from '../protocol/reply.js';
-import { proxyHeaderV1, proxyHeaderV2, type ProxiedAddress } from './proxy-protocol.js';
+import { proxyHeaderV1, proxyHeaderV2 } from './proxy-protocol.js';
+import { xclientAttributes, xclientCommand, type ClientIdentity } from './xclient.js';
+
+export { xtext, type ClientIdentity } from './xclient.js';
 
 export interface BackendOptions {
   host: string;
@@ -46,12 +50,6 @@ export interface BackendOptions {
   deferMail: boolean;
   /** Send a PROXY protocol header to the backend. */
   proxyProtocol: 'off' | 'v1' | 'v2';
-}
-
-/** What the backend should learn of the real client. */
-export interface ClientIdentity extends ProxiedAddress {
-  /** The client's reverse name if known (XCLIENT NAME), else undefined → [UNAVAILABLE]. */
-  name?: string;
 }
 
 export type BackendFailure = 'connect' | 'timeout' | 'closed' | 'protocol' | 'refused' | 'tls';
@@ -98,9 +96,6 @@ interface Pending {
 }
 
 const DOT_CRLF = Buffer.from('.\r\n');
-
-/** RFC 5321 §4.5.3.1.4: a command line, CRLF included. */
-const MAX_COMMAND_LINE = 512;
 
 /** Longest reply line and whole reply accepted from the backend (garbage protection). */
 const MAX_REPLY_LINE = 4096;
@@ -159,10 +154,8 @@ export class BackendConnection extends EventEmitter {
         throw new BackendError('tls', 'backend offers no STARTTLS');
       }
       conn.offered = conn.caps;
-      // XCLIENT is sent when the client has said HELO/EHLO (bind), its name along. An XCLIENT that
-      // cannot carry the client's address (smtp-sink lists only NAME HELO) is not used.
-      const attrs = new Set((conn.caps.get('XCLIENT') ?? '').toUpperCase().split(/\s+/));
-      if (opts.xclient && conn.caps.has('XCLIENT') && attrs.has('ADDR')) conn.xclientAllowed = attrs;
+      // XCLIENT is sent when the client has said HELO/EHLO (bind), its name along.
+      if (opts.xclient) conn.xclientAllowed = xclientAttributes(conn.caps.get('XCLIENT'));
       return conn;
     } catch (err) {
       conn.destroy();
@@ -242,29 +235,9 @@ export class BackendConnection extends EventEmitter {
     const allowed = this.xclientAllowed;
     let heloSent = false;
     if (allowed) {
-      const attrs: string[] = [];
-      const add = (list: string[], k: string, v: string | number | undefined) => {
-        if (v !== undefined && allowed.has(k)) list.push(`${k}=${xtext(String(v))}`);
-      };
-      add(attrs, 'ADDR', client.family === 6 ? `IPV6:${client.address}` : client.address);
-      add(attrs, 'PORT', client.port);
-      add(attrs, 'NAME', client.name ?? '[UNAVAILABLE]');
-      add(attrs, 'DESTADDR', client.destFamily === 6 ? `IPV6:${client.destAddress}` : client.destAddress);
-      add(attrs, 'DESTPORT', client.destPort);
-      // The HELO name stands for the EHLO only with the protocol (PROTO: whether it was HELO or
-      // EHLO), when the operator allows it (xclientHelo), and within Postfix's limits: HELO names
-      // of up to 255 characters, command lines of up to 512. Otherwise the EHLO follows.
-      const hello: string[] = [];
-      if (this.opts.xclientHelo && allowed.has('HELO') && allowed.has('PROTO') && helo.name.length <= 255) {
-        add(hello, 'HELO', helo.name);
-        add(hello, 'PROTO', helo.verb === 'EHLO' ? 'ESMTP' : 'SMTP');
-      }
-      if (hello.length && `XCLIENT ${[...attrs, ...hello].join(' ')}`.length <= MAX_COMMAND_LINE - 2) {
-        attrs.push(...hello);
-        heloSent = true;
-      }
-      // ADDR is always among them (xclientAllowed is only set when the backend lists it).
-      const r = await this.command(`XCLIENT ${attrs.join(' ')}`);
+      const x = xclientCommand(allowed, client, helo, this.opts.xclientHelo);
+      heloSent = x.heloSent;
+      const r = await this.command(x.line);
       // Postfix answers 220 (a new greeting).
       if (replyClass(r) !== 2) {
         this.destroy();
@@ -513,13 +486,4 @@ function connect(opts: BackendOptions, client: ClientIdentity): Promise<net.Sock
       reject(new BackendError('connect', e.message));
     });
   });
-}
-
-/** RFC 3461 §4 xtext: "+" and characters outside "!".."~" and "=" become +HH. */
-export function xtext(s: string): string {
-  let out = '';
-  for (const ch of Buffer.from(s, 'utf8')) {
-    out += ch < 0x21 || ch > 0x7e || ch === 0x2b || ch === 0x3d ? '+' + ch.toString(16).toUpperCase().padStart(2, '0') : String.fromCharCode(ch);
-  }
-  return out;
 }

@@ -15,14 +15,21 @@
  *      the backend connection is dropped (the backend never sees an end of data) and reopened
  *      for the next transaction.
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
- * becomes a 4xx. Replies are written only by `send` / `flush`; all formatting is in protocol/reply.ts.
+ * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
+ * and the DATA policy; its parts are handed what they need:
+ *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
+ *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
+ *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
+ *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
+ *   starttls.ts      the client socket's TLS upgrade;
+ *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
 import type net from 'node:net';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import type { Logger } from 'pino';
-import { BackendConnection, BackendError, type BackendOptions, type Capabilities } from '../backend/connection.js';
-import { BackendBusyError, type BackendPool, type BackendTarget } from '../backend/pool.js';
+import { BackendConnection, type BackendOptions, type Capabilities } from '../backend/connection.js';
+import type { BackendPool } from '../backend/pool.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
@@ -34,8 +41,15 @@ import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/
 import { addressOf, type ParsedPath } from '../protocol/address.js';
 import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
 import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
-import { Framing, Unstuffer, type CommandEvent } from './framing.js';
-import { describeReply, formatReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
+import { BackendLink } from './backend-link.js';
+import { initialLogin, parseAuth, relayAuth } from './auth.js';
+import { authMechanisms, backendSize, checkParams, ehloKeywords, sizeLimit } from './extensions.js';
+import { Framing, type CommandEvent } from './framing.js';
+import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
+import { ReplyWriter, type Pending } from './reply-writer.js';
+import { handshake, upgradeToTls } from './starttls.js';
+import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog, type TxnLog } from './session-log.js';
+import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
   readonly name: string;
@@ -76,38 +90,6 @@ interface Transaction {
   acceptedBy?: string;
 }
 
-/** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
-interface TxnLog {
-  from: string;
-  /** Reply code to MAIL. */
-  mail: number;
-  rcpts: { to: string; code: number }[];
-  /** Recipients past MAX_LOGGED_RCPTS, counted only. */
-  moreRcpts?: number;
-  size?: number;
-  outcome?: 'accepted' | 'rejected' | 'tempfailed';
-  reply?: string;
-  queueId?: string;
-  rule?: string;
-}
-
-/** Bounds on one session's log line. */
-const MAX_LOGGED_TXNS = 50;
-const MAX_LOGGED_RCPTS = 100;
-/** Rule findings (other than pass) kept for the session log line; the rest are counted (moreRules). */
-const MAX_LOGGED_OUTCOMES = 100;
-/** Distinct tags kept per session and per transaction (each becomes an X-Doorman-Tag header); the rest are counted (moreTags). */
-const MAX_TAGS = 10;
-/** X-Doorman-Tag headers added to one message, at most. */
-const MAX_TAG_HEADERS = 20;
-/** Longest tag text in a header, octets. */
-const MAX_TAG_OCTETS = 900;
-/**
- * Octets doorman may add to a message (its X-Doorman-Tag headers): the advertised SIZE is the
- * backend's less this, so a message that fits doorman's SIZE still fits the backend's with them.
- */
-const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTETS + 2);
-
 /**
  * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
  * commands answered without a transaction: HELO, EHLO, HELP, EXPN): limits.maxJunkCommands of them
@@ -115,14 +97,10 @@ const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTET
  */
 const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
 
-type Pending = Reply | Promise<Reply>;
-
 /** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
 const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
 /** Keep at most this many unanswered pipelined commands before writing replies. */
 const MAX_QUEUED_REPLIES = 100;
-/** EHLO keywords doorman passes through when the backend offers them. */
-const PASSTHROUGH_CAPS = ['PIPELINING', '8BITMIME', 'SMTPUTF8', 'ENHANCEDSTATUSCODES', 'DSN', 'ETRN'];
 
 export class Session {
   /** Unique per process and start time (no per-session randomness on the hot path). */
@@ -130,7 +108,8 @@ export class Session {
   readonly started = Date.now();
   private socket: net.Socket;
   private readonly framing: Framing;
-  private backend: BackendConnection | null = null;
+  /** The backend connection this session uses, and how it gets one. */
+  private readonly link: BackendLink;
   private readonly client: ClientAddress;
   private tls: boolean;
   private helo: string | null = null;
@@ -145,7 +124,8 @@ export class Session {
   private readonly ended = new AbortController();
   private sessionTags: string[] = [];
   private refusedAtConnect = false;
-  private outq: Pending[] = [];
+  /** Every byte to the client: replies, queued or now, and output back-pressure. */
+  private readonly out: ReplyWriter;
   private pumping = false;
   private repump = false;
   /** Bytes received before the greeting (pregreet), and what they looked like. */
@@ -158,17 +138,12 @@ export class Session {
   private dataStarted = 0;
   /** Greeting sent: commands may be read. */
   private greeted = false;
-  /** A closing reply was written; the socket ends once it is flushed. */
-  private closing = false;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
-  private errors = 0;
   private unknown = 0;
   private commands = 0;
   /** Junk commands since the session started or last delivered a message. */
   private junk = 0;
-  /** The client does not read its replies: no command is executed until they drain. */
-  private clientCongested = false;
   /** The client half-closed: what it sent is still executed and answered, then the session ends. */
   private clientEnded = false;
   private caps: Capabilities = new Map();
@@ -176,11 +151,10 @@ export class Session {
   private droppedOutcomes = 0;
   /** Dry-run checks still running (not awaited): `quit` bookkeeping waits for them. */
   private readonly lateChecks = new Set<Promise<void>>();
-  private readonly txnLogs: TxnLog[] = [];
-  private droppedTxnLogs = 0;
-  private droppedTags = 0;
+  private readonly sessionLog: SessionLog;
   private endReason = 'closed';
-  private data: DataState | null = null;
+  /** The message being relayed (DATA or BDAT); null outside one. */
+  private data: Message | null = null;
   private backendCongested = false;
   /** Resolves when the session has ended. */
   readonly done: Promise<void>;
@@ -204,6 +178,41 @@ export class Session {
       maxAuthLine: l.maxAuthLine,
       maxDataLine: l.maxDataLine,
       bareNewline: l.bareNewline,
+    });
+    this.sessionLog = new SessionLog(deps.log);
+    this.link = new BackendLink(
+      deps,
+      { ...peer, address: this.client.text },
+      {
+        sessionId: this.id,
+        isClosed: () => this.closed,
+        hello: () => (this.helo ? { verb: this.esmtp ? 'EHLO' : 'HELO', name: this.helo } : null),
+        authenticated: () => this.auth !== null,
+        onClosed: () => this.onBackendClosed(),
+        onFailed: () => (this.endReason = 'backend-failed'),
+      },
+    );
+    this.out = new ReplyWriter(socket, {
+      hostname: deps.hostname,
+      get maxErrors() {
+        return deps.limits.maxErrors;
+      },
+      get writeTimeout() {
+        return deps.limits.writeTimeout;
+      },
+      isClosed: () => this.closed,
+      close: () => this.close(this.endReason),
+      tooManyErrors: () => (this.endReason = 'too-many-errors'),
+      writeTimedOut: (unread) => {
+        this.violation('write_timeout');
+        this.deps.log.warn({ session: this.id, client: this.client.text, unread, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
+        this.endReason = 'write-timeout';
+        this.close('write-timeout');
+      },
+      drained: (s) => {
+        if (!this.backendCongested) s.resume();
+        this.pump();
+      },
     });
     this.done = new Promise((r) => (this.resolveDone = r));
     // Bytes that came with a PROXY header, before the greeting: pregreet like any other.
@@ -232,7 +241,7 @@ export class Session {
     }
     // postscreen-style teaser: "220-" now, the rest after greetDelay; early talkers are caught.
     const teaser = this.deps.limits.greetDelay > 0;
-    if (teaser) this.socket.write(`220-${this.deps.hostname} ESMTP\r\n`);
+    if (teaser) this.out.sendContinued(R.greeting(this.deps.hostname));
     const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
     await teaserWait;
     if (this.closed) return;
@@ -260,140 +269,24 @@ export class Session {
     this.send(R.shuttingDown(this.deps.hostname));
   }
 
-  /**
-   * Takes a backend connection: the pool's candidates in MX order; a backend that refuses, times
-   * out or answers 421 is marked down and the next one is tried. Backends at maxConnections are
-   * skipped; when none had room, waits up to acquireTimeout for one to free up, then throws
-   * BackendBusyError. Otherwise throws the last failure.
-   */
-  private async openBackend(): Promise<BackendConnection> {
-    const m = this.deps.metrics;
-    const pool = this.deps.pool;
-    let last: unknown = null;
-    const identity = this.identity();
-    const started = Date.now();
-    for (;;) {
-      let full = false;
-      for (const t of await pool.candidates()) {
-        if (this.closed) break;
-        const t0 = Date.now();
-        try {
-          // A pooled connection is bound to this client at its HELO/EHLO (bind).
-          const got = await pool.acquire(t, () => BackendConnection.open({ ...this.deps.backend, host: t.host, port: t.port }, identity));
-          if (got === 'full') {
-            full = true;
-            continue;
-          }
-          const b = got.conn;
-          if (got.reused) m.backendReused.inc({ backend: t.name });
-          else m.backendConnectDuration.observe({ backend: t.name }, b.connectMs / 1000);
-          if (this.closed) {
-            this.release(b, t);
-            break;
-          }
-          pool.succeeded(t);
-          m.backendSessions.inc({ backend: t.name });
-          b.onReply = (command, r, ms) => {
-            m.backendReplies.inc({ command, class: `${replyClass(r)}xx` });
-            m.backendReplyDuration.observe({ command }, ms / 1000);
-          };
-          b.on('close', () => this.onBackendClosed());
-          this.backendName = t.name;
-          this.backendTarget = t;
-          return b;
-        } catch (err) {
-          const kind = err instanceof BackendError ? err.kind : 'connect';
-          m.backendFailures.inc({ backend: t.name, kind });
-          this.deps.log.warn({ session: this.id, backend: t.name, err: (err as Error).message, kind, ms: Date.now() - t0 }, 'backend unavailable');
-          pool.failed(t, `${kind}: ${(err as Error).message}`);
-          last = err;
-        }
-      }
-      if (!full || this.closed) break;
-      const waited = Date.now() - started;
-      if (!(await pool.waitForRoom(pool.limits.acquireTimeout - waited))) {
-        m.backendBusy.inc();
-        this.deps.log.warn({ session: this.id, ms: Date.now() - started }, 'every backend connection in use');
-        throw new BackendBusyError(Date.now() - started);
-      }
-    }
-    throw last ?? new BackendError('connect', this.closed ? 'client left' : 'no backend configured');
-  }
-
-  /** The backend this session uses (log line). */
-  private backendName: string | null = null;
-  private backendTarget: BackendTarget | null = null;
-
-  /** The backend's answer to binding this client (XCLIENT/EHLO), sent when the client said HELO/EHLO. */
-  private binding: Promise<Reply | 'lost' | null> | null = null;
-
-  /** Sends the client's identity and HELO/EHLO to the backend without waiting for the answer. */
-  private bind(b: BackendConnection, verb: 'EHLO' | 'HELO', name: string): void {
-    this.binding = b.bind(this.identity(), { verb, name }).catch((e: unknown) => {
-      const kind = e instanceof BackendError ? e.kind : 'protocol';
-      this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
-      this.deps.log.warn({ session: this.id, err: (e as Error).message, kind }, 'backend refused the client binding');
-      b.destroy();
-      return 'lost' as const;
-    });
-  }
-
-  private identity() {
-    return { ...this.peer, address: this.client.text };
+  /** The backend connection this session uses (null before the client's HELO/EHLO). */
+  private get backend(): BackendConnection | null {
+    return this.link.conn;
   }
 
   /**
-   * A backend for the next command: the one the client's HELO/EHLO was bound to (its refusal of
-   * that HELO/EHLO is the answer to this command), or one reopened and bound again if it was lost.
+   * A backend for the next command (BackendLink.ensure); otherwise the client's reply, after
+   * forgetting a HELO/EHLO the backend refused or noting why the session ends.
    */
   private async ensureBackend(): Promise<BackendConnection | Reply> {
-    if (this.binding) {
-      const bound = await this.binding;
-      this.binding = null;
-      if (bound !== null && bound !== 'lost') {
-        // The backend refused the HELO/EHLO that doorman answered for it: say so now, and forget
-        // the HELO so that the client has to send it again.
-        this.helo = null;
-        this.esmtp = false;
-        return bound;
-      }
+    const got = await this.link.ensure();
+    if (got instanceof BackendConnection) return got;
+    if (got.forgetHelo) {
+      this.helo = null;
+      this.esmtp = false;
     }
-    if (this.backend?.alive) return this.backend;
-    if (!this.backend) {
-      // The session's first backend connection (at its HELO/EHLO).
-      try {
-        this.backend = await this.openBackend();
-        return this.backend;
-      } catch (err) {
-        // No backend for this session: 421 and the session ends. A backend that refused doorman
-        // at its greeting (even with 5xx) is doorman's problem, not the client's: 4xx too.
-        if (err instanceof BackendBusyError) {
-          this.endReason = 'backend-busy';
-          return R.overloaded(this.deps.hostname);
-        }
-        this.endReason = 'backend-unavailable';
-        return R.unavailable(this.deps.hostname);
-      }
-    }
-    if (this.auth) return R.lostBackend(this.deps.hostname); // the login cannot be replayed
-    try {
-      const b = await this.openBackend();
-      this.backend = b;
-      if (this.helo) {
-        const r = await b.bind(this.identity(), { verb: this.esmtp ? 'EHLO' : 'HELO', name: this.helo });
-        if (r) return R.lostBackend(this.deps.hostname);
-      }
-      return b;
-    } catch (err) {
-      if (err instanceof BackendBusyError) return R.overloaded(this.deps.hostname);
-      return R.lostBackend(this.deps.hostname);
-    }
-  }
-
-  /** Hands a backend connection whose state is known to be clean to the pool, or closes it. */
-  private release(b: BackendConnection, t = this.backendTarget): void {
-    if (t && !this.auth && b.reusable && this.deps.pool.idleOptions.max > 0) this.deps.pool.putIdle(t, b);
-    else b.quit();
+    if (got.endReason) this.endReason = got.endReason;
+    return got.reply;
   }
 
   private onBackendClosed(): void {
@@ -410,33 +303,14 @@ export class Session {
     this.pump();
   }
 
-  /**
-   * Output is back-pressure like input: while the client has not read what was written
-   * (write() returned false, past the socket's high-water mark), its commands are neither read
-   * nor executed. On 'drain' the session goes on; a client that reads nothing within
-   * limits.writeTimeout is dropped (it would not read a 421 either).
-   */
-  private outputCongested(): boolean {
-    if (this.clientCongested) return true;
-    const s = this.socket;
-    if (!s.writableNeedDrain) return false;
-    this.clientCongested = true;
-    s.pause();
-    const timer = setTimeout(() => {
-      if (this.closed || this.socket !== s) return;
-      this.violation('write_timeout');
-      this.deps.log.warn({ session: this.id, client: this.client.text, unread: s.writableLength, ms: this.deps.limits.writeTimeout }, 'client does not read its replies: dropped');
-      this.endReason = 'write-timeout';
-      this.close('write-timeout');
-    }, this.deps.limits.writeTimeout);
-    timer.unref();
-    s.once('drain', () => {
-      clearTimeout(timer);
-      this.clientCongested = false;
-      if (!this.backendCongested) s.resume();
-      this.pump();
-    });
-    return true;
+  /** A closing reply was written; the socket ends once it is flushed. */
+  private get closing(): boolean {
+    return this.out.closing;
+  }
+
+  /** The client does not read its replies: no command is executed until they drain. */
+  private get clientCongested(): boolean {
+    return this.out.congestedNow;
   }
 
   private attach(socket: net.Socket): void {
@@ -496,7 +370,7 @@ export class Session {
       // Client vanished mid-DATA: the backend must never see an end of data.
       this.backend?.destroy();
     } else if (this.backend) {
-      this.release(this.backend);
+      this.link.release(this.backend);
     }
     this.socket.destroy();
     this.ended.abort();
@@ -519,51 +393,12 @@ export class Session {
 
   /** Writes a reply now (after anything queued is flushed by the caller). */
   private send(r: Reply): void {
-    if (this.closed || this.closing) return;
-    this.account(r);
-    this.socket.write(formatReply(r));
-    if (r.closes) this.closeAfterWrite();
-  }
-
-  /** Ends the socket once written; the session closes when it has finished (or 2 s later). */
-  private closeAfterWrite(): void {
-    this.closing = true;
-    this.outq = [];
-    this.socket.end();
-    const t = setTimeout(() => this.close(this.endReason), 2000);
-    t.unref();
-    this.socket.once('finish', () => this.close(this.endReason));
-  }
-
-  private account(r: Reply): void {
-    if (r.code >= 400) this.errors++;
+    this.out.send(r);
   }
 
   /** Waits for every queued reply, in order, and writes them in one go. */
-  private async flush(): Promise<void> {
-    while (this.outq.length) {
-      const batch = this.outq;
-      this.outq = [];
-      const out: (string | Buffer)[] = [];
-      let closes = false;
-      for (const p of batch) {
-        const r = p instanceof Promise ? await p : p;
-        out.push(formatReply(r));
-        this.account(r);
-        if (r.closes) {
-          closes = true;
-          break;
-        }
-      }
-      if (this.closed || this.closing) return;
-      if (!closes && this.errors > this.deps.limits.maxErrors) {
-        out.push(formatReply(R.tooManyErrors(this.deps.hostname)));
-        closes = true;
-        this.endReason = 'too-many-errors';
-      }
-      this.socket.write(out.length === 1 ? (out[0] as string | Buffer) : Buffer.concat(out.map((o) => (typeof o === 'string' ? Buffer.from(o, 'utf8') : o))));
-      if (closes) return this.closeAfterWrite();
-    }
+  private flush(): Promise<void> {
+    return this.out.flush();
   }
 
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
@@ -575,33 +410,19 @@ export class Session {
       return x;
     };
     // A reply known now is counted now (no Promise); a backend's reply when it comes.
-    this.outq.push(r instanceof Promise ? r.then(counted) : counted(r));
+    this.out.queue(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
-  /** Adds tags not yet in `list`, at most `max`; the rest are counted for the log. */
-  private addTags(list: string[], tags: readonly string[], max = MAX_TAGS): void {
-    for (const t of tags) {
-      if (list.includes(t)) continue;
-      if (list.length < max) list.push(t);
-      else this.droppedTags++;
-    }
+  /** Adds tags not yet in `list`, at most `max` (default MAX_TAGS); the rest are counted for the log. */
+  private addTags(list: string[], tags: readonly string[], max?: number): void {
+    this.sessionLog.addTags(list, tags, max);
   }
 
   /** Writes the message's X-Doorman-Tag headers (distinct, at most MAX_TAG_HEADERS) to the backend. */
   private writeTags(...lists: (readonly string[])[]): void {
     const tags: string[] = [];
     for (const l of lists) this.addTags(tags, l, MAX_TAG_HEADERS);
-    if (!tags.length) return;
-    const headers = tagHeaders(tags);
-    if (this.data) this.data.added += headers.length;
-    this.writeBackend(headers);
-  }
-
-  private newTxnLog(from: string): TxnLog {
-    const log: TxnLog = { from, mail: 0, rcpts: [] };
-    if (this.txnLogs.length < MAX_LOGGED_TXNS) this.txnLogs.push(log);
-    else this.droppedTxnLogs++;
-    return log;
+    this.data?.writeTags(tags);
   }
 
   // ---------------------------------------------------------------- input loop
@@ -619,7 +440,7 @@ export class Session {
       .catch((err: unknown) => {
         this.deps.log.error({ session: this.id, err: err instanceof Error ? err.stack : String(err) }, 'session error');
         this.endReason = 'internal-error';
-        this.outq = [];
+        this.out.dropQueued();
         this.send(reply(421, '4.3.0', `${this.deps.hostname} Error: internal error, closing connection`));
       })
       .finally(() => {
@@ -648,14 +469,14 @@ export class Session {
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
         continue;
       }
-      if (this.outputCongested()) return;
+      if (this.out.congested()) return;
       const ev = this.framing.nextCommand();
       if (!ev) {
-        if (this.outq.length === 0) {
+        if (this.out.queued === 0) {
           if (this.clientEnded) {
             // Every command was answered: end the session once the replies are written.
             if (this.endReason === 'closed') this.endReason = 'client-closed';
-            return this.closeAfterWrite();
+            return this.out.closeAfterWrite();
           }
           if (this.framing.buffered > 0 && !this.partialSince) this.partialSince = Date.now();
           return;
@@ -666,7 +487,7 @@ export class Session {
       this.partialSince = 0;
       this.socket.resume();
       await this.onCommandEvent(ev);
-      if (this.outq.length >= MAX_QUEUED_REPLIES) await this.flush();
+      if (this.out.queued >= MAX_QUEUED_REPLIES) await this.flush();
     }
   }
 
@@ -778,7 +599,7 @@ export class Session {
     // Answered from the capabilities the backend gave doorman on this connection; the backend
     // learns the client's name in the background (XCLIENT HELO=, or its EHLO), and the next
     // command that needs the backend waits for that answer (ensureBackend).
-    this.bind(b, verb, name);
+    this.link.bind(b, verb, name);
     this.helo = name;
     this.esmtp = verb === 'EHLO';
     this.txn = null;
@@ -787,42 +608,22 @@ export class Session {
     return this.queue(verb, reply(250, '', [this.deps.hostname, ...this.extensions()]));
   }
 
-  /** The EHLO keywords: what doorman implements ∩ what the backend offers. */
+  /** The EHLO keywords (extensions.ts) for this session's backend, listener and state. */
   private extensions(): string[] {
-    const ext = PASSTHROUGH_CAPS.filter((k) => this.caps.has(k));
-    ext.splice(this.caps.has('PIPELINING') ? 1 : 0, 0, `SIZE ${this.sizeLimit()}`);
-    if (this.deps.listener.secureContext && !this.tls) ext.push('STARTTLS');
-    const mechs = this.authMechanisms();
-    if (mechs && this.authAllowed() && !this.auth) ext.push(`AUTH ${mechs}`);
-    return ext;
+    const mechs = authMechanisms(this.caps);
+    const auth = mechs && this.authAllowed() && !this.auth ? mechs : null;
+    return ehloKeywords(this.caps, this.sizeLimit(), { starttls: !!this.deps.listener.secureContext && !this.tls, auth });
   }
 
-  /**
-   * The SIZE doorman advertises and enforces: its own limit, and the backend's less the room for
-   * the headers doorman adds (TAG_HEADROOM; the whole of a backend SIZE too small to spare it).
-   */
+  /** The SIZE doorman advertises and enforces (extensions.ts). */
   private sizeLimit(): number {
-    const own = this.deps.limits.maxMessageSize;
-    const theirs = this.backendSize();
-    if (theirs === null) return own;
-    return Math.min(own, theirs > 2 * TAG_HEADROOM ? theirs - TAG_HEADROOM : theirs);
-  }
-
-  /** The backend's SIZE (RFC 1870), null when it announces no limit. */
-  private backendSize(): number | null {
-    const theirs = Number.parseInt(this.caps.get('SIZE') ?? '', 10);
-    return Number.isFinite(theirs) && theirs > 0 ? theirs : null;
+    return sizeLimit(this.caps, this.deps.limits.maxMessageSize);
   }
 
   /** The client's message is over the advertised SIZE, or with doorman's headers over the backend's. */
-  private oversized(d: DataState): boolean {
+  private oversized(d: Message): boolean {
     const n = this.framing.dataBytes;
-    return n > this.sizeLimit() || n + d.added > (this.backendSize() ?? Infinity);
-  }
-
-  private authMechanisms(): string | null {
-    const m = this.caps.get('AUTH');
-    return m ? m.trim() : null;
+    return n > this.sizeLimit() || n + d.added > (backendSize(this.caps) ?? Infinity);
   }
 
   private authAllowed(): boolean {
@@ -838,9 +639,9 @@ export class Session {
       if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
       return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
     }
-    const log = this.newTxnLog(addressOf(p.path));
+    const log = this.sessionLog.newTxn(addressOf(p.path));
     const answer = (r: Pending) => this.queue('MAIL', r, (x) => (log.mail = x.code));
-    const checked = this.checkParams('MAIL', p.params);
+    const checked = checkParams('MAIL', p.params, this.caps, this.sizeLimit());
     if (checked) return answer(checked);
     const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
     if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
@@ -870,39 +671,6 @@ export class Session {
     answer(txn.mail);
   }
 
-  /** A deferred MAIL goes to the backend (with the RCPT that follows it in the same write). */
-  private sendDeferredMail(b: BackendConnection, txn: Transaction): Promise<Reply> {
-    return b.command(formatMailRcpt('MAIL FROM', txn.sender, txn.params)).then(
-      (x) => {
-        txn.log.mail = x.code;
-        if (replyClass(x) !== 2) txn.mailRefused = x;
-        return x;
-      },
-      (e: unknown) => (txn.mailRefused = this.backendFailed(e)),
-    );
-  }
-
-  /** MAIL/RCPT parameters doorman lets through: only those of advertised extensions. */
-  private checkParams(verb: 'MAIL' | 'RCPT', params: readonly MailParam[]): Reply | null {
-    for (const { key, value } of params) {
-      if (verb === 'MAIL' && key === 'SIZE') {
-        if (!value || !/^\d{1,20}$/.test(value)) return R.badParam('bad SIZE parameter');
-        if (Number(value) > this.sizeLimit()) return R.tooBig();
-        continue;
-      }
-      if (verb === 'MAIL' && key === 'BODY') {
-        const v = (value ?? '').toUpperCase();
-        if (v === '7BIT' || (v === '8BITMIME' && this.caps.has('8BITMIME'))) continue;
-        return R.badParam(`unsupported BODY=${value ?? ''}`);
-      }
-      if (verb === 'MAIL' && key === 'SMTPUTF8' && value === null && this.caps.has('SMTPUTF8')) continue;
-      if (verb === 'MAIL' && key === 'AUTH' && this.caps.has('AUTH')) continue;
-      if (this.caps.has('DSN') && ((verb === 'MAIL' && (key === 'RET' || key === 'ENVID')) || (verb === 'RCPT' && (key === 'NOTIFY' || key === 'ORCPT')))) continue;
-      return R.badParam(`unsupported option ${key}`);
-    }
-    return null;
-  }
-
   private async onRcpt(c: Command): Promise<void> {
     if (!this.helo) return this.queue('RCPT', R.needHelo());
     const txn = this.txn;
@@ -917,11 +685,8 @@ export class Session {
     txn.rcptTried++;
     const to = addressOf(p.path);
     const answer = (r: Pending) =>
-      this.queue('RCPT', r, (x) => {
-        if (txn.log.rcpts.length < MAX_LOGGED_RCPTS) txn.log.rcpts.push({ to, code: x.code });
-        else txn.log.moreRcpts = (txn.log.moreRcpts ?? 0) + 1;
-      });
-    const checked = this.checkParams('RCPT', p.params);
+      this.queue('RCPT', r, (x) => this.sessionLog.noteRcpt(txn.log, to, x.code));
+    const checked = checkParams('RCPT', p.params, this.caps, this.sizeLimit());
     if (checked) return answer(checked);
     if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
     if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
@@ -931,7 +696,7 @@ export class Session {
     const b = this.backend;
     if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
     if (txn.mailRefused) return answer(txn.mailRefused);
-    txn.mail ??= this.sendDeferredMail(b, txn);
+    txn.mail ??= this.link.sendDeferredMail(b, txn);
     txn.rcptForwarded++;
     this.addTags(txn.tags, v.tags);
     answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
@@ -977,32 +742,12 @@ export class Session {
       this.deps.log.warn({ session: this.id, bytes: injected }, 'plaintext after STARTTLS discarded');
     }
     this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
-    this.socket.write(formatReply(R.tlsReady()));
-    const plain = this.socket;
-    plain.removeAllListeners('data');
-    plain.removeAllListeners('timeout');
-    plain.removeAllListeners('close');
-    plain.removeAllListeners('end');
-    plain.removeAllListeners('error');
-    plain.on('error', () => undefined);
-    const secure = new tls.TLSSocket(plain, { isServer: true, secureContext: ctx });
+    this.send(R.tlsReady());
+    const secure = upgradeToTls(this.socket, ctx);
     this.socket = secure;
+    this.out.setSocket(secure);
     this.attach(secure);
-    // The handshake has its own short deadline (limits.tlsHandshakeTimeout), as on the smtps
-    // listener: a client that says STARTTLS and then nothing must not hold its slot for minutes.
-    const ok = await new Promise<boolean>((resolve) => {
-      const timer = setTimeout(() => {
-        secure.destroy();
-        resolve(false);
-      }, this.deps.limits.tlsHandshakeTimeout);
-      const done = (v: boolean) => {
-        clearTimeout(timer);
-        resolve(v);
-      };
-      secure.once('secure', () => done(true));
-      secure.once('error', () => done(false));
-      secure.once('close', () => done(false));
-    });
+    const ok = await handshake(secure, this.deps.limits.tlsHandshakeTimeout);
     this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
     if (!ok) return this.close('tls-failed');
     // RFC 3207 §4.2: forget everything learnt from the client before TLS.
@@ -1017,47 +762,35 @@ export class Session {
     if (!this.helo || !this.esmtp) return this.queue('AUTH', R.needHelo());
     if (this.auth) return this.queue('AUTH', R.authAlready());
     if (this.txn) return this.queue('AUTH', R.authInTransaction());
-    const mechs = this.authMechanisms();
+    const mechs = authMechanisms(this.caps);
     if (!mechs) return this.queue('AUTH', R.authNotAvailable());
     if (!this.authAllowed()) return this.queue('AUTH', R.authNeedsTls());
-    const [mechRaw = '', initial] = c.arg.trim().split(/\s+/);
-    const mechanism = mechRaw.toUpperCase();
-    if (!/^[A-Z0-9_-]{1,20}$/.test(mechanism) || (initial !== undefined && !/^([A-Za-z0-9+/]+=*|=)$/.test(initial))) {
-      return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
-    }
-    let login = mechanism === 'PLAIN' && initial ? plainLogin(initial) : null;
+    const parsed = parseAuth(c.arg);
+    if (!parsed) return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
+    const { mechanism, initial } = parsed;
+    const login = initialLogin(mechanism, initial);
     const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
     if (v.reply) return this.queue('AUTH', v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
-    let r = await b.command(`AUTH ${mechanism}${initial !== undefined ? ' ' + initial : ''}`).catch((e: unknown) => this.backendFailed(e));
-    let step = 0;
-    this.framing.sasl = true;
-    try {
-      while (r.code === 334 && !this.closed) {
-        this.socket.write(formatReply(r));
-        const ev = await this.readLine();
-        if (!ev) return;
-        if (ev.type !== 'line' || ev.bareCr || ev.line.includes(0)) {
-          // Cancel at the backend and tell the client.
-          await b.command('*').catch(() => undefined);
-          return this.queue('AUTH', ev.type === 'too_long' ? R.lineTooLong() : R.authCancelled());
-        }
-        const resp = ev.line.toString('latin1');
-        if (resp !== '*' && !/^([A-Za-z0-9+/]*=*)$/.test(resp)) {
-          await b.command('*').catch(() => undefined);
-          return this.queue('AUTH', reply(501, '5.5.2', 'Error: cannot decode response'));
-        }
-        if (mechanism === 'PLAIN' && step === 0 && login === null) login = plainLogin(resp);
-        if (mechanism === 'LOGIN' && step === 0 && initial === undefined) login = b64(resp);
-        step++;
-        r = await b.command(resp).catch((e: unknown) => this.backendFailed(e));
-      }
-    } finally {
-      this.framing.sasl = false;
-    }
+    const result = await relayAuth(
+      {
+        challenge: (r) => this.send(r),
+        readLine: () => this.readLine(),
+        isClosed: () => this.closed,
+        setSasl: (on) => (this.framing.sasl = on),
+        failed: (e) => this.backendFailed(e),
+      },
+      b,
+      mechanism,
+      initial,
+      login,
+    );
+    if (!result) return;
+    if ('cancelled' in result) return this.queue('AUTH', result.cancelled);
+    const r = result.reply;
     if (r.code === 235) {
-      this.auth = { mechanism, login: login ?? (mechanism === 'LOGIN' && initial ? b64(initial) : null) };
+      this.auth = { mechanism, login: result.login };
       this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
     }
     this.queue('AUTH', r);
@@ -1108,41 +841,8 @@ export class Session {
     // BDAT towards a backend that takes it, in an ESMTP session (the client said EHLO): the
     // message goes with its size, without DATA and the backend's 354.
     const bdat = this.deps.backend.chunking && this.esmtp && b.chunking;
-    const d: DataState = {
-      bdat: bdat ? new Unstuffer() : null,
-      bdatRefused: null,
-      bdatReplies: [],
-      aborted: null,
-      added: 0,
-      pendingHeaders: hasHeaderRules ? [] : null,
-      tail: [],
-      headerRule: null,
-      // BDAT needs no 354: bytes may go at once.
-      ready: bdat,
-      early: [],
-      earlyBytes: 0,
-      refused: null,
-      backendReply: bdat ? null : b.command('DATA').catch((e: unknown) => this.backendFailed(e)),
-    };
+    const d = new Message(b, { bdat, holdHeaders: hasHeaderRules }, this.messageHost());
     this.data = d;
-    if (d.backendReply) void d.backendReply.then((r) => {
-      if (this.data !== d) return;
-      if (r.code === 354) {
-        d.ready = true;
-        const early = d.early;
-        d.early = [];
-        d.earlyBytes = 0;
-        if (this.backendCongested && !this.backend?.alive) return;
-        this.backendCongested = false;
-        this.writeBackend(early);
-        if (!this.backendCongested) this.uncongest();
-      } else {
-        d.refused = r;
-        d.aborted ??= 'backend_refused';
-        d.early = [];
-        if (this.backendCongested) this.uncongest();
-      }
-    });
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
@@ -1173,70 +873,31 @@ export class Session {
       if (this.oversized(d)) d.aborted = 'size';
       else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
       else if (f.longLine) d.aborted = 'long_line';
-      if (d.aborted) {
-        this.backend?.destroy();
-        return;
-      }
+      if (d.aborted) return d.abort(d.aborted);
     } else return;
-    if (d.pendingHeaders) {
-      for (const c of chunks) {
-        d.pendingHeaders.push(Buffer.from(c));
-      }
-      return;
-    }
+    if (d.pendingHeaders) return d.holdHeaders(chunks);
     if (hold) d.tail = chunks;
-    else this.writeBackend(chunks);
+    else d.write(chunks);
   }
 
   private get hasDataEndRules(): boolean {
     return this.deps.rules.stages.has('data_end');
   }
 
-  private writeBackend(chunks: Buffer | readonly Buffer[]): void {
-    const b = this.backend;
-    if (!b?.alive) return;
-    const list = Buffer.isBuffer(chunks) ? [chunks] : chunks;
-    const d = this.data;
-    if (d && !d.ready) {
-      // Before the backend's 354: hold the bytes; stop reading when too many are held.
-      if (d.refused) return;
-      for (const c of list) {
-        d.early.push(c);
-        d.earlyBytes += c.length;
-      }
-      if (d.earlyBytes > this.deps.limits.maxBuffered && !this.backendCongested) {
-        this.backendCongested = true;
-        this.socket.pause();
-      }
-      return;
-    }
-    if (d?.bdat) {
-      // One BDAT per batch of chunks; a refused chunk decides the message (bdatRefused), and
-      // no further chunk is sent after it (RFC 3030 §2).
-      if (d.bdatRefused) return;
-      const body = d.bdat.push(list);
-      if (body.length === 0) return;
-      const sent = b.bdat(body, false);
-      d.bdatReplies.push(
-        sent.reply.then(
-          (r) => {
-            if (replyClass(r) !== 2) d.bdatRefused ??= r;
-          },
-          () => undefined,
-        ),
-      );
-      if (!sent.ok) this.congested(b);
-      return;
-    }
-    for (const c of list) if (!b.writeData(c)) this.congested(b);
-  }
-
-  /** The backend's socket is full: stop reading the client until it drains. */
-  private congested(b: BackendConnection): void {
-    if (this.backendCongested) return;
-    this.backendCongested = true;
-    this.socket.pause();
-    b.onceDrain(() => this.uncongest());
+  /** What a message needs of the session: reading the client stopped and resumed, failures. */
+  private messageHost(): MessageHost {
+    return {
+      maxBuffered: this.deps.limits.maxBuffered,
+      isCongested: () => this.backendCongested,
+      setCongested: (v) => (this.backendCongested = v),
+      pauseClient: () => this.socket.pause(),
+      uncongest: () => this.uncongest(),
+      isCurrent: (m) => this.data === m,
+      failed: (e) => this.backendFailed(e),
+      failedAtEndOfData: (e) => this.dataFailed(e),
+      acceptedAfterRefusal: (refused, last) =>
+        this.deps.log.warn({ session: this.id, backend: this.link.name, refused: describeReply(refused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal'),
+    };
   }
 
   /** With data_headers rules: hold the header block, evaluate, then release it. */
@@ -1266,7 +927,7 @@ export class Session {
       return;
     }
     this.writeTags(this.sessionTags, this.txn?.tags ?? [], v.tags);
-    if (!d.aborted) this.writeBackend(held);
+    if (!d.aborted) d.write(held);
   }
 
   private async finishData(): Promise<void> {
@@ -1285,7 +946,7 @@ export class Session {
     if (d.aborted === 'backend_refused') {
       // The backend refused DATA and never saw a byte; clear the transaction it still holds.
       r = this.abortReply(d);
-      this.resetRefused(r);
+      d.resetRefused(r);
     } else if (d.aborted) {
       this.backend?.destroy();
       r = this.abortReply(d);
@@ -1297,7 +958,7 @@ export class Session {
         r = v.reply;
         msg.rule = v.decidedBy ?? undefined;
       } else {
-        r = d.bdat ? await this.endBdat(d, d.bdat) : await this.endDataCommand(d);
+        r = await d.end();
         const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
         if (q?.[1]) msg.queueId = q[1];
       }
@@ -1312,47 +973,7 @@ export class Session {
     this.queue('DATA_END', r);
   }
 
-  /** The end of a message sent with DATA: its last bytes and the dot, once the backend's 354 came. */
-  private async endDataCommand(d: DataState): Promise<Reply> {
-    const b = this.backend;
-    const dataReply = (await d.backendReply) ?? R.backendTempfail();
-    if (d.refused || dataReply.code !== 354) {
-      const r = d.refused ?? dataReply;
-      this.resetRefused(r);
-      return r;
-    }
-    return b?.alive ? b.endData(d.tail).catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-  }
-
-  /**
-   * The end of a message sent with BDAT. A refused chunk decides the message: no LAST follows it.
-   * LAST may go before an earlier chunk's refusal came back (replies come in order, later): then
-   * that refusal still decides, even if the backend took LAST (RFC 3030 §2 has it refuse every
-   * chunk after a refused one; one that does not must not turn the refusal into a 250). Otherwise
-   * the last chunk's reply is the message's fate. A failed transaction is RSET.
-   */
-  private async endBdat(d: DataState, unstuffer: Unstuffer): Promise<Reply> {
-    const b = this.backend;
-    let r = d.bdatRefused;
-    if (!r) {
-      const last = b?.alive ? await b.bdat(unstuffer.push(d.tail), true).reply.catch((e: unknown) => this.dataFailed(e)) : R.backendTempfail();
-      await Promise.all(d.bdatReplies);
-      r = d.bdatRefused ?? last;
-      if (d.bdatRefused && replyClass(last) === 2) {
-        this.deps.log.warn({ session: this.id, backend: this.backendName, refused: describeReply(d.bdatRefused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal');
-      }
-    }
-    if (replyClass(r) !== 2) this.resetRefused(r);
-    return r;
-  }
-
-  /** The backend still holds the transaction whose data it refused: reset it (unless it is closing). */
-  private resetRefused(r: Reply): void {
-    const b = this.backend;
-    if (!r.closes && b?.alive) b.command('RSET').catch(() => undefined);
-  }
-
-  private abortReply(d: DataState): Reply {
+  private abortReply(d: Message): Reply {
     switch (d.aborted) {
       case 'size':
         return R.tooBig();
@@ -1372,19 +993,12 @@ export class Session {
   }
 
   private dataFailed(e: unknown): Reply {
-    const kind = e instanceof BackendError ? e.kind : 'protocol';
-    this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
-    this.deps.log.warn({ session: this.id, err: (e as Error).message }, 'backend failed at end of data');
-    return R.backendTempfail();
+    return this.link.failedAtEndOfData(e);
   }
 
   /** A backend failure during a command: the client gets 421 and the session ends. */
   private backendFailed(e: unknown): Reply {
-    const kind = e instanceof BackendError ? e.kind : 'protocol';
-    this.deps.metrics.backendFailures.inc({ backend: this.backendName ?? '', kind });
-    this.deps.log.warn({ session: this.id, err: (e as Error).message, kind }, 'backend failed');
-    this.endReason = 'backend-failed';
-    return R.lostBackend(this.deps.hostname);
+    return this.link.failed(e);
   }
 
   // ---------------------------------------------------------------- rules
@@ -1463,48 +1077,29 @@ export class Session {
 
   // ---------------------------------------------------------------- log
 
-  private logged = false;
+  /** The session's log line was written (it ended). */
+  private get logged(): boolean {
+    return this.sessionLog.written;
+  }
 
   private logSession(): void {
-    if (this.logged) return;
-    this.logged = true;
-    this.deps.log.info(
-      {
-        session: this.id,
-        client: this.client.text,
-        port: this.peer.port,
-        listener: this.deps.listener.name,
-        backend: this.backendName,
-        helo: this.helo,
-        tls: this.tls,
-        login: this.auth?.login ?? null,
-        transactions: this.txnLogs,
-        ...(this.droppedTxnLogs ? { moreTransactions: this.droppedTxnLogs } : {}),
-        rules: this.outcomes.map(ruleLogEntry),
-        ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
-        ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
-        outcome: this.endReason,
-        commands: this.commands,
-        errors: this.errors,
-        ms: Date.now() - this.started,
-      },
-      'session',
-    );
+    this.sessionLog.write({
+      session: this.id,
+      client: this.client.text,
+      port: this.peer.port,
+      listener: this.deps.listener.name,
+      backend: this.link.name,
+      helo: this.helo,
+      tls: this.tls,
+      login: this.auth?.login ?? null,
+      outcomes: this.outcomes,
+      droppedOutcomes: this.droppedOutcomes,
+      outcome: this.endReason,
+      commands: this.commands,
+      errors: this.out.errors,
+      started: this.started,
+    });
   }
-}
-
-/** One rule outcome as the session log shows it. */
-function ruleLogEntry(o: RuleOutcome): object {
-  return {
-    rule: o.rule,
-    stage: o.stage,
-    finding: o.finding,
-    action: o.action,
-    effect: o.effect,
-    ...(o.wouldBe ? { would: o.wouldBe } : {}),
-    ...(o.reason ? { reason: o.reason } : {}),
-    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
-  };
 }
 
 const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
@@ -1512,64 +1107,4 @@ let idCounter = 0;
 function nextSessionId(): string {
   idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
   return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
-}
-
-interface DataState {
-  aborted: null | 'size' | 'bare_newline' | 'long_line' | 'rule' | 'backend' | 'backend_refused';
-  /** Relayed as BDAT (RFC 3030): the stuffing is removed on the way; null for DATA. */
-  bdat: Unstuffer | null;
-  /** The first refusal of a BDAT chunk (the message's fate, whatever LAST gets). */
-  bdatRefused: Reply | null;
-  /** Settle when each non-last chunk's reply has been looked at (bdatRefused set if refused). */
-  bdatReplies: Promise<void>[];
-  /** The backend answered 354: bytes may go to it. */
-  ready: boolean;
-  /** Bytes received before the backend's 354. */
-  early: Buffer[];
-  earlyBytes: number;
-  /** The backend's refusal of DATA, answered after the client's end of data. */
-  refused: Reply | null;
-  /** The backend's reply to DATA; null when the message goes as BDAT (no DATA, no 354). */
-  backendReply: Promise<Reply> | null;
-  /** Held header chunks while data_headers rules are pending; null when streaming. */
-  pendingHeaders: Buffer[] | null;
-  headerRule: { reply: Reply; rule: string } | null;
-  /** The message's last chunks, written together with the final "." (fewer writes). */
-  tail: Buffer[];
-  /** Octets doorman added to the message (X-Doorman-Tag headers). */
-  added: number;
-}
-
-function tagHeaders(tags: readonly string[]): Buffer {
-  // eslint-disable-next-line no-control-regex
-  return Buffer.from(tags.map((t) => `X-Doorman-Tag: ${truncateUtf8(t.replace(/[\x00-\x1f\x7f]/g, ' '), MAX_TAG_OCTETS)}\r\n`).join(''), 'utf8');
-}
-
-/** `s` cut to at most `max` octets of UTF-8, at a character boundary. */
-function truncateUtf8(s: string, max: number): string {
-  if (Buffer.byteLength(s, 'utf8') <= max) return s;
-  let out = '';
-  let n = 0;
-  for (const ch of s) {
-    n += Buffer.byteLength(ch, 'utf8');
-    if (n > max) break;
-    out += ch;
-  }
-  return out;
-}
-
-function b64(s: string): string | null {
-  try {
-    const v = Buffer.from(s, 'base64').toString('utf8');
-    // eslint-disable-next-line no-control-regex
-    return v && !/[\x00-\x1f]/.test(v) ? v : null;
-  } catch {
-    return null;
-  }
-}
-
-/** RFC 4616: authzid NUL authcid NUL passwd → authcid (never the password). */
-function plainLogin(resp: string): string | null {
-  const parts = Buffer.from(resp, 'base64').toString('utf8').split('\0');
-  return parts.length === 3 && parts[1] ? parts[1] : null;
 }
