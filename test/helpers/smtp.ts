@@ -21,13 +21,18 @@ export interface ConnectOptions {
   tls?: boolean;
 }
 
-export interface OpenOptions extends ConnectOptions {
+export interface GreetOptions extends ConnectOptions {
+  /** Sent first, as a PROXY protocol v1 header: 'PROXY <proxy>\r\n' (e.g. 'TCP4 127.0.0.40 127.0.0.1 40000 25'). */
+  proxy?: string;
+  /** How long to wait for the greeting (ms). */
+  timeout?: number;
+}
+
+export interface OpenOptions extends GreetOptions {
   /** The EHLO name (default client.example.net); false stops after the greeting. */
   ehlo?: string | false;
   /** After EHLO: STARTTLS, the handshake, and EHLO again. */
   starttls?: boolean;
-  /** How long to wait for the greeting (ms). */
-  timeout?: number;
 }
 
 export interface Message {
@@ -86,8 +91,9 @@ export class SmtpClient {
   }
 
   /** Connects and reads the greeting, whatever it is. */
-  static async greet(port: number, opts: ConnectOptions & { timeout?: number } = {}): Promise<Greeted> {
+  static async greet(port: number, opts: GreetOptions = {}): Promise<Greeted> {
     const c = await SmtpClient.connect(port, opts);
+    if (opts.proxy !== undefined) c.send(`PROXY ${opts.proxy}`);
     const greeting = await c.reply(opts.timeout);
     return Object.assign(c, { greeting });
   }
