@@ -22,8 +22,8 @@ export interface ConnectOptions {
 }
 
 export interface GreetOptions extends ConnectOptions {
-  /** Sent first, as a PROXY protocol v1 header: 'PROXY <proxy>\r\n' (e.g. 'TCP4 127.0.0.40 127.0.0.1 40000 25'). */
-  proxy?: string;
+  /** Sent first: a PROXY v1 header 'PROXY <proxy>\r\n' (e.g. 'TCP4 127.0.0.40 127.0.0.1 40000 25'), or a v2 header as bytes. */
+  proxy?: string | Buffer;
   /** How long to wait for the greeting (ms). */
   timeout?: number;
 }
@@ -93,7 +93,8 @@ export class SmtpClient {
   /** Connects and reads the greeting, whatever it is. */
   static async greet(port: number, opts: GreetOptions = {}): Promise<Greeted> {
     const c = await SmtpClient.connect(port, opts);
-    if (opts.proxy !== undefined) c.send(`PROXY ${opts.proxy}`);
+    if (typeof opts.proxy === 'string') c.send(`PROXY ${opts.proxy}`);
+    else if (opts.proxy) c.write(opts.proxy);
     const greeting = await c.reply(opts.timeout);
     return Object.assign(c, { greeting });
   }
