@@ -119,6 +119,19 @@ export class SmtpClient {
     return c;
   }
 
+  /**
+   * A message the server is expected to take up to the end of data: asserts 250 to MAIL and to each
+   * RCPT and 354 to DATA, then sends the body. Returns the reply to the end of data, or without a
+   * body, DATA's 354 (the client is left in DATA to write its own bytes).
+   */
+  async message(m: Message): Promise<TestReply> {
+    const t = await this.transaction(m);
+    assert.equal(t.mail.code, 250, t.mail.raw);
+    for (const r of t.rcpt) assert.equal(r.code, 250, r.raw);
+    assert.equal(t.data?.code, 354, t.last.raw);
+    return t.last;
+  }
+
   /** MAIL, RCPT for each recipient, DATA, the body and its end; stops at the first refusal. Asserts nothing. */
   async transaction(m: Message): Promise<Replies> {
     const mail = await this.cmd(`MAIL FROM:<${m.from}>${m.params ? ` ${m.params}` : ''}`);

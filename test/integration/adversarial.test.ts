@@ -131,7 +131,7 @@ test('slowloris: a command trickling in one byte at a time gets 421 4.4.2 within
 
 test('DATA below the minimum rate: 421 4.4.2, nothing delivered', async () => {
   const c = await SmtpClient.open(portOf(dm), { ehlo: 'slowdata.example' });
-  assert.equal((await c.transaction({ from: 'slowdata@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'slowdata@example.org', to: 'b@example.com' });
   const before = fb.messages.length;
   for (let i = 0; i < 12 && !(await c.waitClosed(1)); i++) {
     c.write('0123456789');

@@ -90,7 +90,7 @@ test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
   const sink = await startSink();
   const d = await doorman(sink.port);
   const c = await SmtpClient.open(d.port);
-  assert.equal((await c.transaction({ from: 'a@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: dies\r\n\r\n' + 'line of text\r\n'.repeat(2000));
   await new Promise((r) => setTimeout(r, 200));
   await sink.proc.stop('SIGKILL');
@@ -106,7 +106,7 @@ test('backend drops the connection mid-DATA: 451 4.4.2 after the client’s end 
   const fb = await startFakeBackend('close-mid-data');
   const d = await doorman(fb.port);
   const c = await SmtpClient.open(d.port);
-  assert.equal((await c.transaction({ from: 'a@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: x\r\n\r\n' + 'y'.repeat(70).concat('\r\n').repeat(500) + '.\r\n');
   const r = await c.reply();
   assert.equal(r.code, 451, r.raw);
@@ -118,7 +118,7 @@ test('backend never answers the end of data: 451 4.4.2 after the data deadline',
   const fb = await startFakeBackend('stall-after-data');
   const d = await doorman(fb.port);
   const c = await SmtpClient.open(d.port);
-  assert.equal((await c.transaction({ from: 'a@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   const t0 = Date.now();
   c.write('Subject: x\r\n\r\nbody\r\n.\r\n');
   const r = await c.reply(10_000);
@@ -147,7 +147,7 @@ test('backend closes after each message: doorman reconnects for the next transac
   const d = await doorman(fb.port);
   const c = await SmtpClient.open(d.port);
   for (let i = 0; i < 3; i++) {
-    assert.equal((await c.transaction({ from: `m${i}@example.org`, to: 'b@example.com', body: `Subject: ${i}\r\n\r\nbody\r\n` })).last.code, 250);
+    assert.equal((await c.message({ from: `m${i}@example.org`, to: 'b@example.com', body: `Subject: ${i}\r\n\r\nbody\r\n` })).code, 250);
     await new Promise((r) => setTimeout(r, 50));
   }
   assert.equal(fb.messages.length, 3);
@@ -160,7 +160,7 @@ test('the backend refuses DATA after doorman answered 354: the client gets the r
   const fb = await startFakeBackend('refuse-data');
   const d = await doorman(fb.port);
   const c = await SmtpClient.open(d.port);
-  assert.equal((await c.transaction({ from: 'a@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: x\r\n\r\nMAIL FROM:<smuggle@example.org>\r\nbody\r\n.\r\n');
   const r = await c.reply();
   assert.equal(r.code, 554);
@@ -304,7 +304,7 @@ test('BDAT: a backend that refuses a chunk decides the message — the client ge
       const c = await SmtpClient.open(d.port);
       // Big enough to go in several chunks; dot lines unstuffed on the way.
       const body = `Subject: bdat\r\n\r\n..dot\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}`;
-      const r = (await c.transaction({ from: 'a@example.org', to: 'b@example.com', body })).last;
+      const r = await c.message({ from: 'a@example.org', to: 'b@example.com', body });
       assert.equal(r.code, code, r.raw);
       c.close();
     }
@@ -326,7 +326,7 @@ test('BDAT: a backend that refuses a chunk and then accepts LAST (its refusal ca
   try {
     const c = await SmtpClient.open(d.port);
     const body = `Subject: late\r\n\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}`;
-    const r = (await c.transaction({ from: 'a@example.org', to: 'b@example.com', body })).last;
+    const r = await c.message({ from: 'a@example.org', to: 'b@example.com', body });
     assert.equal(r.code, 452, r.raw);
     assert.match(r.text, /^4\.3\.1 /);
     const bdat = fb.commands.filter((l) => l.startsWith('BDAT '));
@@ -345,7 +345,7 @@ test('the backend dies while doorman waits for it to drain (back-pressure): the 
   const d = await doorman(fb.port);
   try {
     const c = await SmtpClient.open(d.port);
-    assert.equal((await c.transaction({ from: 'a@example.org', to: 'b@example.com' })).last.code, 354);
+    await c.message({ from: 'a@example.org', to: 'b@example.com' });
     // Far more than the socket buffers hold while the backend reads nothing.
     c.write('Subject: stalled\r\n\r\n' + `${'s'.repeat(78)}\r\n`.repeat(100_000));
     c.write('.\r\n');

@@ -58,7 +58,7 @@ test('silent clients hold no backend connection: six idle sockets, then a real c
     assert.equal(connectionsTo(postfix.port), 0, 'no connection to Postfix for six silent clients');
     assert.equal(await d.metric('doorman_backend_connections'), 0);
     const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.50', ehlo: 'real.example.net' });
-    const r = (await c.transaction({ from: 'after-idle@example.org', to: 'bob@example.com', body: 'Subject: after idle\r\n\r\nhi\r\n' })).last;
+    const r = await c.message({ from: 'after-idle@example.org', to: 'bob@example.com', body: 'Subject: after idle\r\n\r\nhi\r\n' });
     assert.equal(r.code, 250, r.raw);
     await sink.bySender('after-idle@example.org');
     assert.equal((await c.cmd('QUIT')).code, 221);
@@ -103,7 +103,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
     assert.equal((await first.reply()).code, 250);
     assert.equal((await first.cmd('QUIT')).code, 221);
     assert.equal((await y.reply(5000)).code, 250, 'served by the freed connection');
-    assert.equal((await y.transaction({ from: 'cap-y@example.org', to: 'bob@example.com', body: 'Subject: cap y\r\n\r\nhi\r\n' })).last.code, 250);
+    assert.equal((await y.message({ from: 'cap-y@example.org', to: 'bob@example.com', body: 'Subject: cap y\r\n\r\nhi\r\n' })).code, 250);
     for (const [i, c] of active.entries()) {
       assert.equal((await c.cmd('DATA')).code, 354);
       c.write(`Subject: cap ${i + 1}\r\n\r\nhi\r\n.\r\n`);
@@ -134,14 +134,14 @@ test('a client that leaves in the middle of AUTH: its backend connection is not 
     await eventually(() => d.sessions().length >= 1);
     await sleep(100);
     const next = await SmtpClient.open(port, { ehlo: 'innocent.example.net' });
-    const r = (await next.transaction({ from: 'innocent@example.org', to: 'bob@example.com', body: 'Subject: innocent\r\n\r\nhi\r\n' })).last;
+    const r = await next.message({ from: 'innocent@example.org', to: 'bob@example.com', body: 'Subject: innocent\r\n\r\nhi\r\n' });
     assert.equal(r.code, 250, r.raw);
     await saslSink.bySender('innocent@example.org');
     // A clean connection is still reused: a session that ended normally leaves it for the next.
     assert.equal((await next.cmd('QUIT')).code, 221);
     await sleep(100);
     const third = await SmtpClient.open(port, { ehlo: 'third.example.net' });
-    assert.equal((await third.transaction({ from: 'third@example.org', to: 'bob@example.com', body: 'Subject: third\r\n\r\nhi\r\n' })).last.code, 250);
+    assert.equal((await third.message({ from: 'third@example.org', to: 'bob@example.com', body: 'Subject: third\r\n\r\nhi\r\n' })).code, 250);
     assert.equal(await d.metric('doorman_backend_reused_total'), 1, 'only the clean connection was reused');
     third.close();
   } finally {

@@ -61,7 +61,7 @@ test('dry-run fcrdns at connect with a slow resolver: greeting at once, mail del
   assert.equal(b.code, 220);
   assert.ok(a.ms < 1000 && b.ms < 1000, `greetings took ${a.ms} and ${b.ms} ms with DNS answering after ${DELAY} ms`);
   await a.c.ehlo('client.example.net');
-  const sent = (await a.c.transaction({ from: 'alice@example.net', to: 'bob@example.org', body: 'Subject: hi\r\n\r\nhello' })).last;
+  const sent = await a.c.message({ from: 'alice@example.net', to: 'bob@example.org', body: 'Subject: hi\r\n\r\nhello' });
   assert.equal(sent.code, 250, sent.raw);
   assert.equal((await a.c.cmd('QUIT')).code, 221);
   assert.equal(fb.messages.length, before + 1);

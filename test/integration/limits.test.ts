@@ -131,11 +131,11 @@ test('message size: SIZE= over the limit gets 552 5.3.4 at MAIL', async () => {
 test('message size: data over the limit gets 552 5.3.4 and nothing is delivered', async () => {
   const c = await SmtpClient.open(dm.port);
   const big = 'Subject: big\r\n\r\n' + 'z'.repeat(70).concat('\r\n').repeat(200);
-  const r = (await c.transaction({ from: 'toobig@example.org', to: 'b@example.com', body: big })).last;
+  const r = await c.message({ from: 'toobig@example.org', to: 'b@example.com', body: big });
   assert.equal(r.code, 552);
   assert.match(r.text, /^5\.3\.4 /);
   // The session goes on with a fresh backend connection.
-  assert.equal((await c.transaction({ from: 'small@example.org', to: 'b@example.com', body: 'Subject: small\r\n\r\nok\r\n' })).last.code, 250);
+  assert.equal((await c.message({ from: 'small@example.org', to: 'b@example.com', body: 'Subject: small\r\n\r\nok\r\n' })).code, 250);
   c.close();
   await sink.bySender('small@example.org');
   assert.equal(sink.messages().some((m) => m.mail.startsWith('<toobig@')), false, 'the oversized message never reached the backend');
@@ -144,7 +144,7 @@ test('message size: data over the limit gets 552 5.3.4 and nothing is delivered'
 test('a message line over 1000 octets: 500 5.5.2 and nothing is delivered', async () => {
   const c = await SmtpClient.open(dm.port);
   const long = 'Subject: long\r\n\r\n' + 'w'.repeat(999) + '\r\n';
-  const r = (await c.transaction({ from: 'longline@example.org', to: 'b@example.com', body: long })).last;
+  const r = await c.message({ from: 'longline@example.org', to: 'b@example.com', body: long });
   assert.equal(r.code, 500);
   assert.match(r.text, /^5\.5\.2 /);
   c.close();
@@ -154,7 +154,7 @@ test('a message line over 1000 octets: 500 5.5.2 and nothing is delivered', asyn
 
 test('a client that stalls inside DATA gets 421 4.4.2 after the data timeout; nothing is delivered', async () => {
   const c = await SmtpClient.open(dm.port);
-  assert.equal((await c.transaction({ from: 'stall@example.org', to: 'b@example.com' })).last.code, 354);
+  await c.message({ from: 'stall@example.org', to: 'b@example.com' });
   c.write('Subject: stall\r\n\r\nhalf a message\r\n');
   const r = await c.reply(5000);
   assert.equal(r.code, 421);

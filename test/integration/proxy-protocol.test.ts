@@ -37,7 +37,7 @@ after(async () => {
 
 /** One message from `from` on a client past EHLO; Postfix's queue id. */
 async function deliver(c: SmtpClient, from: string): Promise<string> {
-  const r = (await c.transaction({ from, to: 'bob@example.com', body: 'Subject: proxy\r\n\r\nhi\r\n' })).last;
+  const r = await c.message({ from, to: 'bob@example.com', body: 'Subject: proxy\r\n\r\nhi\r\n' });
   assert.equal(r.code, 250, r.raw);
   c.close();
   return /queued as ([A-F0-9]+)/.exec(r.text)?.[1] ?? '';

@@ -155,7 +155,7 @@ test('action tag adds a header to the message instead of refusing', async () => 
   const d = await startDoorman({ backendPort: fb.port, rules: { 'helo.yaml': 'rule: helo\nname: helo-tag\naction: tag\n' } });
   try {
     const c = await SmtpClient.open(d.port, { ehlo: 'localhost' });
-    assert.equal((await c.transaction({ from: 'tag@example.org', to: 'b@example.com', body: 'Subject: tagged\r\n\r\nbody\r\n' })).last.code, 250);
+    assert.equal((await c.message({ from: 'tag@example.org', to: 'b@example.com', body: 'Subject: tagged\r\n\r\nbody\r\n' })).code, 250);
     c.close();
     const msg = fb.messages[fb.messages.length - 1] ?? '';
     assert.match(msg, /^X-Doorman-Tag: helo-tag; need fully-qualified hostname\r\nSubject: tagged\r\n/);
