@@ -145,9 +145,9 @@ export class SmtpClient {
     }
     replies.data = replies.last = await this.cmd('DATA');
     if (replies.data.code !== 354 || m.body === undefined) return replies;
-    this.write(m.body);
-    const tail = typeof m.body === 'string' ? m.body.slice(-2) : m.body.subarray(-2).toString('latin1');
-    this.write(tail === '\r\n' ? '.\r\n' : '\r\n.\r\n');
+    const body = typeof m.body === 'string' ? Buffer.from(m.body, 'latin1') : m.body;
+    const end = body.subarray(-2).toString('latin1') === '\r\n' ? '.\r\n' : '\r\n.\r\n';
+    this.write(Buffer.concat([body, Buffer.from(end, 'latin1')])); // one write, as a client sends a small message
     replies.end = replies.last = await this.reply(m.timeout ?? 60_000);
     return replies;
   }
