@@ -92,8 +92,8 @@ test('talking before the greeting — SMTP, a TLS ClientHello, HTTP — gets 521
       assert.match(got, /^220-mx\.doorman\.test ESMTP\r\n521 5\.5\.1 Protocol error\r\n$/, JSON.stringify(got));
     }
     assert.equal(await d.metric('doorman_protocol_violations_total', { kind: 'pregreet' }), 3);
-    const polite = await SmtpClient.connect(d.port);
-    const g = await polite.reply();
+    const polite = await SmtpClient.greet(d.port);
+    const g = polite.greeting;
     assert.deepEqual(g.lines, ['mx.doorman.test ESMTP', 'mx.doorman.test ESMTP'], 'teaser, then the greeting');
     assert.equal((await polite.cmd('EHLO ok.example')).code, 250);
     polite.close();
@@ -201,8 +201,8 @@ test('a connection flood above the per-IP limit: the excess gets 421 4.7.0, no c
     assert.equal(refused, 180);
     for (const r of results) r.c.close();
     await sleep(200);
-    const c = await SmtpClient.connect(d.port);
-    assert.equal((await c.reply()).code, 220);
+    const c = await SmtpClient.greet(d.port);
+    assert.equal(c.greeting.code, 220);
     c.close();
   } finally {
     await d.stop();
@@ -214,17 +214,17 @@ test('overload shedding: while the event loop lags, new connections get 421 4.3.
   try {
     process.kill(d.proc.pid, 'SIGSTOP');
     await sleep(1000);
-    const pending = SmtpClient.connect(d.port);
+    const pending = SmtpClient.greet(d.port);
     await sleep(100);
     process.kill(d.proc.pid, 'SIGCONT');
     const c = await pending;
-    const r = await c.reply();
+    const r = c.greeting;
     assert.equal(r.code, 421);
     assert.match(r.text, /^4\.3\.2 /);
     c.close();
     await eventually(async () => (await d.metric('doorman_overloaded')) === 0, 5000);
-    const ok = await SmtpClient.connect(d.port);
-    assert.equal((await ok.reply()).code, 220, 'served again once the lag is gone');
+    const ok = await SmtpClient.greet(d.port);
+    assert.equal(ok.greeting.code, 220, 'served again once the lag is gone');
     ok.close();
     assert.equal(await d.metric('doorman_connections_refused_total', { reason: 'overload' }), 1);
   } finally {
