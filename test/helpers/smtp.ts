@@ -1,6 +1,13 @@
 /**
  * smtp.ts — a raw SMTP client for tests: exact bytes out, replies parsed, no politeness.
  * Binds to other 127.0.0.x addresses to stand in for other client hosts.
+ *
+ *   const c = await SmtpClient.open(port, { localAddress, ehlo: 'mta.example.org' }); // 220, EHLO 250
+ *   const r = await c.message({ from, to: ['b@example.com'], body });                // MAIL 250, RCPT 250, DATA 354
+ *   assert.equal(r.code, 250);                                                       // the end of data
+ *
+ * greet() when the greeting is what the test checks, transaction() when a refusal at MAIL or RCPT
+ * is, cmd()/write()/reply() for everything else.
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -41,8 +48,8 @@ export interface Message {
   /** Appended to MAIL FROM:<from>, e.g. 'SIZE=1234 BODY=8BITMIME'. */
   params?: string;
   /**
-   * Sent after DATA exactly as given (not dot-stuffed; see dotStuff), then the end of data:
-   * '.\r\n' if it ends with CRLF, else '\r\n.\r\n'. Left out: the conversation stops at DATA's 354.
+   * Sent after DATA exactly as given (not dot-stuffed; see dotStuff) with the end of data, in one
+   * write: '.\r\n' if it ends with CRLF, else '\r\n.\r\n'. Left out: the conversation stops at DATA's 354.
    */
   body?: string | Buffer;
   /** How long to wait for the reply to the end of data (ms). */
