@@ -1,7 +1,15 @@
 /**
  * smtp.ts — a raw SMTP client for tests: exact bytes out, replies parsed, no politeness.
  * Binds to other 127.0.0.x addresses to stand in for other client hosts.
+ *
+ *   const c = await SmtpClient.open(port, { localAddress, ehlo: 'mta.example.org' }); // 220, EHLO 250
+ *   const r = await c.message({ from, to: ['b@example.com'], body });                // MAIL 250, RCPT 250, DATA 354
+ *   assert.equal(r.code, 250);                                                       // the end of data
+ *
+ * greet() when the greeting is what the test checks, transaction() when a refusal at MAIL or RCPT
+ * is, cmd()/write()/reply() for everything else.
  */
+import assert from 'node:assert/strict';
 import net from 'node:net';
 import tls from 'node:tls';
 
@@ -20,7 +28,51 @@ export interface ConnectOptions {
   tls?: boolean;
 }
 
+export interface GreetOptions extends ConnectOptions {
+  /** Sent first: a PROXY v1 header 'PROXY <proxy>\r\n' (e.g. 'TCP4 127.0.0.40 127.0.0.1 40000 25'), or a v2 header as bytes. */
+  proxy?: string | Buffer;
+  /** How long to wait for the greeting (ms). */
+  timeout?: number;
+}
+
+export interface OpenOptions extends GreetOptions {
+  /** The EHLO name (default client.example.net); false stops after the greeting. */
+  ehlo?: string | false;
+  /** After EHLO: STARTTLS, the handshake, and EHLO again. */
+  starttls?: boolean;
+}
+
+export interface Message {
+  from: string;
+  to: string | string[];
+  /** Appended to MAIL FROM:<from>, e.g. 'SIZE=1234 BODY=8BITMIME'. */
+  params?: string;
+  /**
+   * Sent after DATA exactly as given (not dot-stuffed; see dotStuff) with the end of data, in one
+   * write: '.\r\n' if it ends with CRLF, else '\r\n.\r\n'. Left out: the conversation stops at DATA's 354.
+   */
+  body?: string | Buffer;
+  /** How long to wait for the reply to the end of data (ms). */
+  timeout?: number;
+}
+
+/** The replies of one transaction, up to the first refusal. */
+export interface Replies {
+  mail: TestReply;
+  rcpt: TestReply[];
+  data?: TestReply;
+  /** The reply to the end of data. */
+  end?: TestReply;
+  /** The last reply received: the refusal that stopped the conversation, DATA's 354 without a body, else `end`. */
+  last: TestReply;
+}
+
+/** A client that has read the greeting. */
+export type Greeted = SmtpClient & { readonly greeting: TestReply };
+
 export class SmtpClient {
+  /** EHLO keywords from open() (after STARTTLS: the second EHLO's). */
+  keywords = new Map<string, string>();
   private buf = '';
   private waiters: (() => void)[] = [];
   private ended = false;
@@ -43,6 +95,68 @@ export class SmtpClient {
       });
       s.once('error', reject);
     });
+  }
+
+  /** Connects and reads the greeting, whatever it is. */
+  static async greet(port: number, opts: GreetOptions = {}): Promise<Greeted> {
+    const c = await SmtpClient.connect(port, opts);
+    if (typeof opts.proxy === 'string') c.send(`PROXY ${opts.proxy}`);
+    else if (opts.proxy) c.write(opts.proxy);
+    const greeting = await c.reply(opts.timeout);
+    return Object.assign(c, { greeting });
+  }
+
+  /** Connects, expects a 220 greeting and a 250 to EHLO (unless `ehlo: false`): a client ready for MAIL. */
+  static async open(port: number, opts: OpenOptions = {}): Promise<Greeted> {
+    const c = await SmtpClient.greet(port, opts);
+    assert.equal(c.greeting.code, 220, c.greeting.raw);
+    if (opts.ehlo === false) return c;
+    const name = opts.ehlo ?? 'client.example.net';
+    const e = await c.ehlo(name);
+    assert.equal(e.reply.code, 250, e.reply.raw);
+    c.keywords = e.keywords;
+    if (opts.starttls) {
+      const s = await c.cmd('STARTTLS');
+      assert.equal(s.code, 220, s.raw);
+      await c.upgrade();
+      const again = await c.ehlo(name);
+      assert.equal(again.reply.code, 250, again.reply.raw);
+      c.keywords = again.keywords;
+    }
+    return c;
+  }
+
+  /**
+   * A message the server is expected to take up to the end of data: asserts 250 to MAIL and to each
+   * RCPT and 354 to DATA, then sends the body. Returns the reply to the end of data, or without a
+   * body, DATA's 354 (the client is left in DATA to write its own bytes).
+   */
+  async message(m: Message): Promise<TestReply> {
+    const t = await this.transaction(m);
+    assert.equal(t.mail.code, 250, t.mail.raw);
+    for (const r of t.rcpt) assert.equal(r.code, 250, r.raw);
+    assert.equal(t.data?.code, 354, t.last.raw);
+    return t.last;
+  }
+
+  /** MAIL, RCPT for each recipient, DATA, the body and its end; stops at the first refusal. Asserts nothing. */
+  async transaction(m: Message): Promise<Replies> {
+    const mail = await this.cmd(`MAIL FROM:<${m.from}>${m.params ? ` ${m.params}` : ''}`);
+    const replies: Replies = { mail, rcpt: [], last: mail };
+    if (mail.code !== 250) return replies;
+    for (const to of typeof m.to === 'string' ? [m.to] : m.to) {
+      const r = await this.cmd(`RCPT TO:<${to}>`);
+      replies.rcpt.push(r);
+      replies.last = r;
+      if (r.code !== 250) return replies;
+    }
+    replies.data = replies.last = await this.cmd('DATA');
+    if (replies.data.code !== 354 || m.body === undefined) return replies;
+    const body = typeof m.body === 'string' ? Buffer.from(m.body, 'latin1') : m.body;
+    const end = body.subarray(-2).toString('latin1') === '\r\n' ? '.\r\n' : '\r\n.\r\n';
+    this.write(Buffer.concat([body, Buffer.from(end, 'latin1')])); // one write, as a client sends a small message
+    replies.end = replies.last = await this.reply(m.timeout ?? 60_000);
+    return replies;
   }
 
   private attach(s: net.Socket): void {
@@ -155,22 +269,12 @@ export class SmtpClient {
   }
 }
 
-/** A whole transaction: MAIL, RCPT…, DATA, body (CRLF, already dot-stuffed), end. */
-export async function sendMessage(c: SmtpClient, from: string, to: string[], stuffedBody: string | Buffer): Promise<TestReply> {
-  const m = await c.cmd(`MAIL FROM:<${from}>`);
-  if (m.code !== 250) return m;
-  for (const r of to) {
-    const rr = await c.cmd(`RCPT TO:<${r}>`);
-    if (rr.code !== 250) return rr;
-  }
-  const d = await c.cmd('DATA');
-  if (d.code !== 354) return d;
-  c.write(stuffedBody);
-  c.write('\r\n.\r\n');
-  return c.reply(60_000);
-}
-
 /** Dot-stuffs a CRLF message body for DATA. */
 export function dotStuff(body: string): string {
   return body.replace(/(^|\r\n)\./g, '$1..');
+}
+
+/** @deprecated Use client.transaction(); kept for bench/backend-connections.ts. The last reply of a whole transaction. */
+export async function sendMessage(c: SmtpClient, from: string, to: string[], body: string | Buffer): Promise<TestReply> {
+  return (await c.transaction({ from, to, body })).last;
 }

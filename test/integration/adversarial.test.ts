@@ -46,15 +46,9 @@ after(async () => {
   await fb?.close();
 });
 
-async function open(port = portOf(dm), localAddress?: string): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(port, localAddress ? { localAddress } : {});
-  assert.equal((await c.reply()).code, 220);
-  return c;
-}
-
 test('a 64 KB and a 10 MB line without newline: one 500 5.5.2 each, bounded memory, session goes on', { timeout: 60_000 }, async () => {
-  const c = await open();
-  const other = await open();
+  const c = await SmtpClient.open(portOf(dm), { ehlo: false });
+  const other = await SmtpClient.open(portOf(dm), { ehlo: false });
   const before = rssKb(dm.proc.pid);
   c.write('NOOP ' + 'x'.repeat(64 * 1024) + '\r\n');
   assert.equal((await c.reply()).code, 500);
@@ -75,7 +69,7 @@ test('a 64 KB and a 10 MB line without newline: one 500 5.5.2 each, bounded memo
 });
 
 test('NUL and 8-bit bytes in commands are refused with 5xx', async () => {
-  const c = await open();
+  const c = await SmtpClient.open(portOf(dm), { ehlo: false });
   c.write('NOOP a\0b\r\n');
   assert.equal((await c.reply()).code, 500);
   c.write(Buffer.from('EHLO h\xe9llo.example\r\n', 'latin1'));
@@ -98,8 +92,8 @@ test('talking before the greeting — SMTP, a TLS ClientHello, HTTP — gets 521
       assert.match(got, /^220-mx\.doorman\.test ESMTP\r\n521 5\.5\.1 Protocol error\r\n$/, JSON.stringify(got));
     }
     assert.equal(await d.metric('doorman_protocol_violations_total', { kind: 'pregreet' }), 3);
-    const polite = await SmtpClient.connect(d.port);
-    const g = await polite.reply();
+    const polite = await SmtpClient.greet(d.port);
+    const g = polite.greeting;
     assert.deepEqual(g.lines, ['mx.doorman.test ESMTP', 'mx.doorman.test ESMTP'], 'teaser, then the greeting');
     assert.equal((await polite.cmd('EHLO ok.example')).code, 250);
     polite.close();
@@ -109,8 +103,7 @@ test('talking before the greeting — SMTP, a TLS ClientHello, HTTP — gets 521
 });
 
 test('pipelining abuse: 2000 commands in one write are answered in order; data sent before 354 is one message', async () => {
-  const c = await open();
-  await c.ehlo('pipe.example');
+  const c = await SmtpClient.open(portOf(dm), { ehlo: 'pipe.example' });
   c.write('NOOP\r\n'.repeat(2000));
   for (let i = 0; i < 2000; i++) assert.equal((await c.reply()).code, 250);
   const before = fb.messages.length;
@@ -122,7 +115,7 @@ test('pipelining abuse: 2000 commands in one write are answered in order; data s
 });
 
 test('slowloris: a command trickling in one byte at a time gets 421 4.4.2 within about the command timeout', async () => {
-  const c = await open();
+  const c = await SmtpClient.open(portOf(dm), { ehlo: false });
   const t0 = Date.now();
   let closed = false;
   void c.closed.then(() => (closed = true));
@@ -137,11 +130,8 @@ test('slowloris: a command trickling in one byte at a time gets 421 4.4.2 within
 });
 
 test('DATA below the minimum rate: 421 4.4.2, nothing delivered', async () => {
-  const c = await open();
-  await c.ehlo('slowdata.example');
-  assert.equal((await c.cmd('MAIL FROM:<slowdata@example.org>')).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
+  const c = await SmtpClient.open(portOf(dm), { ehlo: 'slowdata.example' });
+  await c.message({ from: 'slowdata@example.org', to: 'b@example.com' });
   const before = fb.messages.length;
   for (let i = 0; i < 12 && !(await c.waitClosed(1)); i++) {
     c.write('0123456789');
@@ -155,25 +145,21 @@ test('DATA below the minimum rate: 421 4.4.2, nothing delivered', async () => {
 test('a client vanishing mid-DATA never delivers a partial message', async () => {
   const before = fb.messages.length;
   for (let i = 0; i < 5; i++) {
-    const c = await open();
-    await c.ehlo('vanish.example');
-    await c.cmd('MAIL FROM:<vanish@example.org>');
-    await c.cmd('RCPT TO:<b@example.com>');
-    await c.cmd('DATA');
+    const c = await SmtpClient.open(portOf(dm), { ehlo: 'vanish.example' });
+    await c.transaction({ from: 'vanish@example.org', to: 'b@example.com' });
     c.write('Subject: half\r\n\r\nhalf a mess');
     await sleep(50);
     c.socket.destroy();
   }
   await sleep(300);
   assert.equal(fb.messages.length, before);
-  const c = await open();
+  const c = await SmtpClient.open(portOf(dm), { ehlo: false });
   assert.equal((await c.cmd('NOOP')).code, 250);
   c.close();
 });
 
 test('AUTH floods: after maxAuthFailures the session is closed with 421 4.7.0', async () => {
-  const c = await open();
-  await c.ehlo('guess.example');
+  const c = await SmtpClient.open(portOf(dm), { ehlo: 'guess.example' });
   const codes = [];
   for (let i = 0; i < 3; i++) codes.push((await c.cmd('AUTH PLAIN ' + Buffer.from(`\0user${i}\0pw`).toString('base64'))).code);
   codes.push((await c.reply()).code);
@@ -189,7 +175,7 @@ test('2000 idle connections: bounded memory per connection; a new client is stil
   await Promise.all(clients.map((c) => c.reply(20_000)));
   await sleep(500);
   const perConnKb = (rssKb(dm.proc.pid) - base) / 2000;
-  const fresh = await open();
+  const fresh = await SmtpClient.open(portOf(dm), { ehlo: false });
   assert.equal((await fresh.cmd('NOOP')).code, 250);
   fresh.close();
   for (const c of clients) c.close();
@@ -215,8 +201,8 @@ test('a connection flood above the per-IP limit: the excess gets 421 4.7.0, no c
     assert.equal(refused, 180);
     for (const r of results) r.c.close();
     await sleep(200);
-    const c = await SmtpClient.connect(d.port);
-    assert.equal((await c.reply()).code, 220);
+    const c = await SmtpClient.greet(d.port);
+    assert.equal(c.greeting.code, 220);
     c.close();
   } finally {
     await d.stop();
@@ -228,17 +214,17 @@ test('overload shedding: while the event loop lags, new connections get 421 4.3.
   try {
     process.kill(d.proc.pid, 'SIGSTOP');
     await sleep(1000);
-    const pending = SmtpClient.connect(d.port);
+    const pending = SmtpClient.greet(d.port);
     await sleep(100);
     process.kill(d.proc.pid, 'SIGCONT');
     const c = await pending;
-    const r = await c.reply();
+    const r = c.greeting;
     assert.equal(r.code, 421);
     assert.match(r.text, /^4\.3\.2 /);
     c.close();
     await eventually(async () => (await d.metric('doorman_overloaded')) === 0, 5000);
-    const ok = await SmtpClient.connect(d.port);
-    assert.equal((await ok.reply()).code, 220, 'served again once the lag is gone');
+    const ok = await SmtpClient.greet(d.port);
+    assert.equal(ok.greeting.code, 220, 'served again once the lag is gone');
     ok.close();
     assert.equal(await d.metric('doorman_connections_refused_total', { reason: 'overload' }), 1);
   } finally {
@@ -261,20 +247,14 @@ test('mixed load with faults: every 250 reached the backend exactly once, nothin
     for (let i = 0; i < PER_WORKER; i++) {
       const id = `w${w}m${i}`;
       try {
-        const c = await SmtpClient.connect(d.port);
-        const g = (await c.reply(5000)).code;
-        if (g !== 220) {
-          note(`greeting ${g}`);
+        const c = await SmtpClient.greet(d.port, { timeout: 5000 });
+        if (c.greeting.code !== 220) {
+          note(`greeting ${c.greeting.code}`);
           c.close();
           continue;
         }
         await c.ehlo('mixed.example');
-        if ((await c.cmd(`MAIL FROM:<${id}@mixed.example>`)).code !== 250) {
-          c.close();
-          continue;
-        }
-        await c.cmd('RCPT TO:<user@example.com>');
-        if ((await c.cmd('DATA')).code !== 354) {
+        if ((await c.transaction({ from: `${id}@mixed.example`, to: 'user@example.com' })).last.code !== 354) {
           c.close();
           continue;
         }

@@ -31,27 +31,11 @@ async function doorman(backendPort: number): Promise<Doorman> {
   return d;
 }
 
-async function begin(port: number): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(port);
-  assert.equal((await c.reply()).code, 220);
-  await c.ehlo();
-  assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  return c;
-}
-
-/** Greeting, then EHLO: the first command that needs the backend (it is opened in parallel). */
-async function ehloReply(port: number) {
-  const c = await SmtpClient.connect(port);
-  const g = await c.reply(5000);
-  assert.equal(g.code, 220, 'doorman greets without waiting for the backend');
-  return { c, r: await c.cmd('EHLO client.example.net', 5000) };
-}
-
 test('backend down: 421 4.4.1 at the first command, and the connection closes', async () => {
   const d = await doorman(await freePort());
-  const { c, r } = await ehloReply(d.port);
+  // Doorman greets without waiting for the backend; EHLO is the first command that needs it.
+  const c = await SmtpClient.open(d.port, { ehlo: false, timeout: 5000 });
+  const r = await c.cmd('EHLO client.example.net', 5000);
   assert.equal(r.code, 421);
   assert.match(r.text, /^4\.4\.1 /);
   assert.doesNotMatch(r.text, /backend|127\.0\.0\.1/i, 'the client is not told about the backend');
@@ -70,7 +54,8 @@ for (const [fault, code, enhanced] of greetingCases) {
   test(`backend ${fault}: the client gets ${code} ${enhanced}`, async () => {
     const fb = await startFakeBackend(fault);
     const d = await doorman(fb.port);
-    const { c, r } = await ehloReply(d.port);
+    const c = await SmtpClient.open(d.port, { ehlo: false, timeout: 5000 });
+    const r = await c.cmd('EHLO client.example.net', 5000);
     assert.equal(r.code, code);
     assert.ok(r.text.startsWith(enhanced), r.raw);
     assert.equal(await c.waitClosed(), true);
@@ -88,7 +73,8 @@ test('a backend refusing doorman at its greeting (554) and another busy (421), i
     ]) {
       const d = await startDoorman({ backendPort: 1, config: FAST, env: { DOORMAN_BACKEND: `10 127.0.0.1:${order[0]!.port}, 20 127.0.0.1:${order[1]!.port}` } });
       running.push(d);
-      const { c, r } = await ehloReply(d.port);
+      const c = await SmtpClient.open(d.port, { ehlo: false, timeout: 5000 });
+      const r = await c.cmd('EHLO client.example.net', 5000);
       assert.equal(r.code, 421, r.raw);
       assert.match(r.text, /^4\.4\.1 /);
       assert.equal(await c.waitClosed(), true);
@@ -103,7 +89,8 @@ test('a backend refusing doorman at its greeting (554) and another busy (421), i
 test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
   const sink = await startSink();
   const d = await doorman(sink.port);
-  const c = await begin(d.port);
+  const c = await SmtpClient.open(d.port);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: dies\r\n\r\n' + 'line of text\r\n'.repeat(2000));
   await new Promise((r) => setTimeout(r, 200));
   await sink.proc.stop('SIGKILL');
@@ -118,7 +105,8 @@ test('backend dies mid-DATA (smtp-sink killed): 451, never 250', async () => {
 test('backend drops the connection mid-DATA: 451 4.4.2 after the client’s end of data', async () => {
   const fb = await startFakeBackend('close-mid-data');
   const d = await doorman(fb.port);
-  const c = await begin(d.port);
+  const c = await SmtpClient.open(d.port);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: x\r\n\r\n' + 'y'.repeat(70).concat('\r\n').repeat(500) + '.\r\n');
   const r = await c.reply();
   assert.equal(r.code, 451, r.raw);
@@ -129,7 +117,8 @@ test('backend drops the connection mid-DATA: 451 4.4.2 after the client’s end 
 test('backend never answers the end of data: 451 4.4.2 after the data deadline', async () => {
   const fb = await startFakeBackend('stall-after-data');
   const d = await doorman(fb.port);
-  const c = await begin(d.port);
+  const c = await SmtpClient.open(d.port);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   const t0 = Date.now();
   c.write('Subject: x\r\n\r\nbody\r\n.\r\n');
   const r = await c.reply(10_000);
@@ -143,9 +132,7 @@ test('backend never answers the end of data: 451 4.4.2 after the data deadline',
 test('backend stalls on a command: 421 4.4.2 and the session ends', async () => {
   const fb = await startFakeBackend('stall-mail');
   const d = await doorman(fb.port);
-  const c = await SmtpClient.connect(d.port);
-  await c.reply();
-  await c.ehlo();
+  const c = await SmtpClient.open(d.port);
   // MAIL is answered here and goes to the backend with the first RCPT (backend.deferMail).
   assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
   const r = await c.cmd('RCPT TO:<b@example.com>', 5000);
@@ -158,15 +145,9 @@ test('backend stalls on a command: 421 4.4.2 and the session ends', async () => 
 test('backend closes after each message: doorman reconnects for the next transaction', async () => {
   const fb = await startFakeBackend('close-after-message');
   const d = await doorman(fb.port);
-  const c = await SmtpClient.connect(d.port);
-  await c.reply();
-  await c.ehlo();
+  const c = await SmtpClient.open(d.port);
   for (let i = 0; i < 3; i++) {
-    assert.equal((await c.cmd(`MAIL FROM:<m${i}@example.org>`)).code, 250);
-    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-    assert.equal((await c.cmd('DATA')).code, 354);
-    c.write(`Subject: ${i}\r\n\r\nbody\r\n.\r\n`);
-    assert.equal((await c.reply()).code, 250);
+    assert.equal((await c.message({ from: `m${i}@example.org`, to: 'b@example.com', body: `Subject: ${i}\r\n\r\nbody\r\n` })).code, 250);
     await new Promise((r) => setTimeout(r, 50));
   }
   assert.equal(fb.messages.length, 3);
@@ -178,7 +159,8 @@ test('backend closes after each message: doorman reconnects for the next transac
 test('the backend refuses DATA after doorman answered 354: the client gets the refusal after its data, nothing leaks', async () => {
   const fb = await startFakeBackend('refuse-data');
   const d = await doorman(fb.port);
-  const c = await begin(d.port);
+  const c = await SmtpClient.open(d.port);
+  await c.message({ from: 'a@example.org', to: 'b@example.com' });
   c.write('Subject: x\r\n\r\nMAIL FROM:<smuggle@example.org>\r\nbody\r\n.\r\n');
   const r = await c.reply();
   assert.equal(r.code, 554);
@@ -198,8 +180,7 @@ test('the backend refuses the client’s HELO that doorman answered: the next co
   const fb = await startFakeBackend('refuse-helo');
   const d = await doorman(fb.port);
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
+    const c = await SmtpClient.open(d.port, { ehlo: false });
     const e = await c.cmd('EHLO unknown.example.net');
     assert.equal(e.code, 250, 'answered by doorman from the backend’s capabilities');
     assert.match(e.raw, /PIPELINING/);
@@ -218,9 +199,7 @@ test('RSET and NOOP with nothing to reset are answered by doorman; RSET inside a
   const fb = await startFakeBackend('none');
   const d = await doorman(fb.port);
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
-    await c.ehlo('client.example.net');
+    const c = await SmtpClient.open(d.port, { ehlo: 'client.example.net' });
     assert.equal((await c.cmd('RSET')).code, 250);
     assert.equal((await c.cmd('NOOP')).code, 250);
     // A MAIL without a RCPT never reaches the backend (deferred): its RSET has nothing to reset there.
@@ -243,9 +222,7 @@ test('a backend that offers XCLIENT but refuses it: 421 4.4.2 at the next comman
   const fb = await startFakeBackend('refuse-xclient');
   const d = await doorman(fb.port);
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
-    assert.equal((await c.cmd('EHLO client.example.net')).code, 250);
+    const c = await SmtpClient.open(d.port);
     const m = await c.cmd('MAIL FROM:<a@example.org>');
     assert.equal(m.code, 421);
     assert.match(m.text, /4\.4\.2/);
@@ -265,9 +242,7 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
   running.push(plain);
   try {
     const session = async (port: number, name: string) => {
-      const c = await SmtpClient.connect(port);
-      await c.reply();
-      assert.equal((await c.cmd(`EHLO ${name}`)).code, 250);
+      const c = await SmtpClient.open(port, { ehlo: name });
       assert.equal((await c.cmd('MAIL FROM:<x@example.org>')).code, 250);
       assert.equal((await c.cmd('RCPT TO:<y@example.com>')).code, 250);
       assert.equal((await c.cmd('QUIT')).code, 221);
@@ -300,10 +275,8 @@ test('a reused backend connection: the EHLO a client is shown never comes from a
   try {
     const sizes: string[] = [];
     for (const ip of ['127.0.0.81', '127.0.0.82']) {
-      const c = await SmtpClient.connect(d.port, { localAddress: ip });
-      await c.reply();
-      const { keywords } = await c.ehlo();
-      sizes.push(keywords.get('SIZE') ?? '');
+      const c = await SmtpClient.open(d.port, { localAddress: ip });
+      sizes.push(c.keywords.get('SIZE') ?? '');
       assert.equal((await c.cmd('NOOP')).code, 250);
       assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
       assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
@@ -328,15 +301,10 @@ test('BDAT: a backend that refuses a chunk decides the message — the client ge
       [refusing, 552],
     ] as const) {
       const d = await doorman(fb.port);
-      const c = await SmtpClient.connect(d.port);
-      await c.reply();
-      await c.ehlo();
-      assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
-      assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-      assert.equal((await c.cmd('DATA')).code, 354);
+      const c = await SmtpClient.open(d.port);
       // Big enough to go in several chunks; dot lines unstuffed on the way.
-      c.write(`Subject: bdat\r\n\r\n..dot\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}.\r\n`);
-      const r = await c.reply();
+      const body = `Subject: bdat\r\n\r\n..dot\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}`;
+      const r = await c.message({ from: 'a@example.org', to: 'b@example.com', body });
       assert.equal(r.code, code, r.raw);
       c.close();
     }
@@ -356,14 +324,9 @@ test('BDAT: a backend that refuses a chunk and then accepts LAST (its refusal ca
   const fb = await startFakeBackend('chunking-refuse-late');
   const d = await doorman(fb.port);
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
-    await c.ehlo();
-    assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
-    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-    assert.equal((await c.cmd('DATA')).code, 354);
-    c.write(`Subject: late\r\n\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}.\r\n`);
-    const r = await c.reply();
+    const c = await SmtpClient.open(d.port);
+    const body = `Subject: late\r\n\r\n${'z'.repeat(70).concat('\r\n').repeat(3000)}`;
+    const r = await c.message({ from: 'a@example.org', to: 'b@example.com', body });
     assert.equal(r.code, 452, r.raw);
     assert.match(r.text, /^4\.3\.1 /);
     const bdat = fb.commands.filter((l) => l.startsWith('BDAT '));
@@ -381,7 +344,8 @@ test('the backend dies while doorman waits for it to drain (back-pressure): the 
   const fb = await startFakeBackend('stall-then-close');
   const d = await doorman(fb.port);
   try {
-    const c = await begin(d.port);
+    const c = await SmtpClient.open(d.port);
+    await c.message({ from: 'a@example.org', to: 'b@example.com' });
     // Far more than the socket buffers hold while the backend reads nothing.
     c.write('Subject: stalled\r\n\r\n' + `${'s'.repeat(78)}\r\n`.repeat(100_000));
     c.write('.\r\n');

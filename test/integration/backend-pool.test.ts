@@ -13,7 +13,7 @@ import { execFileSync } from 'node:child_process';
 import { startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startPostfix, type Postfix } from '../helpers/postfix.js';
 import { startSink, type Sink } from '../helpers/sink.js';
-import { sendMessage, SmtpClient } from '../helpers/smtp.js';
+import { SmtpClient } from '../helpers/smtp.js';
 import { eventually, sleep, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
@@ -50,20 +50,15 @@ test('silent clients hold no backend connection: six idle sockets, then a real c
   const idle: SmtpClient[] = [];
   try {
     for (let i = 0; i < 6; i++) {
-      const c = await SmtpClient.connect(d.port, { localAddress: `127.0.0.${40 + i}` });
-      assert.equal((await c.reply()).code, 220);
-      idle.push(c);
+      idle.push(await SmtpClient.open(d.port, { localAddress: `127.0.0.${40 + i}`, ehlo: false }));
     }
     // A client that only talks to doorman (NOOP, HELP, RSET) does not need the backend either.
     assert.equal((await idle[0]!.cmd('NOOP')).code, 250);
     await sleep(300);
     assert.equal(connectionsTo(postfix.port), 0, 'no connection to Postfix for six silent clients');
     assert.equal(await d.metric('doorman_backend_connections'), 0);
-    const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.50' });
-    await c.reply();
-    const e = await c.ehlo('real.example.net');
-    assert.equal(e.reply.code, 250, e.reply.raw);
-    const r = await sendMessage(c, 'after-idle@example.org', ['bob@example.com'], 'Subject: after idle\r\n\r\nhi\r\n');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.50', ehlo: 'real.example.net' });
+    const r = await c.message({ from: 'after-idle@example.org', to: 'bob@example.com', body: 'Subject: after idle\r\n\r\nhi\r\n' });
     assert.equal(r.code, 250, r.raw);
     await sink.bySender('after-idle@example.org');
     assert.equal((await c.cmd('QUIT')).code, 221);
@@ -82,9 +77,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
   const active: SmtpClient[] = [];
   try {
     for (let i = 0; i < 3; i++) {
-      const c = await SmtpClient.connect(d.port, { localAddress: `127.0.0.${60 + i}` });
-      await c.reply();
-      assert.equal((await c.ehlo(`a${i}.example.net`)).reply.code, 250);
+      const c = await SmtpClient.open(d.port, { localAddress: `127.0.0.${60 + i}`, ehlo: `a${i}.example.net` });
       assert.equal((await c.cmd(`MAIL FROM:<cap-${i}@example.org>`)).code, 250);
       assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
       active.push(c);
@@ -92,8 +85,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
     assert.equal(await d.metric('doorman_backend_connections'), 3);
     assert.ok(connectionsTo(postfix.port) <= 3, 'the spares count against the cap');
     // A fourth client: nothing frees up within acquireTimeout.
-    const x = await SmtpClient.connect(d.port, { localAddress: '127.0.0.70' });
-    await x.reply();
+    const x = await SmtpClient.open(d.port, { localAddress: '127.0.0.70', ehlo: false });
     const busy = await x.cmd('EHLO x.example.net', 5000);
     assert.equal(busy.code, 421, busy.raw);
     assert.match(busy.text, /^4\.3\.2 /);
@@ -102,8 +94,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
     assert.equal(await d.metric('doorman_backend_busy_total'), 1);
     assert.ok(await eventually(() => d.logs().some((l) => l.msg === 'every backend connection in use')));
     // A fifth client waits; the first active client finishes and leaves: its connection serves it.
-    const y = await SmtpClient.connect(d.port, { localAddress: '127.0.0.71' });
-    await y.reply();
+    const y = await SmtpClient.open(d.port, { localAddress: '127.0.0.71', ehlo: false });
     y.send('EHLO y.example.net');
     await sleep(200);
     const first = active.shift()!;
@@ -112,7 +103,7 @@ test('backend.maxConnections: clients past the cap wait, then get 421 4.3.2 (cou
     assert.equal((await first.reply()).code, 250);
     assert.equal((await first.cmd('QUIT')).code, 221);
     assert.equal((await y.reply(5000)).code, 250, 'served by the freed connection');
-    assert.equal((await sendMessage(y, 'cap-y@example.org', ['bob@example.com'], 'Subject: cap y\r\n\r\nhi\r\n')).code, 250);
+    assert.equal((await y.message({ from: 'cap-y@example.org', to: 'bob@example.com', body: 'Subject: cap y\r\n\r\nhi\r\n' })).code, 250);
     for (const [i, c] of active.entries()) {
       assert.equal((await c.cmd('DATA')).code, 354);
       c.write(`Subject: cap ${i + 1}\r\n\r\nhi\r\n.\r\n`);
@@ -136,26 +127,21 @@ test('a client that leaves in the middle of AUTH: its backend connection is not 
       env: { DOORMAN_LISTEN: '' },
     });
     const port = (d.logs().find((l) => l.msg === 'doorman started')?.listeners as { port: number }[])[0]?.port ?? 0;
-    const c = await SmtpClient.connect(port);
-    await c.reply();
-    assert.match((await c.ehlo('leaver.example.net')).keywords.get('AUTH') ?? '', /LOGIN/);
+    const c = await SmtpClient.open(port, { ehlo: 'leaver.example.net' });
+    assert.match(c.keywords.get('AUTH') ?? '', /LOGIN/);
     assert.equal((await c.cmd('AUTH LOGIN')).code, 334);
     c.close();
     await eventually(() => d.sessions().length >= 1);
     await sleep(100);
-    const next = await SmtpClient.connect(port);
-    await next.reply();
-    assert.equal((await next.ehlo('innocent.example.net')).reply.code, 250);
-    const r = await sendMessage(next, 'innocent@example.org', ['bob@example.com'], 'Subject: innocent\r\n\r\nhi\r\n');
+    const next = await SmtpClient.open(port, { ehlo: 'innocent.example.net' });
+    const r = await next.message({ from: 'innocent@example.org', to: 'bob@example.com', body: 'Subject: innocent\r\n\r\nhi\r\n' });
     assert.equal(r.code, 250, r.raw);
     await saslSink.bySender('innocent@example.org');
     // A clean connection is still reused: a session that ended normally leaves it for the next.
     assert.equal((await next.cmd('QUIT')).code, 221);
     await sleep(100);
-    const third = await SmtpClient.connect(port);
-    await third.reply();
-    assert.equal((await third.ehlo('third.example.net')).reply.code, 250);
-    assert.equal((await sendMessage(third, 'third@example.org', ['bob@example.com'], 'Subject: third\r\n\r\nhi\r\n')).code, 250);
+    const third = await SmtpClient.open(port, { ehlo: 'third.example.net' });
+    assert.equal((await third.message({ from: 'third@example.org', to: 'bob@example.com', body: 'Subject: third\r\n\r\nhi\r\n' })).code, 250);
     assert.equal(await d.metric('doorman_backend_reused_total'), 1, 'only the clean connection was reused');
     third.close();
   } finally {

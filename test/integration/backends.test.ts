@@ -23,22 +23,15 @@ after(async () => {
 /** One message per connection; returns the reply code. */
 async function send(d: Doorman, id: string): Promise<number> {
   try {
-    const c = await SmtpClient.connect(d.port);
-    const g = await c.reply(10_000);
-    if (g.code !== 220) {
+    const c = await SmtpClient.greet(d.port);
+    if (c.greeting.code !== 220) {
       c.close();
-      return g.code;
+      return c.greeting.code;
     }
     await c.ehlo('load.example.org');
-    const m = await c.cmd(`MAIL FROM:<${id}@load.example>`);
-    if (m.code !== 250) return m.code;
-    await c.cmd('RCPT TO:<user@example.com>');
-    const d1 = await c.cmd('DATA');
-    if (d1.code !== 354) return d1.code;
-    c.write(`Subject: ${id}\r\n\r\nbody\r\n.\r\n`);
-    const r = await c.reply(10_000);
+    const t = await c.transaction({ from: `${id}@load.example`, to: 'user@example.com', body: `Subject: ${id}\r\n\r\nbody\r\n`, timeout: 10_000 });
     c.close();
-    return r.code;
+    return t.last.code;
   } catch {
     return 0;
   }
@@ -107,8 +100,7 @@ test('preference order, random spread among equals, dead and 421 backends skippe
 test('no backend answers: 421 4.4.1 at the first command, never a 250', async () => {
   const d = await startDoorman({ backendPort: 1, env: { DOORMAN_BACKEND: `10 127.0.0.1:${await freePort()}, 20 127.0.0.1:${await freePort()}` } });
   cleanups.push(() => d.stop());
-  const c = await SmtpClient.connect(d.port);
-  assert.equal((await c.reply()).code, 220);
+  const c = await SmtpClient.open(d.port, { ehlo: false });
   const r = await c.cmd('EHLO client.example.net');
   assert.equal(r.code, 421);
   assert.match(r.text, /^4\.4\.1 /);

@@ -110,9 +110,7 @@ test('listeners on IPv4 and IPv6 at once; IPv6 clients keep their address', asyn
   const d = await startDoorman({ backendPort: fb.port, listen: 'smtp://127.0.0.1:{PORT},smtp://[::1]:{PORT}' });
   try {
     for (const host of ['127.0.0.1', '::1']) {
-      const c = await SmtpClient.connect(d.ports[host === '::1' ? 1 : 0]!, { host });
-      assert.equal((await c.reply()).code, 220);
-      assert.equal((await c.ehlo()).reply.code, 250);
+      const c = await SmtpClient.open(d.ports[host === '::1' ? 1 : 0]!, { host });
       assert.equal((await c.cmd('QUIT')).code, 221);
     }
     const s = await eventually(() => d.sessions().find((x) => x.client === '::1'));

@@ -32,8 +32,8 @@ test('two workers: shared port, a Redis-backed limit across both, aggregated met
     assert.equal(workers.size, 2);
     const codes: number[] = [];
     for (let i = 0; i < 8; i++) {
-      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.44' });
-      codes.push((await c.reply()).code);
+      const c = await SmtpClient.greet(d.port, { localAddress: '127.0.0.44' });
+      codes.push(c.greeting.code);
       c.close();
       await sleep(20);
     }
@@ -43,8 +43,7 @@ test('two workers: shared port, a Redis-backed limit across both, aggregated met
     // sequential connections may all land on one; bursts of parallel ones (bounded) reach both.
     const served = () => new Set(d.sessions().map((s) => s.worker)).size;
     for (let burst = 0; burst < 10 && served() < 2; burst++) {
-      const clients = await Promise.all(Array.from({ length: 10 }, () => SmtpClient.connect(d.port, { localAddress: '127.0.0.45' })));
-      await Promise.all(clients.map((c) => c.reply()));
+      const clients = await Promise.all(Array.from({ length: 10 }, () => SmtpClient.greet(d.port, { localAddress: '127.0.0.45' })));
       for (const c of clients) c.close();
       await eventually(() => d.sessions().length >= 8 + 10 * (burst + 1), 5000);
     }
@@ -77,11 +76,10 @@ test('two workers: maxClients and maxClientsPerIp hold for the instance; state g
   try {
     await eventually(() => d.logs().filter((l) => l.msg === 'doorman started').length === 2, 15_000);
     const attempt = async (localAddress: string) => {
-      const c = await SmtpClient.connect(d.port, { localAddress });
-      const r = await c.reply();
-      if (r.code === 220) held.push(c);
+      const c = await SmtpClient.greet(d.port, { localAddress });
+      if (c.greeting.code === 220) held.push(c);
       else c.close();
-      return r.code;
+      return c.greeting.code;
     };
     const perIp = await Promise.all(Array.from({ length: 6 }, () => attempt('127.0.0.60')));
     assert.deepEqual(perIp.sort(), [220, 220, 220, 421, 421, 421], 'maxClientsPerIp 3 for the instance, not per worker');
@@ -128,16 +126,14 @@ test('two workers without Redis: rate limits and greylisting hold for the instan
     await eventually(() => d.logs().filter((l) => l.msg === 'doorman started').length === 2, 15_000);
     const codes: number[] = [];
     for (let i = 0; i < 6; i++) {
-      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.63' });
-      codes.push((await c.reply()).code);
+      const c = await SmtpClient.greet(d.port, { localAddress: '127.0.0.63' });
+      codes.push(c.greeting.code);
       c.close();
       await sleep(20);
     }
     assert.deepEqual(codes, [220, 220, 220, 220, 421, 421], 'one connection limit for the instance, without Redis');
     const rcpt = async (localAddress: string) => {
-      const c = await SmtpClient.connect(d.port, { localAddress });
-      assert.equal((await c.reply()).code, 220);
-      await c.ehlo();
+      const c = await SmtpClient.open(d.port, { localAddress });
       assert.equal((await c.cmd('MAIL FROM:<news@sender.example>')).code, 250);
       const r = await c.cmd('RCPT TO:<user@example.com>');
       c.close();

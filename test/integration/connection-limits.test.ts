@@ -37,11 +37,9 @@ function start(limits: string): Promise<Doorman> {
 
 /** An smtps client that waits for its greeting: the client, or null when doorman closed first. */
 async function smtps(port: number, localAddress: string): Promise<SmtpClient | null> {
-  const c = await SmtpClient.connect(port, { tls: true, localAddress }).catch(() => null);
-  if (!c) return null;
-  const g = await c.reply(5000).catch(() => null);
-  if (g?.code === 220) return c;
-  c.close();
+  const c = await SmtpClient.greet(port, { tls: true, localAddress, timeout: 5000 }).catch(() => null);
+  if (c?.greeting.code === 220) return c;
+  c?.close();
   return null;
 }
 
@@ -57,8 +55,8 @@ test('smtps: with limits 3 per IP / 5 in total, 10 parallel TLS clients from one
     const more = [await smtps(smtpsPort, '127.0.0.31'), await smtps(smtpsPort, '127.0.0.31')];
     assert.ok(more.every((c) => c !== null));
     assert.equal(await smtps(smtpsPort, '127.0.0.32'), null);
-    const plain = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.32' });
-    const r = await plain.reply();
+    const plain = await SmtpClient.greet(dm.ports[0]!, { localAddress: '127.0.0.32' });
+    const r = plain.greeting;
     assert.equal(r.code, 421, 'the limit is one for all listeners');
     assert.match(r.text, /^4\.7\.0 /);
     assert.equal(await dm.metric('doorman_connections_refused_total', { reason: 'max_clients' }), 2);
@@ -91,8 +89,8 @@ test('40 half-open TLS handshakes hold their slots, show in doorman_connections_
     await eventually(async () => (await pending()) === 40, 5000);
     assert.equal(await pending(), 40);
     // They count in maxClients: a real client is refused while they are held.
-    const c = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.34' });
-    assert.equal((await c.reply()).code, 421);
+    const c = await SmtpClient.greet(dm.ports[0]!, { localAddress: '127.0.0.34' });
+    assert.equal(c.greeting.code, 421);
     // doorman closes every one at the handshake deadline, not at the 300 s command timeout.
     const times = await Promise.race([Promise.all(closed), sleep(8000).then(() => null)]);
     assert.ok(times, 'every half-open handshake was closed by doorman');
@@ -101,8 +99,8 @@ test('40 half-open TLS handshakes hold their slots, show in doorman_connections_
     assert.equal(await pending(), 0);
     assert.equal(await dm.metric('doorman_connections_refused_total', { reason: 'tls_timeout' }), 40);
     assert.equal(await dm.metric('doorman_tls_sessions_total', { mode: 'implicit', result: 'timeout' }), 40);
-    const ok = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.34' });
-    assert.equal((await ok.reply()).code, 220, 'the slots are free again');
+    const ok = await SmtpClient.greet(dm.ports[0]!, { localAddress: '127.0.0.34' });
+    assert.equal(ok.greeting.code, 220, 'the slots are free again');
     ok.close();
   } finally {
     for (const s of sockets) s.destroy();
@@ -164,11 +162,10 @@ test('IPv6 clients are counted per /64: three addresses of one /64 share maxClie
   try {
     dm = await startDoorman({ backendPort: sink.port, listen: 'smtp://[::1]:{PORT}', config: 'limits:\n  maxClientsPerIp: 2\n' });
     const open = async (localAddress: string) => {
-      const c = await SmtpClient.connect(dm!.port, { host: '::1', localAddress });
-      const r = await c.reply();
-      if (r.code === 220) held.push(c);
+      const c = await SmtpClient.greet(dm!.port, { host: '::1', localAddress });
+      if (c.greeting.code === 220) held.push(c);
       else c.close();
-      return r.code;
+      return c.greeting.code;
     };
     assert.equal(await open('fd00:14:4c:1::1'), 220);
     assert.equal(await open('fd00:14:4c:1::2'), 220);
@@ -188,9 +185,7 @@ test('IPv6 clients are counted per /64: three addresses of one /64 share maxClie
 test('STARTTLS and then no ClientHello: the connection ends at tlsHandshakeTimeout, its slot is free', async () => {
   const dm = await start('  maxClients: 5\n  maxClientsPerIp: 1\n  tlsHandshakeTimeout: 1500\n');
   try {
-    const c = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.36' });
-    assert.equal((await c.reply()).code, 220);
-    await c.ehlo();
+    const c = await SmtpClient.open(dm.ports[0]!, { localAddress: '127.0.0.36' });
     const t0 = Date.now();
     assert.equal((await c.cmd('STARTTLS')).code, 220);
     // No handshake follows: doorman closes at the handshake deadline, not at commandTimeout (300 s).
@@ -198,8 +193,8 @@ test('STARTTLS and then no ClientHello: the connection ends at tlsHandshakeTimeo
     const ms = Date.now() - t0;
     assert.ok(ms >= 1300, `closed after the deadline (${ms} ms)`);
     assert.equal(await dm.metric('doorman_tls_sessions_total', { mode: 'starttls', result: 'failure' }), 1);
-    const next = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.36' });
-    assert.equal((await next.reply()).code, 220, 'maxClientsPerIp 1: the slot was given back');
+    const next = await SmtpClient.greet(dm.ports[0]!, { localAddress: '127.0.0.36' });
+    assert.equal(next.greeting.code, 220, 'maxClientsPerIp 1: the slot was given back');
     next.close();
   } finally {
     await dm.stop();

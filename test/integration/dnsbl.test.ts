@@ -95,20 +95,15 @@ after(async () => {
   await rbl?.stop();
 });
 
-async function greet(localAddress: string, port = dm.port) {
-  const c = await SmtpClient.connect(port, { localAddress });
-  return { c, r: await c.reply(5000) };
-}
-
 test('a listed client is refused at connect with the code and text; the key stays hidden', async () => {
-  const { c, r } = await greet('127.0.0.66');
-  assert.equal(r.code, 554);
-  assert.equal(r.text, '5.7.1 Service unavailable; client [127.0.0.66] blocked using bl.test');
-  assert.doesNotMatch(r.raw, /k3y/);
+  const c = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.66' });
+  assert.equal(c.greeting.code, 554);
+  assert.equal(c.greeting.text, '5.7.1 Service unavailable; client [127.0.0.66] blocked using bl.test');
+  assert.doesNotMatch(c.greeting.raw, /k3y/);
   c.close();
-  const p = await greet('127.0.0.69');
-  assert.equal(p.r.text, '5.7.1 Service unavailable; client [127.0.0.69] blocked using bl.test; policy listing, see https://bl.test/', 'text per return code');
-  p.c.close();
+  const p = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.69' });
+  assert.equal(p.greeting.text, '5.7.1 Service unavailable; client [127.0.0.69] blocked using bl.test; policy listing, see https://bl.test/', 'text per return code');
+  p.close();
   const log = await eventually(() => dm.sessions().find((s) => s.client === '127.0.0.66'));
   assert.match(JSON.stringify(log?.rules), /"rule":"dnsbl".*bl\.test=127\.0\.0\.2/);
   assert.equal(fb.commands.length, 0, 'refused clients cost the backend nothing');
@@ -121,35 +116,32 @@ test('an unlisted client passes and its mail is delivered (swaks)', async () => 
 });
 
 test('weights add up to the threshold: 0.5 passes, 0.5 + 0.5 is refused', async () => {
-  const one = await greet('127.0.0.67');
-  assert.equal(one.r.code, 220);
-  one.c.close();
-  const two = await greet('127.0.0.70');
-  assert.equal(two.r.code, 554);
-  two.c.close();
+  const one = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.67' });
+  assert.equal(one.greeting.code, 220);
+  one.close();
+  const two = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.70' });
+  assert.equal(two.greeting.code, 554);
+  two.close();
 });
 
 test('an allowlist (negative weight) outweighs a listing and allowlists the session', async () => {
-  const { c, r } = await greet('127.0.0.68');
-  assert.equal(r.code, 220, 'score 1 − 2 = −1 < threshold');
+  const c = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.68' });
+  assert.equal(c.greeting.code, 220, 'score 1 − 2 = −1 < threshold');
   // allowlistThreshold −1: the session skips bypassable rules, here the enforced helo check.
   assert.equal((await c.cmd('EHLO localhost')).code, 250);
   c.close();
-  const other = await greet('127.0.0.65');
-  assert.equal((await other.c.cmd('EHLO localhost')).code, 504, 'not allowlisted: helo enforced');
-  other.c.close();
+  const other = await SmtpClient.open(dm.port, { localAddress: '127.0.0.65', ehlo: false });
+  assert.equal((await other.cmd('EHLO localhost')).code, 504, 'not allowlisted: helo enforced');
+  other.close();
 });
 
 test('IPv6 clients are queried with 32 reversed nibbles', async () => {
-  const c = await SmtpClient.connect(dm.ports[1]!);
-  c.write('PROXY TCP6 2001:db8::66 2001:db8::25 40000 25\r\n');
-  const r = await c.reply();
-  assert.equal(r.code, 554);
-  assert.match(r.text, /client \[2001:db8::66\] blocked using six\.test/);
+  const c = await SmtpClient.greet(dm.ports[1]!, { proxy: 'TCP6 2001:db8::66 2001:db8::25 40000 25' });
+  assert.equal(c.greeting.code, 554);
+  assert.match(c.greeting.text, /client \[2001:db8::66\] blocked using six\.test/);
   c.close();
-  const ok = await SmtpClient.connect(dm.ports[1]!);
-  ok.write('PROXY TCP6 2001:db8::67 2001:db8::25 40000 25\r\n');
-  assert.equal((await ok.reply()).code, 220);
+  const ok = await SmtpClient.greet(dm.ports[1]!, { proxy: 'TCP6 2001:db8::67 2001:db8::25 40000 25' });
+  assert.equal(ok.greeting.code, 220);
   ok.close();
 });
 
@@ -164,14 +156,14 @@ test('zones answering 127.255.255.x or outside 127/8 fail the self-test and are 
   assert.ok(lines.some((l) => l.zone === 'lie.test' && /outside 127/.test(String(l.why))));
   assert.equal(lines.filter((l) => l.zone === 'err.test').length, 1, 'one log line per state change');
   // 127.0.0.71 is "listed" only by the broken zones: not refused.
-  const { c, r } = await greet('127.0.0.71');
-  assert.equal(r.code, 220);
+  const c = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.71' });
+  assert.equal(c.greeting.code, 220);
   c.close();
   assert.ok((await dm.metric('doorman_dnsbl_queries_total', { zone: 'err.test', result: 'disabled' })) >= 1);
 });
 
 test('metrics: queries by zone and result, durations, shared lookups', async () => {
-  for (let i = 0; i < 2; i++) (await greet('127.0.0.65')).c.close();
+  for (let i = 0; i < 2; i++) (await SmtpClient.greet(dm.port, { localAddress: '127.0.0.65' })).close();
   assert.ok((await dm.metric('doorman_dnsbl_queries_total', { zone: 'bl.test', result: 'listed' })) >= 2);
   assert.ok((await dm.metric('doorman_dnsbl_queries_total', { zone: 'bl.test', result: 'clean' })) >= 2);
   assert.ok((await dm.metric('doorman_dnsbl_query_duration_seconds_count', { zone: 'bl.test' })) >= 4);
@@ -180,17 +172,13 @@ test('metrics: queries by zone and result, durations, shared lookups', async () 
 });
 
 test('RHSBL on HELO and sender, applied at RCPT so the log shows the envelope', async () => {
-  const c = await SmtpClient.connect(late.port, { localAddress: '127.0.0.65' });
-  await c.reply();
-  await c.ehlo('bad-helo.example');
+  const c = await SmtpClient.open(late.port, { localAddress: '127.0.0.65', ehlo: 'bad-helo.example' });
   assert.equal((await c.cmd('MAIL FROM:<a@example.org>')).code, 250);
   const r = await c.cmd('RCPT TO:<b@example.com>');
   assert.equal(r.code, 554);
   assert.equal(r.text, '5.7.1 Service unavailable; dbl.test lists you');
   c.close();
-  const s = await SmtpClient.connect(late.port, { localAddress: '127.0.0.65' });
-  await s.reply();
-  await s.ehlo('good.example.org');
+  const s = await SmtpClient.open(late.port, { localAddress: '127.0.0.65', ehlo: 'good.example.org' });
   assert.equal((await s.cmd('MAIL FROM:<x@mail.bad-sender.example>')).code, 250);
   const rs = await s.cmd('RCPT TO:<b@example.com>');
   assert.equal(rs.code, 554);
@@ -210,12 +198,12 @@ test('a DNS server that never answers never blocks mail; onError tempfail gives 
   const strict = await startDoorman({ backendPort: fb.port, env: { DOORMAN_DNS_SERVERS: hole.server }, rules: { 'd.yaml': rules('tempfail') } });
   try {
     const t0 = Date.now();
-    const c = await SmtpClient.connect(open.port, { localAddress: '127.0.0.66' });
-    assert.equal((await c.reply(5000)).code, 220, 'a timeout is not a listing');
+    const c = await SmtpClient.greet(open.port, { localAddress: '127.0.0.66', timeout: 5000 });
+    assert.equal(c.greeting.code, 220, 'a timeout is not a listing');
     assert.ok(Date.now() - t0 < 3000, 'the per-zone timeout holds');
     c.close();
-    const s = await SmtpClient.connect(strict.port, { localAddress: '127.0.0.66' });
-    const r = await s.reply(5000);
+    const s = await SmtpClient.greet(strict.port, { localAddress: '127.0.0.66', timeout: 5000 });
+    const r = s.greeting;
     assert.equal(r.code, 421);
     assert.match(r.text, /^4\.7\.1 /);
     s.close();

@@ -16,17 +16,11 @@ test('SIGTERM: running transactions finish, new clients are turned away, idle se
   const fb = await startFakeBackend('none');
   const d = await startDoorman({ backendPort: fb.port, config: 'limits:\n  drainTimeout: 2000\n' });
   try {
-    const busy = await SmtpClient.connect(d.port);
-    await busy.reply();
-    await busy.ehlo();
-    assert.equal((await busy.cmd('MAIL FROM:<drain@example.org>')).code, 250);
-    assert.equal((await busy.cmd('RCPT TO:<b@example.com>')).code, 250);
-    assert.equal((await busy.cmd('DATA')).code, 354);
+    const busy = await SmtpClient.open(d.port);
+    await busy.message({ from: 'drain@example.org', to: 'b@example.com' });
     busy.write('Subject: during drain\r\n\r\nfirst half\r\n');
 
-    const idle = await SmtpClient.connect(d.port);
-    await idle.reply();
-    await idle.ehlo();
+    const idle = await SmtpClient.open(d.port);
 
     const t0 = Date.now();
     process.kill(d.proc.pid, 'SIGTERM');

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startDnsmasq, startSlowDns, type Dnsmasq } from '../helpers/dns.js';
 import { startFakeBackend, type FakeBackend } from '../helpers/fake-backend.js';
-import { SmtpClient, sendMessage } from '../helpers/smtp.js';
+import { SmtpClient } from '../helpers/smtp.js';
 import { eventually, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
@@ -49,9 +49,8 @@ after(async () => {
 
 async function greet(port: number): Promise<{ c: SmtpClient; code: number; text: string; ms: number }> {
   const t0 = Date.now();
-  const c = await SmtpClient.connect(port, { localAddress: '127.0.0.83' });
-  const r = await c.reply(15_000);
-  return { c, code: r.code, text: r.text, ms: Date.now() - t0 };
+  const c = await SmtpClient.greet(port, { localAddress: '127.0.0.83', timeout: 15_000 });
+  return { c, code: c.greeting.code, text: c.greeting.text, ms: Date.now() - t0 };
 }
 
 test('dry-run fcrdns at connect with a slow resolver: greeting at once, mail delivered, finding logged when it arrives', async () => {
@@ -62,7 +61,7 @@ test('dry-run fcrdns at connect with a slow resolver: greeting at once, mail del
   assert.equal(b.code, 220);
   assert.ok(a.ms < 1000 && b.ms < 1000, `greetings took ${a.ms} and ${b.ms} ms with DNS answering after ${DELAY} ms`);
   await a.c.ehlo('client.example.net');
-  const sent = await sendMessage(a.c, 'alice@example.net', ['bob@example.org'], 'Subject: hi\r\n\r\nhello');
+  const sent = await a.c.message({ from: 'alice@example.net', to: 'bob@example.org', body: 'Subject: hi\r\n\r\nhello' });
   assert.equal(sent.code, 250, sent.raw);
   assert.equal((await a.c.cmd('QUIT')).code, 221);
   assert.equal(fb.messages.length, before + 1);

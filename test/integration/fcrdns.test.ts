@@ -38,10 +38,9 @@ after(async () => {
 });
 
 async function greeting(localAddress: string, port = dm.port) {
-  const c = await SmtpClient.connect(port, { localAddress });
-  const r = await c.reply(5000);
+  const c = await SmtpClient.greet(port, { localAddress, timeout: 5000 });
   c.close();
-  return r;
+  return c.greeting;
 }
 
 test('a client whose PTR name resolves back to it passes', async () => {

@@ -34,9 +34,7 @@ after(async () => {
 });
 
 async function rcpt(d: Doorman, localAddress: string, from: string, to: string): Promise<{ code: number; text: string }> {
-  const c = await SmtpClient.connect(d.port, { localAddress });
-  await c.reply();
-  await c.ehlo('mta.example.org');
+  const c = await SmtpClient.open(d.port, { localAddress, ehlo: 'mta.example.org' });
   assert.equal((await c.cmd(`MAIL FROM:<${from}>`)).code, 250);
   const r = await c.cmd(`RCPT TO:<${to}>`);
   c.close();
@@ -87,8 +85,8 @@ test('Redis Cluster: two instances share a rate limit and greylisting across slo
   try {
     const codes: number[] = [];
     for (const d of [a, b, a, b, a]) {
-      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.55' });
-      codes.push((await c.reply()).code);
+      const c = await SmtpClient.greet(d.port, { localAddress: '127.0.0.55' });
+      codes.push(c.greeting.code);
       c.close();
       await sleep(30);
     }

@@ -23,22 +23,13 @@ after(async () => {
   await sink?.stop();
 });
 
-async function toData(from: string): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(dm.port);
-  assert.equal((await c.reply()).code, 220);
-  await c.ehlo();
-  assert.equal((await c.cmd(`MAIL FROM:<${from}>`)).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<user@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  return c;
-}
-
 function delivered(from: string): number {
   return sink.messages().filter((m) => m.mail.startsWith(`<${from}>`)).length;
 }
 
 test('body, ".", QUIT pipelined, then a half-close: the client reads 250 and 221; the backend has the message once', async () => {
-  const c = await toData('halfclose-quit@example.org');
+  const c = await SmtpClient.open(dm.port);
+  await c.message({ from: 'halfclose-quit@example.org', to: 'user@example.com' });
   c.write('Subject: half-close\r\n\r\nbody\r\n.\r\nQUIT\r\n');
   c.socket.end();
   const r = await c.reply();
@@ -55,7 +46,8 @@ test('body, ".", QUIT pipelined, then a half-close: the client reads 250 and 221
 });
 
 test('a half-close right after "." without QUIT: the client reads 250, then the session ends', async () => {
-  const c = await toData('halfclose-dot@example.org');
+  const c = await SmtpClient.open(dm.port);
+  await c.message({ from: 'halfclose-dot@example.org', to: 'user@example.com' });
   c.write('Subject: no quit\r\n\r\nbody\r\n.\r\n');
   c.socket.end();
   const r = await c.reply();
@@ -67,7 +59,8 @@ test('a half-close right after "." without QUIT: the client reads 250, then the 
 });
 
 test('a half-close in the middle of DATA: nothing is delivered and the session ends', async () => {
-  const c = await toData('halfclose-mid@example.org');
+  const c = await SmtpClient.open(dm.port);
+  await c.message({ from: 'halfclose-mid@example.org', to: 'user@example.com' });
   c.write('Subject: cut\r\n\r\nthe message goes on\r\n');
   c.socket.end();
   assert.equal(await c.waitClosed(), true);

@@ -73,9 +73,8 @@ async function query(expr: string): Promise<{ status: string; data?: { result: {
 }
 
 async function session(localAddress: string, fn: (c: SmtpClient) => Promise<void>): Promise<void> {
-  const c = await SmtpClient.connect(dm.port, { localAddress });
-  const g = await c.reply(5000);
-  if (g.code === 220) await fn(c);
+  const c = await SmtpClient.greet(dm.port, { localAddress, timeout: 5000 });
+  if (c.greeting.code === 220) await fn(c);
   c.close();
 }
 

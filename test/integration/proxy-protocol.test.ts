@@ -35,13 +35,9 @@ after(async () => {
   await sink?.stop();
 });
 
+/** One message from `from` on a client past EHLO; Postfix's queue id. */
 async function deliver(c: SmtpClient, from: string): Promise<string> {
-  await c.ehlo('lb-client.example.net');
-  assert.equal((await c.cmd(`MAIL FROM:<${from}>`)).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  c.write('Subject: proxy\r\n\r\nhi\r\n.\r\n');
-  const r = await c.reply();
+  const r = await c.message({ from, to: 'bob@example.com', body: 'Subject: proxy\r\n\r\nhi\r\n' });
   assert.equal(r.code, 250, r.raw);
   c.close();
   return /queued as ([A-F0-9]+)/.exec(r.text)?.[1] ?? '';
@@ -53,9 +49,7 @@ async function postfixClient(pf: Postfix, queueId: string): Promise<string> {
 }
 
 test('PROXY v1 from a trusted balancer: Postfix sees the client it names', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  c.write('PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n');
-  assert.equal((await c.reply()).code, 220);
+  const c = await SmtpClient.open(dm.port, { proxy: 'TCP4 192.0.2.10 127.0.0.1 40000 25', ehlo: 'lb-client.example.net' });
   const id = await deliver(c, 'v1@example.org');
   assert.equal(await postfixClient(postfix, id), 'unknown[192.0.2.10]');
   const s = await eventually(() => dm.sessions().find((x) => x.client === '192.0.2.10'));
@@ -63,18 +57,17 @@ test('PROXY v1 from a trusted balancer: Postfix sees the client it names', async
 });
 
 test('PROXY v2 with an IPv6 client', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  c.write(proxyHeaderV2({ address: '2001:db8::5', port: 40001, family: 6, destAddress: '2001:db8::25', destPort: 25, destFamily: 6 }));
-  assert.equal((await c.reply()).code, 220);
+  const proxy = proxyHeaderV2({ address: '2001:db8::5', port: 40001, family: 6, destAddress: '2001:db8::25', destPort: 25, destFamily: 6 });
+  const c = await SmtpClient.open(dm.port, { proxy, ehlo: 'lb-client.example.net' });
   const id = await deliver(c, 'v2@example.org');
   assert.equal(await postfixClient(postfix, id), 'unknown[2001:db8::5]');
 });
 
 test('a PROXY header from an untrusted address is just an unknown command', async () => {
-  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.9' });
-  assert.equal((await c.reply()).code, 220, 'untrusted peers are greeted at once');
+  const c = await SmtpClient.open(dm.port, { localAddress: '127.0.0.9', ehlo: false }); // untrusted peers are greeted at once
   const r = await c.cmd('PROXY TCP4 192.0.2.66 127.0.0.1 40000 25');
   assert.equal(r.code, 500);
+  await c.ehlo('lb-client.example.net');
   const id = await deliver(c, 'untrusted@example.org');
   assert.equal(await postfixClient(postfix, id), 'unknown[127.0.0.9]');
 });
@@ -105,8 +98,7 @@ for (const version of ['v1', 'v2'] as const) {
   test(`PROXY ${version} towards a Postfix that expects it`, async () => {
     const d = await startDoorman({ backendPort: pfProxy.port, config: `backend:\n  proxyProtocol: ${version}\n  xclient: false\n` });
     try {
-      const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.8' });
-      assert.equal((await c.reply()).code, 220);
+      const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.8', ehlo: 'lb-client.example.net' });
       const id = await deliver(c, `out-${version}@example.org`);
       assert.equal(await postfixClient(pfProxy, id), 'unknown[127.0.0.8]');
     } finally {

@@ -62,47 +62,39 @@ after(async () => {
   await redis?.stop();
 });
 
-async function greet(d: Doorman, localAddress: string): Promise<{ c: SmtpClient; code: number; text: string }> {
-  const c = await SmtpClient.connect(d.port, { localAddress });
-  const r = await c.reply(5000);
-  return { c, code: r.code, text: r.text };
-}
-
 test('a connection-rate limit holds across two instances sharing Redis', async () => {
   const codes: number[] = [];
   for (const d of [a, b, a, b, a, b]) {
-    const g = await greet(d, '127.0.0.31');
-    codes.push(g.code);
-    if (g.code === 421) assert.equal(g.text, '4.7.0 Error: too many connections, try again later', 'no internal detail');
-    g.c.close();
+    const g = await SmtpClient.greet(d.port, { localAddress: '127.0.0.31' });
+    codes.push(g.greeting.code);
+    if (g.greeting.code === 421) assert.equal(g.greeting.text, '4.7.0 Error: too many connections, try again later', 'no internal detail');
+    g.close();
     await sleep(50);
   }
   assert.deepEqual(codes, [220, 220, 220, 220, 220, 421]);
-  const other = await greet(b, '127.0.0.32');
-  assert.equal(other.code, 220, 'another client has its own bucket');
-  other.c.close();
+  const other = await SmtpClient.greet(b.port, { localAddress: '127.0.0.32' });
+  assert.equal(other.greeting.code, 220, 'another client has its own bucket');
+  other.close();
   assert.equal((await a.metric('doorman_ratelimit_exceeded_total', { limit: 'conn-rate' })) + (await b.metric('doorman_ratelimit_exceeded_total', { limit: 'conn-rate' })), 1);
 });
 
 test('a concurrency limit holds across instances; a closed session gives its slot back', async () => {
-  const one = await greet(a, '127.0.0.33');
-  const two = await greet(b, '127.0.0.33');
-  assert.deepEqual([one.code, two.code], [220, 220]);
-  const three = await greet(a, '127.0.0.33');
-  assert.equal(three.code, 421);
-  three.c.close();
-  one.c.close();
+  const one = await SmtpClient.greet(a.port, { localAddress: '127.0.0.33' });
+  const two = await SmtpClient.greet(b.port, { localAddress: '127.0.0.33' });
+  assert.deepEqual([one.greeting.code, two.greeting.code], [220, 220]);
+  const three = await SmtpClient.greet(a.port, { localAddress: '127.0.0.33' });
+  assert.equal(three.greeting.code, 421);
+  three.close();
+  one.close();
   await sleep(300);
-  const four = await greet(b, '127.0.0.33');
-  assert.equal(four.code, 220, 'slot released when the session ended');
-  two.c.close();
-  four.c.close();
+  const four = await SmtpClient.greet(b.port, { localAddress: '127.0.0.33' });
+  assert.equal(four.greeting.code, 220, 'slot released when the session ended');
+  two.close();
+  four.close();
 });
 
 test('message limits: per recipient and per message, 450 4.7.1 at RCPT', async () => {
-  const g = await greet(a, '127.0.0.34');
-  const c = g.c;
-  await c.ehlo('sender.example.org');
+  const c = await SmtpClient.open(a.port, { localAddress: '127.0.0.34', ehlo: 'sender.example.org' });
   assert.equal((await c.cmd('MAIL FROM:<bulk@rate.example>')).code, 250);
   assert.equal((await c.cmd('RCPT TO:<r1@example.com>')).code, 250);
   assert.equal((await c.cmd('RCPT TO:<r2@example.com>')).code, 250);
@@ -129,9 +121,9 @@ test('doorman limits show and reset read and clear the shared state', async () =
   assert.ok((state.state?.ttlMs ?? 0) > 0, 'the key expires');
   const reset = await run(process.execPath, [bin, 'limits', 'reset', 'ratelimit', 'conn-rate', '127.0.0.31'], { env });
   assert.match(reset.stdout, /^reset: connections per client 127\.0\.0\.31/);
-  const g = await greet(a, '127.0.0.31');
-  assert.equal(g.code, 220, 'the reset bucket lets the client in again');
-  g.c.close();
+  const g = await SmtpClient.greet(a.port, { localAddress: '127.0.0.31' });
+  assert.equal(g.greeting.code, 220, 'the reset bucket lets the client in again');
+  g.close();
 });
 
 test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 421 4.3.0; limits return with Redis', async () => {
@@ -144,12 +136,12 @@ test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 
     await redis.kill();
     const t0 = Date.now();
     for (let i = 0; i < 4; i++) {
-      const g = await greet(a, '127.0.0.35');
-      assert.equal(g.code, 220, 'fail-open: no refusal, no hang');
-      assert.equal((await g.c.ehlo('x.example.org')).reply.code, 250);
-      assert.equal((await g.c.cmd('MAIL FROM:<down@example.org>')).code, 250);
-      assert.equal((await g.c.cmd('RCPT TO:<b@example.com>')).code, 250);
-      g.c.close();
+      const g = await SmtpClient.greet(a.port, { localAddress: '127.0.0.35' });
+      assert.equal(g.greeting.code, 220, 'fail-open: no refusal, no hang');
+      assert.equal((await g.ehlo('x.example.org')).reply.code, 250);
+      assert.equal((await g.cmd('MAIL FROM:<down@example.org>')).code, 250);
+      assert.equal((await g.cmd('RCPT TO:<b@example.com>')).code, 250);
+      g.close();
     }
     assert.ok(Date.now() - t0 < 8000, 'no session waited on the dead Redis');
     assert.ok((await a.metric('doorman_store_fail_open_total', { rule: 'ratelimit' })) >= 4);
@@ -157,10 +149,10 @@ test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 
     assert.equal(await a.metric('doorman_redis_up'), 0);
     const down = a.logs().filter((l) => l.msg.startsWith('redis unreachable'));
     assert.equal(down.length, 1, 'logged once per outage');
-    const g = await greet(closed, '127.0.0.36');
-    assert.equal(g.code, 421);
-    assert.equal(g.text, '4.3.0 Temporary failure, try again later');
-    g.c.close();
+    const g = await SmtpClient.greet(closed.port, { localAddress: '127.0.0.36' });
+    assert.equal(g.greeting.code, 421);
+    assert.equal(g.greeting.text, '4.3.0 Temporary failure, try again later');
+    g.close();
     assert.ok((await closed.metric('doorman_store_fail_closed_total', { rule: 'ratelimit' })) >= 1);
     assert.equal(await closed.metric('doorman_store_fail_open_total', { rule: 'ratelimit' }), 0);
 
@@ -169,9 +161,9 @@ test('Redis killed: fail-open keeps mail flowing, logged once; fail-closed says 
     assert.ok(a.logs().some((l) => l.msg === 'redis reachable again'));
     const codes: number[] = [];
     for (let i = 0; i < 6; i++) {
-      const x = await greet(a, '127.0.0.37');
-      codes.push(x.code);
-      x.c.close();
+      const x = await SmtpClient.greet(a.port, { localAddress: '127.0.0.37' });
+      codes.push(x.greeting.code);
+      x.close();
       await sleep(30);
     }
     assert.deepEqual(codes, [220, 220, 220, 220, 220, 421], 'limits enforced again');
@@ -185,9 +177,9 @@ test('without Redis the in-memory store applies the same limits to one instance'
   try {
     const codes: number[] = [];
     for (let i = 0; i < 6; i++) {
-      const g = await greet(mem, '127.0.0.38');
-      codes.push(g.code);
-      g.c.close();
+      const g = await SmtpClient.greet(mem.port, { localAddress: '127.0.0.38' });
+      codes.push(g.greeting.code);
+      g.close();
       await sleep(30);
     }
     assert.deepEqual(codes, [220, 220, 220, 220, 220, 421]);

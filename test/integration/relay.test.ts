@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startSink, type Sink } from '../helpers/sink.js';
-import { dotStuff, sendMessage, SmtpClient } from '../helpers/smtp.js';
+import { dotStuff, SmtpClient } from '../helpers/smtp.js';
 import { swaks } from '../helpers/swaks.js';
 import { sleep, useCleanup } from '../helpers/procs.js';
 
@@ -52,10 +52,8 @@ test('8-bit bytes, long lines near 1000 octets and dot lines arrive byte for byt
   const eight = Buffer.from('Grüße aus Köln — ünïcödé ✓', 'utf8').toString('latin1');
   const lines = ['Subject: eight bit', 'MIME-Version: 1.0', 'Content-Type: text/plain; charset=utf-8', 'Content-Transfer-Encoding: 8bit', '', eight, line998, '.' + 'y'.repeat(997), '.', '..', '...', 'end'];
   const raw = lines.join('\r\n') + '\r\n';
-  const c = await SmtpClient.connect(dm.port);
-  assert.equal((await c.reply()).code, 220);
-  await c.ehlo();
-  const r = await sendMessage(c, 'eight@example.org', ['b@example.com'], dotStuff(raw).replace(/\r\n$/, ''));
+  const c = await SmtpClient.open(dm.port);
+  const r = await c.message({ from: 'eight@example.org', to: 'b@example.com', body: dotStuff(raw) });
   assert.equal(r.code, 250, r.raw);
   await c.cmd('QUIT');
   const m = await sink.bySender('eight@example.org');
@@ -63,11 +61,9 @@ test('8-bit bytes, long lines near 1000 octets and dot lines arrive byte for byt
 });
 
 test('many messages in one session each get the backend reply', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  await c.reply();
-  await c.ehlo();
+  const c = await SmtpClient.open(dm.port);
   for (let i = 0; i < 5; i++) {
-    const r = await sendMessage(c, `s${i}@example.org`, [`r${i}@example.com`], `Subject: n${i}\r\n\r\nbody ${i}`);
+    const r = await c.message({ from: `s${i}@example.org`, to: `r${i}@example.com`, body: `Subject: n${i}\r\n\r\nbody ${i}` });
     assert.equal(r.code, 250, r.raw);
   }
   assert.equal((await c.cmd('QUIT')).code, 221);
@@ -87,12 +83,8 @@ function rssKb(pid: number): number {
 async function bigMessage(port: number, from: string, bytes: number, pid: number) {
   const line = 'abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/.\r\n'; // 77 octets
   const chunk = Buffer.from(line.repeat(1024), 'latin1'); // 77 KiB
-  const c = await SmtpClient.connect(port);
-  await c.reply();
-  await c.ehlo();
-  assert.equal((await c.cmd(`MAIL FROM:<${from}> SIZE=${bytes + 100}`)).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<big@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
+  const c = await SmtpClient.open(port);
+  await c.message({ from, params: `SIZE=${bytes + 100}`, to: 'big@example.com' });
   const samples = [rssKb(pid)];
   c.write('Subject: big\r\n\r\n');
   let sent = 0;

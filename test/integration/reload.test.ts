@@ -55,21 +55,6 @@ async function startWith(name: string, watch: boolean): Promise<{ dm: Doorman; f
   return { dm, files };
 }
 
-async function smtps(dm: Doorman, localAddress = '127.0.0.1'): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(dm.ports[1]!, { tls: true, localAddress });
-  assert.equal((await c.reply()).code, 220);
-  return c;
-}
-
-async function starttls(dm: Doorman, localAddress = '127.0.0.1'): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(dm.ports[0]!, { localAddress });
-  assert.equal((await c.reply()).code, 220);
-  await c.ehlo();
-  assert.equal((await c.cmd('STARTTLS')).code, 220);
-  await c.upgrade();
-  return c;
-}
-
 /** The config file doorman was started with (the helper writes it into its work folder). */
 function configFile(dm: Doorman): string {
   return path.join(path.dirname(dm.rulesDir), 'doorman.yaml');
@@ -81,11 +66,10 @@ test('SIGHUP: a renewed certificate and a changed limit apply to new connections
     const a = fingerprint(certA.cert);
     const b = fingerprint(certB.cert);
     // Sessions opened before the reload, one per TLS mode, in the middle of a transaction.
-    const old = await smtps(dm, '127.0.0.50');
-    const oldStarttls = await starttls(dm, '127.0.0.50');
+    const old = await SmtpClient.open(dm.ports[1]!, { tls: true, localAddress: '127.0.0.50' });
+    const oldStarttls = await SmtpClient.open(dm.ports[0]!, { localAddress: '127.0.0.50', starttls: true });
     assert.equal(peerFingerprint(old), a);
     assert.equal(peerFingerprint(oldStarttls), a);
-    await old.ehlo();
     assert.equal((await old.cmd('MAIL FROM:<before-reload@example.org>')).code, 250);
     assert.equal((await old.cmd('RCPT TO:<bob@example.com>')).code, 250);
 
@@ -94,13 +78,13 @@ test('SIGHUP: a renewed certificate and a changed limit apply to new connections
     process.kill(dm.proc.pid, 'SIGHUP');
     await eventually(() => dm.logs().some((l) => l.msg === 'settings reloaded'), 5000);
 
-    const fresh = await smtps(dm, '127.0.0.51');
+    const fresh = await SmtpClient.open(dm.ports[1]!, { tls: true, localAddress: '127.0.0.51', ehlo: false });
     assert.equal(peerFingerprint(fresh), b, 'a new smtps connection gets the new certificate');
-    const freshStarttls = await starttls(dm, '127.0.0.51');
+    const freshStarttls = await SmtpClient.open(dm.ports[0]!, { localAddress: '127.0.0.51', starttls: true });
     assert.equal(peerFingerprint(freshStarttls), b, 'STARTTLS on a new connection gets the new certificate');
     // maxClientsPerIp 5 → 2: the third session from 127.0.0.51 is refused.
-    const third = await SmtpClient.connect(dm.ports[0]!, { localAddress: '127.0.0.51' });
-    const r = await third.reply();
+    const third = await SmtpClient.greet(dm.ports[0]!, { localAddress: '127.0.0.51' });
+    const r = third.greeting;
     assert.equal(r.code, 421, 'the new per-IP limit applies');
     assert.match(r.text, /^4\.7\.0 /);
 
@@ -121,7 +105,7 @@ test('SIGHUP: a renewed certificate and a changed limit apply to new connections
     const failed = dm.logs().find((l) => l.msg.startsWith('settings reload failed'));
     assert.match(String(failed?.err), /DMN_ERR_TLS/);
     assert.equal(await dm.metric('doorman_config_reloads_total', { what: 'settings', result: 'failure' }), 1);
-    const still = await smtps(dm, '127.0.0.52');
+    const still = await SmtpClient.open(dm.ports[1]!, { tls: true, localAddress: '127.0.0.52', ehlo: false });
     assert.equal(peerFingerprint(still), b);
     still.close();
   } finally {
@@ -134,7 +118,7 @@ test('a certificate renewed on disk is picked up without a signal; a restart-onl
   try {
     install(certB, files);
     await eventually(() => dm.logs().some((l) => l.msg === 'settings reloaded'), 5000);
-    const c = await smtps(dm);
+    const c = await SmtpClient.open(dm.ports[1]!, { tls: true, ehlo: false });
     assert.equal(peerFingerprint(c), fingerprint(certB.cert));
     c.close();
     fs.writeFileSync(configFile(dm), config(files, 5, true) + 'backend:\n  poolSize: 3\n');

@@ -36,23 +36,13 @@ after(async () => {
   await redis?.stop();
 });
 
-async function open(port: number, localAddress: string): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(port, { localAddress });
-  assert.equal((await c.reply()).code, 220);
-  assert.equal((await c.ehlo('mta.example.org')).reply.code, 250);
-  return c;
-}
-
-/** One transaction: MAIL, RCPT, and DATA when the recipient was accepted (else RSET). RCPT's reply. */
+/** One transaction: MAIL, RCPT, and the message when the recipient was accepted (else RSET). RCPT's reply. */
 async function transaction(c: SmtpClient, from: string, to: string): Promise<{ code: number; text: string }> {
-  assert.equal((await c.cmd(`MAIL FROM:<${from}>`)).code, 250);
-  const r = await c.cmd(`RCPT TO:<${to}>`);
-  if (r.code !== 250) {
-    assert.equal((await c.cmd('RSET')).code, 250);
-    return r;
-  }
-  assert.equal((await c.cmd('DATA')).code, 354);
-  assert.equal((await c.cmd(`Subject: from ${from}\r\n\r\nbody\r\n.`)).code, 250);
+  const t = await c.transaction({ from, to, body: `Subject: from ${from}\r\n\r\nbody\r\n` });
+  assert.equal(t.mail.code, 250);
+  const r = t.rcpt[0]!;
+  if (r.code !== 250) assert.equal((await c.cmd('RSET')).code, 250);
+  else assert.equal(t.end?.code, 250);
   return r;
 }
 
@@ -84,7 +74,7 @@ settings:
 test('a cost: message limit counts every transaction of one session: limit 2, 6 sent, 2 delivered', async () => {
   const d = await startDoorman({ backendPort: sink.port, rules: { 'ratelimit.yaml': MESSAGES_PER_CLIENT } });
   try {
-    const c = await open(d.port, '127.0.0.61');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.61', ehlo: 'mta.example.org' });
     const codes: number[] = [];
     const texts: string[] = [];
     for (let i = 0; i < 6; i++) {
@@ -110,7 +100,7 @@ settings:
 `;
   const d = await startDoorman({ backendPort: sink.port, rules: { 'relay.yaml': RELAY } });
   try {
-    const c = await open(d.port, '127.0.0.62');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.62', ehlo: 'mta.example.org' });
     c.write(
       'MAIL FROM:<>\r\n' +
         'RCPT TO:<bounce1@example.com>\r\n' +
@@ -151,7 +141,7 @@ settings:
 `;
   const d = await startDoorman({ backendPort: sink.port, rules: { 'access.yaml': ACCESS, 'greylist.yaml': GREY } });
   try {
-    const c = await open(d.port, '127.0.0.63');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.63', ehlo: 'mta.example.org' });
     assert.equal((await transaction(c, 'x@partner.example', 'u1@example.com')).code, 250, 'allowlisted: not greylisted');
     // After the end of data, a new transaction from another sender in the same session.
     const after = await transaction(c, 'spam@elsewhere.example', 'u1@example.com');
@@ -192,7 +182,7 @@ settings:
   const key = (ip: string) => `doorman:rl:{ratelimit:sessions:${ip}}`;
   try {
     // The store is reachable: a first session takes its slot and gives it back.
-    const warm = await open(d.port, '127.0.0.64');
+    const warm = await SmtpClient.open(d.port, { localAddress: '127.0.0.64', ehlo: 'mta.example.org' });
     assert.equal(await redisCli('ZCARD', key('127.0.0.64')), '1');
     warm.send('QUIT');
     await warm.waitClosed();
@@ -215,8 +205,8 @@ settings:
     for (const ip of ['127.0.0.65', '127.0.0.66']) {
       const n = await eventually(async () => (await redisCli('ZCARD', key(ip))) === '0', 3000);
       assert.ok(n, `no slot left for ${ip}: ZCARD ${await redisCli('ZCARD', key(ip))}`);
-      const again = await SmtpClient.connect(d.port, { localAddress: ip });
-      const g = await again.reply();
+      const again = await SmtpClient.greet(d.port, { localAddress: ip });
+      const g = again.greeting;
       again.close();
       assert.equal(g.code, 220, `a new session from ${ip} is not refused: ${g.raw}`);
     }
@@ -236,7 +226,7 @@ settings:
     rules: { 'greylist.yaml': GREY, 'ratelimit.yaml': MESSAGES_PER_CLIENT },
   });
   try {
-    const c = await open(d.port, '127.0.0.67');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.67', ehlo: 'mta.example.org' });
     const grey: number[] = [];
     for (let i = 0; i < 3; i++) grey.push((await transaction(c, 'news@grey.example', 'u@example.com')).code);
     assert.deepEqual(grey, [451, 451, 451], 'greylisted: first attempt and retries too early');
@@ -298,7 +288,7 @@ settings:
   const port = (d.logs().find((l) => l.msg === 'doorman started')?.listeners as { port: number }[])[0]?.port ?? 0;
   const plain = (password: string) => 'AUTH PLAIN ' + Buffer.from(`\0alice@backend.test\0${password}`).toString('base64');
   const login = async (ip: string, password: string, mail = false): Promise<{ code: number; text: string }> => {
-    const c = await open(port, ip);
+    const c = await SmtpClient.open(port, { localAddress: ip, ehlo: 'mta.example.org' });
     const r = await c.cmd(plain(password));
     if (mail && r.code === 235) assert.equal((await c.cmd('MAIL FROM:<alice@example.org>')).code, 250);
     c.send('QUIT');

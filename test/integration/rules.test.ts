@@ -50,17 +50,10 @@ after(async () => {
   await fb?.close();
 });
 
-async function open(localAddress = '127.0.0.1'): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(dm.port, { localAddress });
-  const g = await c.reply();
-  assert.equal(g.code, 220, g.raw);
-  return c;
-}
-
 test('a client denied at connect gets the rule’s 554 and never costs the backend a connection', async () => {
   const before = fb.connections;
-  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.66' });
-  const g = await c.reply();
+  const c = await SmtpClient.greet(dm.port, { localAddress: '127.0.0.66' });
+  const g = c.greeting;
   assert.equal(g.code, 554);
   assert.equal(g.text, '5.7.1 You are not welcome here');
   assert.equal((await c.cmd('EHLO x.example.net')).code, 503);
@@ -74,8 +67,7 @@ test('a client denied at connect gets the rule’s 554 and never costs the backe
 });
 
 test('sender and recipient denials carry the rule’s reply; the transaction goes on', async () => {
-  const c = await open();
-  await c.ehlo('client.example.net');
+  const c = await SmtpClient.open(dm.port);
   const s = await c.cmd('MAIL FROM:<bulk@spammer.example>');
   assert.equal(s.code, 550);
   assert.equal(s.text, '5.7.1 Sender address rejected: spammer');
@@ -100,18 +92,18 @@ test('sender and recipient denials carry the rule’s reply; the transaction goe
 });
 
 test('an enforced HELO rule refuses; an allowlisted client is exempt', async () => {
-  const c = await open();
+  const c = await SmtpClient.open(dm.port, { ehlo: false });
   const r = await c.cmd('EHLO localhost');
   assert.equal(r.code, 504);
   assert.equal(r.text, '5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname');
   c.close();
-  const ok = await open('127.0.0.10');
+  const ok = await SmtpClient.open(dm.port, { localAddress: '127.0.0.10', ehlo: false });
   assert.equal((await ok.cmd('EHLO localhost')).code, 250, 'access allow cancels bypassable refusals');
   ok.close();
 });
 
 test('dry-run logs what it would do and counts it, without refusing', async () => {
-  const c = await open();
+  const c = await SmtpClient.open(dm.port, { ehlo: false });
   const r = await c.cmd('EHLO 192.0.2.1');
   // 20-helo (enforce) refuses bare IPs too; use its reply to see which rule decided.
   assert.equal(r.code, 501);
@@ -124,16 +116,14 @@ test('dry-run logs what it would do and counts it, without refusing', async () =
 
 test('hot reload: a changed file applies to new sessions; an invalid one keeps the last good rules', async () => {
   const file = path.join(dm.rulesDir, '10-access.yaml');
-  const old = await open();
-  await old.ehlo('client.example.net');
+  const old = await SmtpClient.open(dm.port);
   fs.writeFileSync(file, ACCESS.replace('@spammer.example', '@other.example'));
   await eventually(async () => (await dm.metric('doorman_config_reloads_total', { result: 'success' })) >= 1, 5000);
   // A session opened before the reload goes on, with the rules it started with.
   assert.equal((await old.cmd('MAIL FROM:<x@spammer.example>')).code, 550);
   assert.equal((await old.cmd('MAIL FROM:<x@other.example>')).code, 250);
   old.close();
-  let c = await open();
-  await c.ehlo('client.example.net');
+  let c = await SmtpClient.open(dm.port);
   assert.equal((await c.cmd('MAIL FROM:<x@other.example>')).code, 550, 'new rule in force');
   assert.equal((await c.cmd('RSET')).code, 250);
   assert.equal((await c.cmd('MAIL FROM:<x@spammer.example>')).code, 250, 'old rule gone');
@@ -143,8 +133,7 @@ test('hot reload: a changed file applies to new sessions; an invalid one keeps t
   await eventually(async () => (await dm.metric('doorman_config_reloads_total', { result: 'failure' })) >= 1, 5000);
   const err = dm.logs().find((l) => l.msg.startsWith('rule reload failed'));
   assert.match(String(err?.err), /10-access\.yaml:\d+: settings\.senders\.0\.bogus: unknown key/);
-  c = await open();
-  await c.ehlo('client.example.net');
+  c = await SmtpClient.open(dm.port);
   assert.equal((await c.cmd('MAIL FROM:<x@other.example>')).code, 550, 'last good rules still in force');
   c.close();
 });
@@ -157,8 +146,7 @@ test('SIGHUP reloads the rule files', async () => {
   fs.renameSync(file + '.tmp', file);
   process.kill(dm.proc.pid, 'SIGHUP');
   await eventually(async () => (await dm.metric('doorman_config_reloads_total', { result: 'success' })) > before, 5000);
-  const c = await open();
-  await c.ehlo('client.example.net');
+  const c = await SmtpClient.open(dm.port);
   assert.equal((await c.cmd('MAIL FROM:<x@hup.example>')).code, 550);
   c.close();
 });
@@ -166,14 +154,8 @@ test('SIGHUP reloads the rule files', async () => {
 test('action tag adds a header to the message instead of refusing', async () => {
   const d = await startDoorman({ backendPort: fb.port, rules: { 'helo.yaml': 'rule: helo\nname: helo-tag\naction: tag\n' } });
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
-    assert.equal((await c.cmd('EHLO localhost')).code, 250);
-    assert.equal((await c.cmd('MAIL FROM:<tag@example.org>')).code, 250);
-    assert.equal((await c.cmd('RCPT TO:<b@example.com>')).code, 250);
-    assert.equal((await c.cmd('DATA')).code, 354);
-    c.write('Subject: tagged\r\n\r\nbody\r\n.\r\n');
-    assert.equal((await c.reply()).code, 250);
+    const c = await SmtpClient.open(d.port, { ehlo: 'localhost' });
+    assert.equal((await c.message({ from: 'tag@example.org', to: 'b@example.com', body: 'Subject: tagged\r\n\r\nbody\r\n' })).code, 250);
     c.close();
     const msg = fb.messages[fb.messages.length - 1] ?? '';
     assert.match(msg, /^X-Doorman-Tag: helo-tag; need fully-qualified hostname\r\nSubject: tagged\r\n/);

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT, startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startSink, type Sink } from '../helpers/sink.js';
-import { SmtpClient, sendMessage } from '../helpers/smtp.js';
+import { SmtpClient } from '../helpers/smtp.js';
 import { eventually, sleep, useCleanup } from '../helpers/procs.js';
 
 useCleanup();
@@ -48,18 +48,11 @@ function rssKb(pid: number): number {
   return Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
 }
 
-async function greeted(dm: Doorman): Promise<SmtpClient> {
-  const c = await SmtpClient.connect(dm.port);
-  assert.equal((await c.reply()).code, 220);
-  return c;
-}
-
 test('a client that never reads its replies: doorman stops serving it, drops it after writeTimeout, memory stays bounded', { timeout: 60_000 }, async () => {
   const pid = open.proc.pid;
   const before = rssKb(pid);
   let peak = before;
-  const c = await greeted(open);
-  await c.ehlo();
+  const c = await SmtpClient.open(open.port);
   c.socket.pause(); // from here on the client reads nothing
   const chunk = Buffer.from('VRFY x\r\n'.repeat(8192), 'latin1'); // 64 KiB, ~9× as many reply bytes
   const LIMIT = 16 * 1024 * 1024; // bounded: 16 MiB of commands or 20 s, whichever first
@@ -85,17 +78,15 @@ test('a client that never reads its replies: doorman stops serving it, drops it 
   assert.ok((await open.metric('doorman_protocol_violations_total', { kind: 'write_timeout' })) >= 1);
   assert.ok(open.logs().some((l) => l.msg === 'client does not read its replies: dropped'));
   // A normal client is still served.
-  const n = await greeted(open);
-  await n.ehlo('mail.example.net');
-  const r = await sendMessage(n, 'after-flood@example.org', ['user@example.com'], 'Subject: after\r\n\r\nstill served\r\n');
+  const n = await SmtpClient.open(open.port, { ehlo: 'mail.example.net' });
+  const r = await n.message({ from: 'after-flood@example.org', to: 'user@example.com', body: 'Subject: after\r\n\r\nstill served\r\n' });
   assert.equal(r.code, 250, r.raw);
   assert.equal((await n.cmd('QUIT')).code, 221);
   await sink.bySender('after-flood@example.org');
 });
 
 test('junk commands: the 101st NOOP/VRFY/RSET/EHLO without a delivered message gets 421 4.7.0', async () => {
-  const c = await greeted(capped);
-  await c.ehlo('mail.example.net'); // junk 1
+  const c = await SmtpClient.open(capped.port, { ehlo: 'mail.example.net' }); // junk 1
   const verbs = ['NOOP', 'VRFY x', 'RSET', 'HELP', 'EHLO mail.example.net'];
   for (let i = 1; i < 100; i++) {
     const r = await c.cmd(verbs[i % verbs.length] ?? 'NOOP');
@@ -110,10 +101,9 @@ test('junk commands: the 101st NOOP/VRFY/RSET/EHLO without a delivered message g
 });
 
 test('junk commands: the count starts again after a delivered message (as Postfix)', async () => {
-  const c = await greeted(capped);
-  await c.ehlo('mail.example.net');
+  const c = await SmtpClient.open(capped.port, { ehlo: 'mail.example.net' });
   for (let i = 0; i < 80; i++) assert.equal((await c.cmd('NOOP')).code, 250);
-  const r = await sendMessage(c, 'junk-reset@example.org', ['user@example.com'], 'Subject: reset\r\n\r\nhi\r\n');
+  const r = await c.message({ from: 'junk-reset@example.org', to: 'user@example.com', body: 'Subject: reset\r\n\r\nhi\r\n' });
   assert.equal(r.code, 250, r.raw);
   for (let i = 0; i < 80; i++) assert.equal((await c.cmd('RSET')).code, 250);
   assert.equal((await c.cmd('QUIT')).code, 221);
@@ -121,11 +111,10 @@ test('junk commands: the count starts again after a delivered message (as Postfi
 });
 
 test('commands per session: past maxCommands the next command gets 421 4.7.0; earlier messages were delivered', async () => {
-  const c = await greeted(capped);
-  await c.ehlo('mail.example.net'); // command 1
+  const c = await SmtpClient.open(capped.port, { ehlo: 'mail.example.net' }); // command 1
   // 66 messages of 3 commands each (MAIL, RCPT, DATA): commands 2..199.
   for (let i = 0; i < 66; i++) {
-    const r = await sendMessage(c, `many-${i}@example.org`, ['user@example.com'], `Subject: ${i}\r\n\r\nhi\r\n`);
+    const r = await c.message({ from: `many-${i}@example.org`, to: 'user@example.com', body: `Subject: ${i}\r\n\r\nhi\r\n` });
     assert.equal(r.code, 250, r.raw);
   }
   assert.equal((await c.cmd('NOOP')).code, 250); // command 200
@@ -151,7 +140,7 @@ async function sessionLine(dm: Doorman, helo: string): Promise<string> {
 }
 
 test('3000 EHLOs with the shipped dry-run helo rule (caps off): the session log line stays bounded', { timeout: 60_000 }, async () => {
-  const c = await greeted(open);
+  const c = await SmtpClient.open(open.port, { ehlo: false });
   const n = 3000;
   c.write('EHLO localhost\r\n'.repeat(n));
   for (let i = 0; i < n; i++) assert.equal((await c.reply()).code, 250);
@@ -165,7 +154,7 @@ test('3000 EHLOs with the shipped dry-run helo rule (caps off): the session log 
 });
 
 test('20000 EHLOs with the shipped caps: 421 4.7.0 after 100, a small log line', { timeout: 60_000 }, async () => {
-  const c = await greeted(capped);
+  const c = await SmtpClient.open(capped.port, { ehlo: false });
   c.write('EHLO localhost.localdomain\r\n'.repeat(20_000));
   let r = await c.reply();
   let ok = 0;
@@ -178,15 +167,9 @@ test('20000 EHLOs with the shipped caps: 421 4.7.0 after 100, a small log line',
 });
 
 test('tags are bounded: 15 distinct tags, each 4 times, in one message → 10 X-Doorman-Tag headers, the rest counted', async () => {
-  const c = await greeted(open);
-  await c.ehlo('mail.example.net');
-  assert.equal((await c.cmd('MAIL FROM:<tags@example.org>')).code, 250);
-  for (let round = 0; round < 4; round++) {
-    for (let i = 0; i < 15; i++) assert.equal((await c.cmd(`RCPT TO:<u${i}@tagged.example>`)).code, 250);
-  }
-  assert.equal((await c.cmd('DATA')).code, 354);
-  c.write('Subject: tags\r\n\r\nhi\r\n.\r\n');
-  assert.equal((await c.reply()).code, 250);
+  const c = await SmtpClient.open(open.port, { ehlo: 'mail.example.net' });
+  const to = Array.from({ length: 4 * 15 }, (_, i) => `u${i % 15}@tagged.example`);
+  assert.equal((await c.message({ from: 'tags@example.org', to, body: 'Subject: tags\r\n\r\nhi\r\n' })).code, 250);
   assert.equal((await c.cmd('QUIT')).code, 221);
   const m = await sink.bySender('tags@example.org');
   const tags = m.body.split('\n').filter((l) => l.startsWith('X-Doorman-Tag: '));

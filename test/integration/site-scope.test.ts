@@ -70,19 +70,16 @@ after(async () => {
 });
 
 test('the port-25 role refuses a DNSBL-listed client at connect', async () => {
-  const c = await SmtpClient.connect(smtpPort, { localAddress: LISTED });
-  const r = await c.reply(5000);
+  const c = await SmtpClient.greet(smtpPort, { localAddress: LISTED, timeout: 5000 });
+  const r = c.greeting;
   assert.equal(r.code, 554);
   assert.equal(r.text, '5.7.1 Service unavailable; client [127.0.0.77] blocked using bl.test');
   c.close();
 });
 
 test('the same client on submission is greeted, offered AUTH, and refused at MAIL by the relay rule (530), not the DNSBL', async () => {
-  const c = await SmtpClient.connect(submissionPort, { localAddress: LISTED });
-  assert.equal((await c.reply(5000)).code, 220);
-  const { reply, keywords } = await c.ehlo('laptop.example.net');
-  assert.equal(reply.code, 250);
-  assert.match(keywords.get('AUTH') ?? '', /PLAIN/);
+  const c = await SmtpClient.open(submissionPort, { localAddress: LISTED, ehlo: 'laptop.example.net' });
+  assert.match(c.keywords.get('AUTH') ?? '', /PLAIN/);
   const r = await c.cmd('MAIL FROM:<someone@example.net>');
   assert.equal(r.code, 530);
   assert.equal(r.text, '5.7.0 Authentication required');
@@ -93,9 +90,7 @@ test('the same client on submission is greeted, offered AUTH, and refused at MAI
 });
 
 test('greylisting scoped to example.com greylists it and not example.org', async () => {
-  const c = await SmtpClient.connect(smtpPort, { localAddress: OUTSIDE });
-  assert.equal((await c.reply(5000)).code, 220);
-  await c.ehlo('mail.example.net');
+  const c = await SmtpClient.open(smtpPort, { localAddress: OUTSIDE, ehlo: 'mail.example.net' });
   assert.equal((await c.cmd('MAIL FROM:<news@example.net>')).code, 250);
   const grey = await c.cmd('RCPT TO:<bob@example.com>');
   assert.equal(grey.code, 451);
@@ -105,16 +100,12 @@ test('greylisting scoped to example.com greylists it and not example.org', async
 });
 
 test('the sender rule reads site.yaml: a local sender from outside is refused, from a trusted network not', async () => {
-  const c = await SmtpClient.connect(smtpPort, { localAddress: OUTSIDE });
-  assert.equal((await c.reply(5000)).code, 220);
-  await c.ehlo('mail.example.net');
+  const c = await SmtpClient.open(smtpPort, { localAddress: OUTSIDE, ehlo: 'mail.example.net' });
   const r = await c.cmd('MAIL FROM:<ceo@example.org>');
   assert.equal(r.code, 553);
   assert.equal(r.text, '5.7.1 <ceo@example.org>: Sender address rejected: not owned by you');
   c.close();
-  const t = await SmtpClient.connect(smtpPort, { localAddress: TRUSTED });
-  assert.equal((await t.reply(5000)).code, 220);
-  await t.ehlo('backup-mx.example.net');
+  const t = await SmtpClient.open(smtpPort, { localAddress: TRUSTED, ehlo: 'backup-mx.example.net' });
   assert.equal((await t.cmd('MAIL FROM:<ceo@example.org>')).code, 250, 'a backup MX passes our own senders on');
   const relay = await t.cmd('RCPT TO:<x@elsewhere.example>');
   assert.equal(relay.code, 554, 'but gets no relay rights');
@@ -127,9 +118,7 @@ test('a scope edited on disk applies after the reload', async () => {
   const before = reloads();
   fs.writeFileSync(path.join(dm.rulesDir, 'greylist.yaml'), GREYLIST.replace('[example.com]', '[example.org]'));
   await eventually(() => reloads() > before, 5000);
-  const c = await SmtpClient.connect(smtpPort, { localAddress: OUTSIDE });
-  assert.equal((await c.reply(5000)).code, 220);
-  await c.ehlo('mail.example.net');
+  const c = await SmtpClient.open(smtpPort, { localAddress: OUTSIDE, ehlo: 'mail.example.net' });
   assert.equal((await c.cmd('MAIL FROM:<news@example.net>')).code, 250);
   assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
   assert.equal((await c.cmd('RCPT TO:<carol@example.org>')).code, 451);
@@ -149,9 +138,7 @@ test('an old rule file with its own lists and failMode keeps working and logs fi
     assert.ok(warns.some((m) => /relay\.yaml:3: settings\.localDomains: move this list to rules\/site\.yaml/.test(m)), warns.join('\n'));
     assert.ok(warns.some((m) => /relay\.yaml:4: settings\.relayNetworks: move this list to rules\/site\.yaml/.test(m)), warns.join('\n'));
     assert.ok(warns.some((m) => /greylist\.yaml:4: settings\.failMode: .*onError: pass/.test(m)), warns.join('\n'));
-    const c = await SmtpClient.connect(old.port, { localAddress: OUTSIDE });
-    assert.equal((await c.reply(5000)).code, 220);
-    await c.ehlo('mail.example.net');
+    const c = await SmtpClient.open(old.port, { localAddress: OUTSIDE, ehlo: 'mail.example.net' });
     assert.equal((await c.cmd('MAIL FROM:<news@example.net>')).code, 250);
     assert.equal((await c.cmd('RCPT TO:<x@elsewhere.example>')).code, 554);
     assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 451);

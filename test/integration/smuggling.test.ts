@@ -41,19 +41,12 @@ const VARIANTS: [string, string][] = [
   ['LF..LF (stuffed)', '\n..\n'],
 ];
 
+/** One message with `seq` inside, then a second transaction's commands and text, then QUIT. */
 async function smuggle(port: number, tag: string, seq: string) {
-  const c = await SmtpClient.connect(port);
-  assert.equal((await c.reply()).code, 220);
-  await c.ehlo();
-  assert.equal((await c.cmd(`MAIL FROM:<outer-${tag}@example.org>`)).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<victim@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  c.write(
-    `Subject: outer\r\n\r\nfirst part${seq}MAIL FROM:<smuggled-${tag}@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nspoofed\r\n.\r\n`,
-  );
-  const r = await c.reply();
-  const after = await c.cmd('QUIT');
-  return { r, after };
+  const c = await SmtpClient.open(port);
+  const body = `Subject: outer\r\n\r\nfirst part${seq}MAIL FROM:<smuggled-${tag}@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nspoofed\r\n`;
+  const r = await c.message({ from: `outer-${tag}@example.org`, to: 'victim@example.com', body });
+  return { r, after: await c.cmd('QUIT') };
 }
 
 for (const [name, seq] of VARIANTS) {
@@ -80,15 +73,13 @@ test('bareNewline: reject refuses the message with 550 5.5.2; nothing is deliver
 });
 
 test('a command ended by a bare LF is accepted under normalize, refused under reject', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  await c.reply();
+  const c = await SmtpClient.open(dm.port, { ehlo: false });
   c.write('NOOP\n');
   assert.equal((await c.reply()).code, 250);
   c.write('NOOP x\ry\r\n');
   assert.equal((await c.reply()).code, 500, 'bare CR inside a command');
   c.close();
-  const s = await SmtpClient.connect(strict.port);
-  await s.reply();
+  const s = await SmtpClient.open(strict.port, { ehlo: false });
   s.write('NOOP\n');
   const r = await s.reply();
   assert.equal(r.code, 500);
@@ -98,14 +89,9 @@ test('a command ended by a bare LF is accepted under normalize, refused under re
 
 test('control: the same attack sent to this Postfix directly does smuggle a second message', async () => {
   // Proves the backend is vulnerable, so the tests above show doorman's protection.
-  const c = await SmtpClient.connect(postfix.port);
-  await c.reply();
-  await c.ehlo();
-  await c.cmd('MAIL FROM:<outer-direct@example.org>');
-  await c.cmd('RCPT TO:<victim@example.com>');
-  await c.cmd('DATA');
-  c.write('Subject: outer\r\n\r\nfirst part\n.\r\nMAIL FROM:<smuggled-direct@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nspoofed\r\n.\r\n');
-  assert.equal((await c.reply()).code, 250);
+  const c = await SmtpClient.open(postfix.port);
+  const body = 'Subject: outer\r\n\r\nfirst part\n.\r\nMAIL FROM:<smuggled-direct@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nspoofed\r\n';
+  assert.equal((await c.message({ from: 'outer-direct@example.org', to: 'victim@example.com', body })).code, 250);
   c.close();
   const m = await sink.bySender('smuggled-direct@example.org');
   assert.match(m.body, /spoofed/);

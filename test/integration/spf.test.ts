@@ -59,9 +59,7 @@ after(async () => {
 });
 
 async function mailFrom(from: string, localAddress: string, helo = 'client.example.org'): Promise<{ code: number; text: string }> {
-  const c = await SmtpClient.connect(dm.port, { localAddress });
-  await c.reply();
-  await c.ehlo(helo);
+  const c = await SmtpClient.open(dm.port, { localAddress, ehlo: helo });
   const r = await c.cmd(`MAIL FROM:<${from}>`);
   c.close();
   return r;
@@ -101,16 +99,10 @@ test('the HELO identity is checked: a failing HELO domain refuses even a null se
 });
 
 test('SPF judges the real client: a PROXY header naming the listed address passes', async () => {
-  const c = await SmtpClient.connect(dm.ports[1]!);
-  c.write('PROXY TCP4 127.0.0.40 127.0.0.1 40000 25\r\n');
-  await c.reply();
-  await c.ehlo('client.example.org');
+  const c = await SmtpClient.open(dm.ports[1]!, { proxy: 'TCP4 127.0.0.40 127.0.0.1 40000 25', ehlo: 'client.example.org' });
   assert.equal((await c.cmd('MAIL FROM:<a@strict.test>')).code, 250);
   c.close();
-  const d = await SmtpClient.connect(dm.ports[1]!);
-  d.write('PROXY TCP6 2001:db8::7 2001:db8::25 40000 25\r\n');
-  await d.reply();
-  await d.ehlo('client.example.org');
+  const d = await SmtpClient.open(dm.ports[1]!, { proxy: 'TCP6 2001:db8::7 2001:db8::25 40000 25', ehlo: 'client.example.org' });
   assert.equal((await d.cmd('MAIL FROM:<a@six.test>')).code, 250, 'IPv6 client matched by ip6:');
   assert.equal((await d.cmd('RSET')).code, 250);
   assert.equal((await d.cmd('MAIL FROM:<a@strict.test>')).code, 550);
@@ -131,9 +123,7 @@ test('a DNS server that never answers: 451 4.7.24, never a crash or a hang', asy
     rules: { 'spf.yaml': SPF },
   });
   try {
-    const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.41' });
-    await c.reply();
-    await c.ehlo('client.example.org');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.41', ehlo: 'client.example.org' });
     const r = await c.cmd('MAIL FROM:<a@strict.test>', 10_000);
     assert.equal(r.code, 451);
     assert.match(r.text, /^4\.7\.24 /);

@@ -39,11 +39,9 @@ after(async () => {
 });
 
 test('STARTTLS is offered on plaintext; AUTH only after TLS', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  await c.reply();
-  const plain = await c.ehlo();
-  assert.ok(plain.keywords.has('STARTTLS'));
-  assert.equal(plain.keywords.has('AUTH'), false, 'no AUTH on plaintext');
+  const c = await SmtpClient.open(dm.port);
+  assert.ok(c.keywords.has('STARTTLS'));
+  assert.equal(c.keywords.has('AUTH'), false, 'no AUTH on plaintext');
   const a = await c.cmd('AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=');
   assert.equal(a.code, 530);
   assert.match(a.text, /^5\.7\.0 Must issue a STARTTLS command first/);
@@ -68,9 +66,7 @@ test('swaks over STARTTLS delivers a message through doorman and Postfix', async
 });
 
 test('STARTTLS injection: plaintext pipelined after STARTTLS is discarded and state reset', async () => {
-  const c = await SmtpClient.connect(dm.port);
-  await c.reply();
-  await c.ehlo();
+  const c = await SmtpClient.open(dm.port);
   // A man in the middle appends commands to STARTTLS in the same segment.
   c.write('STARTTLS\r\nMAIL FROM:<injected@example.org>\r\nRCPT TO:<bob@example.com>\r\n');
   const r = await c.reply();
@@ -89,12 +85,9 @@ test('STARTTLS injection: plaintext pipelined after STARTTLS is discarded and st
 });
 
 test('implicit TLS (smtps role) greets inside TLS', async () => {
-  const c = await SmtpClient.connect(dm.ports[2]!, { tls: true });
-  const g = await c.reply();
-  assert.equal(g.code, 220);
-  const { keywords } = await c.ehlo();
-  assert.equal(keywords.has('STARTTLS'), false);
-  assert.match(keywords.get('AUTH') ?? '', /LOGIN/);
+  const c = await SmtpClient.open(dm.ports[2]!, { tls: true });
+  assert.equal(c.keywords.has('STARTTLS'), false);
+  assert.match(c.keywords.get('AUTH') ?? '', /LOGIN/);
   c.close();
 });
 
@@ -121,12 +114,7 @@ test('AUTH LOGIN with a wrong password: 535 from Postfix, no relaying', async ()
 });
 
 test('AUTH cancelled by the client with "*"', async () => {
-  const c = await SmtpClient.connect(dm.ports[1]!);
-  await c.reply();
-  await c.ehlo();
-  await c.cmd('STARTTLS');
-  await c.upgrade();
-  await c.ehlo();
+  const c = await SmtpClient.open(dm.ports[1]!, { starttls: true });
   const ch = await c.cmd('AUTH LOGIN');
   assert.equal(ch.code, 334);
   const r = await c.cmd('*');
@@ -137,14 +125,8 @@ test('AUTH cancelled by the client with "*"', async () => {
 });
 
 test('XCLIENT: Postfix logs and stamps the real client address, not doorman’s', async () => {
-  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.7' });
-  await c.reply();
-  await c.ehlo('seven.example.net');
-  assert.equal((await c.cmd('MAIL FROM:<xclient@example.org>')).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  c.write('Subject: xclient\r\n\r\nhi\r\n.\r\n');
-  const r = await c.reply();
+  const c = await SmtpClient.open(dm.port, { localAddress: '127.0.0.7', ehlo: 'seven.example.net' });
+  const r = await c.message({ from: 'xclient@example.org', to: 'bob@example.com', body: 'Subject: xclient\r\n\r\nhi\r\n' });
   assert.equal(r.code, 250);
   const queueId = /queued as ([A-F0-9]+)/.exec(r.text)?.[1];
   assert.ok(queueId, r.raw);
@@ -163,19 +145,12 @@ test('STARTTLS towards the backend when it offers it; `require` refuses a backen
   const d = await startDoorman({ backendPort: tlsPf.port });
   const strict = await startDoorman({ backendPort: postfix.port, config: 'backend:\n  starttls: require\n' });
   try {
-    const c = await SmtpClient.connect(d.port);
-    await c.reply();
-    await c.ehlo();
-    assert.equal((await c.cmd('MAIL FROM:<backend-tls@example.org>')).code, 250);
-    assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-    assert.equal((await c.cmd('DATA')).code, 354);
-    c.write('Subject: backend tls\r\n\r\nhi\r\n.\r\n');
-    assert.equal((await c.reply()).code, 250);
+    const c = await SmtpClient.open(d.port);
+    assert.equal((await c.message({ from: 'backend-tls@example.org', to: 'bob@example.com', body: 'Subject: backend tls\r\n\r\nhi\r\n' })).code, 250);
     c.close();
     const line = await eventually(() => tlsPf.log().split('\n').find((l) => /TLS connection established from/.test(l)));
     assert.ok(line, 'Postfix logged a TLS session from doorman');
-    const s = await SmtpClient.connect(strict.port);
-    assert.equal((await s.reply()).code, 220);
+    const s = await SmtpClient.open(strict.port, { ehlo: false });
     const r = await s.cmd('EHLO client.example.net');
     assert.equal(r.code, 421, 'no STARTTLS at the backend: the client is told to come back later');
     assert.ok((await strict.metric('doorman_backend_failures_total', { kind: 'tls' })) >= 1);
@@ -196,10 +171,8 @@ test('authPlaintext: a listener configured for it offers AUTH without TLS', asyn
   assert.ok(!(d instanceof Error), String(d));
   try {
     const port = ((d.logs().find((l) => l.msg === 'doorman started')?.listeners as { port: number }[])[0]?.port) ?? 0;
-    const c = await SmtpClient.connect(port);
-    await c.reply();
-    const { keywords } = await c.ehlo();
-    assert.match(keywords.get('AUTH') ?? '', /PLAIN/);
+    const c = await SmtpClient.open(port);
+    assert.match(c.keywords.get('AUTH') ?? '', /PLAIN/);
     const r = await c.cmd('AUTH PLAIN ' + Buffer.from('\0alice@backend.test\0wonderland').toString('base64'));
     assert.equal(r.code, 235);
     c.close();
@@ -216,14 +189,8 @@ test('backend connections are reused across client sessions, each bound to its c
     const before = connects();
     const ids: string[] = [];
     const send = async (ip: string) => {
-      const c = await SmtpClient.connect(d.port, { localAddress: ip });
-      await c.reply();
-      await c.ehlo(`host-${ip.split('.')[3]}.example.net`);
-      assert.equal((await c.cmd(`MAIL FROM:<pool-${ip}@example.org>`)).code, 250);
-      assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-      assert.equal((await c.cmd('DATA')).code, 354);
-      c.write('Subject: pooled\r\n\r\nhi\r\n.\r\n');
-      const r = await c.reply();
+      const c = await SmtpClient.open(d.port, { localAddress: ip, ehlo: `host-${ip.split('.')[3]}.example.net` });
+      const r = await c.message({ from: `pool-${ip}@example.org`, to: 'bob@example.com', body: 'Subject: pooled\r\n\r\nhi\r\n' });
       assert.equal(r.code, 250, r.raw);
       ids.push(/queued as ([A-F0-9]+)/.exec(r.text)?.[1] ?? '');
       assert.equal((await c.cmd('QUIT')).code, 221);
@@ -232,9 +199,7 @@ test('backend connections are reused across client sessions, each bound to its c
     await send('127.0.0.21');
     await send('127.0.0.22');
     // A client that leaves in the middle of a transaction: the next one still gets a clean session.
-    const c = await SmtpClient.connect(d.port, { localAddress: '127.0.0.24' });
-    await c.reply();
-    await c.ehlo('host-24.example.net');
+    const c = await SmtpClient.open(d.port, { localAddress: '127.0.0.24', ehlo: 'host-24.example.net' });
     assert.equal((await c.cmd('MAIL FROM:<left@example.org>')).code, 250);
     assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
     assert.equal((await c.cmd('QUIT')).code, 221);
@@ -263,16 +228,11 @@ test('backend connections are reused across client sessions, each bound to its c
 });
 
 test('a client that says HELO, not EHLO: Postfix is told so (XCLIENT PROTO=SMTP) and stamps “with SMTP”', async () => {
-  const c = await SmtpClient.connect(dm.port, { localAddress: '127.0.0.9' });
-  await c.reply();
+  const c = await SmtpClient.open(dm.port, { localAddress: '127.0.0.9', ehlo: false });
   const h = await c.cmd('HELO old.example.net');
   assert.equal(h.code, 250);
   assert.doesNotMatch(h.raw, /PIPELINING|SIZE/, 'no extensions after HELO');
-  assert.equal((await c.cmd('MAIL FROM:<helo-only@example.org>')).code, 250);
-  assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-  assert.equal((await c.cmd('DATA')).code, 354);
-  c.write('Subject: helo\r\n\r\nhi\r\n.\r\n');
-  assert.equal((await c.reply()).code, 250);
+  assert.equal((await c.message({ from: 'helo-only@example.org', to: 'bob@example.com', body: 'Subject: helo\r\n\r\nhi\r\n' })).code, 250);
   await c.cmd('QUIT');
   const m = await sink.bySender('helo-only@example.org');
   assert.match(m.body, /Received: from old\.example\.net \(unknown \[127\.0\.0\.9\]\)\s+by backend\.test \(Postfix\) with SMTP /);
@@ -286,14 +246,9 @@ test('BDAT towards Postfix (it offers CHUNKING): a large message with dot lines 
     const body = ['.leading dot', '..two dots', '.', 'Grüße — ✓'.normalize(), 'y'.repeat(998), ...filler, '. last', ''].join('\r\n');
     const send = async (port: number, ip: string, from: string) => {
       const message = `From: <${from}>\r\nTo: <bob@example.com>\r\nDate: Sun, 22 Nov 2026 04:00:00 +0000\r\nMessage-ID: <${from}>\r\nSubject: chunks\r\n\r\n${body}`;
-      const c = await SmtpClient.connect(port, { localAddress: ip });
-      await c.reply();
-      await c.ehlo('chunks.example.net');
-      assert.equal((await c.cmd(`MAIL FROM:<${from}> BODY=8BITMIME`)).code, 250);
-      assert.equal((await c.cmd('RCPT TO:<bob@example.com>')).code, 250);
-      assert.equal((await c.cmd('DATA')).code, 354);
-      c.write(Buffer.from(message.replace(/^\./gm, '..') + '.\r\n', 'utf8'));
-      const r = await c.reply();
+      const c = await SmtpClient.open(port, { localAddress: ip, ehlo: 'chunks.example.net' });
+      const stuffed = Buffer.from(message.replace(/^\./gm, '..'), 'utf8');
+      const r = await c.message({ from, params: 'BODY=8BITMIME', to: 'bob@example.com', body: stuffed });
       assert.equal(r.code, 250, r.raw);
       assert.equal((await c.cmd('QUIT')).code, 221);
       const m = await sink.bySender(from);
