@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { startDoorman } from '../test/helpers/doorman.js';
 import { startPostfix } from '../test/helpers/postfix.js';
 import { startSink } from '../test/helpers/sink.js';
-import { sendMessage, SmtpClient } from '../test/helpers/smtp.js';
+import { SmtpClient } from '../test/helpers/smtp.js';
 import { sleep, stopAll } from '../test/helpers/procs.js';
 
 const N = Number(process.argv[2] ?? 100);
@@ -37,7 +37,7 @@ try {
   const c = await SmtpClient.connect(d.port, { localAddress: '127.0.2.1' });
   await c.reply();
   const e = await c.cmd('EHLO real.example.net', 10_000);
-  const r = e.code === 250 ? await sendMessage(c, 'real@example.org', ['bob@example.com'], 'Subject: real\r\n\r\nhi\r\n') : e;
+  const r = e.code === 250 ? (await c.transaction({ from: 'real@example.org', to: ['bob@example.com'], body: 'Subject: real\r\n\r\nhi\r\n' })).last : e;
   console.log(`then a real client: EHLO ${e.code}, message ${r.code} ${r.text}`);
   c.close();
   for (const x of idle) x.close();

@@ -273,8 +273,3 @@ export class SmtpClient {
 export function dotStuff(body: string): string {
   return body.replace(/(^|\r\n)\./g, '$1..');
 }
-
-/** @deprecated Use client.transaction(); kept for bench/backend-connections.ts. The last reply of a whole transaction. */
-export async function sendMessage(c: SmtpClient, from: string, to: string[], body: string | Buffer): Promise<TestReply> {
-  return (await c.transaction({ from, to, body })).last;
-}
