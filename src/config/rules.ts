@@ -24,7 +24,7 @@ import { z } from 'zod';
 import { DoormanError, type Problem } from '../errors.js';
 import type { Stage } from '../pipeline/events.js';
 import type { LoadedRule } from '../pipeline/run.js';
-import { parseReplySpec, replyTemplate, type RuleDeps, type RuleType } from '../pipeline/rule.js';
+import { parseReplySpec, replyTemplate, stagesOf, type RuleDeps, type RuleType } from '../pipeline/rule.js';
 import { RULE_DEFAULTS } from './defaults.js';
 import { validateYaml } from './yaml.js';
 
@@ -85,7 +85,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps, types: RuleTypes): Rule
     for (const r of rules) r.rule.close?.();
     throw new DoormanError('DMN_ERR_RULES_INVALID', dir, problems);
   }
-  return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => [...r.rule.stages, ...(r.rule.starts ?? [])])) };
+  return { rules, version: hash.digest('hex').slice(0, 12), files, stages: new Set(rules.flatMap((r) => stagesOf(r.rule))) };
 }
 
 function loadRuleFile(file: string, text: string, deps: RuleDeps, types: RuleTypes, problems: Problem[]): LoadedRule | null {
