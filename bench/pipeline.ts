@@ -94,9 +94,18 @@ function api(): Api {
   const evaluate = r.evaluate as (rules: unknown, ev: SessionEvent, hooks: unknown) => Verdict | Promise<Verdict>;
   return {
     open() {
+      // As the session did: its `ended` aborted at close, its events$ completed.
+      const ev$ = new Subject<SessionEvent>();
+      const ended = new AbortController();
       return {
-        feed: (ev) => evaluate(set.rules, ev, ev.stage === 'quit' ? { metrics } : { ...hooks, deferred: () => undefined }),
-        end: () => undefined,
+        feed: (ev) => {
+          ev$.next(ev);
+          return evaluate(set.rules, ev, ev.stage === 'quit' ? { metrics } : { ...hooks, deferred: () => undefined });
+        },
+        end: () => {
+          ended.abort();
+          ev$.complete();
+        },
       };
     },
   };
@@ -123,7 +132,7 @@ const results: number[] = [];
 for (let r = 0; r < rounds; r++) {
   const eps = await round(a);
   results.push(eps);
-  process.stdout.write(`round ${r + 1}: ${Math.round(eps)} events/s\n`);
+  process.stdout.write(`round ${r + 1}: ${Math.round(eps)} events/s, heap ${Math.round(process.memoryUsage().heapUsed / 1e6)} MB\n`);
 }
 results.sort((x, y) => x - y);
 process.stdout.write(`median: ${Math.round(results[Math.floor(results.length / 2)]!)} events/s (${sessions} sessions × 7 events, rules: ${set.rules.map((r) => r.rule.name).join(', ')})\n`);

@@ -21,7 +21,7 @@
  * as a value — no Promise, no timer, no microtask hop between pipelined commands.
  *
  * Cancellation: the waits of a session's checks belong to its subscription. When the session
- * ends (its events complete, or `ended` aborts) they are unsubscribed at once: a Promise's wait is
+ * ends (its events complete) they are unsubscribed at once: a Promise's wait is
  * dropped (`from` + unsubscribe: the session is no longer referenced from it), an Observable's
  * teardown runs (a lookup of its own is cancelled); a lookup shared with other sessions goes on
  * for them. The front's pending `verdict` Promise then never settles: nothing waits on it.
@@ -87,7 +87,10 @@ export const MAX_BODY_LAG = 1 << 20;
 export interface Pipeline {
   /** Some rule reads the message body: the front feeds it (`PipelineSession.body`). */
   readonly wantsBody: boolean;
-  /** Follows one session's events until they complete or `ended` aborts. */
+  /**
+   * Follows one session's events until they complete (the session's end: the front completes
+   * them when it aborts `ended`). A session already ended is not followed.
+   */
   attach(events$: Observable<SessionEvent>, ended: AbortSignal): PipelineSession;
 }
 
@@ -185,8 +188,6 @@ class Run implements PipelineSession {
       this.ended = true;
       return;
     }
-    signal.addEventListener('abort', end, { once: true });
-    this.pending.add(() => signal.removeEventListener('abort', end));
     this.pending.add(
       events$.subscribe({
         next: (event) => {
@@ -224,7 +225,9 @@ class Run implements PipelineSession {
         ((this.checks(lr, event.stage) && inScope(lr.scope, event)) || (lr.rule.starts !== undefined && event.stage in lr.rule.starts && inSessionScope(lr.scope, event))),
     );
     if (applicable.length === 0) return EMPTY_VERDICT;
-    return this.subscribe(this.stage$(applicable, event).pipe(map((v) => this.settleRefused(applicable, event, v))));
+    const v = this.stage(applicable, event);
+    if (!isObservable(v)) return this.settleRefused(applicable, event, v);
+    return this.subscribe(v.pipe(map((x) => this.settleRefused(applicable, event, x))));
   }
 
   /** Subscribes now: a value if the verdict came synchronously, else a Promise (cancelled with the session). */
@@ -249,57 +252,63 @@ class Run implements PipelineSession {
     return stage in lr.rule.checks || (stage === 'data_end' && lr.rule.body !== undefined);
   }
 
-  /** Two tiers: the cheap, final rules first; what they refuse costs the bypassable ones nothing. */
-  private stage$(applicable: readonly LoadedRule[], event: SessionEvent): Observable<StageVerdict> {
+  /**
+   * Two tiers: the cheap, final rules first; what they refuse costs the bypassable ones nothing.
+   * A value when every check answered with one (no operator needed), else an Observable.
+   */
+  private stage(applicable: readonly LoadedRule[], event: SessionEvent): StageVerdict | Observable<StageVerdict> {
     const accepted = event.session.acceptedBy;
     const hard = applicable.filter((r) => !r.rule.bypassable);
     const soft = applicable.filter((r) => r.rule.bypassable);
-    if (hard.length === 0 || soft.length === 0) return this.tier$(applicable, event).pipe(map((o) => combine(o, accepted)));
-    return this.tier$(hard, event).pipe(
-      mergeMap((first) => {
-        const v = combine(first, accepted);
-        if (v.reply) return of(v);
-        return this.tier$(soft, event).pipe(map((second) => combine([...first, ...second], accepted)));
-      }),
-    );
+    if (hard.length === 0 || soft.length === 0) return mapped(this.tier(applicable, event), (o) => combine(o, accepted));
+    const second = (first: RuleOutcome[]): StageVerdict | Observable<StageVerdict> => {
+      const v = combine(first, accepted);
+      if (v.reply) return v;
+      return mapped(this.tier(soft, event), (o) => combine([...first, ...o], accepted));
+    };
+    const first = this.tier(hard, event);
+    return isObservable(first) ? first.pipe(mergeMap((f) => asObservable(second(f)))) : second(first);
   }
 
   /**
    * One tier: the work of rules that start at this stage is started, then every check is called
-   * at once and their outcomes gathered (`mergeMap`), in rule order. A dry-run check that did not
+   * at once. The outcomes, in rule order: at once when every check answered with a value; else
+   * gathered as they come (`mergeMap`, each with its deadline). A dry-run check that did not
    * answer at once is subscribed apart (`late`).
    */
-  private tier$(tier: readonly LoadedRule[], event: SessionEvent): Observable<RuleOutcome[]> {
-    return defer(() => {
-      const started = performance.now();
-      const stage = event.stage;
-      const out: Observable<[number, RuleOutcome]>[] = [];
-      let i = 0;
-      for (const lr of tier) {
-        const begin = (lr.rule.starts as Record<string, Starter | undefined> | undefined)?.[stage];
-        if (begin) {
-          try {
-            begin.call(lr.rule.starts, event, this.stateOf(lr, event.session));
-          } catch (err) {
-            out.push(of([i++, this.errorOutcome(lr, stage, err, performance.now() - started)]));
-          }
+  private tier(tier: readonly LoadedRule[], event: SessionEvent): RuleOutcome[] | Observable<RuleOutcome[]> {
+    const started = performance.now();
+    const stage = event.stage;
+    const out: (RuleOutcome | Observable<RuleOutcome>)[] = [];
+    let waiting = false;
+    for (const lr of tier) {
+      const begin = (lr.rule.starts as Record<string, Starter | undefined> | undefined)?.[stage];
+      if (begin) {
+        try {
+          begin.call(lr.rule.starts, event, this.stateOf(lr, event.session));
+        } catch (err) {
+          out.push(this.errorOutcome(lr, stage, err, performance.now() - started));
         }
-        if (!this.checks(lr, stage) || !inScope(lr.scope, event)) continue;
-        const result = this.call(lr, event);
-        const outcome$ = this.outcome$(lr, stage, result, started);
-        if (this.late < this.maxLate && lr.action === 'dry-run' && !(outcome$ instanceof Array)) {
-          this.detach(outcome$);
-          continue;
-        }
-        const at = i++;
-        out.push(outcome$ instanceof Array ? of([at, outcome$[0]]) : outcome$.pipe(map((o): [number, RuleOutcome] => [at, o])));
       }
-      return from(out).pipe(
-        mergeMap((o$) => o$),
-        toArray(),
-        map((list) => (list.length > 1 ? list.sort((a, b) => a[0] - b[0]) : list).map((x) => x[1])),
-      );
-    });
+      if (!this.checks(lr, stage) || !inScope(lr.scope, event)) continue;
+      const o = this.outcome$(lr, stage, this.call(lr, event), started);
+      if (!isObservable(o)) {
+        out.push(o);
+        continue;
+      }
+      if (this.late < this.maxLate && lr.action === 'dry-run') {
+        this.detach(o);
+        continue;
+      }
+      waiting = true;
+      out.push(o);
+    }
+    if (!waiting) return out as RuleOutcome[];
+    return from(out.map((o, i) => (isObservable(o) ? o : of(o)).pipe(map((x): [number, RuleOutcome] => [i, x])))).pipe(
+      mergeMap((o$) => o$),
+      toArray(),
+      map((list) => list.sort((a, b) => a[0] - b[0]).map((x) => x[1])),
+    );
   }
 
   /** The rule's check for the event: what it answered, or what it threw. */
@@ -315,18 +324,18 @@ class Run implements PipelineSession {
   }
 
   /**
-   * One rule's outcome: at once (a one-element array, no operator) for a value or a throw; else an
+   * One rule's outcome: at once (no operator) for a value or a throw; else an
    * Observable with the rule's deadline, its errors turned into its `onError` outcome.
    */
-  private outcome$(lr: LoadedRule, stage: Stage, c: ReturnType<Run['call']>, started: number): [RuleOutcome] | Observable<RuleOutcome> {
-    if (!c.ok) return [this.errorOutcome(lr, stage, c.err, performance.now() - started)];
+  private outcome$(lr: LoadedRule, stage: Stage, c: ReturnType<Run['call']>, started: number): RuleOutcome | Observable<RuleOutcome> {
+    if (!c.ok) return this.errorOutcome(lr, stage, c.err, performance.now() - started);
     const v = c.value;
     if (!(v instanceof Promise) && !isObservable(v)) {
       try {
-        return [this.record(findingOutcome(lr, stage, v, performance.now() - started))];
+        return this.record(findingOutcome(lr, stage, v, performance.now() - started));
       } catch (err) {
         // A malformed finding (a rule bug) is the rule's error.
-        return [this.errorOutcome(lr, stage, err, performance.now() - started)];
+        return this.errorOutcome(lr, stage, err, performance.now() - started);
       }
     }
     const name = lr.rule.name;
@@ -516,6 +525,15 @@ class Run implements PipelineSession {
   }
 }
 
+/** `f` applied to a value at once, or to an Observable's value. */
+function mapped<T, R>(x: T | Observable<T>, f: (t: T) => R): R | Observable<R> {
+  return isObservable(x) ? x.pipe(map(f)) : f(x as T);
+}
+
+function asObservable<T>(x: T | Observable<T>): Observable<T> {
+  return isObservable(x) ? x : of(x);
+}
+
 function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: number): RuleOutcome {
   const applied = applyAction(finding, lr.action, stage, lr.reply);
   return {
@@ -535,12 +553,12 @@ function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: numb
  * Promise of it. The rules' state for the event lives and ends with the call.
  */
 export function evaluate(rules: readonly LoadedRule[], event: SessionEvent, hooks: PipelineHooks = {}): StageVerdict | Promise<StageVerdict> {
-  const ended = new AbortController();
-  const s = openPipeline(rules, hooks).attach(new Observable<SessionEvent>(), ended.signal);
+  const events$ = new Subject<SessionEvent>();
+  const s = openPipeline(rules, hooks).attach(events$, new AbortController().signal);
   const v = s.verdict(event);
   if (!(v instanceof Promise)) {
-    ended.abort();
+    events$.complete();
     return v;
   }
-  return v.finally(() => ended.abort());
+  return v.finally(() => events$.complete());
 }
