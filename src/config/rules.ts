@@ -30,7 +30,7 @@ import { z } from 'zod';
 import { DoormanError, type Problem } from '../errors.js';
 import type { Stage } from '../pipeline/events.js';
 import type { LoadedRule } from '../pipeline/run.js';
-import { parseReplySpec, replyTemplate, type RuleDeps, type RuleType } from '../pipeline/rule.js';
+import { parseReplySpec, replyTemplate, stagesOf, type RuleDeps, type RuleType } from '../pipeline/rule.js';
 import type { SitePolicy } from '../pipeline/site.js';
 import { RULE_DEFAULTS, SITE_FILE } from './defaults.js';
 import { buildScope, scopeSchema, type ListenerRef } from './scope.js';
@@ -116,7 +116,7 @@ export function loadRuleSet(dir: string, deps: RuleDeps, types: RuleTypes, opts:
     rules,
     version: hash.digest('hex').slice(0, 12),
     files,
-    stages: new Set(rules.flatMap((r) => [...r.rule.stages, ...(r.rule.starts ?? [])])),
+    stages: new Set(rules.flatMap((r) => stagesOf(r.rule))),
     site: site.policy,
     warnings,
   };
@@ -193,12 +193,12 @@ function loadRuleFile(file: string, text: string, ctx: FileContext): LoadedRule 
       return null;
     }
     scope = built.scope;
-    if (f.scope.recipientDomains && !rule.stages.some((s) => RECIPIENT_STAGES.includes(s))) {
+    if (f.scope.recipientDomains && !stagesOf(rule).some((s) => RECIPIENT_STAGES.includes(s))) {
       warnings.push({
         file,
         line: at(['scope', 'recipientDomains'], true),
         key: 'scope.recipientDomains',
-        message: `this ${type.type} rule acts at ${rule.stages.filter((s) => s !== 'quit').join(', ') || 'no stage'}, before any recipient is known: a recipientDomains scope means it never applies`,
+        message: `this ${type.type} rule acts at ${stagesOf(rule).filter((s) => s !== 'quit').join(', ') || 'no stage'}, before any recipient is known: a recipientDomains scope means it never applies`,
       });
     }
   }

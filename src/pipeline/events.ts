@@ -64,7 +64,7 @@ export type SessionEvent =
   | (Base & { readonly stage: 'rcpt'; readonly recipient: ParsedPath; readonly params: readonly MailParam[] })
   | (Base & { readonly stage: 'data_headers'; readonly headers: Buffer; readonly truncated: boolean })
   | (Base & { readonly stage: 'data_end'; readonly size: number })
-  /** The session ended (QUIT, timeout, disconnect…): for bookkeeping; findings are ignored. */
+  /** The session ended (QUIT, timeout, disconnect…): its last snapshot for the rules' end hooks (`Rule.end`); no rule checks it. */
   | (Base & { readonly stage: 'quit'; readonly reason: string })
   /** ETRN (RFC 1985): the client asks for the queue of `node` (a domain, `@domain` or `#queue`). */
   | (Base & { readonly stage: 'etrn'; readonly node: string });

@@ -1,8 +1,9 @@
 /**
  * rule.ts — the plug-in interface every rule implements.
  *
- * A rule names the stages it acts on and returns a Finding for an event, as a value, a Promise
- * or an Observable (the first value counts). It never writes to a socket, never decides the
+ * A rule declares its checks per stage and returns a Finding for an event, as a value, a Promise
+ * or an Observable (the first value counts); what it keeps per session is its state, created and
+ * dropped by the runner (`session`, `end`). It never writes to a socket, never decides the
  * reply on its own: the rule file's `action` does (pipeline/verdict.ts), and the runner
  * (pipeline/run.ts) owns timeouts, crashes and metrics.
  */
@@ -11,7 +12,7 @@ import { z } from 'zod';
 import type { Metrics } from '../metrics/registry.js';
 import type { DnsResolver } from '../net/dns.js';
 import type { Store } from '../store/store.js';
-import type { SessionEvent, Stage } from './events.js';
+import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
 import type { SitePolicy } from './site.js';
 
 /** A reply a rule suggests; code and enhanced code must agree in class (5xx ↔ 5.x.x). */
@@ -37,30 +38,88 @@ export const PASS: Finding = Object.freeze({ kind: 'pass' });
 
 export type FindingResult = Finding | Promise<Finding> | Observable<Finding>;
 
-export interface Rule {
+/** The stages a rule can check (a session's end is the runner's business: `Rule.end`). */
+export type RuleStage = Exclude<Stage, 'quit'>;
+
+/**
+ * A rule's checks, one per stage it acts on; each gets the event and the rule's state for the
+ * session (`Rule.session`; undefined for a rule without one). Method syntax: a rule's own state
+ * type stays assignable to `Rule` (the runner never mixes states of different rules).
+ */
+export interface Checks<S> {
+  connect?(event: EventOf<'connect'>, state: S): FindingResult;
+  helo?(event: EventOf<'helo'>, state: S): FindingResult;
+  auth?(event: EventOf<'auth'>, state: S): FindingResult;
+  mail?(event: EventOf<'mail'>, state: S): FindingResult;
+  rcpt?(event: EventOf<'rcpt'>, state: S): FindingResult;
+  data_headers?(event: EventOf<'data_headers'>, state: S): FindingResult;
+  data_end?(event: EventOf<'data_end'>, state: S): FindingResult;
+  etrn?(event: EventOf<'etrn'>, state: S): FindingResult;
+}
+
+/**
+ * Work begun at a stage for a verdict that a check of a later stage applies: the runner calls it
+ * before the stage's checks and never waits for it. A rule that starts at connect and decides at
+ * MAIL or RCPT (Postfix's smtpd_delay_reject) does not hold the greeting. A throw is the rule's
+ * error (`onError`) at that stage.
+ */
+export interface Starts<S> {
+  connect?(event: EventOf<'connect'>, state: S): void;
+  helo?(event: EventOf<'helo'>, state: S): void;
+  auth?(event: EventOf<'auth'>, state: S): void;
+  mail?(event: EventOf<'mail'>, state: S): void;
+  rcpt?(event: EventOf<'rcpt'>, state: S): void;
+  data_headers?(event: EventOf<'data_headers'>, state: S): void;
+  etrn?(event: EventOf<'etrn'>, state: S): void;
+}
+
+/**
+ * A rule that reads the message body (DKIM, a content scanner). The runner hands it the message
+ * as it arrives — the unstuffed chunks, an Observable the runner drives with `concatMap`: `chunk`
+ * is called for each in order, the next one only once the work it returned for the previous one
+ * is done (a Promise or an Observable; nothing: done at once). Chunks a reader has not consumed yet
+ * count towards the pipeline's `maxBodyLag` (bytes): past it, the session stops reading the client
+ * until the reader catches up (back-pressure). At data_end, once the reader has consumed every
+ * chunk, `end` gives the rule's finding for the message (within the rule's `timeout`). Sessions
+ * without a body rule pay nothing: no chunk is handed to the pipeline.
+ */
+export interface BodyReader<S> {
+  chunk(chunk: Buffer, state: S): void | Promise<unknown> | Observable<unknown>;
+  end(event: EventOf<'data_end'>, state: S): FindingResult;
+}
+
+export interface Rule<S = unknown> {
   /** Instance name from the rule file (unique), used in logs and metric labels. */
   readonly name: string;
   /** Rule type (the file name under src/rules/). */
   readonly type: string;
-  readonly stages: readonly Stage[];
-  /**
-   * Stages at which the rule only starts work (DNS lookups) whose verdict `check` applies at a
-   * later stage of `stages`: the runner calls `start` there before the stage's checks and never
-   * waits for it. A rule that starts at connect and decides at MAIL or RCPT (Postfix's
-   * smtpd_delay_reject) does not hold the greeting. A throw is the rule's error (`onError`).
-   */
-  readonly starts?: readonly Stage[];
-  start?(event: SessionEvent): void;
+  /** What the rule checks, per stage. */
+  readonly checks: Checks<S>;
+  /** Work started early for a later stage's check (see Starts). */
+  readonly starts?: Starts<S>;
+  /** The rule reads the message body; its finding counts at data_end (see BodyReader). */
+  readonly body?: BodyReader<S>;
   /** An `accept` finding from another rule overrides this rule's refusals. */
   readonly bypassable: boolean;
-  check(event: SessionEvent): FindingResult;
+  /**
+   * Per-session state, owned by the runner: created at the first start or check of a session
+   * that needs it, handed to every call of that session, dropped when the session ends. No rule
+   * keeps maps keyed by session id.
+   */
+  session?(snapshot: SessionSnapshot): S;
+  /**
+   * The session ended: give back what the state holds (a concurrency slot). Called once, only
+   * for a state that was created, after the rule's checks of the session are done or cancelled,
+   * with the session's last snapshot. It must not throw (ignored).
+   */
+  end?(state: S, snapshot: SessionSnapshot): void;
   /**
    * Called by the runner when the stage's verdict refused `event` — by this rule or another
    * (greylisting, a DNSBL, an access deny). A rule that spent something on the event (a rate-limit
    * token) gives it back: only events let through are counted. Called once per refused event, for
    * every rule of the stage (whether or not it answered in time); it must not throw (ignored).
    */
-  refused?(event: SessionEvent): void;
+  refused?(event: SessionEvent, state: S): void;
   /** Releases timers or connections on reload/shutdown. */
   close?(): void;
   /**
@@ -68,6 +127,14 @@ export interface Rule {
    * description, or an error message.
    */
   admin?(args: readonly string[]): { key: string; describe: string } | string;
+}
+
+/** The stages a rule acts on: its checks, its early starts, data_end for a body reader, and quit when it has an end hook. */
+export function stagesOf(rule: Rule): Stage[] {
+  const out = new Set<Stage>([...(Object.keys(rule.checks) as Stage[]), ...(Object.keys(rule.starts ?? {}) as Stage[])]);
+  if (rule.body) out.add('data_end');
+  if (rule.end) out.add('quit');
+  return [...out];
 }
 
 /** Services passed to rule factories: nothing a rule needs from outside is imported directly. */
@@ -132,3 +199,10 @@ export function parseReplySpec(s: string): ReplySpec | null {
 export const replyTemplate = z
   .string()
   .refine((s) => parseReplySpec(s.replace(/\{\w+\}/g, 'x')) !== null, 'expected "<4xx|5xx> <x.y.z> text" with matching classes');
+
+/** The same check at each of `stages` (a rule that matches several stages in one function). */
+export function onStages<S = unknown>(stages: readonly RuleStage[], check: (event: SessionEvent, state: S) => FindingResult): Checks<S> {
+  const out: Partial<Record<RuleStage, typeof check>> = {};
+  for (const s of stages) out[s] = check;
+  return out as Checks<S>;
+}

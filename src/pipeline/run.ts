@@ -1,32 +1,51 @@
 /**
- * run.ts — the pipeline runner: evaluates one stage's rules for one event.
+ * run.ts — the pipeline runner: a session's events in, each event's StageVerdict out.
  *
- * The rules of a stage run concurrently (rxjs mergeMap), in two tiers: rules that are not
- * bypassable (pure matching: access, relay, sender) first; the bypassable ones (DNS, Redis) only
- * when the first tier did not refuse. Each is wrapped so that nothing a rule
+ * `openPipeline(rules, hooks)` takes a rule set; `attach(events$, ended)` follows one session: it
+ * subscribes to the session's events (an Observable from any front — the SMTP session today; a
+ * milter, a policy server, `explain` or `replay` tomorrow: nothing here knows a socket) and
+ * evaluates each event's stage; `verdict(event)` hands the result to the front.
+ *
+ * A stage is one RxJS pipeline. Its rules run concurrently (`mergeMap`), in two tiers: rules that
+ * are not bypassable (pure matching: access, relay, sender) first; the bypassable ones (DNS,
+ * Redis) only when the first tier did not refuse. Each check is wrapped so that nothing a rule
  * does can harm the session: a synchronous throw, a rejected Promise, an Observable that errors
- * or completes empty, and a rule slower than its `timeout` all become the rule's `onError`
- * outcome (`pass`: fail open, the default; `tempfail`: 451 4.3.0), are counted in
+ * or completes empty, and a rule slower than its `timeout` (the operator) all become the rule's
+ * `onError` outcome (`pass`: fail open, the default; `tempfail`: 451/421 4.3.0), are counted in
  * doorman_rule_errors_total{rule,kind} and logged with the rule's name. The outcomes are then
- * combined by verdict.ts. A stage with no applicable rule costs nothing (no Promise, no timer), and
- * a tier whose rules all answer synchronously (pure matching, cached lookups) is combined on the
- * spot; Promises are raced against their rule's timeout with one timer each; rules that answer with
- * an Observable go through the RxJS pipeline below.
+ * combined by verdict.ts.
  *
- * Never waiting for what cannot change the reply: when the caller takes late outcomes
- * (`hooks.deferred`; the session does, up to `limits.maxPendingDryRun` at a time), a rule in
- * `dry-run` whose check did not answer at once is not awaited; its outcome is recorded (metrics,
- * `onRuleError`) when it arrives and is handed to `hooks.deferred`, so a slow DNS lookup of a rule
- * being measured never holds a reply.
- * And a rule can start its work at an earlier stage than the one whose verdict it applies
- * (`Rule.starts` / `start`): the runner calls `start` and goes on.
+ * Cost: a stage without applicable rules costs nothing (no Observable is built); a check that
+ * answers with a value needs no deadline, so a stage whose rules all answer synchronously
+ * (matching rules, cache hits) emits its verdict during the subscription and `verdict` returns it
+ * as a value — no Promise, no timer, no microtask hop between pipelined commands.
+ *
+ * Cancellation: the waits of a session's checks belong to its subscription. When the session
+ * ends (its events complete) they are unsubscribed at once: a Promise's wait is
+ * dropped (`from` + unsubscribe: the session is no longer referenced from it), an Observable's
+ * teardown runs (a lookup of its own is cancelled); a lookup shared with other sessions goes on
+ * for them. The front's pending `verdict` Promise then never settles: nothing waits on it.
+ *
+ * Never waiting for what cannot change the reply: with `hooks.late`, a rule in `dry-run` whose
+ * check did not answer at once is subscribed apart from the stage (up to `maxPendingDryRun` per
+ * session; past it the stage waits for it like for any rule). Its outcome is recorded (metrics,
+ * `onRuleError`) when it arrives and handed to `hooks.late`; the session's end does not cancel it
+ * (its deadline bounds it), and the rules' end hooks wait for it.
+ *
+ * State: a rule's per-session state (`Rule.session`) is created by the runner at its first use
+ * in the session, passed to each call and dropped at the session's end, after the rule's `end`
+ * hook (called only for a state that was created).
+ *
+ * Body: rules with a BodyReader get the message's unstuffed chunks as the front feeds them
+ * (`body`), one `concatMap` per reader; past `maxBodyLag` bytes not yet consumed by a reader, the
+ * feed returns a Promise the front awaits before reading on (back-pressure).
  */
-import { defer, from, isObservable, of, firstValueFrom, type Observable } from 'rxjs';
-import { catchError, defaultIfEmpty, map, mergeMap, take, timeout, toArray } from 'rxjs/operators';
+import { AsyncSubject, defer, from, isObservable, Observable, of, Subject, Subscription } from 'rxjs';
+import { catchError, concatMap, defaultIfEmpty, map, mergeMap, take, tap, timeout, toArray } from 'rxjs/operators';
 import { reply } from '../protocol/reply.js';
 import type { Metrics } from '../metrics/registry.js';
-import type { SessionEvent, Stage } from './events.js';
-import type { Finding, ReplySpec, Rule } from './rule.js';
+import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
+import type { Finding, FindingResult, ReplySpec, Rule } from './rule.js';
 import { inScope, inSessionScope, type RuleScope } from './scope.js';
 import { applyAction, combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
 
@@ -45,193 +64,474 @@ export interface LoadedRule {
   readonly scope?: RuleScope;
 }
 
-export interface RunnerHooks {
+export interface PipelineHooks {
   metrics?: Metrics;
   /** Called for a rule that threw or timed out (the session logs it). */
   onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
   /**
-   * The outcome of a dry-run rule that was not awaited, settled when the rule answers or its
-   * timeout passes (never rejects; already counted in metrics). The session logs it. Without this
-   * hook, dry-run rules are awaited like the others.
+   * The outcome of a dry-run rule that was not awaited, when it arrives (already counted in
+   * metrics). Without this hook, dry-run rules are awaited like the others.
    */
-  deferred?: (outcome: Promise<RuleOutcome>) => void;
+  late?: (outcome: RuleOutcome) => void;
+  /** Dry-run checks of one session left running at most (limits.maxPendingDryRun); default 16. */
+  maxPendingDryRun?: number;
+  /** Body bytes a reader may have pending before the feed waits for it; default 1 MiB. */
+  maxBodyLag?: number;
+  /** The front's chunks as they are on the wire → the message's bytes (SMTP: dot-unstuffing), one function per message. */
+  unstuff?: () => (chunks: readonly Buffer[]) => Buffer[];
+}
+
+/** Body bytes a reader may lag behind the feed before the session stops reading (back-pressure). */
+export const MAX_BODY_LAG = 1 << 20;
+
+export interface Pipeline {
+  /** Some rule reads the message body: the front feeds it (`PipelineSession.body`). */
+  readonly wantsBody: boolean;
+  /**
+   * Follows one session's events until they complete (the session's end: the front completes
+   * them when it aborts `ended`). A session already ended is not followed.
+   */
+  attach(events$: Observable<SessionEvent>, ended: AbortSignal): PipelineSession;
+}
+
+export interface PipelineSession {
+  /** Some rule reads the message body: the front feeds it (`body`). */
+  readonly wantsBody: boolean;
+  /**
+   * The verdict of `event`, evaluated when the events Observable emitted it (or now, if it did
+   * not): a value when every check answered at once. `quit` is bookkeeping: always empty.
+   */
+  verdict(event: SessionEvent): StageVerdict | Promise<StageVerdict>;
+  /**
+   * Message chunks as received (`last`: the end of data follows); undefined when readers keep
+   * up, else a Promise that settles once none lags more than maxBodyLag. A no-op without body
+   * rules. The next message starts with the next chunk after `last`.
+   */
+  body(chunks: readonly Buffer[], last: boolean): void | Promise<void>;
 }
 
 class RuleTimeoutError extends Error {}
 
-/** Evaluates the stage of `event`. Synchronous when no rule applies or every rule answered at once. */
-export function evaluate(
-  rules: readonly LoadedRule[],
-  event: SessionEvent,
-  hooks: RunnerHooks = {},
-): StageVerdict | Promise<StageVerdict> {
-  const accepted = event.session.acceptedBy;
-  // An allowlisted session skips bypassable rules — but every rule hears `quit` (bookkeeping).
-  // A rule out of scope is not asked (scope.ts); one that only starts work here needs the part
-  // of its scope the session already tells.
-  const applicable = rules.filter(
-    (r) =>
-      ((r.rule.stages.includes(event.stage) && inScope(r.scope, event)) || (r.rule.starts?.includes(event.stage) && inSessionScope(r.scope, event))) &&
-      !(accepted && r.rule.bypassable && event.stage !== 'quit'),
-  );
-  if (applicable.length === 0) return EMPTY_VERDICT;
-  const v = evaluateRules(applicable, event, hooks);
-  return v instanceof Promise ? v.then((x) => settleRefused(applicable, event, x)) : settleRefused(applicable, event, v);
+/** Rules by stage, once per rule set. */
+interface Plan {
+  readonly byStage: ReadonlyMap<Stage, readonly LoadedRule[]>;
+  readonly readers: readonly LoadedRule[];
 }
+const plans = new WeakMap<readonly LoadedRule[], Plan>();
 
-/**
- * A refused event is told to every rule of its stage (Rule.refused): what a rule spent on it
- * (a rate-limit token) is given back, so a greylisted recipient costs no rate-limit budget. The
- * common path (nothing refused) costs nothing.
- */
-function settleRefused(rules: readonly LoadedRule[], event: SessionEvent, v: StageVerdict): StageVerdict {
-  if (!v.reply || event.stage === 'quit') return v;
+function planOf(rules: readonly LoadedRule[]): Plan {
+  let p = plans.get(rules);
+  if (p) return p;
+  const byStage = new Map<Stage, LoadedRule[]>();
   for (const lr of rules) {
-    try {
-      lr.rule.refused?.(event);
-    } catch {
-      // A rule's bookkeeping never fails the stage.
+    const r = lr.rule;
+    const stages = new Set<Stage>([...(Object.keys(r.checks) as Stage[]), ...(Object.keys(r.starts ?? {}) as Stage[])]);
+    if (r.body) stages.add('data_end');
+    for (const s of stages) {
+      const list = byStage.get(s) ?? [];
+      list.push(lr);
+      byStage.set(s, list);
     }
   }
-  return v;
+  p = { byStage, readers: rules.filter((lr) => lr.rule.body) };
+  plans.set(rules, p);
+  return p;
 }
 
-function evaluateRules(applicable: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
-  const hard = applicable.filter((r) => !r.rule.bypassable);
-  const soft = applicable.filter((r) => r.rule.bypassable);
-  if (hard.length === 0 || soft.length === 0 || event.stage === 'quit') return runTier(applicable, event, hooks);
-  // Two tiers: the cheap, final rules first (access, relay, sender); what they refuse costs the
-  // bypassable ones (DNS, Redis) nothing — no lookup, no greylist triplet, no rate-limit token.
-  const second = (first: StageVerdict): StageVerdict | Promise<StageVerdict> => {
-    if (first.reply) return first;
-    const both = (v: StageVerdict) => combine([...first.outcomes, ...v.outcomes], event.session.acceptedBy);
-    const v = runTier(soft, event, hooks);
-    return v instanceof Promise ? v.then(both) : both(v);
+export function openPipeline(rules: readonly LoadedRule[], hooks: PipelineHooks = {}): Pipeline {
+  const plan = planOf(rules);
+  return {
+    wantsBody: plan.readers.length > 0,
+    attach: (events$, ended) => new Run(plan, hooks, events$, ended),
   };
-  const first = runTier(hard, event, hooks);
-  return first instanceof Promise ? first.then(second) : second(first);
 }
 
-/** What a rule's check returned, or what it threw. */
-type Called = { ok: true; value: Finding | Promise<Finding> | Observable<Finding> } | { ok: false; err: unknown };
+type Handler = (event: SessionEvent, state: unknown) => FindingResult;
+type Starter = (event: SessionEvent, state: unknown) => void;
 
-/**
- * One tier: the work of rules that start at this stage is started, then every rule's check is
- * called at once; a dry-run rule that did not answer at once is handed to `hooks.deferred`. When
- * each remaining one answered synchronously (matching rules, cache hits) the outcomes are combined
- * on the spot — no scheduler, Promise or timer; when any answered with a Promise or Observable,
- * all go through the RxJS pipeline with its timeouts.
- */
-function runTier(tier: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks): StageVerdict | Promise<StageVerdict> {
-  const started = performance.now();
-  const stage = event.stage;
-  // Work started here for a later stage's verdict; a throw is the rule's error at this stage.
-  const startErrors: RuleOutcome[] = [];
-  for (const lr of tier) {
-    if (!lr.rule.starts?.includes(stage) || !lr.rule.start) continue;
-    try {
-      lr.rule.start(event);
-    } catch (err) {
-      startErrors.push(record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks));
-    }
-  }
-  const rules: LoadedRule[] = [];
-  const called: Called[] = [];
-  for (const lr of tier) {
-    if (!lr.rule.stages.includes(stage) || !inScope(lr.scope, event)) continue;
-    let c: Called;
-    try {
-      c = { ok: true, value: lr.rule.check(event) };
-    } catch (err) {
-      c = { ok: false, err };
-    }
-    // A dry-run rule cannot change the reply: what it has not answered yet is not waited for.
-    if (hooks.deferred && lr.action === 'dry-run' && stage !== 'quit' && c.ok && (c.value instanceof Promise || isObservable(c.value))) {
-      const late = isObservable(c.value) ? firstValueFrom(checkOne(lr, event, hooks, c)) : (settle(lr, stage, c, started, hooks) as Promise<RuleOutcome>);
-      hooks.deferred?.(late);
-      continue;
-    }
-    rules.push(lr);
-    called.push(c);
-  }
-  const v = settleTier(rules, called, event, hooks, started);
-  if (!startErrors.length) return v;
-  const all = (x: StageVerdict) => combine([...startErrors, ...x.outcomes], event.session.acceptedBy);
-  return v instanceof Promise ? v.then(all) : all(v);
+/** One message's readers: their chunk queues, lag, and when each has consumed everything. */
+interface Reading {
+  readonly chunks: Subject<Buffer>;
+  readonly unstuff: ((chunks: readonly Buffer[]) => Buffer[]) | null;
+  readonly lag: Map<LoadedRule, number>;
+  readonly done: Map<LoadedRule, AsyncSubject<void>>;
+  readonly waiters: (() => void)[];
 }
 
-/** The outcomes of the checks called, combined: at once when all answered synchronously. */
-function settleTier(rules: readonly LoadedRule[], called: readonly Called[], event: SessionEvent, hooks: RunnerHooks, started: number): StageVerdict | Promise<StageVerdict> {
-  // Observables go through the RxJS pipeline (first value, complete-empty is a pass). Values and
-  // Promises are settled here: values at once, Promises raced against their rule's deadline with
-  // one timer each — a tier of values is combined without any Promise.
-  if (called.every((c) => !c.ok || !isObservable(c.value))) {
-    const outcomes = called.map((c, i) => settle(rules[i]!, event.stage, c, started, hooks));
-    if (outcomes.every((o): o is RuleOutcome => !(o instanceof Promise))) return combine(outcomes, event.session.acceptedBy);
-    return Promise.all(outcomes).then((list) => combine(list, event.session.acceptedBy));
-  }
-  return firstValueFrom(runStage(rules, event, hooks, called));
-}
+/** One session following its events. */
+class Run implements PipelineSession {
+  /** The waits of checks the session is owed: unsubscribed when it ends. */
+  private readonly pending = new Subscription();
+  /** Dry-run checks left running (not cancelled at the end; their deadline bounds them). */
+  private late = 0;
+  private readonly states = new Map<LoadedRule, unknown>();
+  private last: { event: SessionEvent; verdict: StageVerdict | Promise<StageVerdict> } | null = null;
+  private snapshot: SessionSnapshot | null = null;
+  private ended = false;
+  private endHooksDue = false;
+  private reading: Reading | null = null;
+  private readonly maxLate: number;
+  private readonly maxLag: number;
+  readonly wantsBody: boolean;
 
-/** One rule's outcome from a value or a Promise, with the rule's timeout. */
-function settle(lr: LoadedRule, stage: Stage, c: Called, started: number, hooks: RunnerHooks): RuleOutcome | Promise<RuleOutcome> {
-  const outcome = (f: unknown): RuleOutcome => {
-    try {
-      return record(findingOutcome(lr, stage, f as Finding, performance.now() - started), hooks);
-    } catch (err) {
-      // A malformed finding (a rule bug) is the rule's error, as on the RxJS path.
-      return record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks);
+  constructor(
+    private readonly plan: Plan,
+    private readonly hooks: PipelineHooks,
+    events$: Observable<SessionEvent>,
+    signal: AbortSignal,
+  ) {
+    this.maxLate = hooks.late ? (hooks.maxPendingDryRun ?? 16) : 0;
+    this.maxLag = hooks.maxBodyLag ?? MAX_BODY_LAG;
+    this.wantsBody = plan.readers.length > 0;
+    const end = () => this.end();
+    if (signal.aborted) {
+      this.ended = true;
+      return;
     }
-  };
-  const failed = (err: unknown): RuleOutcome => record(errorOutcome(lr, stage, err, performance.now() - started, hooks), hooks);
-  if (!c.ok) return failed(c.err);
-  const value = c.value;
-  if (!(value instanceof Promise)) return outcome(value);
-  return new Promise<RuleOutcome>((resolve) => {
-    let done = false;
-    const timer = setTimeout(() => {
-      done = true;
-      resolve(failed(new RuleTimeoutError(`rule ${lr.rule.name} timed out after ${lr.timeout} ms`)));
-    }, lr.timeout);
-    value.then(
-      (f) => {
-        if (done) return;
-        clearTimeout(timer);
-        resolve(outcome(f));
-      },
-      (err: unknown) => {
-        if (done) return;
-        clearTimeout(timer);
-        resolve(failed(err));
-      },
+    this.pending.add(
+      events$.subscribe({
+        next: (event) => {
+          this.snapshot = event.session;
+          this.last = { event, verdict: this.evaluate(event) };
+        },
+        complete: end,
+        error: end,
+      }),
     );
-  });
+  }
+
+  verdict(event: SessionEvent): StageVerdict | Promise<StageVerdict> {
+    const last = this.last;
+    if (last?.event === event) {
+      this.last = null;
+      return last.verdict;
+    }
+    return this.evaluate(event);
+  }
+
+  // ---------------------------------------------------------------- stages
+
+  private evaluate(event: SessionEvent): StageVerdict | Promise<StageVerdict> {
+    this.snapshot = event.session;
+    if (event.stage === 'quit' || this.ended) return EMPTY_VERDICT;
+    const all = this.plan.byStage.get(event.stage);
+    if (!all) return EMPTY_VERDICT;
+    // An allowlisted session skips bypassable rules. A rule out of scope is not asked
+    // (scope.ts); one that only starts work here needs the part of its scope the session already tells.
+    const accepted = event.session.acceptedBy;
+    const applicable = all.filter(
+      (lr) =>
+        !(accepted && lr.rule.bypassable) &&
+        ((this.checks(lr, event.stage) && inScope(lr.scope, event)) || (lr.rule.starts !== undefined && event.stage in lr.rule.starts && inSessionScope(lr.scope, event))),
+    );
+    if (applicable.length === 0) return EMPTY_VERDICT;
+    const v = this.stage(applicable, event);
+    if (!isObservable(v)) return this.settleRefused(applicable, event, v);
+    return this.subscribe(v.pipe(map((x) => this.settleRefused(applicable, event, x))));
+  }
+
+  /** Subscribes now: a value if the verdict came synchronously, else a Promise (cancelled with the session). */
+  private subscribe(v$: Observable<StageVerdict>): StageVerdict | Promise<StageVerdict> {
+    let value: StageVerdict | undefined;
+    let settle: ((v: StageVerdict) => void) | null = null;
+    let fail: ((e: unknown) => void) | null = null;
+    const sub = v$.subscribe({
+      next: (v) => (settle ? settle(v) : (value = v)),
+      error: (e: unknown) => (fail ? fail(e) : (value = Promise.reject(e) as unknown as StageVerdict)),
+    });
+    if (value !== undefined) return value;
+    this.pending.add(sub);
+    sub.add(() => this.pending.remove(sub));
+    return new Promise<StageVerdict>((resolve, reject) => {
+      settle = resolve;
+      fail = reject;
+    });
+  }
+
+  private checks(lr: LoadedRule, stage: Stage): boolean {
+    return stage in lr.rule.checks || (stage === 'data_end' && lr.rule.body !== undefined);
+  }
+
+  /**
+   * Two tiers: the cheap, final rules first; what they refuse costs the bypassable ones nothing.
+   * A value when every check answered with one (no operator needed), else an Observable.
+   */
+  private stage(applicable: readonly LoadedRule[], event: SessionEvent): StageVerdict | Observable<StageVerdict> {
+    const accepted = event.session.acceptedBy;
+    const hard = applicable.filter((r) => !r.rule.bypassable);
+    const soft = applicable.filter((r) => r.rule.bypassable);
+    if (hard.length === 0 || soft.length === 0) return mapped(this.tier(applicable, event), (o) => combine(o, accepted));
+    const second = (first: RuleOutcome[]): StageVerdict | Observable<StageVerdict> => {
+      const v = combine(first, accepted);
+      if (v.reply) return v;
+      return mapped(this.tier(soft, event), (o) => combine([...first, ...o], accepted));
+    };
+    const first = this.tier(hard, event);
+    return isObservable(first) ? first.pipe(mergeMap((f) => asObservable(second(f)))) : second(first);
+  }
+
+  /**
+   * One tier: the work of rules that start at this stage is started, then every check is called
+   * at once. The outcomes, in rule order: at once when every check answered with a value; else
+   * gathered as they come (`mergeMap`, each with its deadline). A dry-run check that did not
+   * answer at once is subscribed apart (`late`).
+   */
+  private tier(tier: readonly LoadedRule[], event: SessionEvent): RuleOutcome[] | Observable<RuleOutcome[]> {
+    const started = performance.now();
+    const stage = event.stage;
+    const out: (RuleOutcome | Observable<RuleOutcome>)[] = [];
+    let waiting = false;
+    for (const lr of tier) {
+      const begin = (lr.rule.starts as Record<string, Starter | undefined> | undefined)?.[stage];
+      if (begin) {
+        try {
+          begin.call(lr.rule.starts, event, this.stateOf(lr, event.session));
+        } catch (err) {
+          out.push(this.errorOutcome(lr, stage, err, performance.now() - started));
+        }
+      }
+      if (!this.checks(lr, stage) || !inScope(lr.scope, event)) continue;
+      const o = this.outcome$(lr, stage, this.call(lr, event), started);
+      if (!isObservable(o)) {
+        out.push(o);
+        continue;
+      }
+      if (this.late < this.maxLate && lr.action === 'dry-run') {
+        this.detach(o);
+        continue;
+      }
+      waiting = true;
+      out.push(o);
+    }
+    if (!waiting) return out as RuleOutcome[];
+    return from(out.map((o, i) => (isObservable(o) ? o : of(o)).pipe(map((x): [number, RuleOutcome] => [i, x])))).pipe(
+      mergeMap((o$) => o$),
+      toArray(),
+      map((list) => list.sort((a, b) => a[0] - b[0]).map((x) => x[1])),
+    );
+  }
+
+  /** The rule's check for the event: what it answered, or what it threw. */
+  private call(lr: LoadedRule, event: SessionEvent): { ok: true; value: FindingResult } | { ok: false; err: unknown } {
+    try {
+      const state = this.stateOf(lr, event.session);
+      if (event.stage === 'data_end' && lr.rule.body) return { ok: true, value: this.bodyFinding(lr, event, state) };
+      const check = (lr.rule.checks as Record<string, Handler | undefined>)[event.stage] as Handler;
+      return { ok: true, value: check.call(lr.rule.checks, event, state) };
+    } catch (err) {
+      return { ok: false, err };
+    }
+  }
+
+  /**
+   * One rule's outcome: at once (no operator) for a value or a throw; else an
+   * Observable with the rule's deadline, its errors turned into its `onError` outcome.
+   */
+  private outcome$(lr: LoadedRule, stage: Stage, c: ReturnType<Run['call']>, started: number): RuleOutcome | Observable<RuleOutcome> {
+    if (!c.ok) return this.errorOutcome(lr, stage, c.err, performance.now() - started);
+    const v = c.value;
+    if (!(v instanceof Promise) && !isObservable(v)) {
+      try {
+        return this.record(findingOutcome(lr, stage, v, performance.now() - started));
+      } catch (err) {
+        // A malformed finding (a rule bug) is the rule's error.
+        return this.errorOutcome(lr, stage, err, performance.now() - started);
+      }
+    }
+    const name = lr.rule.name;
+    return (isObservable(v) ? v : from(v)).pipe(
+      take(1),
+      defaultIfEmpty<Finding, Finding>({ kind: 'pass' }),
+      timeout({ first: lr.timeout, with: () => { throw new RuleTimeoutError(`rule ${name} timed out after ${lr.timeout} ms`); } }),
+      map((finding) => this.record(findingOutcome(lr, stage, finding, performance.now() - started))),
+      catchError((err: unknown) => of(this.errorOutcome(lr, stage, err, performance.now() - started))),
+    );
+  }
+
+  /** A dry-run check not waited for: its outcome goes to `hooks.late` when it comes. */
+  private detach(outcome$: Observable<RuleOutcome>): void {
+    this.late++;
+    let done = false;
+    const settle = () => {
+      if (done) return;
+      done = true;
+      this.late--;
+      if (this.late === 0 && this.endHooksDue) this.runEndHooks();
+    };
+    outcome$.subscribe({ next: (o) => this.hooks.late?.(o), complete: settle, error: settle });
+  }
+
+  /**
+   * A refused event is told to every rule of its stage (Rule.refused): what a rule spent on it
+   * (a rate-limit token) is given back. The common path (nothing refused) costs nothing.
+   */
+  private settleRefused(rules: readonly LoadedRule[], event: SessionEvent, v: StageVerdict): StageVerdict {
+    if (!v.reply) return v;
+    for (const lr of rules) {
+      if (!lr.rule.refused) continue;
+      try {
+        lr.rule.refused(event, this.stateOf(lr, event.session));
+      } catch {
+        // A rule's bookkeeping never fails the stage.
+      }
+    }
+    return v;
+  }
+
+  // ---------------------------------------------------------------- state and end
+
+  private stateOf(lr: LoadedRule, snapshot: SessionSnapshot): unknown {
+    if (!lr.rule.session) return undefined;
+    if (this.states.has(lr)) return this.states.get(lr);
+    const s = lr.rule.session(snapshot);
+    // After the end (a late dry-run check still running) a state is handed out but not kept.
+    if (!this.ended) this.states.set(lr, s);
+    return s;
+  }
+
+  /** The session ended: pending waits dropped now; end hooks once no dry-run check still runs. */
+  private end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.last = null;
+    this.reading?.chunks.complete();
+    this.reading = null;
+    this.pending.unsubscribe();
+    this.endHooksDue = true;
+    if (this.late === 0) this.runEndHooks();
+  }
+
+  private runEndHooks(): void {
+    this.endHooksDue = false;
+    const snapshot = this.snapshot;
+    for (const [lr, state] of this.states) {
+      try {
+        if (snapshot) lr.rule.end?.(state, snapshot);
+      } catch {
+        // Bookkeeping never fails anything.
+      }
+    }
+    this.states.clear();
+  }
+
+  // ---------------------------------------------------------------- body
+
+  body(chunks: readonly Buffer[], last: boolean): void | Promise<void> {
+    if (this.ended || this.plan.readers.length === 0) return;
+    const r = (this.reading ??= this.read());
+    const bytes = r.unstuff ? r.unstuff(chunks) : chunks;
+    for (const c of bytes) {
+      if (c.length === 0) continue;
+      for (const [lr, n] of r.lag) r.lag.set(lr, n + c.length);
+      r.chunks.next(c);
+    }
+    if (last) {
+      r.chunks.complete();
+      this.reading = null;
+    }
+    if (Math.max(...r.lag.values()) <= this.maxLag) return;
+    return new Promise<void>((resolve) => r.waiters.push(resolve));
+  }
+
+  /** A new message: each reader consumes the chunks one after the other (concatMap). */
+  private read(): Reading {
+    const r: Reading = { chunks: new Subject<Buffer>(), unstuff: this.hooks.unstuff?.() ?? null, lag: new Map(), done: new Map(), waiters: [] };
+    const snapshot = this.snapshot;
+    for (const lr of this.plan.readers) {
+      const reader = lr.rule.body as NonNullable<Rule['body']>;
+      const done = new AsyncSubject<void>();
+      r.lag.set(lr, 0);
+      r.done.set(lr, done);
+      const caughtUp = () => {
+        if (r.waiters.length && Math.max(...r.lag.values()) <= this.maxLag) for (const w of r.waiters.splice(0)) w();
+      };
+      this.pending.add(
+        r.chunks
+          .pipe(
+            concatMap((c) =>
+              defer(() => {
+                const work = reader.chunk(c, snapshot ? this.stateOf(lr, snapshot) : undefined);
+                return work instanceof Promise || isObservable(work) ? from(work).pipe(defaultIfEmpty(undefined)) : of(undefined);
+              }).pipe(
+                take(1),
+                tap(() => {
+                  r.lag.set(lr, (r.lag.get(lr) ?? 0) - c.length);
+                  caughtUp();
+                }),
+              ),
+            ),
+          )
+          .subscribe({
+            complete: () => done.complete(),
+            error: (err: unknown) => {
+              // A failed reader holds nothing back: its error is its finding at data_end.
+              r.lag.set(lr, 0);
+              caughtUp();
+              done.error(err);
+            },
+          }),
+      );
+    }
+    this.body$ = r.done;
+    return r;
+  }
+
+  /** The readers of the current (or last) message: each one's end of reading. */
+  private body$: Map<LoadedRule, AsyncSubject<void>> | null = null;
+
+  /** data_end of a body rule: once its reader has consumed every chunk, its `end` finding. */
+  private bodyFinding(lr: LoadedRule, event: EventOf<'data_end'>, state: unknown): Observable<Finding> {
+    const done = this.body$?.get(lr);
+    const reader = lr.rule.body as NonNullable<Rule['body']>;
+    const end = () => {
+      const f = reader.end(event, state);
+      return isObservable(f) ? f : f instanceof Promise ? from(f) : of(f);
+    };
+    if (!done) return defer(end);
+    return done.pipe(defaultIfEmpty(undefined), take(1), mergeMap(end));
+  }
+
+  // ---------------------------------------------------------------- outcomes
+
+  /** A rule that threw or timed out: its `onError` decides (pass, or 451/421 4.3.0). */
+  private errorOutcome(lr: LoadedRule, stage: Stage, err: unknown, ms: number): RuleOutcome {
+    const name = lr.rule.name;
+    const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
+    this.hooks.metrics?.ruleErrors.inc({ rule: name, kind });
+    this.hooks.onRuleError?.(name, kind, err);
+    const tempfail = lr.onError === 'tempfail';
+    const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
+    return this.record({
+      rule: name,
+      stage,
+      finding: kind,
+      reason: err instanceof Error ? err.message : String(err),
+      action: lr.action,
+      effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
+      ...(r ? { reply: r } : {}),
+      bypassable: lr.rule.bypassable,
+      ms,
+    });
+  }
+
+  private record(o: RuleOutcome): RuleOutcome {
+    const m = this.hooks.metrics;
+    if (m) {
+      const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
+      m.ruleEvaluations.inc({ rule: o.rule, stage: o.stage, outcome });
+      m.ruleDuration.observe({ rule: o.rule }, o.ms / 1000);
+    }
+    return o;
+  }
 }
 
-export function runStage(rules: readonly LoadedRule[], event: SessionEvent, hooks: RunnerHooks, called?: readonly Called[]): Observable<StageVerdict> {
-  return from(rules.map((lr, order) => ({ lr, order }))).pipe(
-    mergeMap(({ lr, order }) => checkOne(lr, event, hooks, called?.[order]).pipe(map((outcome) => ({ outcome, order })))),
-    toArray(),
-    map((list) => combine(list.sort((a, b) => a.order - b.order).map((x) => x.outcome), event.session.acceptedBy)),
-  );
+/** `f` applied to a value at once, or to an Observable's value. */
+function mapped<T, R>(x: T | Observable<T>, f: (t: T) => R): R | Observable<R> {
+  return isObservable(x) ? x.pipe(map(f)) : f(x as T);
 }
 
-function checkOne(lr: LoadedRule, event: SessionEvent, hooks: RunnerHooks, called?: Called): Observable<RuleOutcome> {
-  const started = performance.now();
-  const stage = event.stage;
-  const name = lr.rule.name;
-  return defer(() => {
-    if (!called) return toObservable(lr.rule.check(event));
-    if (!called.ok) throw called.err;
-    return toObservable(called.value);
-  }).pipe(
-    take(1),
-    defaultIfEmpty<Finding, Finding>({ kind: 'pass' }),
-    timeout({ first: lr.timeout, with: () => { throw new RuleTimeoutError(`rule ${name} timed out after ${lr.timeout} ms`); } }),
-    map((finding): RuleOutcome => findingOutcome(lr, stage, finding, performance.now() - started)),
-    catchError((err: unknown) => of(errorOutcome(lr, stage, err, performance.now() - started, hooks))),
-    map((o) => record(o, hooks)),
-  );
+function asObservable<T>(x: T | Observable<T>): Observable<T> {
+  return isObservable(x) ? x : of(x);
 }
 
 function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: number): RuleOutcome {
@@ -248,38 +548,17 @@ function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: numb
   };
 }
 
-/** A rule that threw or timed out: its `onError` decides (pass, or 451/421 4.3.0). */
-function errorOutcome(lr: LoadedRule, stage: Stage, err: unknown, ms: number, hooks: RunnerHooks): RuleOutcome {
-  const name = lr.rule.name;
-  const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
-  hooks.metrics?.ruleErrors.inc({ rule: name, kind });
-  hooks.onRuleError?.(name, kind, err);
-  const tempfail = lr.onError === 'tempfail';
-  const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
-  return {
-    rule: name,
-    stage,
-    finding: kind,
-    reason: err instanceof Error ? err.message : String(err),
-    action: lr.action,
-    effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
-    ...(r ? { reply: r } : {}),
-    bypassable: lr.rule.bypassable,
-    ms,
-  };
-}
-
-function record(o: RuleOutcome, hooks: RunnerHooks): RuleOutcome {
-  if (hooks.metrics) {
-    const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
-    hooks.metrics.ruleEvaluations.inc({ rule: o.rule, stage: o.stage, outcome });
-    hooks.metrics.ruleDuration.observe({ rule: o.rule }, o.ms / 1000);
+/**
+ * One event through a rule set, outside any session (tests, `explain`): the verdict, or a
+ * Promise of it. The rules' state for the event lives and ends with the call.
+ */
+export function evaluate(rules: readonly LoadedRule[], event: SessionEvent, hooks: PipelineHooks = {}): StageVerdict | Promise<StageVerdict> {
+  const events$ = new Subject<SessionEvent>();
+  const s = openPipeline(rules, hooks).attach(events$, new AbortController().signal);
+  const v = s.verdict(event);
+  if (!(v instanceof Promise)) {
+    events$.complete();
+    return v;
   }
-  return o;
-}
-
-function toObservable(r: Finding | Promise<Finding> | Observable<Finding>): Observable<Finding> {
-  if (isObservable(r)) return r;
-  if (r instanceof Promise) return from(r);
-  return of(r);
+  return v.finally(() => events$.complete());
 }

@@ -5,7 +5,7 @@
  * The runner asks `inScope` before calling a rule at a stage. What a scope cannot know yet at a
  * stage does not exclude the rule from starting work early (`Rule.start`): a recipient-domain
  * scope is decided at RCPT and the data stages, and a rule scoped to recipient domains is not
- * asked at connect, HELO, AUTH, MAIL or ETRN. Every rule still hears `quit` (bookkeeping).
+ * asked at connect, HELO, AUTH, MAIL or ETRN. A session's end reaches every rule's state (`Rule.end`).
  */
 import type { ClientAddress } from '../net/ip.js';
 import type { SessionEvent } from './events.js';

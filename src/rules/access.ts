@@ -18,8 +18,8 @@
  */
 import { z } from 'zod';
 import { inAnyCidr, parseCidr, type Cidr } from '../net/ip.js';
-import { defineRuleType, parseReplySpec, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
-import type { SessionEvent, Stage } from '../pipeline/events.js';
+import { defineRuleType, onStages, parseReplySpec, PASS, type Finding, type ReplySpec, type RuleStage } from '../pipeline/rule.js';
+import type { SessionEvent } from '../pipeline/events.js';
 import { matchAddress, matchHost, parseAddressPattern, type AddressPattern } from '../protocol/match.js';
 import { cidrList, replyTemplate } from './shared.js';
 
@@ -81,7 +81,7 @@ export const accessRule = defineRuleType({
     const helo = compile<string>(s.helo, (x) => x);
     const senders = compile<AddressPattern>(s.senders, (x) => parseAddressPattern(x) as AddressPattern);
     const recipients = compile<AddressPattern>(s.recipients, (x) => parseAddressPattern(x) as AddressPattern);
-    const stages: Stage[] = [];
+    const stages: RuleStage[] = [];
     if (clients.length) stages.push('connect');
     if (helo.length) stages.push('helo');
     if (senders.length) stages.push('mail');
@@ -89,9 +89,8 @@ export const accessRule = defineRuleType({
     return {
       name,
       type: 'access',
-      stages,
       bypassable: false,
-      check(ev: SessionEvent): Finding {
+      checks: onStages(stages, (ev: SessionEvent): Finding => {
         switch (ev.stage) {
           case 'connect':
             return verdict(clients, (c) => inAnyCidr(ev.session.client, [c]));
@@ -104,7 +103,7 @@ export const accessRule = defineRuleType({
           default:
             return PASS;
         }
-      },
+      }),
     };
   },
 });

@@ -33,8 +33,8 @@ import { LRUCache } from 'lru-cache';
 import { z } from 'zod';
 import ipaddr from 'ipaddr.js';
 import { isNoRecord, reversedName, withTimeout, type DnsResolver } from '../net/dns.js';
-import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
-import type { SessionEvent } from '../pipeline/events.js';
+import { defineRuleType, onStages, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
+import type { EventOf, SessionEvent } from '../pipeline/events.js';
 import { fillReply, replyTemplate } from './shared.js';
 
 /** `127.0.0.2`, `127.0.0.[2..11]`, `127.0.[0..1].[2..255]`, `127.0.0.0/24`. */
@@ -142,6 +142,9 @@ interface Lookup {
 /** One zone's lookup for a session: the answer, or the lookup until it is in (then replaced). */
 type Pending = ZoneAnswer | Promise<ZoneAnswer>;
 
+/** Per session (runner-owned): the lookups for the client, the current HELO name and sender. */
+type State = Record<'ip' | 'helo' | 'sender', Pending[]>;
+
 /** Lookups shared by every session: one query per name in flight, answers cached for their TTL. */
 class ListResolver {
   private readonly cache: LRUCache<string, Lookup>;
@@ -241,23 +244,18 @@ export const dnsblRule = defineRuleType({
   create(name, s, deps) {
     const zones = s.zones.map((z) => new Zone(z));
     const lists = new ListResolver(deps.resolver, s.cacheMinTtl, s.cacheMaxTtl, s.cacheSize, () => deps.metrics.dnsCacheHits.inc());
-    /** Per session: the lookups for the client, the current HELO name and the current sender. */
-    const pending = new Map<string, Record<'ip' | 'helo' | 'sender', Pending[]>>();
-    const start = (sessionId: string, kind: 'ip' | 'helo' | 'sender', value: string | null) => {
-      const entry = pending.get(sessionId) ?? { ip: [], helo: [], sender: [] };
+    const start = (entry: State, kind: 'ip' | 'helo' | 'sender', value: string | null) => {
       // A new HELO or a new transaction replaces the earlier lookups of its kind.
-      entry[kind] = [];
+      const list: Pending[] = (entry[kind] = []);
       for (const z of zones) {
         const subject = value === null ? null : subjectFor(z, kind, value);
         if (subject !== null) {
-          const list = entry[kind];
           const at = list.push(queryZone(z, subject, lists, deps)) - 1;
           const a = list[at];
           // Once in, the answer replaces its lookup (unless a newer HELO/MAIL replaced the list).
           if (a instanceof Promise) void a.then((x) => (list[at] = x));
         }
       }
-      pending.set(sessionId, entry);
     };
     if (!deps.checkOnly) {
       for (const z of zones) {
@@ -309,9 +307,8 @@ export const dnsblRule = defineRuleType({
     }
 
     /** The verdict; synchronous when every answer is in (cache hits, or lookups done by now). */
-    const verdict = (sessionId: string, ip: string): Finding | Promise<Finding> => {
-      const entry = pending.get(sessionId);
-      const all = entry ? [...entry.ip, ...entry.helo, ...entry.sender] : [];
+    const verdict = (entry: State, ip: string): Finding | Promise<Finding> => {
+      const all = [...entry.ip, ...entry.helo, ...entry.sender];
       if (all.every((x): x is ZoneAnswer => !(x instanceof Promise))) return decide(all, ip);
       return Promise.all(all).then((answers) => decide(answers, ip));
     };
@@ -347,26 +344,20 @@ export const dnsblRule = defineRuleType({
     return {
       name,
       type: 'dnsbl',
-      // Lookups start as soon as their subject is known; the verdict waits for `stage`.
-      starts: ['connect', ...(needHelo ? (['helo'] as const) : []), ...(needSender || s.stage !== 'connect' ? (['mail'] as const) : [])],
-      stages: [s.stage, 'quit'],
       bypassable: true,
-      start(ev: SessionEvent): void {
-        const id = ev.session.id;
-        if (ev.stage === 'connect') start(id, 'ip', ev.session.client.text);
-        else if (ev.stage === 'helo') start(id, 'helo', ev.name);
-        else if (ev.stage === 'mail') start(id, 'sender', !ev.sender.isNull && ev.sender.domain && ev.sender.literal === undefined ? ev.sender.domain : null);
+      // Per session: the lookups for the client, the current HELO name and the current sender.
+      session: (): State => ({ ip: [], helo: [], sender: [] }),
+      // Lookups start as soon as their subject is known; the verdict waits for `stage`.
+      starts: {
+        connect: (ev, st: State) => start(st, 'ip', ev.session.client.text),
+        ...(needHelo ? { helo: (ev: EventOf<'helo'>, st: State) => start(st, 'helo', ev.name) } : {}),
+        ...(needSender || s.stage !== 'connect'
+          ? { mail: (ev: EventOf<'mail'>, st: State) => start(st, 'sender', !ev.sender.isNull && ev.sender.domain && ev.sender.literal === undefined ? ev.sender.domain : null) }
+          : {}),
       },
-      check(ev: SessionEvent): Finding | Promise<Finding> {
-        if (ev.stage === 'quit') {
-          pending.delete(ev.session.id);
-          return PASS;
-        }
-        return verdict(ev.session.id, ev.session.client.text);
-      },
+      checks: onStages([s.stage], (ev: SessionEvent, st: State) => verdict(st, ev.session.client.text)),
       close() {
         if (timer) clearInterval(timer);
-        pending.clear();
       },
     };
   },

@@ -16,7 +16,7 @@
  */
 import { z } from 'zod';
 import { isNoRecord, withTimeout } from '../net/dns.js';
-import { defineRuleType, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
+import { defineRuleType, onStages, PASS, type Finding, type RuleDeps } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 
 const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
@@ -53,15 +53,19 @@ export async function fcrdns(ip: string, family: 4 | 6, deps: Pick<RuleDeps, 're
   return { result: 'fail', detail: `${names.slice(0, maxNames).join(', ')} do not resolve to ${ip}` };
 }
 
+/** Per session (runner-owned): the check begun at connect until it is in, then its result. */
+interface State {
+  result: FcrdnsResult | Promise<FcrdnsResult> | null;
+}
+
 export const fcrdnsRule = defineRuleType({
   type: 'fcrdns',
   description: 'Forward-confirmed reverse DNS of the client address',
   settings,
   create(name, s, deps) {
-    /** Per session: the lookup until it is in, then its result (so later verdicts are synchronous). */
-    const pending = new Map<string, FcrdnsResult | Promise<FcrdnsResult>>();
-    const decide = (id: string, ip: string): Finding | Promise<Finding> => {
-      const p = pending.get(id);
+    /** A session's verdict: the check begun at connect, then its result (so verdicts after it are synchronous). */
+    const decide = (st: State, ip: string): Finding | Promise<Finding> => {
+      const p = st.result;
       if (!p) return PASS;
       return p instanceof Promise ? p.then((r) => finding(r, ip)) : finding(p, ip);
     };
@@ -80,28 +84,21 @@ export const fcrdnsRule = defineRuleType({
     return {
       name,
       type: 'fcrdns',
-      starts: ['connect'],
-      stages: [s.stage, 'quit'],
       bypassable: true,
-      start(ev: SessionEvent): void {
-        const id = ev.session.id;
-        const client = ev.session.client;
-        const p = fcrdns(client.text, client.family, deps, s.maxNames, s.timeout).then((r) => {
-          deps.metrics.fcrdnsChecks.inc({ result: r.result });
-          // In: later verdicts read it synchronously (unless the session has ended meanwhile).
-          if (pending.get(id) === p) pending.set(id, r);
-          return r;
-        });
-        pending.set(id, p);
+      session: (): State => ({ result: null }),
+      starts: {
+        connect(ev, st: State): void {
+          const client = ev.session.client;
+          const p = fcrdns(client.text, client.family, deps, s.maxNames, s.timeout).then((r) => {
+            deps.metrics.fcrdnsChecks.inc({ result: r.result });
+            // In: later verdicts read it synchronously.
+            if (st.result === p) st.result = r;
+            return r;
+          });
+          st.result = p;
+        },
       },
-      check(ev: SessionEvent): Finding | Promise<Finding> {
-        if (ev.stage !== 'quit') return decide(ev.session.id, ev.session.client.text);
-        pending.delete(ev.session.id);
-        return PASS;
-      },
-      close() {
-        pending.clear();
-      },
+      checks: onStages([s.stage], (ev: SessionEvent, st: State) => decide(st, ev.session.client.text)),
     };
   },
 });

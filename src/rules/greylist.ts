@@ -18,7 +18,6 @@
 import { z } from 'zod';
 import { inAnyCidr, parseAddress, parseCidr } from '../net/ip.js';
 import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
-import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from '../protocol/match.js';
 import { cidrList, clientKey, domainList } from './shared.js';
 
@@ -48,36 +47,36 @@ export const greylistRule = defineRuleType({
     return {
       name,
       type: 'greylist',
-      stages: ['rcpt'],
       bypassable: true,
-      async check(ev: SessionEvent): Promise<Finding> {
-        if (ev.stage !== 'rcpt') return PASS;
-        const sess = ev.session;
-        const sender = sess.sender;
-        if ((s.skipAuthenticated && sess.auth) || inAnyCidr(sess.client, allowClients) || (sender && !sender.isNull && allowDomains.has(sender.domain))) {
-          deps.metrics.greylist.inc({ result: 'allowlisted' });
-          return PASS;
-        }
-        const from = !sender || sender.isNull ? '<>' : `${sender.local.toLowerCase()}@${sender.domain}`;
-        const to = `${ev.recipient.local.toLowerCase()}@${ev.recipient.domain}`;
-        const key = tripletKey(clientKey(sess.client, s.ipv4Prefix, s.ipv6Prefix), from, to);
-        try {
-          deps.metrics.storeOps.inc({ op: 'greylist', store: deps.store.kind });
-          const r = await deps.store.greylist(key, s.delay, s.retryWindow, s.passLifetime);
-          if (r.passed) {
-            deps.metrics.greylist.inc({ result: 'passed' });
+      checks: {
+        async rcpt(ev): Promise<Finding> {
+          const sess = ev.session;
+          const sender = sess.sender;
+          if ((s.skipAuthenticated && sess.auth) || inAnyCidr(sess.client, allowClients) || (sender && !sender.isNull && allowDomains.has(sender.domain))) {
+            deps.metrics.greylist.inc({ result: 'allowlisted' });
             return PASS;
           }
-          deps.metrics.greylist.inc({ result: 'greylisted' });
-          return {
-            kind: 'tempfail',
-            reason: `greylisted for ${Math.ceil(r.waitMs / 1000)} s${r.firstAttempt ? ' (first attempt)' : ''}`,
-            reply: { code: 451, enhanced: '4.7.1', text: 'Greylisted, try again later' },
-          };
-        } catch (err) {
-          (deps.onError === 'tempfail' ? deps.metrics.failClosed : deps.metrics.failOpen).inc({ rule: name });
-          throw new Error(`store unavailable: ${(err as Error).message}`, { cause: err });
-        }
+          const from = !sender || sender.isNull ? '<>' : `${sender.local.toLowerCase()}@${sender.domain}`;
+          const to = `${ev.recipient.local.toLowerCase()}@${ev.recipient.domain}`;
+          const key = tripletKey(clientKey(sess.client, s.ipv4Prefix, s.ipv6Prefix), from, to);
+          try {
+            deps.metrics.storeOps.inc({ op: 'greylist', store: deps.store.kind });
+            const r = await deps.store.greylist(key, s.delay, s.retryWindow, s.passLifetime);
+            if (r.passed) {
+              deps.metrics.greylist.inc({ result: 'passed' });
+              return PASS;
+            }
+            deps.metrics.greylist.inc({ result: 'greylisted' });
+            return {
+              kind: 'tempfail',
+              reason: `greylisted for ${Math.ceil(r.waitMs / 1000)} s${r.firstAttempt ? ' (first attempt)' : ''}`,
+              reply: { code: 451, enhanced: '4.7.1', text: 'Greylisted, try again later' },
+            };
+          } catch (err) {
+            (deps.onError === 'tempfail' ? deps.metrics.failClosed : deps.metrics.failOpen).inc({ rule: name });
+            throw new Error(`store unavailable: ${(err as Error).message}`, { cause: err });
+          }
+        },
       },
       admin(args) {
         const [ip, from, to] = args;

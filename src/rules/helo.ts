@@ -24,7 +24,7 @@ import net from 'node:net';
 import { z } from 'zod';
 import { parseAddress } from '../net/ip.js';
 import { isHostName } from './shared.js';
-import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
+import { defineRuleType, onStages, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 
 const settings = z.strictObject({
@@ -55,9 +55,8 @@ export const heloRule = defineRuleType({
     return {
       name,
       type: 'helo',
-      stages: ['helo'],
       bypassable: true,
-      check(ev: SessionEvent): Finding {
+      checks: onStages(['helo'], (ev: SessionEvent): Finding => {
         if (ev.stage !== 'helo') return PASS;
         const h = ev.name;
         const bad = (text: string, code = 501, enhanced = '5.5.2') =>
@@ -82,7 +81,7 @@ export const heloRule = defineRuleType({
         if (s.rejectOwnName && ownNames.has(h.toLowerCase().replace(/\.$/, ''))) return bad('You are not me', 550, '5.7.1');
         if (s.requireFqdn && !h.replace(/\.$/, '').includes('.')) return bad('need fully-qualified hostname', 504);
         return PASS;
-      },
+      }),
     };
   },
 });

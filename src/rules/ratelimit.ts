@@ -33,8 +33,8 @@
  * Metrics: doorman_ratelimit_exceeded_total{rule,limit}, doorman_rejections_total.
  */
 import { z } from 'zod';
-import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
-import type { SessionEvent } from '../pipeline/events.js';
+import { defineRuleType, onStages, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
+import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import { parseAddress } from '../net/ip.js';
 import { clientKey } from './shared.js';
 import type { ParsedPath } from '../protocol/address.js';
@@ -68,6 +68,28 @@ type Counted = 'connect' | 'auth' | 'rcpt';
 /** The stage each kind of limit is checked and charged at. */
 const STAGE_OF: Record<LimitCfg['count'], Counted> = { connections: 'connect', concurrency: 'connect', messages: 'rcpt', auth_failures: 'auth' };
 
+/** Per session (runner-owned). */
+interface State {
+  readonly id: string;
+  /**
+   * Concurrency slots the session may hold — taken, being taken, or asked for by a command that
+   * failed after it may have reached the store. All are given back at its end.
+   */
+  held: Set<string>;
+  /**
+   * Per-message charges of the current transaction: its number (SessionSnapshot.transaction) and
+   * the keys charged for it. Keyed on the number, not on the stages this rule hears: each MAIL
+   * starts a new transaction whatever the rule subscribes to.
+   */
+  charged: { txn: number; keys: Set<string> } | null;
+  /**
+   * The last AUTH attempt's tokens. Every attempt costs a token before it reaches the backend;
+   * the one that succeeded (snapshot.auth set) is given back at the next event this rule hears
+   * (MAIL, or the end of the session): only failures stay counted.
+   */
+  authAttempt: Spent | null;
+}
+
 /** Tokens one event took: given back when the event is refused (or, at AUTH, succeeds). */
 interface Spent {
   refunded: boolean;
@@ -81,39 +103,19 @@ export const ratelimitRule = defineRuleType({
   description: 'Connection, concurrency, message and failed-login limits per client, sender, domain, recipient or login',
   settings,
   create(name, s, deps) {
-    const stages = new Set<Counted | 'mail' | 'quit'>();
+    const stages = new Set<Counted | 'mail'>();
     for (const l of s.limits) {
       stages.add(STAGE_OF[l.count]);
       // mail: slots refreshed; a login that succeeded gets its AUTH token back.
       if (l.count === 'concurrency' || l.count === 'auth_failures') stages.add('mail');
     }
-    // quit: slots are given back and per-transaction charges forgotten (else they would pile up).
-    stages.add('quit');
     if (!deps.checkOnly) {
       deps.metrics.failOpen.inc({ rule: name }, 0);
       deps.metrics.failClosed.inc({ rule: name }, 0);
       for (const l of s.limits) deps.metrics.rateLimited.inc({ rule: name, limit: l.name }, 0);
     }
-    /**
-     * Concurrency slots a session may hold — taken, being taken, or asked for by a command that
-     * failed after it may have reached the store: session id → keys. All are given back at quit.
-     */
-    const held = new Map<string, Set<string>>();
-    /**
-     * Per-message charges of the current transaction: session id → the transaction's number
-     * (SessionSnapshot.transaction) and the keys charged for it. Keyed on the number, not on the
-     * stages this rule hears: each MAIL starts a new transaction whatever the rule subscribes to.
-     */
-    const charged = new Map<string, { txn: number; keys: Set<string> }>();
     /** What each event was charged, until the stage's verdict is known (refused → refunded). */
     const spent = new WeakMap<SessionEvent, Spent>();
-    /**
-     * The last AUTH attempt's tokens: session id → its charges. Every attempt costs a token before
-     * it reaches the backend; the one that succeeded (snapshot.auth set) is given back at the next
-     * event this rule hears (MAIL, or the end of the session): only failures stay counted.
-     */
-    const authAttempt = new Map<string, Spent>();
-
     const subject = (l: LimitCfg, ev: SessionEvent): string | null => {
       const sess = ev.session;
       switch (l.key) {
@@ -150,17 +152,10 @@ export const ratelimitRule = defineRuleType({
 
     const hasConcurrency = s.limits.some((l) => l.count === 'concurrency');
     /** Stages with nothing to do here answer at once (no Promise): the runner skips its timer. */
-    const check = (ev: SessionEvent): Finding | Promise<Finding> => {
-      const id = ev.session.id;
-      if (ev.stage === 'quit') {
-        loggedIn(ev);
-        authAttempt.delete(id);
-        charged.delete(id);
-        return held.has(id) ? release(id) : PASS;
-      }
+    const check = (ev: SessionEvent, st: State): Finding | Promise<Finding> => {
       if (ev.stage === 'mail') {
-        loggedIn(ev);
-        return hasConcurrency ? acquireSlots(ev) : PASS;
+        loggedIn(ev.session, st);
+        return hasConcurrency ? acquireSlots(ev, st) : PASS;
       }
       if (ev.stage !== 'connect' && ev.stage !== 'auth' && ev.stage !== 'rcpt') return PASS;
       // connect: connection and concurrency limits; auth: failed logins; rcpt: message limits.
@@ -172,34 +167,32 @@ export const ratelimitRule = defineRuleType({
         const subj = subject(l, ev);
         if (subj !== null) due.push({ l, key: keyOf(l, subj) });
       }
-      return due.length ? charge(ev, due, stage) : PASS;
+      return due.length ? charge(ev, st, due, stage) : PASS;
     };
     /** The session is authenticated: the token its successful AUTH attempt took is given back. */
-    const loggedIn = (ev: SessionEvent): void => {
-      const attempt = ev.session.auth ? authAttempt.get(ev.session.id) : undefined;
+    const loggedIn = (session: SessionSnapshot, st: State): void => {
+      const attempt = session.auth ? st.authAttempt : null;
       if (!attempt) return;
-      authAttempt.delete(ev.session.id);
-      giveBack(ev, attempt);
+      st.authAttempt = null;
+      giveBack(session, st, attempt);
     };
-    /** quit: slots given back, all at once (one round trip); a failure only delays their expiry. */
-    const release = async (id: string): Promise<Finding> => {
-      const keys = held.get(id) ?? [];
-      held.delete(id);
-      await Promise.all([...keys].map((k) => deps.store.release(k, id).catch(() => undefined)));
-      return PASS;
+    /** The session's end: slots given back, all at once (one round trip); a failure only delays their expiry. */
+    const release = (st: State): void => {
+      const keys = st.held;
+      st.held = new Set();
+      for (const k of keys) void deps.store.release(k, st.id).catch(() => undefined);
     };
     /**
      * Takes (or refreshes) one slot; false when the limit is reached. The key is recorded before
-     * the store is asked, so that quit gives it back even if the answer never came (a store
+     * the store is asked, so that the session's end gives it back even if the answer never came (a store
      * timeout after Redis ran the script). A slot whose answer arrives after the session ended —
      * the client left, or the rule's deadline passed and the session went on and ended — is given
      * back at once: none outlives its session.
      */
-    const take = async (ev: SessionEvent, l: LimitCfg, key: string): Promise<boolean> => {
+    const take = async (ev: SessionEvent, st: State, l: LimitCfg, key: string): Promise<boolean> => {
       const { id, ended } = ev.session;
       if (ended.aborted) return true;
-      let keys = held.get(id);
-      if (!keys) held.set(id, (keys = new Set()));
+      const keys = st.held;
       const had = keys.has(key);
       keys.add(key);
       op('acquire');
@@ -212,40 +205,38 @@ export const ratelimitRule = defineRuleType({
       }
     };
     /** mail: the session's slots refreshed (a long session keeps them); never refuses. */
-    const acquireSlots = async (ev: SessionEvent): Promise<Finding> => {
+    const acquireSlots = async (ev: SessionEvent, st: State): Promise<Finding> => {
       const keys = s.limits.flatMap((l) => {
         const subj = l.count === 'concurrency' ? subject(l, ev) : null;
         return subj === null ? [] : [{ l, key: keyOf(l, subj) }];
       });
-      await Promise.all(keys.map(({ l, key }) => take(ev, l, key).catch(() => undefined)));
+      await Promise.all(keys.map(({ l, key }) => take(ev, st, l, key).catch(() => undefined)));
       return PASS;
     };
     /** All limits of a stage at once: with Redis they go out together, one round trip. */
-    const charge = async (ev: SessionEvent, due: readonly { l: LimitCfg; key: string }[], stage: Counted): Promise<Finding> => {
-      const { id, transaction, ended } = ev.session;
+    const charge = async (ev: SessionEvent, st: State, due: readonly { l: LimitCfg; key: string }[], stage: Counted): Promise<Finding> => {
+      const { transaction, ended } = ev.session;
       const record: Spent = { refunded: false, charges: [] };
       const failures: unknown[] = [];
       spent.set(ev, record);
-      if (stage === 'auth' && !ended.aborted) authAttempt.set(id, record);
+      if (stage === 'auth' && !ended.aborted) st.authAttempt = record;
       const outcomes = await Promise.all(
         due.map(async ({ l, key }): Promise<Finding> => {
           try {
-            if (l.count === 'concurrency') return (await take(ev, l, key)) ? PASS : over(l, stage);
+            if (l.count === 'concurrency') return (await take(ev, st, l, key)) ? PASS : over(l, stage);
             // One charge per transaction and key when a message costs one (message limits only:
             // `cost` defaults to message for every count, and each AUTH attempt must cost a token).
             const perMessage = l.count === 'messages' && l.cost === 'message';
-            let txn = charged.get(id);
-            if (perMessage && txn?.txn === transaction && txn.keys.has(key)) return PASS;
+            if (perMessage && st.charged?.txn === transaction && st.charged.keys.has(key)) return PASS;
             op('rate');
             const r = await deps.store.rate(key, l.window, l.limit, 1);
             if (!r.allowed) return over(l, stage);
             // Refused meanwhile by another rule (an answer after the rule's deadline): given back.
-            if (record.refunded) refund(ev, l, key);
+            if (record.refunded) refund(ev.session, st, l, key);
             else record.charges.push({ l, key });
             if (perMessage && !record.refunded && !ended.aborted) {
-              txn = charged.get(id);
-              if (txn?.txn !== transaction) charged.set(id, (txn = { txn: transaction, keys: new Set() }));
-              txn.keys.add(key);
+              if (st.charged?.txn !== transaction) st.charged = { txn: transaction, keys: new Set() };
+              st.charged.keys.add(key);
             }
             return PASS;
           } catch (err) {
@@ -261,36 +252,35 @@ export const ratelimitRule = defineRuleType({
       return PASS;
     };
     /** One token given back (atomically in the store), and the transaction's charge forgotten. */
-    const refund = (ev: SessionEvent, l: LimitCfg, key: string): void => {
-      const txn = charged.get(ev.session.id);
-      if (txn?.txn === ev.session.transaction) txn.keys.delete(key);
+    const refund = (session: SessionSnapshot, st: State, l: LimitCfg, key: string): void => {
+      if (st.charged?.txn === session.transaction) st.charged.keys.delete(key);
       op('refund');
       deps.store.rate(key, l.window, l.limit, -1).catch(() => undefined);
     };
     /** The stage refused the event (greylisted, another limit, a DNSBL…): its tokens come back. */
-    const refused = (ev: SessionEvent): void => {
+    const refused = (ev: SessionEvent, st: State): void => {
       const record = spent.get(ev);
-      if (record) giveBack(ev, record);
+      if (record) giveBack(ev.session, st, record);
     };
-    const giveBack = (ev: SessionEvent, record: Spent): void => {
+    const giveBack = (session: SessionSnapshot, st: State, record: Spent): void => {
       if (record.refunded) return;
       record.refunded = true;
-      for (const { l, key } of record.charges) refund(ev, l, key);
+      for (const { l, key } of record.charges) refund(session, st, l, key);
       record.charges = [];
     };
 
     return {
       name,
       type: 'ratelimit',
-      stages: [...stages],
       bypassable: true,
-      check,
-      refused,
-      close() {
-        held.clear();
-        charged.clear();
-        authAttempt.clear();
+      checks: onStages([...stages], check),
+      session: (snapshot): State => ({ id: snapshot.id, held: new Set(), charged: null, authAttempt: null }),
+      // The session's end: a successful login's token and every slot given back.
+      end(st: State, snapshot) {
+        loggedIn(snapshot, st);
+        release(st);
       },
+      refused,
       admin: (args: readonly string[]) => adminKey(name, s.limits, args, keyOf, s.ipv4Prefix, s.ipv6Prefix),
     };
   },

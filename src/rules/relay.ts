@@ -34,7 +34,7 @@
 import { z } from 'zod';
 import { inAnyCidr, parseCidr, type Cidr } from '../net/ip.js';
 import { NO_SITE } from '../pipeline/site.js';
-import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
+import { defineRuleType, onStages, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import { normaliseDomain, type ParsedPath } from '../protocol/address.js';
 import { DomainList } from '../protocol/match.js';
@@ -83,9 +83,8 @@ export const relayRule = defineRuleType({
     return {
       name,
       type: 'relay',
-      stages: ['mail', 'rcpt', 'etrn'],
       bypassable: false,
-      check(ev: SessionEvent): Finding {
+      checks: onStages(['mail', 'rcpt', 'etrn'], (ev: SessionEvent): Finding => {
         if (ev.stage !== 'mail' && ev.stage !== 'rcpt' && ev.stage !== 'etrn') return PASS;
         if (hasRelayRights(ev.session, networks, s.authenticatedMayRelay)) return PASS;
         if (ev.stage === 'etrn') {
@@ -105,7 +104,7 @@ export const relayRule = defineRuleType({
           return { kind: 'reject', reason: 'null_sender_rcpts', reply: { code: 550, enhanced: '5.5.3', text: `<${echo(p.raw)}>: Too many recipients for the null sender` } };
         }
         return PASS;
-      },
+      }),
     };
   },
 });

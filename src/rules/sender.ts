@@ -19,7 +19,7 @@
 import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { NO_SITE } from '../pipeline/site.js';
-import { defineRuleType, PASS, type Finding } from '../pipeline/rule.js';
+import { defineRuleType, onStages, PASS, type Finding } from '../pipeline/rule.js';
 import type { SessionEvent } from '../pipeline/events.js';
 import { DomainList } from '../protocol/match.js';
 import { cidrList, domainList, fillReply, replyTemplate } from './shared.js';
@@ -53,9 +53,8 @@ export const senderRule = defineRuleType({
     return {
       name,
       type: 'sender',
-      stages: ['mail'],
       bypassable: false,
-      check(ev: SessionEvent): Finding {
+      checks: onStages(['mail'], (ev: SessionEvent): Finding => {
         if (ev.stage !== 'mail' || ev.sender.isNull) return PASS;
         const p = ev.sender;
         const auth = ev.session.auth;
@@ -69,7 +68,7 @@ export const senderRule = defineRuleType({
         if (inAnyCidr(ev.session.client, networks) || inAnyCidr(ev.session.client, site.trustedNetworks)) return PASS;
         if (p.domain && local.has(p.domain)) return { kind: 'reject', reason: 'not_owned', reply: fillReply(s.notOwnedReply, { address: p.raw }) };
         return PASS;
-      },
+      }),
     };
   },
 });

@@ -29,7 +29,7 @@ import { z } from 'zod';
 import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { NO_SITE } from '../pipeline/site.js';
 import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
-import type { EventOf, SessionEvent } from '../pipeline/events.js';
+import type { EventOf } from '../pipeline/events.js';
 import { cidrList, echo, isHostName } from './shared.js';
 
 const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
@@ -63,6 +63,11 @@ export function spfReply(result: SpfResult, address: string, kind: 'reject' | 't
   if (result === 'permerror') return { code: 550, enhanced: '5.7.24', text: `${a}: SPF permanent error` };
   if (result === 'fail') return { code: 550, enhanced: '5.7.23', text: `${a}: Sender address rejected: SPF fail` };
   return { code: 550, enhanced: '5.7.1', text: `${a}: Sender address rejected: SPF ${result}` };
+}
+
+/** stage rcpt — per session (runner-owned): the current transaction's evaluation, then its finding. */
+interface State {
+  verdict: Finding | Promise<Finding> | null;
 }
 
 export const spfRule = defineRuleType({
@@ -110,27 +115,23 @@ export const spfRule = defineRuleType({
       const m = await evaluateIdentity(sender, ip, helo);
       return decide(m.result, 'mailfrom', sender ?? `postmaster@${helo}`, m.comment);
     };
-    /** stage rcpt — per session: the current transaction's evaluation, then its finding. */
-    const pending = new Map<string, Finding | Promise<Finding>>();
+    if (s.stage === 'mail') return { name, type: 'spf', bypassable: true, checks: { mail: evaluateMail } };
+    // stage rcpt: evaluated from MAIL (never holding its reply), read at each RCPT of the transaction.
     return {
       name,
       type: 'spf',
-      starts: s.stage === 'rcpt' ? ['mail'] : [],
-      stages: s.stage === 'rcpt' ? ['rcpt', 'quit'] : ['mail'],
       bypassable: true,
-      start(ev: SessionEvent): void {
-        if (ev.stage !== 'mail') return;
-        const id = ev.session.id;
-        const p = evaluateMail(ev);
-        pending.set(id, p);
-        // In: the RCPT verdicts read it synchronously (a failure stays the Promise: the rule's error).
-        p.then((f) => void (pending.get(id) === p && pending.set(id, f)), () => undefined);
+      session: (): State => ({ verdict: null }),
+      starts: {
+        mail(ev, st: State): void {
+          const p = evaluateMail(ev);
+          st.verdict = p;
+          // In: the RCPT verdicts read it synchronously (a failure stays the Promise: the rule's error).
+          p.then((f) => void (st.verdict === p && (st.verdict = f)), () => undefined);
+        },
       },
-      check(ev: SessionEvent): Finding | Promise<Finding> {
-        if (ev.stage === 'mail') return evaluateMail(ev);
-        if (ev.stage === 'rcpt') return pending.get(ev.session.id) ?? PASS;
-        if (ev.stage === 'quit') pending.delete(ev.session.id);
-        return PASS;
+      checks: {
+        rcpt: (_ev, st: State) => st.verdict ?? PASS,
       },
     };
   },

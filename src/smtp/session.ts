@@ -36,7 +36,7 @@ import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
 import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
-import { evaluate } from '../pipeline/run.js';
+import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf, type ParsedPath } from '../protocol/address.js';
 import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
@@ -44,7 +44,7 @@ import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parse
 import { BackendLink } from './backend-link.js';
 import { initialLogin, parseAuth, relayAuth } from './auth.js';
 import { authMechanisms, backendSize, checkParams, ehloKeywords, sizeLimit } from './extensions.js';
-import { Framing, type CommandEvent } from './framing.js';
+import { Framing, Unstuffer, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
 import { handshake, upgradeToTls } from './starttls.js';
@@ -149,8 +149,6 @@ export class Session {
   private caps: Capabilities = new Map();
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
-  /** Dry-run checks still running (not awaited): `quit` bookkeeping waits for them. */
-  private readonly lateChecks = new Set<Promise<void>>();
   private readonly sessionLog: SessionLog;
   private endReason = 'closed';
   /** The message being relayed (DATA or BDAT); null outside one. */
@@ -160,6 +158,8 @@ export class Session {
   readonly done: Promise<void>;
   /** The session as a stream of typed events; completes when the session ends. */
   readonly events$ = new Subject<SessionEvent>();
+  /** The rule pipeline following events$: each event's verdict (pipeline/run.ts). */
+  private readonly pipe: PipelineSession;
   private resolveDone!: () => void;
 
   constructor(
@@ -215,6 +215,16 @@ export class Session {
       },
     });
     this.done = new Promise((r) => (this.resolveDone = r));
+    this.pipe = openPipeline(deps.rules.rules, {
+      metrics: deps.metrics,
+      onRuleError: (rule, kind, err) => deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
+      late: (o) => this.lateOutcome(o),
+      maxPendingDryRun: l.maxPendingDryRun,
+      unstuff: () => {
+        const u = new Unstuffer();
+        return (chunks) => u.push(chunks);
+      },
+    }).attach(this.events$, this.ended.signal);
     // Bytes that came with a PROXY header, before the greeting: pregreet like any other.
     if (opts.initial?.length) this.onData(opts.initial);
     this.attach(socket);
@@ -333,6 +343,8 @@ export class Session {
    */
   private onEnd(): void {
     this.clientEnded = true;
+    // Gone before the greeting, having said nothing: nothing to answer; pending checks are dropped.
+    if (!this.greeted && this.pregreet === 0) return this.close('client-closed');
     const w = this.dataWaiter;
     this.dataWaiter = null;
     w?.();
@@ -373,17 +385,10 @@ export class Session {
       this.link.release(this.backend);
     }
     this.socket.destroy();
+    // The last snapshot for the rules' end hooks; then the pipeline drops every pending check's
+    // wait at once and ends the rules' state (after dry-run checks still running).
+    if (this.heard('quit')) this.events$.next({ stage: 'quit', session: this.snapshot(), reason: this.endReason });
     this.ended.abort();
-    if (this.heard('quit')) {
-      const quit: SessionEvent = { stage: 'quit', session: this.snapshot(), reason: this.endReason };
-      this.events$.next(quit);
-      // Bookkeeping only: quit-stage findings are ignored and cannot fail the session. It comes
-      // after the dry-run checks still running (each bounded by its rule's timeout), so that a
-      // rule never releases at quit what a late check is still taking.
-      const bookkeeping = () => evaluate(this.deps.rules.rules, quit, { metrics: this.deps.metrics });
-      const late = [...this.lateChecks];
-      void (late.length ? Promise.allSettled(late).then(bookkeeping) : Promise.resolve(bookkeeping())).catch(() => undefined);
-    }
     this.events$.complete();
     this.logSession();
     this.resolveDone();
@@ -464,6 +469,9 @@ export class Session {
         // The last chunks of a message wait for the final "." when nothing else must run first.
         const tail = ev.end && !this.hasDataEndRules && !this.backendCongested;
         this.forward(ev.chunks, tail);
+        // Rules reading the body get the chunks; a reader lagging past its bound holds the client.
+        const fed = this.pipe.wantsBody ? this.pipe.body(this.data?.aborted ? [] : ev.chunks, ev.end) : undefined;
+        if (fed) await fed;
         if (this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
         if (ev.end) await this.finishData();
         else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
@@ -1012,20 +1020,19 @@ export class Session {
     return this.evaluateStage(stage, make());
   }
 
-  /** A rule acts on the stage, or someone observes events$: only then is its event built. */
+  /** A rule acts on the stage, or someone besides the pipeline observes events$: only then is its event built. */
   private heard(stage: Stage): boolean {
-    return this.deps.rules.stages.has(stage) || this.events$.observed;
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
   }
 
-  private async evaluateStage(stage: Stage, event: SessionEvent): Promise<StageVerdict> {
+  /** The pipeline's verdict for the event: synchronous when every rule answered at once. */
+  private evaluateStage(stage: Stage, event: SessionEvent): StageVerdict | Promise<StageVerdict> {
     this.events$.next(event);
-    const v = await evaluate(this.deps.rules.rules, event, {
-      metrics: this.deps.metrics,
-      onRuleError: (rule, kind, err) =>
-        this.deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
-      // A bound on the checks a session leaves running: past it, this stage waits for its own.
-      ...(this.lateChecks.size < this.deps.limits.maxPendingDryRun ? { deferred: (outcome: Promise<RuleOutcome>) => this.lateOutcome(outcome) } : {}),
-    });
+    const v = this.pipe.verdict(event);
+    return v instanceof Promise ? v.then((x) => this.noteVerdict(stage, x)) : this.noteVerdict(stage, v);
+  }
+
+  private noteVerdict(stage: Stage, v: StageVerdict): StageVerdict {
     for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
       this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
@@ -1045,14 +1052,10 @@ export class Session {
    * A dry-run finding that arrived after its stage's reply: in the session log line when it came
    * before the session ended, else in a log line of its own ('late rule finding').
    */
-  private lateOutcome(outcome: Promise<RuleOutcome>): void {
-    const p = outcome.then((o) => {
-      this.lateChecks.delete(p);
-      if (o.finding === 'pass') return;
-      if (!this.logged) this.noteOutcome(o);
-      else this.deps.log.info({ session: this.id, client: this.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
-    });
-    this.lateChecks.add(p);
+  private lateOutcome(o: RuleOutcome): void {
+    if (o.finding === 'pass') return;
+    if (!this.logged) this.noteOutcome(o);
+    else this.deps.log.info({ session: this.id, client: this.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
   }
 
   private snapshot(): SessionSnapshot {

@@ -1,12 +1,12 @@
 /**
  * What a rule's unit test needs, once: a resolver that must not be used, RuleDeps with test
- * defaults, a parsed path, a session snapshot with test defaults, and a virtual clock for the
- * MemoryStore.
+ * defaults, a parsed path, a session snapshot with test defaults, a virtual clock for the
+ * MemoryStore, and a rule driven the way the runner drives it (its per-session state included).
  */
 import type { DnsResolver } from '../../src/net/dns.js';
 import { parseAddress } from '../../src/net/ip.js';
-import type { SessionSnapshot } from '../../src/pipeline/events.js';
-import type { RuleDeps } from '../../src/pipeline/rule.js';
+import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
+import { PASS, type FindingResult, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
 import { MemoryStore } from '../../src/store/store.js';
@@ -78,4 +78,55 @@ export function clock(start = 1_000_000_000) {
       await new Promise((r) => setTimeout(r, 2));
     },
   };
+}
+
+/** Per rule, per session id: the state the runner would own. */
+const states = new WeakMap<Rule, Map<string, unknown>>();
+
+function stateOf(rule: Rule, snap: SessionSnapshot): unknown {
+  if (!rule.session) return undefined;
+  let m = states.get(rule);
+  if (!m) states.set(rule, (m = new Map()));
+  if (!m.has(snap.id)) m.set(snap.id, rule.session(snap));
+  return m.get(snap.id);
+}
+
+type Fn = (ev: SessionEvent, state: unknown) => FindingResult | void;
+
+/**
+ * One event through a rule as the runner takes it: the early start of its stage, then its check
+ * (PASS for a stage it does not check), with the rule's state for the session (the snapshot's id),
+ * created on first use.
+ */
+export function checkRule(rule: Rule, ev: SessionEvent): FindingResult {
+  const start = (rule.starts as Record<string, Fn | undefined> | undefined)?.[ev.stage];
+  if (start) start.call(rule.starts, ev, stateOf(rule, ev.session));
+  const check = (rule.checks as Record<string, Fn | undefined>)[ev.stage];
+  return check ? (check.call(rule.checks, ev, stateOf(rule, ev.session)) as FindingResult) : PASS;
+}
+
+/** The stage refused `ev` (Rule.refused), with the session's state. */
+export function refuseRule(rule: Rule, ev: SessionEvent): void {
+  rule.refused?.(ev, stateOf(rule, ev.session));
+}
+
+/** The session ended: the rule's end hook if its state was created (once), and the state dropped. */
+export function endSession(rule: Rule, snap: SessionSnapshot): boolean {
+  const m = states.get(rule);
+  if (!m?.has(snap.id)) return false;
+  const st = m.get(snap.id);
+  m.delete(snap.id);
+  rule.end?.(st, snap);
+  return true;
+}
+
+/** Sessions of `rule` whose state is alive. */
+export function liveStates(rule: Rule): number {
+  return states.get(rule)?.size ?? 0;
+}
+
+/** Only the early start of the event's stage (Rule.starts), with the session's state. */
+export function startRule(rule: Rule, ev: SessionEvent): void {
+  const start = (rule.starts as Record<string, Fn | undefined> | undefined)?.[ev.stage];
+  if (start) start.call(rule.starts, ev, stateOf(rule, ev.session));
 }

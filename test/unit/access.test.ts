@@ -7,8 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { accessRule } from '../../src/rules/access.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
-import { pathOf, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
+import { checkRule, pathOf, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
 
 const deps = (): RuleDeps => ruleDeps();
 const snap = (ip = '192.0.2.5'): SessionSnapshot => snapshot({ ip });
@@ -17,15 +17,15 @@ const helo = (name: string): SessionEvent => ({ stage: 'helo', verb: 'EHLO', nam
 const mail = (raw: string): SessionEvent => ({ stage: 'mail', sender: pathOf(raw), params: [], session: snap() });
 const rcpt = (raw: string): SessionEvent => ({ stage: 'rcpt', recipient: pathOf(raw), params: [], session: snap() });
 const make = (settings: unknown): Rule => accessRule.create('access', accessRule.settings.parse(settings), deps());
-const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
+const check = (rule: Rule, ev: SessionEvent) => checkRule(rule, ev) as Finding;
 const kind = (rule: Rule, ev: SessionEvent) => check(rule, ev).kind;
 
 test('a stage runs only when its list is given; the rule is not bypassable', () => {
-  assert.deepEqual(make({}).stages, []);
-  assert.deepEqual(make({ clients: [{ deny: '10.0.0.0/8' }] }).stages, ['connect']);
-  assert.deepEqual(make({ helo: [{ deny: 'x' }], recipients: [{ deny: 'a@b' }] }).stages, ['helo', 'rcpt']);
+  assert.deepEqual(stagesOf(make({})), []);
+  assert.deepEqual(stagesOf(make({ clients: [{ deny: '10.0.0.0/8' }] })), ['connect']);
+  assert.deepEqual(stagesOf(make({ helo: [{ deny: 'x' }], recipients: [{ deny: 'a@b' }] })), ['helo', 'rcpt']);
   const all = make({ clients: [{ deny: '10.0.0.0/8' }], helo: [{ deny: 'x' }], senders: [{ deny: 'a@b' }], recipients: [{ deny: 'a@b' }] });
-  assert.deepEqual(all.stages, ['connect', 'helo', 'mail', 'rcpt']);
+  assert.deepEqual(stagesOf(all), ['connect', 'helo', 'mail', 'rcpt']);
   assert.equal(all.bypassable, false);
   assert.equal(all.type, 'access');
 });

@@ -8,6 +8,7 @@ import { dnsblRule } from '../../src/rules/dnsbl.js';
 import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { checkRule } from '../helpers/rule-fixtures.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore } from '../../src/store/store.js';
@@ -47,8 +48,7 @@ const snap = (id: string, ip: string): SessionSnapshot => ({
 const connect = (id: string, ip: string): SessionEvent => ({ stage: 'connect', session: snap(id, ip) });
 /** What the runner does at a stage: start the rule's lookups, then ask for its verdict. */
 function run(rule: Rule, ev: SessionEvent) {
-  if (rule.starts?.includes(ev.stage)) rule.start?.(ev);
-  return rule.check(ev);
+  return checkRule(rule, ev);
 }
 
 test('concurrent sessions from one address share one lookup per zone; later ones hit the cache', async () => {

@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import { fcrdnsRule } from '../../src/rules/fcrdns.js';
 import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
+import { checkRule, endSession, liveStates, startRule } from '../helpers/rule-fixtures.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { parsePath } from '../../src/protocol/address.js';
 import { createMetrics } from '../../src/metrics/registry.js';
@@ -58,12 +59,10 @@ const sender = (() => {
   return r.path;
 })();
 const mail = (ip: string, id = 's'): SessionEvent => ({ stage: 'mail', session: { ...snap(id, ip), transaction: 1, sender }, sender, params: [] });
-const quit = (ip: string, id = 's'): SessionEvent => ({ stage: 'quit', session: snap(id, ip), reason: 'QUIT' });
 
 /** What the runner does at a stage: start the rule's lookups, then ask for its verdict. */
 function run(rule: Rule, ev: SessionEvent): Promise<Finding> {
-  if (rule.starts?.includes(ev.stage)) rule.start?.(ev);
-  return Promise.resolve(rule.check(ev) as Finding | Promise<Finding>);
+  return Promise.resolve(checkRule(rule, ev) as Finding | Promise<Finding>);
 }
 
 function make(zone: Zone, settings: Record<string, unknown> = {}) {
@@ -79,8 +78,8 @@ const TEMP = (ip: string) => ({ code: 451, enhanced: '4.7.25', text: `Reverse DN
 
 test('a PTR name that resolves back to the client passes', async () => {
   const { r, rule, checks } = make({ '192.0.2.5': { PTR: ['mail.example.org'] }, 'mail.example.org': { A: ['192.0.2.9', '192.0.2.5'] } });
-  assert.deepEqual(rule.starts, ['connect']);
-  assert.deepEqual(rule.stages, ['connect', 'quit']);
+  assert.deepEqual(Object.keys(rule.starts ?? {}), ['connect']);
+  assert.deepEqual(stagesOf(rule), ['connect'], 'no quit: the runner owns the session state');
   assert.equal(rule.bypassable, true);
   assert.deepEqual(await run(rule, connect('192.0.2.5')), { kind: 'pass' });
   assert.deepEqual(r.calls, ['PTR 192.0.2.5', 'A mail.example.org']);
@@ -164,36 +163,35 @@ test('results: fail and temperror map to the configured action', async () => {
 
 test('stage mail: lookups start at connect without holding it; the verdict comes at MAIL', async () => {
   const { r, rule } = make({ '192.0.2.5': { PTR: ['x.example.org'] } }, { stage: 'mail' });
-  assert.deepEqual(rule.stages, ['mail', 'quit']);
-  assert.deepEqual(rule.starts, ['connect']);
-  rule.start?.(connect('192.0.2.5'));
+  assert.deepEqual(stagesOf(rule), ['mail', 'connect']);
+  assert.deepEqual(Object.keys(rule.starts ?? {}), ['connect']);
+  startRule(rule, connect('192.0.2.5'));
   assert.deepEqual(r.calls, ['PTR 192.0.2.5'], 'started at connect');
-  const pending = rule.check(mail('192.0.2.5'));
+  const pending = checkRule(rule, mail('192.0.2.5'));
   assert.ok(pending instanceof Promise, 'still in flight: the verdict waits for it');
   assert.equal((await pending).kind, 'reject');
-  const settled = rule.check(mail('192.0.2.5'));
+  const settled = checkRule(rule, mail('192.0.2.5'));
   assert.ok(!(settled instanceof Promise), 'once in, read synchronously');
   assert.equal((settled as Finding).kind, 'reject');
 });
 
-test('sessions are kept apart; quit forgets the session', async () => {
+test('sessions are kept apart; the session end drops its state', async () => {
   const { rule } = make({ '192.0.2.5': { PTR: ['ok.example.org'] }, 'ok.example.org': { A: ['192.0.2.5'] } }, { stage: 'rcpt' });
-  rule.start?.(connect('192.0.2.5', 'good'));
-  rule.start?.(connect('192.0.2.6', 'bad'));
+  startRule(rule, connect('192.0.2.5', 'good'));
+  startRule(rule, connect('192.0.2.6', 'bad'));
   const rcpt = (id: string, ip: string): SessionEvent => ({ stage: 'rcpt', session: snap(id, ip), recipient: sender, params: [] });
   assert.equal((await run(rule, rcpt('good', '192.0.2.5'))).kind, 'pass');
   assert.equal((await run(rule, rcpt('bad', '192.0.2.6'))).kind, 'reject');
-  assert.equal((await run(rule, quit('192.0.2.6', 'bad'))).kind, 'pass');
+  assert.equal(endSession(rule, snap('bad', '192.0.2.6')), true, 'the session end drops its state');
+  assert.equal(liveStates(rule), 1, 'the other session keeps its own');
   assert.equal((await run(rule, rcpt('bad', '192.0.2.6'))).kind, 'pass', 'no lookup on record: nothing to judge');
 });
 
 test('a session ended before its lookups came in leaves nothing behind', async () => {
   const { rule } = make({});
-  rule.start?.(connect('192.0.2.5'));
-  await run(rule, quit('192.0.2.5'));
+  startRule(rule, connect('192.0.2.5'));
+  assert.equal(endSession(rule, snap('s', '192.0.2.5')), true);
   await new Promise((r) => setTimeout(r, 10));
-  assert.deepEqual(rule.check(connect('192.0.2.5')), { kind: 'pass' });
-  rule.start?.(connect('192.0.2.5'));
-  rule.close?.();
-  assert.deepEqual(rule.check(connect('192.0.2.5')), { kind: 'pass' }, 'close clears');
+  assert.equal(liveStates(rule), 0, 'the lookup landing later keeps nothing');
+  assert.equal(endSession(rule, snap('s', '192.0.2.5')), false, 'ended once');
 });

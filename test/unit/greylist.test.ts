@@ -8,11 +8,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { greylistRule } from '../../src/rules/greylist.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore, type Store } from '../../src/store/store.js';
-import { noDns, pathOf, clock } from '../helpers/rule-fixtures.js';
+import { checkRule, noDns, pathOf, clock } from '../helpers/rule-fixtures.js';
 
 const MIN = 60_000;
 
@@ -39,7 +39,7 @@ function setup(settings: Record<string, unknown> = {}, store?: Store, onError?: 
   const st = store ?? new MemoryStore(c.now);
   const d = { ...deps(st, c.now), ...(onError ? { onError } : {}) };
   const rule = greylistRule.create('grey', greylistRule.settings.parse(settings), d);
-  const check = (ev: SessionEvent) => rule.check(ev) as Promise<Finding>;
+  const check = (ev: SessionEvent) => checkRule(rule, ev) as Promise<Finding>;
   return { c, rule, check, metrics: d.metrics };
 }
 
@@ -50,7 +50,7 @@ async function counter(metrics: RuleDeps['metrics'], result: string): Promise<nu
 
 test('a new triplet gets 451 4.7.1 Greylisted; the retry after the delay passes', async () => {
   const { c, check, rule, metrics } = setup();
-  assert.deepEqual(rule.stages, ['rcpt']);
+  assert.deepEqual(stagesOf(rule), ['rcpt']);
   assert.equal(rule.bypassable, true);
   const f = await check(rcpt('bob@example.net'));
   assert.deepEqual(f, { kind: 'tempfail', reason: 'greylisted for 300 s (first attempt)', reply: { code: 451, enhanced: '4.7.1', text: 'Greylisted, try again later' } });

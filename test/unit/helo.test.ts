@@ -6,11 +6,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { heloRule } from '../../src/rules/helo.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore } from '../../src/store/store.js';
-import { noDns } from '../helpers/rule-fixtures.js';
+import { checkRule, noDns } from '../helpers/rule-fixtures.js';
 
 const deps = (ownAddresses: string[] = ['198.51.100.25']): RuleDeps => ({ ownNames: ['mx.doorman.test'], ownAddresses, resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
 const snap = (ip: string, localAddress: string): SessionSnapshot => ({
@@ -20,12 +20,12 @@ const snap = (ip: string, localAddress: string): SessionSnapshot => ({
 });
 const helo = (name: string, ip = '192.0.2.5', localAddress = '203.0.113.1'): SessionEvent => ({ stage: 'helo', verb: 'EHLO', name, session: snap(ip, localAddress) });
 const make = (settings: unknown = {}, d = deps()): Rule => heloRule.create('helo', heloRule.settings.parse(settings), d);
-const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
+const check = (rule: Rule, ev: SessionEvent) => checkRule(rule, ev) as Finding;
 const rejected = (reason: string, code: number, enhanced: string, name: string, text: string): Finding => ({ kind: 'reject', reason, reply: { code, enhanced, text: `<${name}>: Helo command rejected: ${text}` } });
 
 test('stage helo only, bypassable; other stages pass', () => {
   const rule = make();
-  assert.deepEqual(rule.stages, ['helo']);
+  assert.deepEqual(stagesOf(rule), ['helo']);
   assert.equal(rule.bypassable, true);
   assert.equal(check(rule, { stage: 'connect', session: snap('192.0.2.5', '203.0.113.1') }).kind, 'pass');
 });

@@ -8,10 +8,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ratelimitRule } from '../../src/rules/ratelimit.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore, type Store } from '../../src/store/store.js';
-import { noDns, pathOf, clock, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
+import { checkRule, endSession, liveStates, noDns, pathOf, clock, refuseRule, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
 
 interface Sess {
   id?: string;
@@ -40,7 +40,13 @@ function setup(settings: Record<string, unknown>, store?: Store, onError?: 'pass
   const st = store ?? new MemoryStore(c.now);
   const d: RuleDeps = { ownNames: ['mx.test'], ownAddresses: [], resolver: noDns, store: st, metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: c.now, ...(onError ? { onError } : {}) };
   const rule = ratelimitRule.create('rl', ratelimitRule.settings.parse(settings), d);
-  const check = async (ev: SessionEvent): Promise<Finding> => rule.check(ev) as Finding | Promise<Finding>;
+  /** An event as the runner takes it; quit: the session's end (the rule's end hook), its releases landed. */
+  const check = async (ev: SessionEvent): Promise<Finding> => {
+    if (ev.stage !== 'quit') return checkRule(rule, ev) as Finding | Promise<Finding>;
+    endSession(rule, ev.session);
+    await settle();
+    return { kind: 'pass' };
+  };
   const kinds = async (evs: SessionEvent[]) => {
     const out: string[] = [];
     for (const ev of evs) out.push((await check(ev)).kind);
@@ -56,11 +62,12 @@ const TOO_MANY_CONN = { code: 421, enhanced: '4.7.0', text: 'Error: too many con
 const TOO_MUCH_MAIL = { code: 450, enhanced: '4.7.1', text: 'Error: too much mail, try again later' };
 const AUTH_OVER = { code: 454, enhanced: '4.7.0', text: 'Temporary authentication failure, try again later' };
 
-test('stages follow the limits: connect/auth/rcpt, mail for slots and logins, always quit', () => {
+test('stages follow the limits: connect/auth/rcpt, mail for slots and logins, always an end hook (quit)', () => {
   const conn = setup({ limits: [{ name: 'c', count: 'connections', limit: 1 }] }).rule;
-  assert.deepEqual([...conn.stages].sort(), ['connect', 'quit']);
+  assert.deepEqual([...stagesOf(conn)].sort(), ['connect', 'quit']);
+  assert.deepEqual(Object.keys(conn.checks), ['connect'], 'no quit check: the end hook gives back');
   const all = setup({ limits: [{ name: 'cc', count: 'concurrency', limit: 1 }, { name: 'm', count: 'messages', limit: 1 }, { name: 'a', count: 'auth_failures', limit: 1 }] }).rule;
-  assert.deepEqual([...all.stages].sort(), ['auth', 'connect', 'mail', 'quit', 'rcpt']);
+  assert.deepEqual([...stagesOf(all)].sort(), ['auth', 'connect', 'mail', 'quit', 'rcpt']);
   assert.equal(all.bypassable, true);
 });
 
@@ -160,8 +167,8 @@ test('a refused event costs nothing: Rule.refused gives its tokens back', async 
   const { check, rule } = setup({ limits: [{ name: 'msg', count: 'messages', limit: 1 }] });
   const first = rcpt('a@x.test');
   assert.equal((await check(first)).kind, 'pass');
-  rule.refused?.(first); // say, greylisted by another rule of the stage
-  rule.refused?.(first); // once only
+  refuseRule(rule, first); // say, greylisted by another rule of the stage
+  refuseRule(rule, first); // once only
   await settle();
   const retry = rcpt('a@x.test', { txn: 2 });
   assert.equal((await check(retry)).kind, 'pass', 'the refunded token is spent again');
@@ -172,7 +179,7 @@ test('a refund forgets the transaction\'s charge: its next recipient is charged 
   const { check, rule } = setup({ limits: [{ name: 'msg', count: 'messages', limit: 2 }] });
   const first = rcpt('a@x.test');
   await check(first);
-  rule.refused?.(first);
+  refuseRule(rule, first);
   await settle();
   assert.equal((await check(rcpt('b@x.test'))).kind, 'pass');
   assert.equal((await check(rcpt('c@x.test', { txn: 2 }))).kind, 'pass');
@@ -222,10 +229,22 @@ test('store failure under onError: tempfail: the rule\'s error, counted in doorm
 });
 
 test('stages with nothing to do answer synchronously', () => {
-  const { rule } = setup({ limits: [{ name: 'c', count: 'connections', limit: 1 }] });
+  const { rule } = setup({ limits: [{ name: 'a', count: 'auth_failures', limit: 1 }] });
   const r: Rule = rule;
-  assert.equal(r.check({ stage: 'helo', session: snap(), verb: 'EHLO', name: 'x.test' }), r.check(quit()));
-  assert.equal((r.check(quit()) as Finding).kind, 'pass');
+  assert.equal(checkRule(r, { stage: 'helo', session: snap(), verb: 'EHLO', name: 'x.test' }), checkRule(r, mail()));
+  assert.equal((checkRule(r, mail()) as Finding).kind, 'pass');
+});
+
+test('state: created at the session\'s first check, ended once (slots given back), then dropped', async () => {
+  const { check, rule } = setup({ limits: [{ name: 'cc', count: 'concurrency', limit: 1 }] });
+  assert.equal(liveStates(rule), 0);
+  assert.equal((await check(connect({ id: 'a' }))).kind, 'pass');
+  assert.equal(liveStates(rule), 1, 'created on first use');
+  assert.equal(endSession(rule, snap({ id: 'a' })), true);
+  assert.equal(endSession(rule, snap({ id: 'a' })), false, 'ended once');
+  assert.equal(liveStates(rule), 0, 'dropped');
+  await settle();
+  assert.equal((await check(connect({ id: 'b' }))).kind, 'pass', 'the end hook gave the slot back');
 });
 
 test('admin: the store key a limit and subject name', () => {
@@ -244,7 +263,7 @@ test('auth_failures: every AUTH attempt of one session takes a token, not only t
   const out: string[] = [];
   for (let i = 0; i < 5; i++) {
     const ev: SessionEvent = { stage: 'auth', session, mechanism: 'PLAIN', login: `guess${i}` };
-    out.push(((await rule.check(ev)) as Finding).kind);
+    out.push(((await checkRule(rule, ev)) as Finding).kind);
   }
   assert.deepEqual(out, ['pass', 'pass', 'tempfail', 'tempfail', 'tempfail']);
 });

@@ -7,9 +7,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { relayRule } from '../../src/rules/relay.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
+import { checkRule, pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
 
 const deps = (): RuleDeps => ruleDeps();
 interface Opts {
@@ -29,7 +29,7 @@ const mail = (o: Opts = {}): SessionEvent => ({ stage: 'mail', sender: pathOf(o.
 const rcpt = (raw: string, o: Opts = {}): SessionEvent => ({ stage: 'rcpt', recipient: pathOf(raw), params: [], session: snap(o) });
 const etrn = (node: string, o: Opts = {}): SessionEvent => ({ stage: 'etrn', node, session: snap(o) });
 const make = (settings: unknown = {}): Rule => relayRule.create('relay', relayRule.settings.parse(settings), deps());
-const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
+const check = (rule: Rule, ev: SessionEvent) => checkRule(rule, ev) as Finding;
 const reason = (f: Finding) => (f.kind === 'pass' ? 'pass' : f.reason);
 const relayDenied = (trick: string, raw: string): Finding => ({ kind: 'reject', reason: trick, reply: { code: 554, enhanced: '5.7.1', text: `<${raw}>: Relay access denied` } });
 
@@ -37,7 +37,7 @@ const local = { localDomains: ['example.com', '*.corp.test', '[192.0.2.1]'] };
 
 test('stages mail, rcpt and etrn; not bypassable', () => {
   const rule = make();
-  assert.deepEqual(rule.stages, ['mail', 'rcpt', 'etrn']);
+  assert.deepEqual(stagesOf(rule), ['mail', 'rcpt', 'etrn']);
   assert.equal(rule.bypassable, false);
   assert.equal(check(rule, { stage: 'connect', session: snap() }).kind, 'pass');
 });

@@ -16,10 +16,15 @@ const session: SessionSnapshot = {
 const ev = (acceptedBy: string | null = null): SessionEvent => ({ stage: 'connect', session: { ...session, acceptedBy } });
 
 function rule(name: string, check: () => FindingResult, opts: Partial<LoadedRule> & { bypassable?: boolean } = {}): LoadedRule {
-  const r: Rule = { name, type: 'test', stages: ['connect'], bypassable: opts.bypassable ?? true, check };
+  const r: Rule = { name, type: 'test', checks: { connect: check }, bypassable: opts.bypassable ?? true };
   return { rule: r, action: 'enforce', onError: 'pass', timeout: 100, file: `${name}.yaml`, ...opts };
 }
 const reject = (reason = 'bad'): Finding => ({ kind: 'reject', reason });
+/** Waits until `cond` holds (polling every 2 ms, at most 2 s). */
+async function until(cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 1000 && !cond(); i++) await new Promise((r) => setTimeout(r, 2));
+  assert.ok(cond(), 'condition never met');
+}
 
 test('no applicable rule: a synchronous empty verdict (no Promise on the hot path)', () => {
   const v = evaluate([], ev());
@@ -75,7 +80,7 @@ test('actions: dry-run never refuses, tempfail softens 5xx to 4xx, tag adds a he
   const soft = await evaluate([rule('s', () => ({ kind: 'reject', reason: 'x', reply: { code: 550, enhanced: '5.7.1', text: 'no' } }), { action: 'tempfail' })], { stage: 'mail', session } as unknown as SessionEvent);
   // stage mail is not in the rule's stages: nothing runs
   assert.equal(soft.reply, null);
-  const r: Rule = { name: 'm', type: 't', stages: ['mail'], bypassable: true, check: () => ({ kind: 'reject', reason: 'x', reply: { code: 550, enhanced: '5.7.1', text: 'no' } }) };
+  const r: Rule = { name: 'm', type: 't', checks: { mail: () => ({ kind: 'reject', reason: 'x', reply: { code: 550, enhanced: '5.7.1', text: 'no' } }) }, bypassable: true };
   const v = await evaluate([{ rule: r, action: 'tempfail', onError: 'pass', timeout: 100, file: 'm' }], { stage: 'mail', session, sender: { raw: '' }, params: [] } as unknown as SessionEvent);
   assert.equal(v.reply?.code, 450);
   assert.equal(v.reply?.enhanced, '4.7.1');
@@ -167,13 +172,15 @@ test('a dry-run rule that has not answered is not waited for: its outcome is han
   let answer!: (f: Finding) => void;
   const slowDry = rule('dry', () => new Promise<Finding>((r) => (answer = r)), { action: 'dry-run', timeout: 60_000 });
   const slowObs = rule('dry-obs', () => timer(30).pipe(map(() => reject('obs'))), { action: 'dry-run' });
-  const late: Promise<RuleOutcome>[] = [];
-  const v = evaluate([rule('now', () => ({ kind: 'pass' })), slowDry, slowObs], ev(), { metrics, deferred: (o) => late.push(o) });
+  const late: RuleOutcome[] = [];
+  const v = evaluate([rule('now', () => ({ kind: 'pass' })), slowDry, slowObs], ev(), { metrics, late: (o) => late.push(o) });
   assert.ok(!(v instanceof Promise), 'the stage is decided without the dry-run rules');
   assert.deepEqual((v as { outcomes: readonly RuleOutcome[] }).outcomes.map((o) => o.rule), ['now']);
-  assert.equal(late.length, 2);
+  assert.equal(late.length, 0, 'none in yet');
   answer(reject('slow'));
-  const [a, b] = await Promise.all(late);
+  await until(() => late.length === 2);
+  const a = late.find((o) => o.rule === 'dry');
+  const b = late.find((o) => o.rule === 'dry-obs');
   assert.deepEqual([a?.rule, a?.effect, a?.wouldBe, a?.reason], ['dry', 'none', 'reject', 'slow']);
   assert.deepEqual([b?.rule, b?.effect, b?.wouldBe], ['dry-obs', 'none', 'reject']);
   const text = await metrics.registry.getSingleMetricAsString('doorman_rule_evaluations_total');
@@ -183,16 +190,17 @@ test('a dry-run rule that has not answered is not waited for: its outcome is han
   assert.ok(waited instanceof Promise);
   assert.equal((await waited).outcomes[0]?.wouldBe, 'reject');
   // An enforcing rule just as slow is waited for.
-  const enforcing = evaluate([rule('slow', () => timer(30).pipe(map(() => reject('x'))))], ev(), { deferred: () => assert.fail('enforcing rules are awaited') });
+  const enforcing = evaluate([rule('slow', () => timer(30).pipe(map(() => reject('x'))))], ev(), { late: () => assert.fail('enforcing rules are awaited') });
   assert.ok(enforcing instanceof Promise);
   assert.equal((await enforcing).reply?.code, 554);
 });
 
 test('a late dry-run rule still meets its timeout (an error outcome, counted)', async () => {
   const errors: string[] = [];
-  const late: Promise<RuleOutcome>[] = [];
-  evaluate([rule('hang', () => new Promise<Finding>(() => undefined), { action: 'dry-run', timeout: 20 })], ev(), { deferred: (o) => late.push(o), onRuleError: (r, k) => errors.push(`${r}:${k}`) });
-  assert.equal((await late[0])?.finding, 'timeout');
+  const late: RuleOutcome[] = [];
+  evaluate([rule('hang', () => new Promise<Finding>(() => undefined), { action: 'dry-run', timeout: 20 })], ev(), { late: (o) => late.push(o), onRuleError: (r, k) => errors.push(`${r}:${k}`) });
+  await until(() => late.length === 1);
+  assert.equal(late[0]?.finding, 'timeout');
   assert.deepEqual(errors, ['hang:timeout']);
 });
 
@@ -200,14 +208,18 @@ test('start: work begun at one stage for a verdict at a later one, never waited 
   const calls: string[] = [];
   let lookup: Promise<Finding> | null = null;
   const r: Rule = {
-    name: 'dns', type: 't', stages: ['rcpt'], starts: ['connect'], bypassable: true,
-    start: (e) => {
-      calls.push(`start:${e.stage}`);
-      lookup = new Promise((res) => setTimeout(() => res(reject('listed')), 20));
+    name: 'dns', type: 't', bypassable: true,
+    starts: {
+      connect: (e) => {
+        calls.push(`start:${e.stage}`);
+        lookup = new Promise((res) => setTimeout(() => res(reject('listed')), 20));
+      },
     },
-    check: (e) => {
-      calls.push(`check:${e.stage}`);
-      return lookup ?? { kind: 'pass' };
+    checks: {
+      rcpt: (e) => {
+        calls.push(`check:${e.stage}`);
+        return lookup ?? { kind: 'pass' };
+      },
     },
   };
   const lr: LoadedRule = { rule: r, action: 'enforce', onError: 'pass', timeout: 1000, file: 'dns.yaml' };
@@ -218,7 +230,7 @@ test('start: work begun at one stage for a verdict at a later one, never waited 
   assert.deepEqual(calls, ['start:connect', 'check:rcpt']);
   assert.equal(v.reply?.code, 550);
   // A throwing start is the rule's error, with its onError.
-  const broken: Rule = { ...r, start: () => { throw new Error('boom'); } };
+  const broken: Rule = { ...r, starts: { connect: () => { throw new Error('boom'); } } };
   const b = await evaluate([{ ...lr, rule: broken, onError: 'tempfail' }], ev());
   assert.equal(b.reply?.code, 421);
   assert.equal(b.outcomes[0]?.finding, 'error');

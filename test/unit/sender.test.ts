@@ -6,9 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { senderRule } from '../../src/rules/sender.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
-import { pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
+import { checkRule, pathOf, ruleDeps } from '../helpers/rule-fixtures.js';
 
 const deps = (): RuleDeps => ruleDeps();
 const snap = (ip: string, login: string | null | undefined): SessionSnapshot => ({
@@ -19,13 +19,13 @@ const snap = (ip: string, login: string | null | undefined): SessionSnapshot => 
 /** MAIL FROM:<raw> from `ip`, authenticated as `login` when given (null: AUTH without a login name). */
 const mail = (raw: string, login?: string | null, ip = '192.0.2.5'): SessionEvent => ({ stage: 'mail', sender: pathOf(raw), params: [], session: snap(ip, login) });
 const make = (settings: unknown = {}): Rule => senderRule.create('sender', senderRule.settings.parse(settings), deps());
-const check = (rule: Rule, ev: SessionEvent) => rule.check(ev) as Finding;
+const check = (rule: Rule, ev: SessionEvent) => checkRule(rule, ev) as Finding;
 const notOwned = (raw: string): Finding => ({ kind: 'reject', reason: 'not_owned', reply: { code: 553, enhanced: '5.7.1', text: `<${raw}>: Sender address rejected: not owned by you` } });
 const mismatch = (raw: string, login: string): Finding => ({ kind: 'reject', reason: 'login_mismatch', reply: { code: 553, enhanced: '5.7.1', text: `<${raw}>: Sender address rejected: not owned by user ${login}` } });
 
 test('stage mail only; not bypassable; other stages pass', () => {
   const rule = make({ localDomains: ['example.com'] });
-  assert.deepEqual(rule.stages, ['mail']);
+  assert.deepEqual(stagesOf(rule), ['mail']);
   assert.equal(rule.bypassable, false);
   assert.equal(check(rule, { stage: 'connect', session: snap('192.0.2.5', undefined) }).kind, 'pass');
 });

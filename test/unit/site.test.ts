@@ -15,7 +15,7 @@ import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js
 import type { Finding } from '../../src/pipeline/rule.js';
 import { inScope } from '../../src/pipeline/scope.js';
 import { RULE_TYPES } from '../../src/rules/index.js';
-import { pathOf, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
+import { checkRule, pathOf, ruleDeps, snapshot } from '../helpers/rule-fixtures.js';
 
 const ROOT = path.resolve(import.meta.dirname, '../..');
 
@@ -54,7 +54,7 @@ const rule = (set: RuleSet, name: string) => {
 const sess = (o: Parameters<typeof snapshot>[0] = {}): SessionSnapshot => snapshot(o);
 const mail = (from: string, o: Parameters<typeof snapshot>[0] = {}): SessionEvent => ({ stage: 'mail', session: sess(o), sender: pathOf(from), params: [] });
 const rcpt = (to: string, o: Parameters<typeof snapshot>[0] = {}): SessionEvent => ({ stage: 'rcpt', session: sess({ sender: pathOf('a@example.org'), ...o }), recipient: pathOf(to), params: [] });
-const kind = async (set: RuleSet, name: string, ev: SessionEvent) => ((await rule(set, name).rule.check(ev)) as Finding).kind;
+const kind = async (set: RuleSet, name: string, ev: SessionEvent) => ((await checkRule(rule(set, name).rule, ev)) as Finding).kind;
 
 test('site.yaml reaches relay and sender: a domain listed only there is local, and forged from outside', async () => {
   const set = load({

@@ -9,12 +9,12 @@ import assert from 'node:assert/strict';
 import { spfRule } from '../../src/rules/spf.js';
 import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
-import type { Finding, Rule, RuleDeps } from '../../src/pipeline/rule.js';
+import { stagesOf, type Finding, type Rule, type RuleDeps } from '../../src/pipeline/rule.js';
 import { parseAddress } from '../../src/net/ip.js';
 import { type ParsedPath } from '../../src/protocol/address.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import { MemoryStore } from '../../src/store/store.js';
-import { pathOf } from '../helpers/rule-fixtures.js';
+import { checkRule, endSession, pathOf, startRule } from '../helpers/rule-fixtures.js';
 
 /** Records by owner name; a string is the error code every query of that name gets. */
 type Zone = Record<string, { TXT?: string[]; A?: string[]; AAAA?: string[] } | 'ESERVFAIL' | 'ETIMEOUT'>;
@@ -58,12 +58,10 @@ const snap = (o: Sess, sender: ParsedPath | null): SessionSnapshot => ({
 });
 const mail = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap(o, pathOf(from)), sender: pathOf(from), params: [] });
 const rcpt = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap(o, pathOf(from)), recipient: pathOf('bob@example.net'), params: [] });
-const quit = (o: Sess = {}): SessionEvent => ({ stage: 'quit', session: snap(o, null), reason: 'QUIT' });
 
 /** What the runner does at a stage: start the rule's work, then ask for its verdict. */
 function run(rule: Rule, ev: SessionEvent): Promise<Finding> {
-  if (rule.starts?.includes(ev.stage)) rule.start?.(ev);
-  return Promise.resolve(rule.check(ev) as Finding | Promise<Finding>);
+  return Promise.resolve(checkRule(rule, ev) as Finding | Promise<Finding>);
 }
 
 /** example.org: 192.0.2.0/24 allowed, the rest fails; other domains for the other results. */
@@ -94,8 +92,8 @@ const replyOf = (f: Finding) => (f.kind === 'reject' || f.kind === 'tempfail' ? 
 
 test('stage mail (default): evaluated and decided at MAIL, bypassable', () => {
   const { rule } = make();
-  assert.deepEqual(rule.stages, ['mail']);
-  assert.deepEqual(rule.starts, []);
+  assert.deepEqual(stagesOf(rule), ['mail']);
+  assert.deepEqual(Object.keys(rule.starts ?? {}), []);
   assert.equal(rule.bypassable, true);
 });
 
@@ -237,36 +235,36 @@ test('maxVoidLookups: more lookups with no answer than allowed is permerror', as
 
 test('stage rcpt: evaluation starts at MAIL (the reply not held) and is read at each RCPT', async () => {
   const { r, rule } = make({ stage: 'rcpt' });
-  assert.deepEqual(rule.starts, ['mail']);
-  assert.deepEqual(rule.stages, ['rcpt', 'quit']);
-  rule.start?.(mail('alice@example.org', { ip: '198.51.100.7' }));
+  assert.deepEqual(Object.keys(rule.starts ?? {}), ['mail']);
+  assert.deepEqual(stagesOf(rule), ['rcpt', 'mail'], 'no quit: the runner owns the session state');
+  startRule(rule, mail('alice@example.org', { ip: '198.51.100.7' }));
   assert.ok(r.calls.length > 0, 'lookups under way at MAIL');
   const first = await run(rule, rcpt('alice@example.org', { ip: '198.51.100.7' }));
   assert.equal(first.kind, 'reject');
   assert.deepEqual(replyOf(first), { code: 550, enhanced: '5.7.23', text: '<alice@example.org>: Sender address rejected: SPF fail' });
   const calls = r.calls.length;
-  const second = rule.check(rcpt('alice@example.org', { ip: '198.51.100.7' }));
+  const second = checkRule(rule, rcpt('alice@example.org', { ip: '198.51.100.7' }));
   assert.ok(!(second instanceof Promise), 'once in, read synchronously');
   assert.equal((second as Finding).kind, 'reject');
   assert.equal(r.calls.length, calls, 'evaluated once per transaction');
 });
 
-test('stage rcpt: the next MAIL replaces the verdict; quit forgets it; no MAIL, nothing to judge', async () => {
+test('stage rcpt: the next MAIL replaces the verdict; the session end forgets it; no MAIL, nothing to judge', async () => {
   const { rule } = make({ stage: 'rcpt' });
   assert.deepEqual(await run(rule, rcpt('alice@example.org')), { kind: 'pass' }, 'nothing started');
-  rule.start?.(mail('alice@example.org', { ip: '198.51.100.7' }));
+  startRule(rule, mail('alice@example.org', { ip: '198.51.100.7' }));
   assert.equal((await run(rule, rcpt('alice@example.org', { ip: '198.51.100.7' }))).kind, 'reject');
-  rule.start?.(mail('x@neutral.test', { ip: '198.51.100.7', txn: 2 }));
+  startRule(rule, mail('x@neutral.test', { ip: '198.51.100.7', txn: 2 }));
   assert.equal((await run(rule, rcpt('x@neutral.test', { ip: '198.51.100.7', txn: 2 }))).kind, 'pass');
-  rule.start?.(mail('alice@example.org', { ip: '198.51.100.7', txn: 3 }));
-  assert.equal((await run(rule, quit())).kind, 'pass');
+  startRule(rule, mail('alice@example.org', { ip: '198.51.100.7', txn: 3 }));
+  assert.equal(endSession(rule, snap({}, null)), true, 'the session end drops its state');
   assert.deepEqual(await run(rule, rcpt('alice@example.org', { ip: '198.51.100.7', txn: 3 })), { kind: 'pass' });
 });
 
 test('stage rcpt: sessions are kept apart', async () => {
   const { rule } = make({ stage: 'rcpt' });
-  rule.start?.(mail('alice@example.org', { id: 'good' }));
-  rule.start?.(mail('alice@example.org', { id: 'bad', ip: '198.51.100.7' }));
+  startRule(rule, mail('alice@example.org', { id: 'good' }));
+  startRule(rule, mail('alice@example.org', { id: 'bad', ip: '198.51.100.7' }));
   assert.equal((await run(rule, rcpt('alice@example.org', { id: 'bad', ip: '198.51.100.7' }))).kind, 'reject');
   assert.equal((await run(rule, rcpt('alice@example.org', { id: 'good' }))).kind, 'pass');
 });
