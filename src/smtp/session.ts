@@ -22,6 +22,7 @@
  *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   starttls.ts      the client socket's TLS upgrade;
+ *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
  *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
@@ -38,17 +39,17 @@ import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
 import { evaluate } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
-import { addressOf, type ParsedPath } from '../protocol/address.js';
-import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
+import { addressOf } from '../protocol/address.js';
 import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
 import { BackendLink } from './backend-link.js';
 import { initialLogin, parseAuth, relayAuth } from './auth.js';
-import { authMechanisms, backendSize, checkParams, ehloKeywords, sizeLimit } from './extensions.js';
+import { authMechanisms, backendSize, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
 import { handshake, upgradeToTls } from './starttls.js';
-import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog, type TxnLog } from './session-log.js';
+import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
+import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
 import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
@@ -68,26 +69,6 @@ export interface SessionDeps {
   readonly rules: RuleSet;
   readonly metrics: Metrics;
   readonly log: Logger;
-}
-
-interface Transaction {
-  sender: ParsedPath;
-  params: readonly MailParam[];
-  smtputf8: boolean;
-  /** Recipients the backend accepted. */
-  rcpts: ParsedPath[];
-  /** RCPT commands forwarded (accepted or pending). */
-  rcptForwarded: number;
-  /** RCPT commands tried (any outcome). */
-  rcptTried: number;
-  /** The backend's answer to MAIL; null while a deferred MAIL waits for the first RCPT (backend.deferMail). */
-  mail: Promise<Reply> | null;
-  /** The backend refused the deferred MAIL (or was lost): the answer to every RCPT of this transaction. */
-  mailRefused: Reply | null;
-  tags: string[];
-  log: TxnLog;
-  /** The rule whose `accept` at MAIL allowlisted this transaction (and no other). */
-  acceptedBy?: string;
 }
 
 /**
@@ -633,27 +614,20 @@ export class Session {
   private async onMail(c: Command): Promise<void> {
     if (!this.helo) return this.queue('MAIL', R.needHelo());
     if (this.txn) return this.queue('MAIL', R.nestedMail());
-    const p = parseMailRcpt(c.arg, 'FROM');
-    if (!p.ok) {
-      if (p.code === 'syntax') return this.queue('MAIL', R.syntax('MAIL FROM:<address>'));
-      if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
-      return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
-    }
+    const p = parseMail(c.arg);
+    if (!parsed(p)) return this.queue('MAIL', p);
     const log = this.sessionLog.newTxn(addressOf(p.path));
     const answer = (r: Pending) => this.queue('MAIL', r, (x) => (log.mail = x.code));
-    const checked = checkParams('MAIL', p.params, this.caps, this.sizeLimit());
-    if (checked) return answer(checked);
-    const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
-    if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
+    const refused = mailRefused(p, this.caps, this.sizeLimit());
+    if (refused) return answer(refused);
     this.txnNumber++;
     const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [], log };
+    const txn = new Transaction(p.path, p.params, log, v.acceptedBy || undefined);
     this.addTags(txn.tags, v.tags);
     this.txn = txn;
-    if (v.acceptedBy) txn.acceptedBy = v.acceptedBy;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
     // transaction whose recipients are all refused here). Its refusal of the sender is then the
@@ -661,68 +635,42 @@ export class Session {
     // Only in an ESMTP session: after HELO the backend has not offered PIPELINING to this client
     // (Postfix counts such commands as improper pipelining, smtpd_forbid_unauth_pipelining).
     if (this.deps.backend.deferMail && this.esmtp && b.pipelining) return answer(R.mailOk());
-    txn.mail = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
-      (x) => {
-        if (x.code !== 250 && this.txn === txn) this.txn = null;
-        return x;
-      },
-      (e: unknown) => this.backendFailed(e),
+    answer(
+      txn.sendMail(b, {
+        refused: () => {
+          if (this.txn === txn) this.txn = null;
+        },
+        failed: (e) => this.backendFailed(e),
+      }),
     );
-    answer(txn.mail);
   }
 
   private async onRcpt(c: Command): Promise<void> {
     if (!this.helo) return this.queue('RCPT', R.needHelo());
     const txn = this.txn;
     if (!txn) return this.queue('RCPT', R.needMail());
-    const p = parseMailRcpt(c.arg, 'TO');
-    if (!p.ok) {
-      txn.rcptTried++;
-      if (p.code === 'syntax') return this.queue('RCPT', R.syntax('RCPT TO:<address>'));
-      if (p.code === 'param') return this.queue('RCPT', R.badParam(p.reason));
-      return this.queue('RCPT', reply(501, '5.1.3', `Bad recipient address syntax: ${p.reason}`));
-    }
     txn.rcptTried++;
+    const p = parseRcpt(c.arg);
+    if (!parsed(p)) return this.queue('RCPT', p);
     const to = addressOf(p.path);
     const answer = (r: Pending) =>
       this.queue('RCPT', r, (x) => this.sessionLog.noteRcpt(txn.log, to, x.code));
-    const checked = checkParams('RCPT', p.params, this.caps, this.sizeLimit());
-    if (checked) return answer(checked);
-    if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
-    if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
+    const refused = txn.rcptRefused(p, this.caps, this.sizeLimit(), this.deps.limits.maxRecipients);
+    if (refused) return answer(refused);
     const v = await this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
     if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
     if (txn.mailRefused) return answer(txn.mailRefused);
-    txn.mail ??= this.link.sendDeferredMail(b, txn);
-    txn.rcptForwarded++;
     this.addTags(txn.tags, v.tags);
-    answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
-  }
-
-  /**
-   * The answer to a forwarded RCPT: the backend's, or — when it refused the deferred MAIL before it
-   * (or was lost) — that refusal, counted once. Replies come in order: MAIL's before this RCPT's.
-   */
-  private async rcptReply(txn: Transaction, path: ParsedPath, sent: Promise<Reply>): Promise<Reply> {
-    await txn.mail;
-    const x = await sent.catch((e: unknown) => txn.mailRefused ?? this.backendFailed(e));
-    const r = txn.mailRefused ?? x;
-    if (replyClass(r) === 2) txn.rcpts.push(path);
-    else txn.rcptForwarded--;
-    return r;
+    answer(txn.forwardRcpt(b, p, { sendMail: () => this.link.sendDeferredMail(b, txn), failed: (e) => this.backendFailed(e) }));
   }
 
   private onRset(c: Command): void {
     if (c.arg.trim()) return this.queue('RSET', R.syntax('RSET'));
     this.txn = null;
-    const b = this.backend;
-    // Nothing to reset at the backend (no MAIL since the last end of data, RSET or HELO): answered
-    // here, as the backend would.
-    if (!b?.alive || !b.transactionOpen) return this.queue('RSET', R.rsetOk());
-    this.queue('RSET', b.command('RSET').catch(() => R.rsetOk()));
+    this.queue('RSET', reset(this.backend));
   }
 
   private quit(): void {
