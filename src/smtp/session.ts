@@ -21,6 +21,7 @@
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
  *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
+ *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
  *   starttls.ts      the client socket's TLS upgrade;
  *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
  *   session-log.ts   the one log line per session.
@@ -40,7 +41,8 @@ import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js
 import { evaluate } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf } from '../protocol/address.js';
-import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
+import { heloArgument, type Command } from './commands.js';
+import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
 import { initialLogin, parseAuth, relayAuth } from './auth.js';
 import { authMechanisms, backendSize, ehloKeywords, sizeLimit } from './extensions.js';
@@ -71,15 +73,6 @@ export interface SessionDeps {
   readonly log: Logger;
 }
 
-/**
- * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
- * commands answered without a transaction: HELO, EHLO, HELP, EXPN): limits.maxJunkCommands of them
- * between delivered messages, then 421 4.7.0.
- */
-const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
-
-/** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
-const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
 /** Keep at most this many unanswered pipelined commands before writing replies. */
 const MAX_QUEUED_REPLIES = 100;
 
@@ -121,10 +114,8 @@ export class Session {
   private greeted = false;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
-  private unknown = 0;
-  private commands = 0;
-  /** Junk commands since the session started or last delivered a message. */
-  private junk = 0;
+  /** The guard prelude's checks and counters (commands, unknown, junk). */
+  private readonly guards: Guards;
   /** The client half-closed: what it sent is still executed and answered, then the session ends. */
   private clientEnded = false;
   private caps: Capabilities = new Map();
@@ -161,6 +152,14 @@ export class Session {
       bareNewline: l.bareNewline,
     });
     this.sessionLog = new SessionLog(deps.log);
+    this.guards = new Guards({
+      hostname: deps.hostname,
+      get limits() {
+        return deps.limits;
+      },
+      violation: (kind) => this.violation(kind),
+      refusedAtConnect: () => this.refusedAtConnect,
+    });
     this.link = new BackendLink(
       deps,
       { ...peer, address: this.client.text },
@@ -489,52 +488,16 @@ export class Session {
   private commandStarted = 0;
 
   private async onCommandEvent(ev: CommandEvent): Promise<void> {
-    this.commands++;
     this.commandStarted = performance.now();
-    if (this.commands > this.deps.limits.maxCommands) {
-      this.violation('command_flood');
-      this.endReason = 'too-many-commands';
-      return this.reject('LIMIT', R.tooManyCommands(this.deps.hostname));
+    const g = this.guards.check(ev);
+    if ('quit' in g) return this.quit();
+    if ('reject' in g) {
+      if (g.endReason) this.endReason = g.endReason;
+      return this.reject(g.reject, g.reply);
     }
-    if (ev.type === 'too_long') {
-      this.violation('line_too_long');
-      return this.reject('TOO_LONG', R.lineTooLong());
-    }
-    const { line } = ev;
-    if (line.includes(0)) {
-      this.violation('nul');
-      return this.reject('NUL', R.nulInCommand());
-    }
-    if (ev.bareCr || (ev.bareLf && this.deps.limits.bareNewline === 'reject')) {
-      this.violation('bare_lf');
-      return this.reject('BARE', R.bareNewlineCommand());
-    }
-    if (ev.bareLf) this.violation('bare_lf');
-    const cmd = parseCommand(line);
-    if (this.refusedAtConnect) {
-      if (cmd.verb === 'QUIT') return this.quit();
-      return this.reject(cmd.verb, reply(503, '5.5.1', 'Error: no valid greeting; send QUIT'));
-    }
-    if (this.unknown >= this.deps.limits.maxUnknownCommands) {
-      this.endReason = 'too-many-errors';
-      return this.reject(cmd.verb, R.tooManyErrors(this.deps.hostname));
-    }
-    if (NON_SMTP_VERBS.has(cmd.verb) || /^[A-Za-z-]+:/.test(cmd.verb)) {
-      this.violation('non_smtp');
-      this.endReason = 'non-smtp';
-      return this.reject('NONSMTP', reply(421, '4.7.0', `${this.deps.hostname} Error: non-SMTP command, closing connection`));
-    }
-    if (!KNOWN_VERBS.has(cmd.verb)) {
-      this.unknown++;
-      return this.reject('UNKNOWN', NOT_IMPLEMENTED_VERBS.has(cmd.verb) ? R.notImplemented() : R.unknown());
-    }
-    if (JUNK_VERBS.has(cmd.verb) && ++this.junk > this.deps.limits.maxJunkCommands) {
-      this.violation('command_flood');
-      this.endReason = 'too-many-commands';
-      return this.reject(cmd.verb, R.tooManyCommands(this.deps.hostname));
-    }
+    const cmd = g.command;
     // Without backend PIPELINING every command waits for the previous reply.
-    if (!PIPELINABLE.has(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
+    if (!pipelinable(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
     if (this.closed || this.closing) return;
     const handler = this.handlers[cmd.verb as keyof Session['handlers']];
     await handler(cmd);
@@ -913,7 +876,7 @@ export class Session {
     }
     msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
     // As Postfix: the junk command count starts again after a delivered message.
-    if (msg.outcome === 'accepted') this.junk = 0;
+    if (msg.outcome === 'accepted') this.guards.delivered();
     msg.reply = describeReply(r);
     this.deps.metrics.messages.inc({ outcome: msg.outcome });
     this.data = null;
@@ -1043,7 +1006,7 @@ export class Session {
       outcomes: this.outcomes,
       droppedOutcomes: this.droppedOutcomes,
       outcome: this.endReason,
-      commands: this.commands,
+      commands: this.guards.commands,
       errors: this.out.errors,
       started: this.started,
     });
