@@ -19,6 +19,7 @@
  * and the DATA policy; its parts are handed what they need:
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
+ *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
  *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
@@ -45,7 +46,8 @@ import { heloArgument, type Command } from './commands.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
 import { initialLogin, parseAuth, relayAuth } from './auth.js';
-import { authMechanisms, backendSize, ehloKeywords, sizeLimit } from './extensions.js';
+import { abortReply, headerBlock, oversized, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
+import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
@@ -566,8 +568,7 @@ export class Session {
 
   /** The client's message is over the advertised SIZE, or with doorman's headers over the backend's. */
   private oversized(d: Message): boolean {
-    const n = this.framing.dataBytes;
-    return n > this.sizeLimit() || n + d.added > (backendSize(this.caps) ?? Infinity);
+    return oversized(this.framing.dataBytes, d.added, this.caps, this.deps.limits.maxMessageSize);
   }
 
   private authAllowed(): boolean {
@@ -764,11 +765,8 @@ export class Session {
 
   /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
   private tooSlow(): boolean {
-    const rate = this.deps.limits.minDataRate;
-    if (rate === 0) return false;
-    const elapsed = Date.now() - this.dataStarted;
-    if (elapsed < Math.min(10_000, this.deps.limits.dataTimeout)) return false;
-    if (this.framing.dataBytes >= (rate * elapsed) / 1000) return false;
+    const l = this.deps.limits;
+    if (!tooSlow(l.minDataRate, l.dataTimeout, this.dataStarted, this.framing.dataBytes)) return false;
     this.violation('slow_client');
     this.endReason = 'timeout';
     this.send(reply(421, '4.4.2', `${this.deps.hostname} Error: data arriving too slowly, closing connection`));
@@ -780,12 +778,9 @@ export class Session {
     const d = this.data;
     if (!d) return;
     const f = this.framing;
-    if (!d.aborted) {
-      if (this.oversized(d)) d.aborted = 'size';
-      else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
-      else if (f.longLine) d.aborted = 'long_line';
-      if (d.aborted) return d.abort(d.aborted);
-    } else return;
+    if (d.aborted) return;
+    d.aborted = stopReason(f, this.deps.limits.bareNewline === 'reject', this.oversized(d));
+    if (d.aborted) return d.abort(d.aborted);
     if (d.pendingHeaders) return d.holdHeaders(chunks);
     if (hold) d.tail = chunks;
     else d.write(chunks);
@@ -815,21 +810,18 @@ export class Session {
   private async maybeRunHeaderRules(final = false): Promise<void> {
     const d = this.data;
     if (!d?.pendingHeaders) return;
-    const held = Buffer.concat(d.pendingHeaders);
-    const end = held.indexOf('\r\n\r\n');
-    const limit = this.deps.limits.maxHeaderBytes;
-    const startsWithBlank = held.subarray(0, 2).equals(Buffer.from('\r\n'));
-    if (end < 0 && !startsWithBlank && held.length < limit && !final) {
+    const block = headerBlock(d.pendingHeaders, this.deps.limits.maxHeaderBytes, final);
+    const { held } = block;
+    if (block.length === null) {
       d.pendingHeaders = [held];
       return;
     }
     d.pendingHeaders = null;
-    const headerLen = startsWithBlank ? 0 : end >= 0 ? end + 2 : Math.min(held.length, limit);
     const v = await this.runRules('data_headers', () => ({
       stage: 'data_headers',
       session: this.snapshot(),
-      headers: held.subarray(0, headerLen),
-      truncated: end < 0 && !startsWithBlank,
+      headers: held.subarray(0, block.length),
+      truncated: block.truncated,
     }));
     if (!d.aborted && v.reply) {
       d.aborted = 'rule';
@@ -870,11 +862,11 @@ export class Session {
         msg.rule = v.decidedBy ?? undefined;
       } else {
         r = await d.end();
-        const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
-        if (q?.[1]) msg.queueId = q[1];
+        const queueId = queueIdOf(r);
+        if (queueId) msg.queueId = queueId;
       }
     }
-    msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
+    msg.outcome = outcomeOf(r);
     // As Postfix: the junk command count starts again after a delivered message.
     if (msg.outcome === 'accepted') this.guards.delivered();
     msg.reply = describeReply(r);
@@ -885,22 +877,7 @@ export class Session {
   }
 
   private abortReply(d: Message): Reply {
-    switch (d.aborted) {
-      case 'size':
-        return R.tooBig();
-      case 'bare_newline':
-        this.violation('bare_lf');
-        return R.bareNewline();
-      case 'long_line':
-        this.violation('line_too_long');
-        return R.dataLineTooLong();
-      case 'rule':
-        return d.headerRule?.reply ?? R.tempfailLocal();
-      case 'backend_refused':
-        return d.refused ?? R.backendTempfail();
-      default:
-        return R.backendTempfail();
-    }
+    return abortReply(d, (kind) => this.violation(kind));
   }
 
   private dataFailed(e: unknown): Reply {
