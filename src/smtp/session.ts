@@ -19,9 +19,12 @@
  * and the DATA policy; its parts are handed what they need:
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
+ *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
  *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
+ *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
  *   starttls.ts      the client socket's TLS upgrade;
+ *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
  *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
@@ -38,17 +41,19 @@ import { parseAddress, type ClientAddress } from '../net/ip.js';
 import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
-import { addressOf, type ParsedPath } from '../protocol/address.js';
-import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
-import { heloArgument, KNOWN_VERBS, NON_SMTP_VERBS, NOT_IMPLEMENTED_VERBS, parseCommand, type Command } from './commands.js';
+import { addressOf } from '../protocol/address.js';
+import { heloArgument, type Command } from './commands.js';
+import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
 import { initialLogin, parseAuth, relayAuth } from './auth.js';
-import { authMechanisms, backendSize, checkParams, ehloKeywords, sizeLimit } from './extensions.js';
+import { abortReply, headerBlock, oversized, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
+import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
 import { handshake, upgradeToTls } from './starttls.js';
-import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog, type TxnLog } from './session-log.js';
+import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
+import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
 import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
@@ -70,35 +75,6 @@ export interface SessionDeps {
   readonly log: Logger;
 }
 
-interface Transaction {
-  sender: ParsedPath;
-  params: readonly MailParam[];
-  smtputf8: boolean;
-  /** Recipients the backend accepted. */
-  rcpts: ParsedPath[];
-  /** RCPT commands forwarded (accepted or pending). */
-  rcptForwarded: number;
-  /** RCPT commands tried (any outcome). */
-  rcptTried: number;
-  /** The backend's answer to MAIL; null while a deferred MAIL waits for the first RCPT (backend.deferMail). */
-  mail: Promise<Reply> | null;
-  /** The backend refused the deferred MAIL (or was lost): the answer to every RCPT of this transaction. */
-  mailRefused: Reply | null;
-  tags: string[];
-  log: TxnLog;
-  /** The rule whose `accept` at MAIL allowlisted this transaction (and no other). */
-  acceptedBy?: string;
-}
-
-/**
- * Junk commands (Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN, RSET; here also the other
- * commands answered without a transaction: HELO, EHLO, HELP, EXPN): limits.maxJunkCommands of them
- * between delivered messages, then 421 4.7.0.
- */
-const JUNK_VERBS = new Set(['NOOP', 'VRFY', 'ETRN', 'RSET', 'HELO', 'EHLO', 'HELP', 'EXPN']);
-
-/** Verbs whose replies may be queued (RFC 2920 §3.1: may appear anywhere in a group). */
-const PIPELINABLE = new Set(['MAIL', 'RCPT', 'RSET', 'NOOP']);
 /** Keep at most this many unanswered pipelined commands before writing replies. */
 const MAX_QUEUED_REPLIES = 100;
 
@@ -140,10 +116,8 @@ export class Session {
   private greeted = false;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
-  private unknown = 0;
-  private commands = 0;
-  /** Junk commands since the session started or last delivered a message. */
-  private junk = 0;
+  /** The guard prelude's checks and counters (commands, unknown, junk). */
+  private readonly guards: Guards;
   /** The client half-closed: what it sent is still executed and answered, then the session ends. */
   private clientEnded = false;
   private caps: Capabilities = new Map();
@@ -180,6 +154,14 @@ export class Session {
       bareNewline: l.bareNewline,
     });
     this.sessionLog = new SessionLog(deps.log);
+    this.guards = new Guards({
+      hostname: deps.hostname,
+      get limits() {
+        return deps.limits;
+      },
+      violation: (kind) => this.violation(kind),
+      refusedAtConnect: () => this.refusedAtConnect,
+    });
     this.link = new BackendLink(
       deps,
       { ...peer, address: this.client.text },
@@ -516,52 +498,16 @@ export class Session {
   private commandStarted = 0;
 
   private async onCommandEvent(ev: CommandEvent): Promise<void> {
-    this.commands++;
     this.commandStarted = performance.now();
-    if (this.commands > this.deps.limits.maxCommands) {
-      this.violation('command_flood');
-      this.endReason = 'too-many-commands';
-      return this.reject('LIMIT', R.tooManyCommands(this.deps.hostname));
+    const g = this.guards.check(ev);
+    if ('quit' in g) return this.quit();
+    if ('reject' in g) {
+      if (g.endReason) this.endReason = g.endReason;
+      return this.reject(g.reject, g.reply);
     }
-    if (ev.type === 'too_long') {
-      this.violation('line_too_long');
-      return this.reject('TOO_LONG', R.lineTooLong());
-    }
-    const { line } = ev;
-    if (line.includes(0)) {
-      this.violation('nul');
-      return this.reject('NUL', R.nulInCommand());
-    }
-    if (ev.bareCr || (ev.bareLf && this.deps.limits.bareNewline === 'reject')) {
-      this.violation('bare_lf');
-      return this.reject('BARE', R.bareNewlineCommand());
-    }
-    if (ev.bareLf) this.violation('bare_lf');
-    const cmd = parseCommand(line);
-    if (this.refusedAtConnect) {
-      if (cmd.verb === 'QUIT') return this.quit();
-      return this.reject(cmd.verb, reply(503, '5.5.1', 'Error: no valid greeting; send QUIT'));
-    }
-    if (this.unknown >= this.deps.limits.maxUnknownCommands) {
-      this.endReason = 'too-many-errors';
-      return this.reject(cmd.verb, R.tooManyErrors(this.deps.hostname));
-    }
-    if (NON_SMTP_VERBS.has(cmd.verb) || /^[A-Za-z-]+:/.test(cmd.verb)) {
-      this.violation('non_smtp');
-      this.endReason = 'non-smtp';
-      return this.reject('NONSMTP', reply(421, '4.7.0', `${this.deps.hostname} Error: non-SMTP command, closing connection`));
-    }
-    if (!KNOWN_VERBS.has(cmd.verb)) {
-      this.unknown++;
-      return this.reject('UNKNOWN', NOT_IMPLEMENTED_VERBS.has(cmd.verb) ? R.notImplemented() : R.unknown());
-    }
-    if (JUNK_VERBS.has(cmd.verb) && ++this.junk > this.deps.limits.maxJunkCommands) {
-      this.violation('command_flood');
-      this.endReason = 'too-many-commands';
-      return this.reject(cmd.verb, R.tooManyCommands(this.deps.hostname));
-    }
+    const cmd = g.command;
     // Without backend PIPELINING every command waits for the previous reply.
-    if (!PIPELINABLE.has(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
+    if (!pipelinable(cmd.verb) || !this.caps.has('PIPELINING')) await this.flush();
     if (this.closed || this.closing) return;
     const handler = this.handlers[cmd.verb as keyof Session['handlers']];
     await handler(cmd);
@@ -630,8 +576,7 @@ export class Session {
 
   /** The client's message is over the advertised SIZE, or with doorman's headers over the backend's. */
   private oversized(d: Message): boolean {
-    const n = this.framing.dataBytes;
-    return n > this.sizeLimit() || n + d.added > (backendSize(this.caps) ?? Infinity);
+    return oversized(this.framing.dataBytes, d.added, this.caps, this.deps.limits.maxMessageSize);
   }
 
   private authAllowed(): boolean {
@@ -641,27 +586,20 @@ export class Session {
   private async onMail(c: Command): Promise<void> {
     if (!this.helo) return this.queue('MAIL', R.needHelo());
     if (this.txn) return this.queue('MAIL', R.nestedMail());
-    const p = parseMailRcpt(c.arg, 'FROM');
-    if (!p.ok) {
-      if (p.code === 'syntax') return this.queue('MAIL', R.syntax('MAIL FROM:<address>'));
-      if (p.code === 'param') return this.queue('MAIL', R.badParam(p.reason));
-      return this.queue('MAIL', reply(501, '5.1.7', `Bad sender address syntax: ${p.reason}`));
-    }
+    const p = parseMail(c.arg);
+    if (!parsed(p)) return this.queue('MAIL', p);
     const log = this.sessionLog.newTxn(addressOf(p.path));
     const answer = (r: Pending) => this.queue('MAIL', r, (x) => (log.mail = x.code));
-    const checked = checkParams('MAIL', p.params, this.caps, this.sizeLimit());
-    if (checked) return answer(checked);
-    const smtputf8 = p.params.some((x) => x.key === 'SMTPUTF8');
-    if (p.path.utf8 && !smtputf8) return answer(R.utf8NotDeclared());
+    const refused = mailRefused(p, this.caps, this.sizeLimit());
+    if (refused) return answer(refused);
     this.txnNumber++;
     const v = await this.runRules('mail', () => ({ stage: 'mail', session: this.snapshot(), sender: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     const b = await this.ensureBackend();
     if (!(b instanceof BackendConnection)) return answer(b);
-    const txn: Transaction = { sender: p.path, params: p.params, smtputf8, rcpts: [], rcptForwarded: 0, rcptTried: 0, mail: null, mailRefused: null, tags: [], log };
+    const txn = new Transaction(p.path, p.params, log, v.acceptedBy || undefined);
     this.addTags(txn.tags, v.tags);
     this.txn = txn;
-    if (v.acceptedBy) txn.acceptedBy = v.acceptedBy;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
     // transaction whose recipients are all refused here). Its refusal of the sender is then the
@@ -669,68 +607,42 @@ export class Session {
     // Only in an ESMTP session: after HELO the backend has not offered PIPELINING to this client
     // (Postfix counts such commands as improper pipelining, smtpd_forbid_unauth_pipelining).
     if (this.deps.backend.deferMail && this.esmtp && b.pipelining) return answer(R.mailOk());
-    txn.mail = b.command(formatMailRcpt('MAIL FROM', p.path, p.params)).then(
-      (x) => {
-        if (x.code !== 250 && this.txn === txn) this.txn = null;
-        return x;
-      },
-      (e: unknown) => this.backendFailed(e),
+    answer(
+      txn.sendMail(b, {
+        refused: () => {
+          if (this.txn === txn) this.txn = null;
+        },
+        failed: (e) => this.backendFailed(e),
+      }),
     );
-    answer(txn.mail);
   }
 
   private async onRcpt(c: Command): Promise<void> {
     if (!this.helo) return this.queue('RCPT', R.needHelo());
     const txn = this.txn;
     if (!txn) return this.queue('RCPT', R.needMail());
-    const p = parseMailRcpt(c.arg, 'TO');
-    if (!p.ok) {
-      txn.rcptTried++;
-      if (p.code === 'syntax') return this.queue('RCPT', R.syntax('RCPT TO:<address>'));
-      if (p.code === 'param') return this.queue('RCPT', R.badParam(p.reason));
-      return this.queue('RCPT', reply(501, '5.1.3', `Bad recipient address syntax: ${p.reason}`));
-    }
     txn.rcptTried++;
+    const p = parseRcpt(c.arg);
+    if (!parsed(p)) return this.queue('RCPT', p);
     const to = addressOf(p.path);
     const answer = (r: Pending) =>
       this.queue('RCPT', r, (x) => this.sessionLog.noteRcpt(txn.log, to, x.code));
-    const checked = checkParams('RCPT', p.params, this.caps, this.sizeLimit());
-    if (checked) return answer(checked);
-    if (p.path.utf8 && !txn.smtputf8) return answer(R.utf8NotDeclared());
-    if (txn.rcptForwarded >= this.deps.limits.maxRecipients) return answer(R.tooManyRcpts());
+    const refused = txn.rcptRefused(p, this.caps, this.sizeLimit(), this.deps.limits.maxRecipients);
+    if (refused) return answer(refused);
     const v = await this.runRules('rcpt', () => ({ stage: 'rcpt', session: this.snapshot(), recipient: p.path, params: p.params }));
     if (v.reply) return answer(v.reply);
     if (this.txn !== txn) return answer(R.needMail());
     const b = this.backend;
     if (!b?.alive) return answer(R.lostBackend(this.deps.hostname));
     if (txn.mailRefused) return answer(txn.mailRefused);
-    txn.mail ??= this.link.sendDeferredMail(b, txn);
-    txn.rcptForwarded++;
     this.addTags(txn.tags, v.tags);
-    answer(this.rcptReply(txn, p.path, b.command(formatMailRcpt('RCPT TO', p.path, p.params))));
-  }
-
-  /**
-   * The answer to a forwarded RCPT: the backend's, or — when it refused the deferred MAIL before it
-   * (or was lost) — that refusal, counted once. Replies come in order: MAIL's before this RCPT's.
-   */
-  private async rcptReply(txn: Transaction, path: ParsedPath, sent: Promise<Reply>): Promise<Reply> {
-    await txn.mail;
-    const x = await sent.catch((e: unknown) => txn.mailRefused ?? this.backendFailed(e));
-    const r = txn.mailRefused ?? x;
-    if (replyClass(r) === 2) txn.rcpts.push(path);
-    else txn.rcptForwarded--;
-    return r;
+    answer(txn.forwardRcpt(b, p, { sendMail: () => this.link.sendDeferredMail(b, txn), failed: (e) => this.backendFailed(e) }));
   }
 
   private onRset(c: Command): void {
     if (c.arg.trim()) return this.queue('RSET', R.syntax('RSET'));
     this.txn = null;
-    const b = this.backend;
-    // Nothing to reset at the backend (no MAIL since the last end of data, RSET or HELO): answered
-    // here, as the backend would.
-    if (!b?.alive || !b.transactionOpen) return this.queue('RSET', R.rsetOk());
-    this.queue('RSET', b.command('RSET').catch(() => R.rsetOk()));
+    this.queue('RSET', reset(this.backend));
   }
 
   private quit(): void {
@@ -861,11 +773,8 @@ export class Session {
 
   /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
   private tooSlow(): boolean {
-    const rate = this.deps.limits.minDataRate;
-    if (rate === 0) return false;
-    const elapsed = Date.now() - this.dataStarted;
-    if (elapsed < Math.min(10_000, this.deps.limits.dataTimeout)) return false;
-    if (this.framing.dataBytes >= (rate * elapsed) / 1000) return false;
+    const l = this.deps.limits;
+    if (!tooSlow(l.minDataRate, l.dataTimeout, this.dataStarted, this.framing.dataBytes)) return false;
     this.violation('slow_client');
     this.endReason = 'timeout';
     this.send(reply(421, '4.4.2', `${this.deps.hostname} Error: data arriving too slowly, closing connection`));
@@ -877,12 +786,9 @@ export class Session {
     const d = this.data;
     if (!d) return;
     const f = this.framing;
-    if (!d.aborted) {
-      if (this.oversized(d)) d.aborted = 'size';
-      else if (f.bareNewline && this.deps.limits.bareNewline === 'reject') d.aborted = 'bare_newline';
-      else if (f.longLine) d.aborted = 'long_line';
-      if (d.aborted) return d.abort(d.aborted);
-    } else return;
+    if (d.aborted) return;
+    d.aborted = stopReason(f, this.deps.limits.bareNewline === 'reject', this.oversized(d));
+    if (d.aborted) return d.abort(d.aborted);
     if (d.pendingHeaders) return d.holdHeaders(chunks);
     if (hold) d.tail = chunks;
     else d.write(chunks);
@@ -912,21 +818,18 @@ export class Session {
   private async maybeRunHeaderRules(final = false): Promise<void> {
     const d = this.data;
     if (!d?.pendingHeaders) return;
-    const held = Buffer.concat(d.pendingHeaders);
-    const end = held.indexOf('\r\n\r\n');
-    const limit = this.deps.limits.maxHeaderBytes;
-    const startsWithBlank = held.subarray(0, 2).equals(Buffer.from('\r\n'));
-    if (end < 0 && !startsWithBlank && held.length < limit && !final) {
+    const block = headerBlock(d.pendingHeaders, this.deps.limits.maxHeaderBytes, final);
+    const { held } = block;
+    if (block.length === null) {
       d.pendingHeaders = [held];
       return;
     }
     d.pendingHeaders = null;
-    const headerLen = startsWithBlank ? 0 : end >= 0 ? end + 2 : Math.min(held.length, limit);
     const v = await this.runRules('data_headers', () => ({
       stage: 'data_headers',
       session: this.snapshot(),
-      headers: held.subarray(0, headerLen),
-      truncated: end < 0 && !startsWithBlank,
+      headers: held.subarray(0, block.length),
+      truncated: block.truncated,
     }));
     if (!d.aborted && v.reply) {
       d.aborted = 'rule';
@@ -967,13 +870,13 @@ export class Session {
         msg.rule = v.decidedBy ?? undefined;
       } else {
         r = await d.end();
-        const q = /queued as ([A-Za-z0-9]+)/.exec(r.lines.join(' '));
-        if (q?.[1]) msg.queueId = q[1];
+        const queueId = queueIdOf(r);
+        if (queueId) msg.queueId = queueId;
       }
     }
-    msg.outcome = replyClass(r) === 2 ? 'accepted' : replyClass(r) === 4 ? 'tempfailed' : 'rejected';
+    msg.outcome = outcomeOf(r);
     // As Postfix: the junk command count starts again after a delivered message.
-    if (msg.outcome === 'accepted') this.junk = 0;
+    if (msg.outcome === 'accepted') this.guards.delivered();
     msg.reply = describeReply(r);
     this.deps.metrics.messages.inc({ outcome: msg.outcome });
     this.data = null;
@@ -982,22 +885,7 @@ export class Session {
   }
 
   private abortReply(d: Message): Reply {
-    switch (d.aborted) {
-      case 'size':
-        return R.tooBig();
-      case 'bare_newline':
-        this.violation('bare_lf');
-        return R.bareNewline();
-      case 'long_line':
-        this.violation('line_too_long');
-        return R.dataLineTooLong();
-      case 'rule':
-        return d.headerRule?.reply ?? R.tempfailLocal();
-      case 'backend_refused':
-        return d.refused ?? R.backendTempfail();
-      default:
-        return R.backendTempfail();
-    }
+    return abortReply(d, (kind) => this.violation(kind));
   }
 
   private dataFailed(e: unknown): Reply {
@@ -1098,7 +986,7 @@ export class Session {
       outcomes: this.outcomes,
       droppedOutcomes: this.droppedOutcomes,
       outcome: this.endReason,
-      commands: this.commands,
+      commands: this.guards.commands,
       errors: this.out.errors,
       started: this.started,
     });
