@@ -20,7 +20,7 @@
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
  *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
- *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
+ *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
  *   starttls.ts      the client socket's TLS upgrade;
@@ -45,7 +45,7 @@ import { addressOf } from '../protocol/address.js';
 import { heloArgument, type Command } from './commands.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
-import { initialLogin, parseAuth, relayAuth } from './auth.js';
+import { AuthCommand } from './auth.js';
 import { abortReply, headerBlock, oversized, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
 import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
@@ -109,7 +109,6 @@ export class Session {
   private pregreetKind = '';
   /** When the current incomplete command line started arriving (0: none). */
   private partialSince = 0;
-  private authFailures = 0;
   /** When the current DATA started (min data rate). */
   private dataStarted = 0;
   /** Greeting sent: commands may be read. */
@@ -124,6 +123,8 @@ export class Session {
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
   private readonly sessionLog: SessionLog;
+  /** The AUTH command: its checks, rules, relay and failure count (auth.ts). */
+  private readonly authCommand: AuthCommand;
   private endReason = 'closed';
   /** The message being relayed (DATA or BDAT); null outside one. */
   private data: Message | null = null;
@@ -195,6 +196,29 @@ export class Session {
         if (!this.backendCongested) s.resume();
         this.pump();
       },
+    });
+    this.authCommand = new AuthCommand({
+      hostname: deps.hostname,
+      maxFailures: () => this.deps.limits.maxAuthFailures,
+      state: () => ({ ehlo: !!this.helo && this.esmtp, authenticated: this.auth !== null, inTransaction: this.txn !== null }),
+      caps: () => this.caps,
+      allowed: () => this.authAllowed(),
+      queue: (r) => this.queue('AUTH', r),
+      rules: (mechanism, login) => this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login })),
+      backend: () => this.ensureBackend(),
+      authenticated: (mechanism, login) => {
+        this.auth = { mechanism, login };
+        this.deps.log.info({ session: this.id, mechanism, login }, 'authenticated');
+      },
+      flood: () => {
+        this.violation('auth_flood');
+        this.endReason = 'too-many-errors';
+      },
+      challenge: (r) => this.send(r),
+      readLine: () => this.readLine(),
+      isClosed: () => this.closed,
+      setSasl: (on) => (this.framing.sasl = on),
+      failed: (e) => this.backendFailed(e),
     });
     this.done = new Promise((r) => (this.resolveDone = r));
     this.pipe = openPipeline(deps.rules.rules, {
@@ -534,7 +558,7 @@ export class Session {
     EXPN: (_c: Command) => this.queue('EXPN', R.expn()),
     HELP: (_c: Command) => this.queue('HELP', R.help()),
     STARTTLS: (c: Command) => this.onStartTls(c),
-    AUTH: (c: Command) => this.onAuth(c),
+    AUTH: (c: Command) => this.authCommand.handle(c),
     ETRN: (c: Command) => this.onEtrn(c),
   } as const;
 
@@ -676,49 +700,6 @@ export class Session {
     this.esmtp = false;
     this.txn = null;
     this.framing.discard();
-  }
-
-  private async onAuth(c: Command): Promise<void> {
-    if (!this.helo || !this.esmtp) return this.queue('AUTH', R.needHelo());
-    if (this.auth) return this.queue('AUTH', R.authAlready());
-    if (this.txn) return this.queue('AUTH', R.authInTransaction());
-    const mechs = authMechanisms(this.caps);
-    if (!mechs) return this.queue('AUTH', R.authNotAvailable());
-    if (!this.authAllowed()) return this.queue('AUTH', R.authNeedsTls());
-    const parsed = parseAuth(c.arg);
-    if (!parsed) return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
-    const { mechanism, initial } = parsed;
-    const login = initialLogin(mechanism, initial);
-    const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
-    if (v.reply) return this.queue('AUTH', v.reply);
-    const b = await this.ensureBackend();
-    if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
-    const result = await relayAuth(
-      {
-        challenge: (r) => this.send(r),
-        readLine: () => this.readLine(),
-        isClosed: () => this.closed,
-        setSasl: (on) => (this.framing.sasl = on),
-        failed: (e) => this.backendFailed(e),
-      },
-      b,
-      mechanism,
-      initial,
-      login,
-    );
-    if (!result) return;
-    if ('cancelled' in result) return this.queue('AUTH', result.cancelled);
-    const r = result.reply;
-    if (r.code === 235) {
-      this.auth = { mechanism, login: result.login };
-      this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
-    }
-    this.queue('AUTH', r);
-    if (r.code !== 235 && ++this.authFailures >= this.deps.limits.maxAuthFailures) {
-      this.violation('auth_flood');
-      this.endReason = 'too-many-errors';
-      this.queue('AUTH', reply(421, '4.7.0', `${this.deps.hostname} Error: too many authentication failures`));
-    }
   }
 
   /**
