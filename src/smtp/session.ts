@@ -56,7 +56,7 @@ import { ReplyWriter, type Pending } from './reply-writer.js';
 import { handshake, upgradeToTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
 import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
-import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
+import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
   readonly name: string;
@@ -177,6 +177,7 @@ export class Session {
     );
     this.out = new ReplyWriter(socket, {
       hostname: deps.hostname,
+      metrics: deps.metrics,
       get maxErrors() {
         return deps.limits.maxErrors;
       },
@@ -412,16 +413,9 @@ export class Session {
     return this.out.flush();
   }
 
+  /** Queues the reply of the command being handled, counted (ReplyWriter.answer). */
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
-    const started = this.commandStarted;
-    const counted = (x: Reply): Reply => {
-      this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
-      this.deps.metrics.commandDuration.observe({ verb }, (performance.now() - started) / 1000);
-      note?.(x);
-      return x;
-    };
-    // A reply known now is counted now (no Promise); a backend's reply when it comes.
-    this.out.queue(r instanceof Promise ? r.then(counted) : counted(r));
+    this.out.answer(verb, r, this.commandStarted, note);
   }
 
   /** Adds tags not yet in `list`, at most `max` (default MAX_TAGS); the rest are counted for the log. */
