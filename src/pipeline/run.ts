@@ -13,7 +13,8 @@
  * or completes empty, and a rule slower than its `timeout` (the operator) all become the rule's
  * `onError` outcome (`pass`: fail open, the default; `tempfail`: 451/421 4.3.0), are counted in
  * doorman_rule_errors_total{rule,kind} and logged with the rule's name. The outcomes are then
- * combined by verdict.ts.
+ * combined by verdict.ts. How one rule's answer becomes its outcome (deadline, `onError`, metrics)
+ * is outcome.ts.
  *
  * Cost: a stage without applicable rules costs nothing (no Observable is built); a check that
  * answers with a value needs no deadline, so a stage whose rules all answer synchronously
@@ -41,13 +42,13 @@
  * feed returns a Promise the front awaits before reading on (back-pressure).
  */
 import { AsyncSubject, defer, from, isObservable, Observable, of, Subject, Subscription } from 'rxjs';
-import { catchError, concatMap, defaultIfEmpty, map, mergeMap, take, tap, timeout, toArray } from 'rxjs/operators';
-import { reply } from '../protocol/reply.js';
+import { concatMap, defaultIfEmpty, map, mergeMap, take, tap, toArray } from 'rxjs/operators';
 import type { Metrics } from '../metrics/registry.js';
 import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
 import type { Finding, FindingResult, ReplySpec, Rule } from './rule.js';
+import { errorOutcome, ruleOutcome, type CheckCall } from './outcome.js';
 import { inScope, inSessionScope, type RuleScope } from './scope.js';
-import { applyAction, combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
+import { combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
 
 /** A rule with the settings of its rule file. */
 export interface LoadedRule {
@@ -109,8 +110,6 @@ export interface PipelineSession {
    */
   body(chunks: readonly Buffer[], last: boolean): void | Promise<void>;
 }
-
-class RuleTimeoutError extends Error {}
 
 /** Rules by stage, once per rule set. */
 interface Plan {
@@ -287,11 +286,11 @@ class Run implements PipelineSession {
         try {
           begin.call(lr.rule.starts, event, this.stateOf(lr, event.session));
         } catch (err) {
-          out.push(this.errorOutcome(lr, stage, err, performance.now() - started));
+          out.push(errorOutcome(lr, stage, err, performance.now() - started, this.hooks));
         }
       }
       if (!this.checks(lr, stage) || !inScope(lr.scope, event)) continue;
-      const o = this.outcome$(lr, stage, this.call(lr, event), started);
+      const o = ruleOutcome(lr, stage, this.call(lr, event), started, this.hooks);
       if (!isObservable(o)) {
         out.push(o);
         continue;
@@ -312,7 +311,7 @@ class Run implements PipelineSession {
   }
 
   /** The rule's check for the event: what it answered, or what it threw. */
-  private call(lr: LoadedRule, event: SessionEvent): { ok: true; value: FindingResult } | { ok: false; err: unknown } {
+  private call(lr: LoadedRule, event: SessionEvent): CheckCall {
     try {
       const state = this.stateOf(lr, event.session);
       if (event.stage === 'data_end' && lr.rule.body) return { ok: true, value: this.bodyFinding(lr, event, state) };
@@ -321,31 +320,6 @@ class Run implements PipelineSession {
     } catch (err) {
       return { ok: false, err };
     }
-  }
-
-  /**
-   * One rule's outcome: at once (no operator) for a value or a throw; else an
-   * Observable with the rule's deadline, its errors turned into its `onError` outcome.
-   */
-  private outcome$(lr: LoadedRule, stage: Stage, c: ReturnType<Run['call']>, started: number): RuleOutcome | Observable<RuleOutcome> {
-    if (!c.ok) return this.errorOutcome(lr, stage, c.err, performance.now() - started);
-    const v = c.value;
-    if (!(v instanceof Promise) && !isObservable(v)) {
-      try {
-        return this.record(findingOutcome(lr, stage, v, performance.now() - started));
-      } catch (err) {
-        // A malformed finding (a rule bug) is the rule's error.
-        return this.errorOutcome(lr, stage, err, performance.now() - started);
-      }
-    }
-    const name = lr.rule.name;
-    return (isObservable(v) ? v : from(v)).pipe(
-      take(1),
-      defaultIfEmpty<Finding, Finding>({ kind: 'pass' }),
-      timeout({ first: lr.timeout, with: () => { throw new RuleTimeoutError(`rule ${name} timed out after ${lr.timeout} ms`); } }),
-      map((finding) => this.record(findingOutcome(lr, stage, finding, performance.now() - started))),
-      catchError((err: unknown) => of(this.errorOutcome(lr, stage, err, performance.now() - started))),
-    );
   }
 
   /** A dry-run check not waited for: its outcome goes to `hooks.late` when it comes. */
@@ -490,39 +464,6 @@ class Run implements PipelineSession {
     if (!done) return defer(end);
     return done.pipe(defaultIfEmpty(undefined), take(1), mergeMap(end));
   }
-
-  // ---------------------------------------------------------------- outcomes
-
-  /** A rule that threw or timed out: its `onError` decides (pass, or 451/421 4.3.0). */
-  private errorOutcome(lr: LoadedRule, stage: Stage, err: unknown, ms: number): RuleOutcome {
-    const name = lr.rule.name;
-    const kind = err instanceof RuleTimeoutError ? 'timeout' : 'error';
-    this.hooks.metrics?.ruleErrors.inc({ rule: name, kind });
-    this.hooks.onRuleError?.(name, kind, err);
-    const tempfail = lr.onError === 'tempfail';
-    const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
-    return this.record({
-      rule: name,
-      stage,
-      finding: kind,
-      reason: err instanceof Error ? err.message : String(err),
-      action: lr.action,
-      effect: tempfail && lr.action !== 'dry-run' ? 'tempfail' : 'none',
-      ...(r ? { reply: r } : {}),
-      bypassable: lr.rule.bypassable,
-      ms,
-    });
-  }
-
-  private record(o: RuleOutcome): RuleOutcome {
-    const m = this.hooks.metrics;
-    if (m) {
-      const outcome = o.finding === 'error' || o.finding === 'timeout' ? 'error' : o.wouldBe && o.effect === 'none' ? 'dry_run' : o.effect === 'none' ? 'pass' : o.effect;
-      m.ruleEvaluations.inc({ rule: o.rule, stage: o.stage, outcome });
-      m.ruleDuration.observe({ rule: o.rule }, o.ms / 1000);
-    }
-    return o;
-  }
 }
 
 /** `f` applied to a value at once, or to an Observable's value. */
@@ -532,20 +473,6 @@ function mapped<T, R>(x: T | Observable<T>, f: (t: T) => R): R | Observable<R> {
 
 function asObservable<T>(x: T | Observable<T>): Observable<T> {
   return isObservable(x) ? x : of(x);
-}
-
-function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: number): RuleOutcome {
-  const applied = applyAction(finding, lr.action, stage, lr.reply);
-  return {
-    rule: lr.rule.name,
-    stage,
-    finding: finding.kind,
-    ...(finding.kind !== 'pass' ? { reason: finding.reason } : {}),
-    action: lr.action,
-    ...applied,
-    bypassable: lr.rule.bypassable,
-    ms,
-  };
 }
 
 /**

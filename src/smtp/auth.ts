@@ -5,12 +5,21 @@
  * parses the AUTH command, relays each 334 challenge to the client and each response to the
  * backend, checks the responses (base64 or "*", one line, no NUL or bare CR) and cancels the
  * exchange at the backend ("*") when the client sends something else. It learns the login name
- * from PLAIN and LOGIN for the log and the rules (never the password). When to allow AUTH, the
- * auth-stage rules and the failure count are the session's.
+ * from PLAIN and LOGIN for the log and the rules (never the password).
+ *
+ * `AuthCommand` is the AUTH command's handler: when AUTH is allowed (after EHLO, once, outside a
+ * transaction, offered by the backend, over TLS unless the listener allows plaintext), the
+ * auth-stage rules (called through the host: the session builds the event), the relay, and the
+ * failure count (limits.maxAuthFailures: 421 and the session ends). The session keeps who
+ * authenticated (its snapshot, the EHLO keywords, the log line).
  */
-import type { BackendConnection } from '../backend/connection.js';
+import { BackendConnection, type Capabilities } from '../backend/connection.js';
+import type { StageVerdict } from '../pipeline/verdict.js';
 import { R, reply, type Reply } from '../protocol/reply.js';
+import type { Command } from './commands.js';
+import { authMechanisms } from './extensions.js';
 import type { CommandEvent } from './framing.js';
+import type { Pending } from './reply-writer.js';
 
 /** What the relay needs of its session. */
 export interface AuthHost {
@@ -87,4 +96,63 @@ function b64(s: string): string | null {
 function plainLogin(resp: string): string | null {
   const parts = Buffer.from(resp, 'base64').toString('utf8').split('\0');
   return parts.length === 3 && parts[1] ? parts[1] : null;
+}
+
+/** What the AUTH command needs of its session, besides the relay's needs. */
+export interface AuthCommandHost extends AuthHost {
+  readonly hostname: string;
+  /** limits.maxAuthFailures (read at each failure: limits reload). */
+  maxFailures(): number;
+  /** Where the session is: EHLO said, already authenticated, inside a transaction. */
+  state(): { ehlo: boolean; authenticated: boolean; inTransaction: boolean };
+  /** The backend's EHLO capabilities (its AUTH mechanisms). */
+  caps(): Capabilities;
+  /** AUTH may be used on this connection (TLS, or the listener allows plaintext). */
+  allowed(): boolean;
+  /** Queues the AUTH reply (counted as the AUTH command's). */
+  queue(r: Pending): void;
+  /** The auth-stage rules' verdict. */
+  rules(mechanism: string, login: string | null): StageVerdict | Promise<StageVerdict>;
+  /** The session's backend connection, or the client's reply when there is none. */
+  backend(): Promise<BackendConnection | Reply>;
+  /** The backend said 235. */
+  authenticated(mechanism: string, login: string | null): void;
+  /** Too many failed attempts: counted, and the session ends after the 421. */
+  flood(): void;
+}
+
+/** The AUTH command of one session, with its failure count. */
+export class AuthCommand {
+  private failures = 0;
+
+  constructor(private readonly host: AuthCommandHost) {}
+
+  async handle(c: Command): Promise<void> {
+    const h = this.host;
+    const st = h.state();
+    if (!st.ehlo) return h.queue(R.needHelo());
+    if (st.authenticated) return h.queue(R.authAlready());
+    if (st.inTransaction) return h.queue(R.authInTransaction());
+    const mechs = authMechanisms(h.caps());
+    if (!mechs) return h.queue(R.authNotAvailable());
+    if (!h.allowed()) return h.queue(R.authNeedsTls());
+    const parsed = parseAuth(c.arg);
+    if (!parsed) return h.queue(R.syntax('AUTH mechanism [initial-response]'));
+    const { mechanism, initial } = parsed;
+    const login = initialLogin(mechanism, initial);
+    const v = await h.rules(mechanism, login);
+    if (v.reply) return h.queue(v.reply);
+    const b = await h.backend();
+    if (!(b instanceof BackendConnection)) return h.queue(b);
+    const result = await relayAuth(h, b, mechanism, initial, login);
+    if (!result) return;
+    if ('cancelled' in result) return h.queue(result.cancelled);
+    const r = result.reply;
+    if (r.code === 235) h.authenticated(mechanism, result.login);
+    h.queue(r);
+    if (r.code !== 235 && ++this.failures >= h.maxFailures()) {
+      h.flood();
+      h.queue(reply(421, '4.7.0', `${h.hostname} Error: too many authentication failures`));
+    }
+  }
 }

@@ -7,11 +7,14 @@
  * (limits.maxErrors, then 421) and the close after a closing reply (the socket ends once written).
  * Output is back-pressure like input (`congested`): while the client has not read what was
  * written, the session reads and executes nothing; a client that reads nothing within
- * limits.writeTimeout is dropped. Before a session exists, the listener refuses with `endWith`.
+ * limits.writeTimeout is dropped. Each command's reply is counted as it is queued (`answer`:
+ * doorman_commands_total, doorman_command_duration_seconds), a backend's reply when it comes.
+ * Before a session exists, the listener refuses with `endWith`.
  * All formatting is in protocol/reply.ts.
  */
 import type net from 'node:net';
-import { formatReply, R, type Reply } from '../protocol/reply.js';
+import type { Metrics } from '../metrics/registry.js';
+import { formatReply, R, replyClass, type Reply } from '../protocol/reply.js';
 
 export type Pending = Reply | Promise<Reply>;
 
@@ -20,6 +23,8 @@ export interface WriterHost {
   readonly hostname: string;
   readonly maxErrors: number;
   readonly writeTimeout: number;
+  /** Where each command's reply is counted. */
+  readonly metrics: Metrics;
   /** The session has ended. */
   isClosed(): boolean;
   /** Ends the session (its socket is written and ended, or 2 s have passed). */
@@ -64,6 +69,22 @@ export class ReplyWriter {
   /** Forgets the queued replies (the session answers otherwise). */
   dropQueued(): void {
     this.outq = [];
+  }
+
+  /**
+   * Queues the reply of the command `verb` taken from the input at `started` (performance.now()),
+   * counted when it is known (at once for a Reply, when it comes for a Promise), then `note`d.
+   */
+  answer(verb: string, r: Pending, started: number, note?: (r: Reply) => void): void {
+    const m = this.host.metrics;
+    const counted = (x: Reply): Reply => {
+      m.commands.inc({ verb, class: `${replyClass(x)}xx` });
+      m.commandDuration.observe({ verb }, (performance.now() - started) / 1000);
+      note?.(x);
+      return x;
+    };
+    // A reply known now is counted now (no Promise); a backend's reply when it comes.
+    this.queue(r instanceof Promise ? r.then(counted) : counted(r));
   }
 
   /** Writes a reply now (after anything queued is flushed by the caller). */

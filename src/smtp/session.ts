@@ -16,11 +16,12 @@
  *      for the next transaction.
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
  * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
- * and the DATA policy; its parts are handed what they need:
+ * and the rule pipeline's wiring; its parts are handed what they need:
+ *   inbound.ts       the message in progress: DATA chunks, header and end rules, the final reply;
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
  *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
- *   auth.ts          the SASL relay;          extensions.ts  the EHLO keywords, MAIL/RCPT params;
+ *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
  *   starttls.ts      the client socket's TLS upgrade;
@@ -45,8 +46,9 @@ import { addressOf } from '../protocol/address.js';
 import { heloArgument, type Command } from './commands.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
-import { initialLogin, parseAuth, relayAuth } from './auth.js';
-import { abortReply, headerBlock, oversized, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
+import { AuthCommand } from './auth.js';
+import { oversized } from './data.js';
+import { Inbound, type InboundHost } from './inbound.js';
 import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
@@ -54,7 +56,7 @@ import { ReplyWriter, type Pending } from './reply-writer.js';
 import { handshake, upgradeToTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
 import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
-import { describeReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
+import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
 
 export interface ListenerRuntime {
   readonly name: string;
@@ -109,9 +111,6 @@ export class Session {
   private pregreetKind = '';
   /** When the current incomplete command line started arriving (0: none). */
   private partialSince = 0;
-  private authFailures = 0;
-  /** When the current DATA started (min data rate). */
-  private dataStarted = 0;
   /** Greeting sent: commands may be read. */
   private greeted = false;
   private closed = false;
@@ -124,9 +123,11 @@ export class Session {
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
   private readonly sessionLog: SessionLog;
+  /** The AUTH command: its checks, rules, relay and failure count (auth.ts). */
+  private readonly authCommand: AuthCommand;
   private endReason = 'closed';
-  /** The message being relayed (DATA or BDAT); null outside one. */
-  private data: Message | null = null;
+  /** The message in progress (DATA or BDAT towards the backend); null outside one. */
+  private data: Inbound | null = null;
   private backendCongested = false;
   /** Resolves when the session has ended. */
   readonly done: Promise<void>;
@@ -176,6 +177,7 @@ export class Session {
     );
     this.out = new ReplyWriter(socket, {
       hostname: deps.hostname,
+      metrics: deps.metrics,
       get maxErrors() {
         return deps.limits.maxErrors;
       },
@@ -195,6 +197,29 @@ export class Session {
         if (!this.backendCongested) s.resume();
         this.pump();
       },
+    });
+    this.authCommand = new AuthCommand({
+      hostname: deps.hostname,
+      maxFailures: () => this.deps.limits.maxAuthFailures,
+      state: () => ({ ehlo: !!this.helo && this.esmtp, authenticated: this.auth !== null, inTransaction: this.txn !== null }),
+      caps: () => this.caps,
+      allowed: () => this.authAllowed(),
+      queue: (r) => this.queue('AUTH', r),
+      rules: (mechanism, login) => this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login })),
+      backend: () => this.ensureBackend(),
+      authenticated: (mechanism, login) => {
+        this.auth = { mechanism, login };
+        this.deps.log.info({ session: this.id, mechanism, login }, 'authenticated');
+      },
+      flood: () => {
+        this.violation('auth_flood');
+        this.endReason = 'too-many-errors';
+      },
+      challenge: (r) => this.send(r),
+      readLine: () => this.readLine(),
+      isClosed: () => this.closed,
+      setSasl: (on) => (this.framing.sasl = on),
+      failed: (e) => this.backendFailed(e),
     });
     this.done = new Promise((r) => (this.resolveDone = r));
     this.pipe = openPipeline(deps.rules.rules, {
@@ -282,7 +307,7 @@ export class Session {
   }
 
   private onBackendClosed(): void {
-    if (this.data && !this.data.aborted) this.data.aborted = 'backend';
+    if (this.data && !this.data.message.aborted) this.data.message.aborted = 'backend';
     // A closed socket never drains: read the client again (the rest of the message is discarded
     // and answered 451), instead of waiting for it until the data timeout.
     if (this.backendCongested) this.uncongest();
@@ -388,16 +413,9 @@ export class Session {
     return this.out.flush();
   }
 
+  /** Queues the reply of the command being handled, counted (ReplyWriter.answer). */
   private queue(verb: string, r: Pending, note?: (r: Reply) => void): void {
-    const started = this.commandStarted;
-    const counted = (x: Reply): Reply => {
-      this.deps.metrics.commands.inc({ verb, class: `${replyClass(x)}xx` });
-      this.deps.metrics.commandDuration.observe({ verb }, (performance.now() - started) / 1000);
-      note?.(x);
-      return x;
-    };
-    // A reply known now is counted now (no Promise); a backend's reply when it comes.
-    this.out.queue(r instanceof Promise ? r.then(counted) : counted(r));
+    this.out.answer(verb, r, this.commandStarted, note);
   }
 
   /** Adds tags not yet in `list`, at most `max` (default MAX_TAGS); the rest are counted for the log. */
@@ -409,7 +427,7 @@ export class Session {
   private writeTags(...lists: (readonly string[])[]): void {
     const tags: string[] = [];
     for (const l of lists) this.addTags(tags, l, MAX_TAG_HEADERS);
-    this.data?.writeTags(tags);
+    this.data?.message.writeTags(tags);
   }
 
   // ---------------------------------------------------------------- input loop
@@ -447,16 +465,8 @@ export class Session {
           if (this.clientEnded) this.close('client-closed');
           return;
         }
-        if (this.tooSlow()) return;
-        // The last chunks of a message wait for the final "." when nothing else must run first.
-        const tail = ev.end && !this.hasDataEndRules && !this.backendCongested;
-        this.forward(ev.chunks, tail);
-        // Rules reading the body get the chunks; a reader lagging past its bound holds the client.
-        const fed = this.pipe.wantsBody ? this.pipe.body(this.data?.aborted ? [] : ev.chunks, ev.end) : undefined;
-        if (fed) await fed;
-        if (this.framing.buffered <= this.deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
-        if (ev.end) await this.finishData();
-        else if (this.data?.pendingHeaders) await this.maybeRunHeaderRules();
+        // The message in progress reads it (inbound.ts); false: the session ends (too slow).
+        if (this.data && !(await this.data.chunk(ev))) return;
         continue;
       }
       if (this.out.congested()) return;
@@ -534,7 +544,7 @@ export class Session {
     EXPN: (_c: Command) => this.queue('EXPN', R.expn()),
     HELP: (_c: Command) => this.queue('HELP', R.help()),
     STARTTLS: (c: Command) => this.onStartTls(c),
-    AUTH: (c: Command) => this.onAuth(c),
+    AUTH: (c: Command) => this.authCommand.handle(c),
     ETRN: (c: Command) => this.onEtrn(c),
   } as const;
 
@@ -678,49 +688,6 @@ export class Session {
     this.framing.discard();
   }
 
-  private async onAuth(c: Command): Promise<void> {
-    if (!this.helo || !this.esmtp) return this.queue('AUTH', R.needHelo());
-    if (this.auth) return this.queue('AUTH', R.authAlready());
-    if (this.txn) return this.queue('AUTH', R.authInTransaction());
-    const mechs = authMechanisms(this.caps);
-    if (!mechs) return this.queue('AUTH', R.authNotAvailable());
-    if (!this.authAllowed()) return this.queue('AUTH', R.authNeedsTls());
-    const parsed = parseAuth(c.arg);
-    if (!parsed) return this.queue('AUTH', R.syntax('AUTH mechanism [initial-response]'));
-    const { mechanism, initial } = parsed;
-    const login = initialLogin(mechanism, initial);
-    const v = await this.runRules('auth', () => ({ stage: 'auth', session: this.snapshot(), mechanism, login }));
-    if (v.reply) return this.queue('AUTH', v.reply);
-    const b = await this.ensureBackend();
-    if (!(b instanceof BackendConnection)) return this.queue('AUTH', b);
-    const result = await relayAuth(
-      {
-        challenge: (r) => this.send(r),
-        readLine: () => this.readLine(),
-        isClosed: () => this.closed,
-        setSasl: (on) => (this.framing.sasl = on),
-        failed: (e) => this.backendFailed(e),
-      },
-      b,
-      mechanism,
-      initial,
-      login,
-    );
-    if (!result) return;
-    if ('cancelled' in result) return this.queue('AUTH', result.cancelled);
-    const r = result.reply;
-    if (r.code === 235) {
-      this.auth = { mechanism, login: result.login };
-      this.deps.log.info({ session: this.id, mechanism, login: this.auth.login }, 'authenticated');
-    }
-    this.queue('AUTH', r);
-    if (r.code !== 235 && ++this.authFailures >= this.deps.limits.maxAuthFailures) {
-      this.violation('auth_flood');
-      this.endReason = 'too-many-errors';
-      this.queue('AUTH', reply(421, '4.7.0', `${this.deps.hostname} Error: too many authentication failures`));
-    }
-  }
-
   /**
    * ETRN (RFC 1985): relayed to a backend that offers it (Postfix flushes the node's deferred
    * mail), after the etrn-stage rules (the relay rule: clients with relay rights only); 502 when
@@ -762,40 +729,12 @@ export class Session {
     // message goes with its size, without DATA and the backend's 354.
     const bdat = this.deps.backend.chunking && this.esmtp && b.chunking;
     const d = new Message(b, { bdat, holdHeaders: hasHeaderRules }, this.messageHost());
-    this.data = d;
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
-    this.dataStarted = Date.now();
+    this.data = new Inbound(d, txn.log, this.inboundHost());
     this.framing.beginData();
     if (!hasHeaderRules) this.writeTags(this.sessionTags, txn.tags);
-  }
-
-  /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
-  private tooSlow(): boolean {
-    const l = this.deps.limits;
-    if (!tooSlow(l.minDataRate, l.dataTimeout, this.dataStarted, this.framing.dataBytes)) return false;
-    this.violation('slow_client');
-    this.endReason = 'timeout';
-    this.send(reply(421, '4.4.2', `${this.deps.hostname} Error: data arriving too slowly, closing connection`));
-    return true;
-  }
-
-  /** Forwards message bytes unless the message is already refused. */
-  private forward(chunks: Buffer[], hold = false): void {
-    const d = this.data;
-    if (!d) return;
-    const f = this.framing;
-    if (d.aborted) return;
-    d.aborted = stopReason(f, this.deps.limits.bareNewline === 'reject', this.oversized(d));
-    if (d.aborted) return d.abort(d.aborted);
-    if (d.pendingHeaders) return d.holdHeaders(chunks);
-    if (hold) d.tail = chunks;
-    else d.write(chunks);
-  }
-
-  private get hasDataEndRules(): boolean {
-    return this.deps.rules.stages.has('data_end');
   }
 
   /** What a message needs of the session: reading the client stopped and resumed, failures. */
@@ -806,7 +745,7 @@ export class Session {
       setCongested: (v) => (this.backendCongested = v),
       pauseClient: () => this.socket.pause(),
       uncongest: () => this.uncongest(),
-      isCurrent: (m) => this.data === m,
+      isCurrent: (m) => this.data?.message === m,
       failed: (e) => this.backendFailed(e),
       failedAtEndOfData: (e) => this.dataFailed(e),
       acceptedAfterRefusal: (refused, last) =>
@@ -814,78 +753,39 @@ export class Session {
     };
   }
 
-  /** With data_headers rules: hold the header block, evaluate, then release it. */
-  private async maybeRunHeaderRules(final = false): Promise<void> {
-    const d = this.data;
-    if (!d?.pendingHeaders) return;
-    const block = headerBlock(d.pendingHeaders, this.deps.limits.maxHeaderBytes, final);
-    const { held } = block;
-    if (block.length === null) {
-      d.pendingHeaders = [held];
-      return;
-    }
-    d.pendingHeaders = null;
-    const v = await this.runRules('data_headers', () => ({
-      stage: 'data_headers',
-      session: this.snapshot(),
-      headers: held.subarray(0, block.length),
-      truncated: block.truncated,
-    }));
-    if (!d.aborted && v.reply) {
-      d.aborted = 'rule';
-      d.headerRule = { reply: v.reply, rule: v.decidedBy ?? '' };
-      this.backend?.destroy();
-      return;
-    }
-    this.writeTags(this.sessionTags, this.txn?.tags ?? [], v.tags);
-    if (!d.aborted) d.write(held);
-  }
-
-  private async finishData(): Promise<void> {
-    const d = this.data;
-    const txn = this.txn;
-    if (!d || !txn) return;
-    this.commandStarted = performance.now();
-    if (d.pendingHeaders) await this.maybeRunHeaderRules(true);
-    this.socket.setTimeout(this.deps.limits.commandTimeout);
-    const size = this.framing.dataBytes;
-    this.deps.metrics.messageSize.observe(size);
-    const msg = txn.log;
-    msg.size = size;
-    let r: Reply;
-    if (!d.aborted && this.oversized(d)) d.aborted = 'size';
-    if (d.aborted === 'backend_refused') {
-      // The backend refused DATA and never saw a byte; clear the transaction it still holds.
-      r = this.abortReply(d);
-      d.resetRefused(r);
-    } else if (d.aborted) {
-      this.backend?.destroy();
-      r = this.abortReply(d);
-      if (d.headerRule) msg.rule = d.headerRule.rule;
-    } else {
-      const v = await this.runRules('data_end', () => ({ stage: 'data_end', session: this.snapshot(), size }));
-      if (v.reply) {
-        this.backend?.destroy();
-        r = v.reply;
-        msg.rule = v.decidedBy ?? undefined;
-      } else {
-        r = await d.end();
-        const queueId = queueIdOf(r);
-        if (queueId) msg.queueId = queueId;
-      }
-    }
-    msg.outcome = outcomeOf(r);
-    // As Postfix: the junk command count starts again after a delivered message.
-    if (msg.outcome === 'accepted') this.guards.delivered();
-    msg.reply = describeReply(r);
-    this.deps.metrics.messages.inc({ outcome: msg.outcome });
-    this.data = null;
-    this.txn = null;
-    this.queue('DATA_END', r);
-  }
-
-  private abortReply(d: Message): Reply {
-    return abortReply(d, (kind) => this.violation(kind));
+  /** What the message in progress needs of the session (inbound.ts). */
+  private inboundHost(): InboundHost {
+    const deps = this.deps;
+    return {
+      hostname: deps.hostname,
+      limits: () => deps.limits,
+      metrics: deps.metrics,
+      framing: this.framing,
+      hasDataEndRules: () => deps.rules.stages.has('data_end'),
+      headerRules: (headers, truncated) => this.runRules('data_headers', () => ({ stage: 'data_headers', session: this.snapshot(), headers, truncated })),
+      endRules: (size) => this.runRules('data_end', () => ({ stage: 'data_end', session: this.snapshot(), size })),
+      feedBody: (chunks, last) => (this.pipe.wantsBody ? this.pipe.body(chunks, last) : undefined),
+      writeTags: (extra) => this.writeTags(this.sessionTags, this.txn?.tags ?? [], extra),
+      oversized: (m) => this.oversized(m),
+      backendCongested: () => this.backendCongested,
+      resumeIfRoom: () => {
+        if (this.framing.buffered <= deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
+      },
+      destroyBackend: () => this.backend?.destroy(),
+      setTimeout: (ms) => this.socket.setTimeout(ms),
+      violation: (kind) => this.violation(kind),
+      tooSlow: (r) => {
+        this.endReason = 'timeout';
+        this.send(r);
+      },
+      commandStarted: () => (this.commandStarted = performance.now()),
+      delivered: () => this.guards.delivered(),
+      finished: (r) => {
+        this.data = null;
+        this.txn = null;
+        this.queue('DATA_END', r);
+      },
+    };
   }
 
   private dataFailed(e: unknown): Reply {

@@ -1,0 +1,174 @@
+/**
+ * inbound.ts — the message in progress: the client's DATA, from its 354 to the final reply.
+ *
+ * An `Inbound` owns the current message (message.ts, towards the backend) and when it started,
+ * and reads the client's DATA chunks (`chunk`): the minimum data rate (421 and close), the
+ * checks that stop a message (data.ts: size, bare newline, long line), the chunks forwarded or,
+ * for the last ones, held for the final "." (nothing else must run first), the body fed to the
+ * rules that read it, the header block held for the data_headers rules and then released with
+ * the X-Doorman-Tag headers, and the end of data (`finish`): the data_end rules, the backend's
+ * reply or the reply for a stopped message, the transaction's log entry, the message metrics
+ * and the junk-count reset after a delivered message.
+ *
+ * The session keeps starting it (DATA's checks, the 354), the rule pipeline (the rules are called
+ * through the host, which builds their events), back-pressure towards the backend (message.ts's
+ * host), the reply queue, the socket and the end of the session.
+ */
+import type { Limits } from '../config/schema.js';
+import type { Metrics } from '../metrics/registry.js';
+import type { StageVerdict } from '../pipeline/verdict.js';
+import { describeReply, reply, type Reply } from '../protocol/reply.js';
+import { abortReply, headerBlock, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
+import type { DataEvent, Framing } from './framing.js';
+import type { Message } from './message.js';
+import type { TxnLog } from './session-log.js';
+
+/** What the message in progress needs of its session. */
+export interface InboundHost {
+  readonly hostname: string;
+  /** The current limits (read at each use: limits reload). */
+  limits(): Limits;
+  readonly metrics: Metrics;
+  readonly framing: Framing;
+  /** Some rule acts at data_end: the last chunks are not held for the final ".". */
+  hasDataEndRules(): boolean;
+  /** The data_headers rules' verdict for the header block. */
+  headerRules(headers: Buffer, truncated: boolean): StageVerdict | Promise<StageVerdict>;
+  /** The data_end rules' verdict. */
+  endRules(size: number): StageVerdict | Promise<StageVerdict>;
+  /** Body chunks to the rules that read them; a Promise while a reader lags (back-pressure). */
+  feedBody(chunks: readonly Buffer[], last: boolean): void | Promise<void>;
+  /** Writes the X-Doorman-Tag headers: the session's, the transaction's and `extra`. */
+  writeTags(extra: readonly string[]): void;
+  /** The message is over the size the session enforces (SIZE, maxMessageSize). */
+  oversized(m: Message): boolean;
+  /** Waiting for the backend to drain: no more chunks are read. */
+  backendCongested(): boolean;
+  /** Reads the client again if nothing holds it (input buffer, backend back-pressure). */
+  resumeIfRoom(): void;
+  /** Drops the backend connection: it must never see an end of data. */
+  destroyBackend(): void;
+  setTimeout(ms: number): void;
+  violation(kind: string): void;
+  /** The client sends too slowly: the session ends with `r`. */
+  tooSlow(r: Reply): void;
+  /** The end of data is the command being answered (doorman_command_duration_seconds). */
+  commandStarted(): void;
+  /** A message was delivered (the junk command count starts again). */
+  delivered(): void;
+  /** The message is over: the transaction ends and `r` is queued as DATA's final reply. */
+  finished(r: Reply): void;
+}
+
+/** The message in progress: from DATA's 354 to its final reply. */
+export class Inbound {
+  /** When the DATA started (min data rate). */
+  readonly started = Date.now();
+
+  constructor(
+    readonly message: Message,
+    private readonly log: TxnLog,
+    private readonly host: InboundHost,
+  ) {}
+
+  /** One DATA event from the framing. False when the session ends (too slow). */
+  async chunk(ev: DataEvent): Promise<boolean> {
+    const h = this.host;
+    if (this.tooSlow()) return false;
+    // The last chunks of a message wait for the final "." when nothing else must run first.
+    const tail = ev.end && !h.hasDataEndRules() && !h.backendCongested();
+    this.forward(ev.chunks, tail);
+    // Rules reading the body get the chunks; a reader lagging past its bound holds the client.
+    const fed = h.feedBody(this.message.aborted ? [] : ev.chunks, ev.end);
+    if (fed) await fed;
+    h.resumeIfRoom();
+    if (ev.end) await this.finish();
+    else if (this.message.pendingHeaders) await this.headerRules();
+    return true;
+  }
+
+  /** A DATA slower than limits.minDataRate after its grace period: 421 and close (nothing delivered). */
+  private tooSlow(): boolean {
+    const h = this.host;
+    const l = h.limits();
+    if (!tooSlow(l.minDataRate, l.dataTimeout, this.started, h.framing.dataBytes)) return false;
+    h.violation('slow_client');
+    h.tooSlow(reply(421, '4.4.2', `${h.hostname} Error: data arriving too slowly, closing connection`));
+    return true;
+  }
+
+  /** Forwards message bytes unless the message is already refused. */
+  private forward(chunks: Buffer[], hold = false): void {
+    const d = this.message;
+    const f = this.host.framing;
+    if (d.aborted) return;
+    d.aborted = stopReason(f, this.host.limits().bareNewline === 'reject', this.host.oversized(d));
+    if (d.aborted) return d.abort(d.aborted);
+    if (d.pendingHeaders) return d.holdHeaders(chunks);
+    if (hold) d.tail = chunks;
+    else d.write(chunks);
+  }
+
+  /** With data_headers rules: hold the header block, evaluate, then release it. */
+  private async headerRules(final = false): Promise<void> {
+    const d = this.message;
+    if (!d.pendingHeaders) return;
+    const block = headerBlock(d.pendingHeaders, this.host.limits().maxHeaderBytes, final);
+    const { held } = block;
+    if (block.length === null) {
+      d.pendingHeaders = [held];
+      return;
+    }
+    d.pendingHeaders = null;
+    const v = await this.host.headerRules(held.subarray(0, block.length), block.truncated);
+    if (!d.aborted && v.reply) {
+      d.aborted = 'rule';
+      d.headerRule = { reply: v.reply, rule: v.decidedBy ?? '' };
+      this.host.destroyBackend();
+      return;
+    }
+    this.host.writeTags(v.tags);
+    if (!d.aborted) d.write(held);
+  }
+
+  /** The final ".": the message's reply, its log entry and metrics; then the transaction ends. */
+  private async finish(): Promise<void> {
+    const h = this.host;
+    const d = this.message;
+    h.commandStarted();
+    if (d.pendingHeaders) await this.headerRules(true);
+    h.setTimeout(h.limits().commandTimeout);
+    const size = h.framing.dataBytes;
+    h.metrics.messageSize.observe(size);
+    const msg = this.log;
+    msg.size = size;
+    let r: Reply;
+    if (!d.aborted && h.oversized(d)) d.aborted = 'size';
+    if (d.aborted === 'backend_refused') {
+      // The backend refused DATA and never saw a byte; clear the transaction it still holds.
+      r = abortReply(d, (kind) => h.violation(kind));
+      d.resetRefused(r);
+    } else if (d.aborted) {
+      h.destroyBackend();
+      r = abortReply(d, (kind) => h.violation(kind));
+      if (d.headerRule) msg.rule = d.headerRule.rule;
+    } else {
+      const v = await h.endRules(size);
+      if (v.reply) {
+        h.destroyBackend();
+        r = v.reply;
+        msg.rule = v.decidedBy ?? undefined;
+      } else {
+        r = await d.end();
+        const queueId = queueIdOf(r);
+        if (queueId) msg.queueId = queueId;
+      }
+    }
+    msg.outcome = outcomeOf(r);
+    // As Postfix: the junk command count starts again after a delivered message.
+    if (msg.outcome === 'accepted') h.delivered();
+    msg.reply = describeReply(r);
+    h.metrics.messages.inc({ outcome: msg.outcome });
+    h.finished(r);
+  }
+}
