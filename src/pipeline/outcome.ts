@@ -57,7 +57,9 @@ export function errorOutcome(lr: LoadedRule, stage: Stage, err: unknown, ms: num
   hooks.metrics?.ruleErrors.inc({ rule: name, kind });
   hooks.onRuleError?.(name, kind, err);
   const tempfail = lr.onError === 'tempfail';
-  const r = tempfail ? (stage === 'connect' ? reply(421, '4.3.0', 'Temporary failure, try again later') : reply(451, '4.3.0', 'Temporary failure, try again later')) : undefined;
+  // 421 at connect (RFC 5321 §3.8), 454 at AUTH (RFC 4954 §6 has no 451), 451 elsewhere.
+  const code = stage === 'connect' ? 421 : stage === 'auth' ? 454 : 451;
+  const r = tempfail ? reply(code, '4.3.0', 'Temporary failure, try again later') : undefined;
   return record(
     {
       rule: name,

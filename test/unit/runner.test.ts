@@ -73,6 +73,17 @@ test('onError: tempfail turns a crash into 421 4.3.0 at connect', async () => {
   assert.equal(v.reply?.enhanced, '4.3.0');
 });
 
+test('onError: tempfail is 454 4.3.0 at AUTH (RFC 4954 has no 451) and 451 4.3.0 at RCPT', async () => {
+  const crash = () => {
+    throw new Error('store down');
+  };
+  const at = (stage: 'auth' | 'rcpt'): LoadedRule => ({ ...rule('t', crash, { onError: 'tempfail' }), rule: { name: 't', type: 'test', checks: { [stage]: crash }, bypassable: true } });
+  const auth = await evaluate([at('auth')], { stage: 'auth', session, mechanism: 'PLAIN', login: null } as unknown as SessionEvent);
+  assert.deepEqual([auth.reply?.code, auth.reply?.enhanced], [454, '4.3.0']);
+  const rcpt = await evaluate([at('rcpt')], { stage: 'rcpt', session } as unknown as SessionEvent);
+  assert.deepEqual([rcpt.reply?.code, rcpt.reply?.enhanced], [451, '4.3.0']);
+});
+
 test('actions: dry-run never refuses, tempfail softens 5xx to 4xx, tag adds a header', async () => {
   const dry = await evaluate([rule('d', () => reject(), { action: 'dry-run' })], ev());
   assert.equal(dry.reply, null);
