@@ -29,7 +29,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { DoormanError, type Problem } from '../errors.js';
 import type { Stage } from '../pipeline/events.js';
-import type { LoadedRule } from '../pipeline/run.js';
+import type { LoadedRule } from '../pipeline/loaded.js';
 import { parseReplySpec, replyTemplate, stagesOf, type RuleDeps, type RuleType } from '../pipeline/rule.js';
 import type { SitePolicy } from '../pipeline/site.js';
 import { RULE_DEFAULTS, SITE_FILE } from './defaults.js';

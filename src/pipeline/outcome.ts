@@ -16,7 +16,7 @@ import { catchError, defaultIfEmpty, map, take, timeout } from 'rxjs/operators';
 import { reply } from '../protocol/reply.js';
 import type { Stage } from './events.js';
 import type { Finding, FindingResult } from './rule.js';
-import type { LoadedRule, PipelineHooks } from './run.js';
+import type { LoadedRule, PipelineHooks } from './loaded.js';
 import { applyAction, type RuleOutcome } from './verdict.js';
 
 /** A rule slower than its deadline. */

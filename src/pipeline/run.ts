@@ -43,44 +43,15 @@
  */
 import { AsyncSubject, defer, from, isObservable, Observable, of, Subject, Subscription } from 'rxjs';
 import { concatMap, defaultIfEmpty, map, mergeMap, take, tap, toArray } from 'rxjs/operators';
-import type { Metrics } from '../metrics/registry.js';
 import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
-import type { Finding, FindingResult, ReplySpec, Rule } from './rule.js';
+import type { Finding, FindingResult, Rule } from './rule.js';
+import type { LoadedRule, PipelineHooks } from './loaded.js';
 import { errorOutcome, ruleOutcome, type CheckCall } from './outcome.js';
-import { inScope, inSessionScope, type RuleScope } from './scope.js';
-import { combine, EMPTY_VERDICT, type Action, type OnError, type RuleOutcome, type StageVerdict } from './verdict.js';
+import { inScope, inSessionScope } from './scope.js';
+import { combine, EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from './verdict.js';
 
-/** A rule with the settings of its rule file. */
-export interface LoadedRule {
-  readonly rule: Rule;
-  readonly action: Action;
-  readonly onError: OnError;
-  /** Evaluation deadline, ms. */
-  readonly timeout: number;
-  /** Reply that replaces the rule's own for refusals (rule file `reply`). */
-  readonly reply?: ReplySpec;
-  /** Source file, for logs. */
-  readonly file: string;
-  /** Where the rule applies (rule file `scope:`); absent: everywhere. */
-  readonly scope?: RuleScope;
-}
+export type { LoadedRule, PipelineHooks };
 
-export interface PipelineHooks {
-  metrics?: Metrics;
-  /** Called for a rule that threw or timed out (the session logs it). */
-  onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
-  /**
-   * The outcome of a dry-run rule that was not awaited, when it arrives (already counted in
-   * metrics). Without this hook, dry-run rules are awaited like the others.
-   */
-  late?: (outcome: RuleOutcome) => void;
-  /** Dry-run checks of one session left running at most (limits.maxPendingDryRun); default 16. */
-  maxPendingDryRun?: number;
-  /** Body bytes a reader may have pending before the feed waits for it; default 1 MiB. */
-  maxBodyLag?: number;
-  /** The front's chunks as they are on the wire → the message's bytes (SMTP: dot-unstuffing), one function per message. */
-  unstuff?: () => (chunks: readonly Buffer[]) => Buffer[];
-}
 
 /** Body bytes a reader may lag behind the feed before the session stops reading (back-pressure). */
 export const MAX_BODY_LAG = 1 << 20;
