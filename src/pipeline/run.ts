@@ -390,32 +390,36 @@ class Run implements PipelineSession {
       const caughtUp = () => {
         if (r.waiters.length && Math.max(...r.lag.values()) <= this.maxLag) for (const w of r.waiters.splice(0)) w();
       };
-      this.pending.add(
-        r.chunks
-          .pipe(
-            concatMap((c) =>
-              defer(() => {
-                const work = reader.chunk(c, snapshot ? this.stateOf(lr, snapshot) : undefined);
-                return work instanceof Promise || isObservable(work) ? from(work).pipe(defaultIfEmpty(undefined)) : of(undefined);
-              }).pipe(
-                take(1),
-                tap(() => {
-                  r.lag.set(lr, (r.lag.get(lr) ?? 0) - c.length);
-                  caughtUp();
-                }),
-              ),
+      // Each message's readers are the session's pending work until they finish (a long session
+      // of many messages keeps none of the earlier ones).
+      const sub = r.chunks
+        .pipe(
+          concatMap((c) =>
+            defer(() => {
+              const work = reader.chunk(c, snapshot ? this.stateOf(lr, snapshot) : undefined);
+              return work instanceof Promise || isObservable(work) ? from(work).pipe(defaultIfEmpty(undefined)) : of(undefined);
+            }).pipe(
+              take(1),
+              tap(() => {
+                r.lag.set(lr, (r.lag.get(lr) ?? 0) - c.length);
+                caughtUp();
+              }),
             ),
-          )
-          .subscribe({
-            complete: () => done.complete(),
-            error: (err: unknown) => {
-              // A failed reader holds nothing back: its error is its finding at data_end.
-              r.lag.set(lr, 0);
-              caughtUp();
-              done.error(err);
-            },
-          }),
-      );
+          ),
+        )
+        .subscribe({
+          complete: () => done.complete(),
+          error: (err: unknown) => {
+            // A failed reader holds nothing back: its error is its finding at data_end.
+            r.lag.set(lr, 0);
+            caughtUp();
+            done.error(err);
+          },
+        });
+      if (!sub.closed) {
+        this.pending.add(sub);
+        sub.add(() => this.pending.remove(sub));
+      }
     }
     this.body$ = r.done;
     return r;
