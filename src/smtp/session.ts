@@ -24,7 +24,7 @@
  *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
  *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
- *   starttls.ts      the client socket's TLS upgrade;
+ *   starttls.ts      the STARTTLS command and the client socket's TLS upgrade;
  *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
  *   session-log.ts   the one log line per session.
  */
@@ -53,7 +53,7 @@ import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
 import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
-import { handshake, upgradeToTls } from './starttls.js';
+import { startTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
 import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
 import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
@@ -660,32 +660,39 @@ export class Session {
     this.queue('QUIT', R.bye(this.deps.hostname));
   }
 
-  private async onStartTls(c: Command): Promise<void> {
-    const ctx = this.deps.listener.secureContext;
-    if (!ctx) return this.queue('STARTTLS', R.tlsUnavailable());
-    if (this.tls) return this.queue('STARTTLS', R.tlsActive());
-    if (c.arg.trim()) return this.queue('STARTTLS', R.syntax('STARTTLS'));
-    // CVE-2011-0411: plaintext pipelined after STARTTLS must not be executed after the handshake.
-    const injected = this.framing.discard();
-    if (injected > 0) {
-      this.violation('starttls_injection');
-      this.deps.log.warn({ session: this.id, bytes: injected }, 'plaintext after STARTTLS discarded');
-    }
-    this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
-    this.send(R.tlsReady());
-    const secure = upgradeToTls(this.socket, ctx);
-    this.socket = secure;
-    this.out.setSocket(secure);
-    this.attach(secure);
-    const ok = await handshake(secure, this.deps.limits.tlsHandshakeTimeout);
-    this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
-    if (!ok) return this.close('tls-failed');
-    // RFC 3207 §4.2: forget everything learnt from the client before TLS.
-    this.tls = true;
-    this.helo = null;
-    this.esmtp = false;
-    this.txn = null;
-    this.framing.discard();
+  /** The STARTTLS command (starttls.ts); the session's socket and state after TLS. */
+  private onStartTls(c: Command): Promise<void> {
+    const { deps } = this;
+    return startTls(
+      {
+        secureContext: deps.listener.secureContext,
+        tls: this.tls,
+        listener: deps.listener.name,
+        metrics: deps.metrics,
+        framing: this.framing,
+        socket: this.socket,
+        handshakeTimeout: deps.limits.tlsHandshakeTimeout,
+        queue: (r) => this.queue('STARTTLS', r),
+        send: (r) => this.send(r),
+        injected: (bytes) => {
+          this.violation('starttls_injection');
+          deps.log.warn({ session: this.id, bytes }, 'plaintext after STARTTLS discarded');
+        },
+        replaceSocket: (secure) => {
+          this.socket = secure;
+          this.out.setSocket(secure);
+          this.attach(secure);
+        },
+        failed: () => this.close('tls-failed'),
+        secured: () => {
+          this.tls = true;
+          this.helo = null;
+          this.esmtp = false;
+          this.txn = null;
+        },
+      },
+      c.arg,
+    );
   }
 
   /**
