@@ -17,6 +17,7 @@
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
  * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
  * and the rule pipeline's wiring; its parts are handed what they need:
+ *   greeting.ts      the connect-stage rules, the greeting, the 220- teaser and pregreet;
  *   inbound.ts       the message in progress: DATA chunks, header and end rules, the final reply;
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
@@ -44,6 +45,7 @@ import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf } from '../protocol/address.js';
 import { heloArgument, type Command } from './commands.js';
+import { Greeting } from './greeting.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
 import { AuthCommand } from './auth.js';
@@ -106,13 +108,10 @@ export class Session {
   private readonly out: ReplyWriter;
   private pumping = false;
   private repump = false;
-  /** Bytes received before the greeting (pregreet), and what they looked like. */
-  private pregreet = 0;
-  private pregreetKind = '';
   /** When the current incomplete command line started arriving (0: none). */
   private partialSince = 0;
-  /** Greeting sent: commands may be read. */
-  private greeted = false;
+  /** The connect-stage rules, the greeting and pregreet (greeting.ts). */
+  private readonly greeting: Greeting;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
   /** The guard prelude's checks and counters (commands, unknown, junk). */
@@ -221,6 +220,21 @@ export class Session {
       setSasl: (on) => (this.framing.sasl = on),
       failed: (e) => this.backendFailed(e),
     });
+    this.greeting = new Greeting({
+      hostname: deps.hostname,
+      limits: () => deps.limits,
+      log: deps.log,
+      session: this.id,
+      client: this.client.text,
+      connectRules: () => this.runRules('connect', () => ({ stage: 'connect', session: this.snapshot() })),
+      isClosed: () => this.closed,
+      send: (r) => this.send(r),
+      sendContinued: (r) => this.out.sendContinued(r),
+      ending: (reason) => (this.endReason = reason),
+      refusedAtConnect: () => (this.refusedAtConnect = true),
+      violation: (kind) => this.violation(kind),
+      pump: () => this.pump(),
+    });
     this.done = new Promise((r) => (this.resolveDone = r));
     this.pipe = openPipeline(deps.rules.rules, {
       metrics: deps.metrics,
@@ -239,44 +253,9 @@ export class Session {
 
   // ---------------------------------------------------------------- lifecycle
 
-  async start(): Promise<void> {
-    const connect = await this.runRules('connect', () => ({ stage: 'connect', session: this.snapshot() }));
-    if (this.closed) return;
-    if (connect.reply) {
-      if (connect.reply.code >= 500) {
-        // RFC 5321 §3.1: 554 instead of 220, then wait for QUIT and answer 503 meanwhile.
-        this.refusedAtConnect = true;
-        this.endReason = 'refused';
-        this.greeted = true;
-        this.send(connect.reply);
-        this.pump();
-        return;
-      }
-      this.endReason = 'refused';
-      this.send(connect.reply.closes ? connect.reply : R.unavailable(this.deps.hostname));
-      return;
-    }
-    // postscreen-style teaser: "220-" now, the rest after greetDelay; early talkers are caught.
-    const teaser = this.deps.limits.greetDelay > 0;
-    if (teaser) this.out.sendContinued(R.greeting(this.deps.hostname));
-    const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
-    await teaserWait;
-    if (this.closed) return;
-    if (this.pregreet > 0) {
-      // A client that talks before the greeting is not an MTA waiting its turn (postscreen pregreet).
-      const kind = this.pregreetKind;
-      this.violation('pregreet');
-      this.deps.log.info({ session: this.id, client: this.client.text, bytes: this.pregreet, kind }, 'client talked before the greeting');
-      if (this.deps.limits.pregreetAction === 'drop') {
-        this.endReason = 'pregreet';
-        this.greeted = true;
-        this.send(R.protocolError());
-        return;
-      }
-    }
-    this.greeted = true;
-    this.send(teaser ? reply(220, '', `${this.deps.hostname} ESMTP`) : R.greeting(this.deps.hostname));
-    this.pump();
+  /** The connect-stage rules and the greeting (greeting.ts); then commands are read. */
+  start(): Promise<void> {
+    return this.greeting.run();
   }
 
   /** SIGTERM deadline: tell the client and close. */
@@ -351,7 +330,7 @@ export class Session {
   private onEnd(): void {
     this.clientEnded = true;
     // Gone before the greeting, having said nothing: nothing to answer; pending checks are dropped.
-    if (!this.greeted && this.pregreet === 0) return this.close('client-closed');
+    if (!this.greeting.sent && !this.greeting.talked) return this.close('client-closed');
     const w = this.dataWaiter;
     this.dataWaiter = null;
     w?.();
@@ -360,9 +339,8 @@ export class Session {
 
   private onData(chunk: Buffer): void {
     if (this.closed || this.closing) return;
-    if (!this.greeted) {
-      if (this.pregreet === 0) this.pregreetKind = chunk[0] === 0x16 ? 'tls' : /^(GET|POST|HEAD|CONNECT) /.test(chunk.subarray(0, 8).toString('latin1')) ? 'http' : 'smtp';
-      this.pregreet += chunk.length;
+    if (!this.greeting.sent) {
+      this.greeting.early(chunk);
     } else if (this.partialSince && !this.framing.inData && Date.now() - this.partialSince > this.deps.limits.commandTimeout) {
       // Slowloris: bytes trickle in, but no command completes within the command timeout.
       this.violation('slow_client');
@@ -433,7 +411,7 @@ export class Session {
   // ---------------------------------------------------------------- input loop
 
   private pump(): void {
-    if (this.closed || this.closing || !this.greeted) return;
+    if (this.closed || this.closing || !this.greeting.sent) return;
     if (this.pumping) {
       // Asked while the loop is finishing (e.g. a 'drain' in a nextTick): run again after it.
       this.repump = true;
