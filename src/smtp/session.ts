@@ -17,6 +17,7 @@
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
  * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
  * and the rule pipeline's wiring; its parts are handed what they need:
+ *   etrn.ts          the ETRN command, relayed to the backend;
  *   greeting.ts      the connect-stage rules, the greeting, the 220- teaser and pregreet;
  *   inbound.ts       the message in progress: DATA chunks, header and end rules, the final reply;
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
@@ -45,6 +46,7 @@ import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf } from '../protocol/address.js';
 import { heloArgument, type Command } from './commands.js';
+import { etrn } from './etrn.js';
 import { Greeting } from './greeting.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
@@ -673,23 +675,20 @@ export class Session {
     );
   }
 
-  /**
-   * ETRN (RFC 1985): relayed to a backend that offers it (Postfix flushes the node's deferred
-   * mail), after the etrn-stage rules (the relay rule: clients with relay rights only); 502 when
-   * the backend does not offer it. Its reply is the backend's.
-   */
-  private async onEtrn(c: Command): Promise<void> {
-    if (!this.helo) return this.queue('ETRN', R.needHelo());
-    if (!this.caps.has('ETRN')) return this.queue('ETRN', R.notImplemented());
-    if (this.txn) return this.queue('ETRN', R.authInTransaction());
-    const node = c.arg.trim();
-    // A domain, "@domain" (its subdomains too) or "#queue" (RFC 1985 §5), as Postfix takes them.
-    if (!/^[@#]?[A-Za-z0-9][A-Za-z0-9.-]{0,254}$/.test(node)) return this.queue('ETRN', R.syntax('ETRN domain'));
-    const v = await this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node }));
-    if (v.reply) return this.queue('ETRN', v.reply);
-    const b = await this.ensureBackend();
-    if (!(b instanceof BackendConnection)) return this.queue('ETRN', b);
-    this.queue('ETRN', b.command(`ETRN ${node}`).catch((e: unknown) => this.backendFailed(e)));
+  /** The ETRN command (etrn.ts). */
+  private onEtrn(c: Command): Promise<void> {
+    return etrn(
+      {
+        helo: !!this.helo,
+        offered: this.caps.has('ETRN'),
+        inTransaction: this.txn !== null,
+        queue: (r) => this.queue('ETRN', r),
+        rules: (node) => this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node })),
+        backend: () => this.ensureBackend(),
+        failed: (e) => this.backendFailed(e),
+      },
+      c.arg,
+    );
   }
 
   // ---------------------------------------------------------------- DATA
