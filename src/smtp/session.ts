@@ -19,7 +19,8 @@
  * and the rule pipeline's wiring; its parts are handed what they need:
  *   etrn.ts          the ETRN command, relayed to the backend;
  *   greeting.ts      the connect-stage rules, the greeting, the 220- teaser and pregreet;
- *   inbound.ts       the message in progress: DATA chunks, header and end rules, the final reply;
+ *   inbound.ts       the message in progress: its message.ts and that one's host, DATA chunks,
+ *                    header and end rules, the final reply;
  *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
  *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
  *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
@@ -55,7 +56,7 @@ import { oversized } from './data.js';
 import { Inbound, type InboundHost } from './inbound.js';
 import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
-import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
+import { MAX_TAG_HEADERS, type Message } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
 import { startTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
@@ -712,29 +713,13 @@ export class Session {
     // BDAT towards a backend that takes it, in an ESMTP session (the client said EHLO): the
     // message goes with its size, without DATA and the backend's 354.
     const bdat = this.deps.backend.chunking && this.esmtp && b.chunking;
-    const d = new Message(b, { bdat, holdHeaders: hasHeaderRules }, this.messageHost());
+    const inbound = new Inbound(b, { bdat, holdHeaders: hasHeaderRules }, txn.log, this.inboundHost());
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
-    this.data = new Inbound(d, txn.log, this.inboundHost());
+    this.data = inbound;
     this.framing.beginData();
     if (!hasHeaderRules) this.writeTags(this.sessionTags, txn.tags);
-  }
-
-  /** What a message needs of the session: reading the client stopped and resumed, failures. */
-  private messageHost(): MessageHost {
-    return {
-      maxBuffered: this.deps.limits.maxBuffered,
-      isCongested: () => this.backendCongested,
-      setCongested: (v) => (this.backendCongested = v),
-      pauseClient: () => this.socket.pause(),
-      uncongest: () => this.uncongest(),
-      isCurrent: (m) => this.data?.message === m,
-      failed: (e) => this.backendFailed(e),
-      failedAtEndOfData: (e) => this.dataFailed(e),
-      acceptedAfterRefusal: (refused, last) =>
-        this.deps.log.warn({ session: this.id, backend: this.link.name, refused: describeReply(refused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal'),
-    };
   }
 
   /** What the message in progress needs of the session (inbound.ts). */
@@ -752,6 +737,14 @@ export class Session {
       writeTags: (extra) => this.writeTags(this.sessionTags, this.txn?.tags ?? [], extra),
       oversized: (m) => this.oversized(m),
       backendCongested: () => this.backendCongested,
+      setBackendCongested: (v) => (this.backendCongested = v),
+      pauseClient: () => this.socket.pause(),
+      uncongest: () => this.uncongest(),
+      isCurrent: (i) => this.data === i,
+      failed: (e) => this.backendFailed(e),
+      failedAtEndOfData: (e) => this.link.failedAtEndOfData(e),
+      acceptedAfterRefusal: (refused, last) =>
+        deps.log.warn({ session: this.id, backend: this.link.name, refused: describeReply(refused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal'),
       resumeIfRoom: () => {
         if (this.framing.buffered <= deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
       },
@@ -770,10 +763,6 @@ export class Session {
         this.queue('DATA_END', r);
       },
     };
-  }
-
-  private dataFailed(e: unknown): Reply {
-    return this.link.failedAtEndOfData(e);
   }
 
   /** A backend failure during a command: the client gets 421 and the session ends. */
