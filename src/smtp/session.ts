@@ -2,33 +2,34 @@
  * session.ts — one client session: the SMTP state machine between a client and the backend.
  *
  * Order of work for a session:
- *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
- *   2. doorman's own greeting; no backend connection yet: a client that connects and says
- *      nothing (or only what doorman answers itself) costs the backend nothing. Its HELO/EHLO
- *      takes one from the pool (a prepared spare or one an earlier session left clean, re-bound
- *      with XCLIENT; else a new one: greeting, EHLO, STARTTLS), within backend.maxConnections;
- *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
- *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
- *      together when the client's group is read; the backend gets them without waiting.
- *   4. DATA streams chunk by chunk to the backend with back-pressure; the final "." is sent only
- *      after the size, line and bare-newline checks and the data_end rules passed. Otherwise
- *      the backend connection is dropped (the backend never sees an end of data) and reopened
- *      for the next transaction.
+ *   1. the connect-stage rules and doorman's own greeting (greeting.ts); no backend connection
+ *      yet: a client that says nothing (or only what doorman answers itself) costs the backend
+ *      nothing. Its HELO/EHLO takes one from the pool (a prepared spare or one an earlier session
+ *      left clean, re-bound with XCLIENT; else a new one), within backend.maxConnections;
+ *   2. commands: one guard prelude (guards.ts) then a typed handler table. MAIL, RCPT, RSET and
+ *      NOOP are pipelined: their replies are queued in order and written together when the
+ *      client's group is read; the backend gets them without waiting;
+ *   3. DATA streams chunk by chunk to the backend with back-pressure (inbound.ts); the final "."
+ *      is sent only after the size, line and bare-newline checks and the data_end rules passed.
+ *      Otherwise the backend connection is dropped (the backend never sees an end of data) and
+ *      reopened for the next transaction.
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
- * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
- * and the rule pipeline's wiring; its parts are handed what they need:
- *   etrn.ts          the ETRN command, relayed to the backend;
+ * becomes a 4xx. The session owns the lifecycle (start, close, shutdown, the socket's events),
+ * the input loop, dispatch, the handlers of HELO/EHLO, MAIL, RCPT, DATA (its start), RSET, QUIT
+ * and the one-line commands, the session state they share (HELO, TLS, AUTH, the transaction,
+ * tags) and its side of the rule pipeline (events$, each stage's verdict, the rule findings for
+ * the log). Its parts are handed what they need through narrow hosts:
  *   greeting.ts      the connect-stage rules, the greeting, the 220- teaser and pregreet;
- *   inbound.ts       the message in progress: its message.ts and that one's host, DATA chunks,
- *                    header and end rules, the final reply;
- *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
- *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
- *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
- *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
- *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
- *   starttls.ts      the STARTTLS command and the client socket's TLS upgrade;
  *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
+ *   inbound.ts       the message in progress: its message.ts, DATA chunks, header and end rules,
+ *                    the final reply; data.ts  the DATA policy's checks and abort replies;
+ *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
+ *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
+ *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
+ *   starttls.ts      the STARTTLS command and the client socket's TLS upgrade;
+ *   etrn.ts          the ETRN command, relayed to the backend;
+ *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
