@@ -1,8 +1,8 @@
 /**
  * inbound.ts — the message in progress: the client's DATA, from its 354 to the final reply.
  *
- * An `Inbound` owns the current message (message.ts, towards the backend) and when it started,
- * and reads the client's DATA chunks (`chunk`): the minimum data rate (421 and close), the
+ * An `Inbound` opens and owns the current message (message.ts, towards the backend; the
+ * MessageHost it is given is built here from this host) and when it started, and reads the client's DATA chunks (`chunk`): the minimum data rate (421 and close), the
  * checks that stop a message (data.ts: size, bare newline, long line), the chunks forwarded or,
  * for the last ones, held for the final "." (nothing else must run first), the body fed to the
  * rules that read it, the header block held for the data_headers rules and then released with
@@ -11,16 +11,17 @@
  * and the junk-count reset after a delivered message.
  *
  * The session keeps starting it (DATA's checks, the 354), the rule pipeline (the rules are called
- * through the host, which builds their events), back-pressure towards the backend (message.ts's
- * host), the reply queue, the socket and the end of the session.
+ * through the host, which builds their events), the back-pressure flag and reading the client
+ * (the host's), the reply queue, the socket and the end of the session.
  */
+import type { BackendConnection } from '../backend/connection.js';
 import type { Limits } from '../config/schema.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { StageVerdict } from '../pipeline/verdict.js';
 import { describeReply, reply, type Reply } from '../protocol/reply.js';
 import { abortReply, headerBlock, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
 import type { DataEvent, Framing } from './framing.js';
-import type { Message } from './message.js';
+import { Message, type MessageHost } from './message.js';
 import type { TxnLog } from './session-log.js';
 
 /** What the message in progress needs of its session. */
@@ -44,6 +45,19 @@ export interface InboundHost {
   oversized(m: Message): boolean;
   /** Waiting for the backend to drain: no more chunks are read. */
   backendCongested(): boolean;
+  setBackendCongested(v: boolean): void;
+  /** Stops reading the client (the backend does not keep up). */
+  pauseClient(): void;
+  /** Reads the client again after a back-pressure stop (the backend drained, closed, or refused). */
+  uncongest(): void;
+  /** This message is still the session's current one. */
+  isCurrent(i: Inbound): boolean;
+  /** A backend failure during a command, as the client's reply (the session ends). */
+  failed(e: unknown): Reply;
+  /** A backend failure at the end of data, as the client's reply. */
+  failedAtEndOfData(e: unknown): Reply;
+  /** Logs a backend that accepted the message after refusing a chunk of it (the refusal stands). */
+  acceptedAfterRefusal(refused: Reply, last: Reply): void;
   /** Reads the client again if nothing holds it (input buffer, backend back-pressure). */
   resumeIfRoom(): void;
   /** Drops the backend connection: it must never see an end of data. */
@@ -65,11 +79,33 @@ export class Inbound {
   /** When the DATA started (min data rate). */
   readonly started = Date.now();
 
+  /** The message towards the backend (DATA or BDAT). */
+  readonly message: Message;
+
   constructor(
-    readonly message: Message,
+    b: BackendConnection,
+    opts: { bdat: boolean; holdHeaders: boolean },
     private readonly log: TxnLog,
     private readonly host: InboundHost,
-  ) {}
+  ) {
+    this.message = new Message(b, opts, this.messageHost());
+  }
+
+  /** What the message needs of the session: reading the client stopped and resumed, failures. */
+  private messageHost(): MessageHost {
+    const h = this.host;
+    return {
+      maxBuffered: h.limits().maxBuffered,
+      isCongested: () => h.backendCongested(),
+      setCongested: (v) => h.setBackendCongested(v),
+      pauseClient: () => h.pauseClient(),
+      uncongest: () => h.uncongest(),
+      isCurrent: () => h.isCurrent(this),
+      failed: (e) => h.failed(e),
+      failedAtEndOfData: (e) => h.failedAtEndOfData(e),
+      acceptedAfterRefusal: (refused, last) => h.acceptedAfterRefusal(refused, last),
+    };
+  }
 
   /** One DATA event from the framing. False when the session ends (too slow). */
   async chunk(ev: DataEvent): Promise<boolean> {

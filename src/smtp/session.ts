@@ -2,30 +2,34 @@
  * session.ts — one client session: the SMTP state machine between a client and the backend.
  *
  * Order of work for a session:
- *   1. connect-stage rules; a refusal costs the backend nothing (no connection is opened);
- *   2. doorman's own greeting; no backend connection yet: a client that connects and says
- *      nothing (or only what doorman answers itself) costs the backend nothing. Its HELO/EHLO
- *      takes one from the pool (a prepared spare or one an earlier session left clean, re-bound
- *      with XCLIENT; else a new one: greeting, EHLO, STARTTLS), within backend.maxConnections;
- *   3. commands: one guard prelude (limits, bare CR/LF, non-SMTP) then a typed handler table.
- *      MAIL, RCPT, RSET and NOOP are pipelined: their replies are queued in order and written
- *      together when the client's group is read; the backend gets them without waiting.
- *   4. DATA streams chunk by chunk to the backend with back-pressure; the final "." is sent only
- *      after the size, line and bare-newline checks and the data_end rules passed. Otherwise
- *      the backend connection is dropped (the backend never sees an end of data) and reopened
- *      for the next transaction.
+ *   1. the connect-stage rules and doorman's own greeting (greeting.ts); no backend connection
+ *      yet: a client that says nothing (or only what doorman answers itself) costs the backend
+ *      nothing. Its HELO/EHLO takes one from the pool (a prepared spare or one an earlier session
+ *      left clean, re-bound with XCLIENT; else a new one), within backend.maxConnections;
+ *   2. commands: one guard prelude (guards.ts) then a typed handler table. MAIL, RCPT, RSET and
+ *      NOOP are pipelined: their replies are queued in order and written together when the
+ *      client's group is read; the backend gets them without waiting;
+ *   3. DATA streams chunk by chunk to the backend with back-pressure (inbound.ts); the final "."
+ *      is sent only after the size, line and bare-newline checks and the data_end rules passed.
+ *      Otherwise the backend connection is dropped (the backend never sees an end of data) and
+ *      reopened for the next transaction.
  * The client gets 250 for a message only when the backend said 250 for it; any backend failure
- * becomes a 4xx. The session keeps the lifecycle, the guards and dispatch, the command handlers
- * and the rule pipeline's wiring; its parts are handed what they need:
- *   inbound.ts       the message in progress: DATA chunks, header and end rules, the final reply;
- *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
- *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
- *   data.ts          the DATA policy's checks: size, lines, rate, header block, abort replies;
- *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
- *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
+ * becomes a 4xx. The session owns the lifecycle (start, close, shutdown, the socket's events),
+ * the input loop, dispatch, the handlers of HELO/EHLO, MAIL, RCPT, DATA (its start), RSET, QUIT
+ * and the one-line commands, the session state they share (HELO, TLS, AUTH, the transaction,
+ * tags) and its side of the rule pipeline (events$, each stage's verdict, the rule findings for
+ * the log). Its parts are handed what they need through narrow hosts:
+ *   greeting.ts      the connect-stage rules, the greeting, the 220- teaser and pregreet;
  *   guards.ts        the checks before every command (limits, bare CR/LF, non-SMTP), counters;
- *   starttls.ts      the client socket's TLS upgrade;
  *   transaction.ts   one transaction: sender, recipients, MAIL (deferred or not), RCPT, RSET;
+ *   inbound.ts       the message in progress: its message.ts, DATA chunks, header and end rules,
+ *                    the final reply; data.ts  the DATA policy's checks and abort replies;
+ *   message.ts       one message towards the backend (DATA or BDAT), back-pressure, abort;
+ *   backend-link.ts  which backend connection, binding, deferred MAIL, failures → a reply;
+ *   auth.ts          the AUTH command, SASL relay; extensions.ts  the EHLO keywords, MAIL/RCPT params;
+ *   starttls.ts      the STARTTLS command and the client socket's TLS upgrade;
+ *   etrn.ts          the ETRN command, relayed to the backend;
+ *   reply-writer.ts  every byte to the client (queued or now) and output back-pressure;
  *   session-log.ts   the one log line per session.
  */
 import { Subject } from 'rxjs';
@@ -44,6 +48,8 @@ import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { addressOf } from '../protocol/address.js';
 import { heloArgument, type Command } from './commands.js';
+import { etrn } from './etrn.js';
+import { Greeting } from './greeting.js';
 import { Guards, pipelinable } from './guards.js';
 import { BackendLink } from './backend-link.js';
 import { AuthCommand } from './auth.js';
@@ -51,9 +57,9 @@ import { oversized } from './data.js';
 import { Inbound, type InboundHost } from './inbound.js';
 import { authMechanisms, ehloKeywords, sizeLimit } from './extensions.js';
 import { Framing, Unstuffer, type CommandEvent } from './framing.js';
-import { MAX_TAG_HEADERS, Message, type MessageHost } from './message.js';
+import { MAX_TAG_HEADERS, type Message } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
-import { handshake, upgradeToTls } from './starttls.js';
+import { startTls } from './starttls.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, SessionLog } from './session-log.js';
 import { mailRefused, parsed, parseMail, parseRcpt, reset, Transaction } from './transaction.js';
 import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
@@ -106,13 +112,10 @@ export class Session {
   private readonly out: ReplyWriter;
   private pumping = false;
   private repump = false;
-  /** Bytes received before the greeting (pregreet), and what they looked like. */
-  private pregreet = 0;
-  private pregreetKind = '';
   /** When the current incomplete command line started arriving (0: none). */
   private partialSince = 0;
-  /** Greeting sent: commands may be read. */
-  private greeted = false;
+  /** The connect-stage rules, the greeting and pregreet (greeting.ts). */
+  private readonly greeting: Greeting;
   private closed = false;
   private dataWaiter: (() => void) | null = null;
   /** The guard prelude's checks and counters (commands, unknown, junk). */
@@ -221,6 +224,21 @@ export class Session {
       setSasl: (on) => (this.framing.sasl = on),
       failed: (e) => this.backendFailed(e),
     });
+    this.greeting = new Greeting({
+      hostname: deps.hostname,
+      limits: () => deps.limits,
+      log: deps.log,
+      session: this.id,
+      client: this.client.text,
+      connectRules: () => this.runRules('connect', () => ({ stage: 'connect', session: this.snapshot() })),
+      isClosed: () => this.closed,
+      send: (r) => this.send(r),
+      sendContinued: (r) => this.out.sendContinued(r),
+      ending: (reason) => (this.endReason = reason),
+      refusedAtConnect: () => (this.refusedAtConnect = true),
+      violation: (kind) => this.violation(kind),
+      pump: () => this.pump(),
+    });
     this.done = new Promise((r) => (this.resolveDone = r));
     this.pipe = openPipeline(deps.rules.rules, {
       metrics: deps.metrics,
@@ -239,44 +257,9 @@ export class Session {
 
   // ---------------------------------------------------------------- lifecycle
 
-  async start(): Promise<void> {
-    const connect = await this.runRules('connect', () => ({ stage: 'connect', session: this.snapshot() }));
-    if (this.closed) return;
-    if (connect.reply) {
-      if (connect.reply.code >= 500) {
-        // RFC 5321 §3.1: 554 instead of 220, then wait for QUIT and answer 503 meanwhile.
-        this.refusedAtConnect = true;
-        this.endReason = 'refused';
-        this.greeted = true;
-        this.send(connect.reply);
-        this.pump();
-        return;
-      }
-      this.endReason = 'refused';
-      this.send(connect.reply.closes ? connect.reply : R.unavailable(this.deps.hostname));
-      return;
-    }
-    // postscreen-style teaser: "220-" now, the rest after greetDelay; early talkers are caught.
-    const teaser = this.deps.limits.greetDelay > 0;
-    if (teaser) this.out.sendContinued(R.greeting(this.deps.hostname));
-    const teaserWait = teaser ? new Promise((r) => setTimeout(r, this.deps.limits.greetDelay)) : Promise.resolve();
-    await teaserWait;
-    if (this.closed) return;
-    if (this.pregreet > 0) {
-      // A client that talks before the greeting is not an MTA waiting its turn (postscreen pregreet).
-      const kind = this.pregreetKind;
-      this.violation('pregreet');
-      this.deps.log.info({ session: this.id, client: this.client.text, bytes: this.pregreet, kind }, 'client talked before the greeting');
-      if (this.deps.limits.pregreetAction === 'drop') {
-        this.endReason = 'pregreet';
-        this.greeted = true;
-        this.send(R.protocolError());
-        return;
-      }
-    }
-    this.greeted = true;
-    this.send(teaser ? reply(220, '', `${this.deps.hostname} ESMTP`) : R.greeting(this.deps.hostname));
-    this.pump();
+  /** The connect-stage rules and the greeting (greeting.ts); then commands are read. */
+  start(): Promise<void> {
+    return this.greeting.run();
   }
 
   /** SIGTERM deadline: tell the client and close. */
@@ -351,7 +334,7 @@ export class Session {
   private onEnd(): void {
     this.clientEnded = true;
     // Gone before the greeting, having said nothing: nothing to answer; pending checks are dropped.
-    if (!this.greeted && this.pregreet === 0) return this.close('client-closed');
+    if (!this.greeting.sent && !this.greeting.talked) return this.close('client-closed');
     const w = this.dataWaiter;
     this.dataWaiter = null;
     w?.();
@@ -360,9 +343,8 @@ export class Session {
 
   private onData(chunk: Buffer): void {
     if (this.closed || this.closing) return;
-    if (!this.greeted) {
-      if (this.pregreet === 0) this.pregreetKind = chunk[0] === 0x16 ? 'tls' : /^(GET|POST|HEAD|CONNECT) /.test(chunk.subarray(0, 8).toString('latin1')) ? 'http' : 'smtp';
-      this.pregreet += chunk.length;
+    if (!this.greeting.sent) {
+      this.greeting.early(chunk);
     } else if (this.partialSince && !this.framing.inData && Date.now() - this.partialSince > this.deps.limits.commandTimeout) {
       // Slowloris: bytes trickle in, but no command completes within the command timeout.
       this.violation('slow_client');
@@ -433,7 +415,7 @@ export class Session {
   // ---------------------------------------------------------------- input loop
 
   private pump(): void {
-    if (this.closed || this.closing || !this.greeted) return;
+    if (this.closed || this.closing || !this.greeting.sent) return;
     if (this.pumping) {
       // Asked while the loop is finishing (e.g. a 'drain' in a nextTick): run again after it.
       this.repump = true;
@@ -660,51 +642,55 @@ export class Session {
     this.queue('QUIT', R.bye(this.deps.hostname));
   }
 
-  private async onStartTls(c: Command): Promise<void> {
-    const ctx = this.deps.listener.secureContext;
-    if (!ctx) return this.queue('STARTTLS', R.tlsUnavailable());
-    if (this.tls) return this.queue('STARTTLS', R.tlsActive());
-    if (c.arg.trim()) return this.queue('STARTTLS', R.syntax('STARTTLS'));
-    // CVE-2011-0411: plaintext pipelined after STARTTLS must not be executed after the handshake.
-    const injected = this.framing.discard();
-    if (injected > 0) {
-      this.violation('starttls_injection');
-      this.deps.log.warn({ session: this.id, bytes: injected }, 'plaintext after STARTTLS discarded');
-    }
-    this.deps.metrics.commands.inc({ verb: 'STARTTLS', class: '2xx' });
-    this.send(R.tlsReady());
-    const secure = upgradeToTls(this.socket, ctx);
-    this.socket = secure;
-    this.out.setSocket(secure);
-    this.attach(secure);
-    const ok = await handshake(secure, this.deps.limits.tlsHandshakeTimeout);
-    this.deps.metrics.tlsSessions.inc({ listener: this.deps.listener.name, mode: 'starttls', result: ok ? 'success' : 'failure' });
-    if (!ok) return this.close('tls-failed');
-    // RFC 3207 §4.2: forget everything learnt from the client before TLS.
-    this.tls = true;
-    this.helo = null;
-    this.esmtp = false;
-    this.txn = null;
-    this.framing.discard();
+  /** The STARTTLS command (starttls.ts); the session's socket and state after TLS. */
+  private onStartTls(c: Command): Promise<void> {
+    const { deps } = this;
+    return startTls(
+      {
+        secureContext: deps.listener.secureContext,
+        tls: this.tls,
+        listener: deps.listener.name,
+        metrics: deps.metrics,
+        framing: this.framing,
+        socket: this.socket,
+        handshakeTimeout: deps.limits.tlsHandshakeTimeout,
+        queue: (r) => this.queue('STARTTLS', r),
+        send: (r) => this.send(r),
+        injected: (bytes) => {
+          this.violation('starttls_injection');
+          deps.log.warn({ session: this.id, bytes }, 'plaintext after STARTTLS discarded');
+        },
+        replaceSocket: (secure) => {
+          this.socket = secure;
+          this.out.setSocket(secure);
+          this.attach(secure);
+        },
+        failed: () => this.close('tls-failed'),
+        secured: () => {
+          this.tls = true;
+          this.helo = null;
+          this.esmtp = false;
+          this.txn = null;
+        },
+      },
+      c.arg,
+    );
   }
 
-  /**
-   * ETRN (RFC 1985): relayed to a backend that offers it (Postfix flushes the node's deferred
-   * mail), after the etrn-stage rules (the relay rule: clients with relay rights only); 502 when
-   * the backend does not offer it. Its reply is the backend's.
-   */
-  private async onEtrn(c: Command): Promise<void> {
-    if (!this.helo) return this.queue('ETRN', R.needHelo());
-    if (!this.caps.has('ETRN')) return this.queue('ETRN', R.notImplemented());
-    if (this.txn) return this.queue('ETRN', R.authInTransaction());
-    const node = c.arg.trim();
-    // A domain, "@domain" (its subdomains too) or "#queue" (RFC 1985 §5), as Postfix takes them.
-    if (!/^[@#]?[A-Za-z0-9][A-Za-z0-9.-]{0,254}$/.test(node)) return this.queue('ETRN', R.syntax('ETRN domain'));
-    const v = await this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node }));
-    if (v.reply) return this.queue('ETRN', v.reply);
-    const b = await this.ensureBackend();
-    if (!(b instanceof BackendConnection)) return this.queue('ETRN', b);
-    this.queue('ETRN', b.command(`ETRN ${node}`).catch((e: unknown) => this.backendFailed(e)));
+  /** The ETRN command (etrn.ts). */
+  private onEtrn(c: Command): Promise<void> {
+    return etrn(
+      {
+        helo: !!this.helo,
+        offered: this.caps.has('ETRN'),
+        inTransaction: this.txn !== null,
+        queue: (r) => this.queue('ETRN', r),
+        rules: (node) => this.runRules('etrn', () => ({ stage: 'etrn', session: this.snapshot(), node })),
+        backend: () => this.ensureBackend(),
+        failed: (e) => this.backendFailed(e),
+      },
+      c.arg,
+    );
   }
 
   // ---------------------------------------------------------------- DATA
@@ -728,29 +714,13 @@ export class Session {
     // BDAT towards a backend that takes it, in an ESMTP session (the client said EHLO): the
     // message goes with its size, without DATA and the backend's 354.
     const bdat = this.deps.backend.chunking && this.esmtp && b.chunking;
-    const d = new Message(b, { bdat, holdHeaders: hasHeaderRules }, this.messageHost());
+    const inbound = new Inbound(b, { bdat, holdHeaders: hasHeaderRules }, txn.log, this.inboundHost());
     this.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
-    this.data = new Inbound(d, txn.log, this.inboundHost());
+    this.data = inbound;
     this.framing.beginData();
     if (!hasHeaderRules) this.writeTags(this.sessionTags, txn.tags);
-  }
-
-  /** What a message needs of the session: reading the client stopped and resumed, failures. */
-  private messageHost(): MessageHost {
-    return {
-      maxBuffered: this.deps.limits.maxBuffered,
-      isCongested: () => this.backendCongested,
-      setCongested: (v) => (this.backendCongested = v),
-      pauseClient: () => this.socket.pause(),
-      uncongest: () => this.uncongest(),
-      isCurrent: (m) => this.data?.message === m,
-      failed: (e) => this.backendFailed(e),
-      failedAtEndOfData: (e) => this.dataFailed(e),
-      acceptedAfterRefusal: (refused, last) =>
-        this.deps.log.warn({ session: this.id, backend: this.link.name, refused: describeReply(refused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal'),
-    };
   }
 
   /** What the message in progress needs of the session (inbound.ts). */
@@ -768,6 +738,14 @@ export class Session {
       writeTags: (extra) => this.writeTags(this.sessionTags, this.txn?.tags ?? [], extra),
       oversized: (m) => this.oversized(m),
       backendCongested: () => this.backendCongested,
+      setBackendCongested: (v) => (this.backendCongested = v),
+      pauseClient: () => this.socket.pause(),
+      uncongest: () => this.uncongest(),
+      isCurrent: (i) => this.data === i,
+      failed: (e) => this.backendFailed(e),
+      failedAtEndOfData: (e) => this.link.failedAtEndOfData(e),
+      acceptedAfterRefusal: (refused, last) =>
+        deps.log.warn({ session: this.id, backend: this.link.name, refused: describeReply(refused), last: describeReply(last) }, 'backend accepted a message after refusing a chunk of it; the client gets the refusal'),
       resumeIfRoom: () => {
         if (this.framing.buffered <= deps.limits.maxBuffered && !this.backendCongested) this.socket.resume();
       },
@@ -786,10 +764,6 @@ export class Session {
         this.queue('DATA_END', r);
       },
     };
-  }
-
-  private dataFailed(e: unknown): Reply {
-    return this.link.failedAtEndOfData(e);
   }
 
   /** A backend failure during a command: the client gets 421 and the session ends. */
