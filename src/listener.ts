@@ -15,7 +15,7 @@ import type { BackendOptions } from './backend/connection.js';
 import type { BackendPool } from './backend/pool.js';
 import { MAX_PROXY_HEADER, parseProxyHeader, unmap, type ProxiedAddress } from './backend/proxy-protocol.js';
 import type { RuleSet } from './config/rules.js';
-import { parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
+import { listenerName, parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
 import type { Metrics } from './metrics/registry.js';
 import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
 import { R, type Reply } from './protocol/reply.js';
@@ -151,7 +151,7 @@ export class Proxy {
       const hp = parseHostPort(cfg.address);
       if (!hp) throw new Error(`bad listen address ${cfg.address}`);
       const runtime: ListenerRuntime = {
-        name: cfg.name ?? `${cfg.role}@${cfg.address}`,
+        name: listenerName(cfg),
         role: cfg.role,
         authPlaintext: cfg.authPlaintext,
         secureContext: this.secureContext,

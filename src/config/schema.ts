@@ -150,9 +150,14 @@ export type Config = z.output<typeof configSchema>;
 
 /** A listener's name in logs, metrics and rule scopes: `name`, or role@address (as listener.ts names it). */
 export function listenerRefs(config: Config): { name: string; role: string }[] {
-  return config.listen.map((l) => ({ name: l.name ?? `${l.role}@${l.address}`, role: l.role }));
+  return config.listen.map((l) => ({ name: listenerName(l), role: l.role }));
 }
 export type ListenerConfig = z.output<typeof listenerSchema>;
+
+/** A listener's name in logs, metrics and rule scopes: its `name`, else role@address. */
+export function listenerName(l: Pick<ListenerConfig, 'name' | 'role' | 'address'>): string {
+  return l.name ?? `${l.role}@${l.address}`;
+}
 export type Limits = Config['limits'];
 
 /** `host:port`, `[v6]:port`. Returns null when malformed. */
