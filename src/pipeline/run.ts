@@ -202,14 +202,17 @@ class Run implements PipelineSession {
 
   /** Subscribes now: a value if the verdict came synchronously, else a Promise (cancelled with the session). */
   private subscribe(v$: Observable<StageVerdict>): StageVerdict | Promise<StageVerdict> {
-    let value: StageVerdict | undefined;
+    type Sync = { value: StageVerdict } | { error: unknown };
+    let sync: Sync | null = null;
     let settle: ((v: StageVerdict) => void) | null = null;
     let fail: ((e: unknown) => void) | null = null;
     const sub = v$.subscribe({
-      next: (v) => (settle ? settle(v) : (value = v)),
-      error: (e: unknown) => (fail ? fail(e) : (value = Promise.reject(e) as unknown as StageVerdict)),
+      next: (v) => (settle ? settle(v) : (sync = { value: v })),
+      error: (e: unknown) => (fail ? fail(e) : (sync = { error: e })),
     });
-    if (value !== undefined) return value;
+    // Assigned in the callbacks above, during the subscription when the verdict came at once.
+    const now = sync as Sync | null;
+    if (now) return 'value' in now ? now.value : Promise.reject(now.error);
     this.pending.add(sub);
     sub.add(() => this.pending.remove(sub));
     return new Promise<StageVerdict>((resolve, reject) => {
