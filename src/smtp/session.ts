@@ -243,7 +243,7 @@ export class Session {
     this.pipe = openPipeline(deps.rules.rules, {
       metrics: deps.metrics,
       onRuleError: (rule, kind, err) => deps.log.warn({ session: this.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
-      late: (o) => this.lateOutcome(o),
+      late: (o, ev) => this.lateOutcome(o, ev),
       maxPendingDryRun: l.maxPendingDryRun,
       unstuff: () => {
         const u = new Unstuffer();
@@ -591,6 +591,7 @@ export class Session {
     if (!(b instanceof BackendConnection)) return answer(b);
     const txn = new Transaction(p.path, p.params, log, v.acceptedBy || undefined);
     this.addTags(txn.tags, v.tags);
+    txn.addAuthResults(v.results);
     this.txn = txn;
     // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
     // with the first RCPT the rules let through (a round trip less per message, none at all for a
@@ -801,6 +802,8 @@ export class Session {
     }
     if (stage === 'connect' && v.acceptedBy) this.acceptedBy = v.acceptedBy;
     if (stage === 'connect') this.addTags(this.sessionTags, v.tags);
+    // MAIL's results go to the transaction it opens (onMail); later stages' to the current one.
+    if (stage !== 'mail') this.txn?.addAuthResults(v.results);
     return v;
   }
 
@@ -814,7 +817,8 @@ export class Session {
    * A dry-run finding that arrived after its stage's reply: in the session log line when it came
    * before the session ended, else in a log line of its own ('late rule finding').
    */
-  private lateOutcome(o: RuleOutcome): void {
+  private lateOutcome(o: RuleOutcome, ev: SessionEvent): void {
+    if (o.results && ev.session.transaction === this.txnNumber) this.txn?.addAuthResults(o.results);
     if (o.finding === 'pass') return;
     if (!this.logged) this.noteOutcome(o);
     else this.deps.log.info({ session: this.id, client: this.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
@@ -836,6 +840,7 @@ export class Session {
       recipients: this.txn ? [...this.txn.rcpts] : [],
       recipientsForwarded: this.txn?.rcptForwarded ?? 0,
       acceptedBy: this.acceptedBy ?? this.txn?.acceptedBy ?? null,
+      authResults: this.txn ? [...this.txn.authResults] : [],
       ended: this.ended.signal,
     };
   }
