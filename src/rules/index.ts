@@ -12,6 +12,7 @@ import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
 import { senderRule } from './sender.js';
 import { spfRule } from './spf.js';
+import { dmarcRule } from './dmarc.js';
 
 export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleType>([
   [accessRule.type, accessRule as unknown as RuleType],
@@ -23,4 +24,5 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [fcrdnsRule.type, fcrdnsRule as unknown as RuleType],
   [ratelimitRule.type, ratelimitRule as unknown as RuleType],
   [greylistRule.type, greylistRule as unknown as RuleType],
+  [dmarcRule.type, dmarcRule as unknown as RuleType],
 ]);

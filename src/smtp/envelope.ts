@@ -75,6 +75,7 @@ export async function mail(ctx: SessionContext, c: Command): Promise<void> {
   if (!(b instanceof BackendConnection)) return answer(b);
   const txn = new Transaction(p.path, p.params, log, v.acceptedBy || undefined);
   ctx.sessionLog.addTags(txn.tags, v.tags);
+  txn.addAuthResults(v.results);
   s.txn = txn;
   // Deferred: the syntax, parameters and size are checked here; the backend gets MAIL in one write
   // with the first RCPT the rules let through (a round trip less per message, none at all for a

@@ -35,7 +35,7 @@ export class SessionStages {
     this.pipe = openPipeline(deps.rules.rules, {
       metrics: deps.metrics,
       onRuleError: (rule, kind, err) => deps.log.warn({ session: state.id, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
-      late: (o) => this.late(o),
+      late: (o, ev) => this.late(o, ev),
       maxPendingDryRun: deps.limits.maxPendingDryRun,
       unstuff: () => {
         const u = new Unstuffer();
@@ -86,6 +86,8 @@ export class SessionStages {
       if (v.acceptedBy) this.state.acceptedBy = v.acceptedBy;
       this.sessionLog.addTags(this.state.tags, v.tags);
     }
+    // MAIL's results go to the transaction it opens (envelope.ts); later stages' to the current one.
+    if (stage !== 'mail') this.state.txn?.addAuthResults(v.results);
     return v;
   }
 
@@ -99,7 +101,9 @@ export class SessionStages {
    * A dry-run finding that arrived after its stage's reply: in the session log line when it came
    * before the session ended, else in a log line of its own ('late rule finding').
    */
-  private late(o: RuleOutcome): void {
+  private late(o: RuleOutcome, ev: SessionEvent): void {
+    const s = this.state;
+    if (o.results && ev.session.transaction === s.txnNumber) s.txn?.addAuthResults(o.results);
     if (o.finding === 'pass') return;
     if (!this.sessionLog.written) this.noteOutcome(o);
     else this.deps.log.info({ session: this.state.id, client: this.state.client.text, rule: ruleLogEntry(o) }, 'late rule finding');

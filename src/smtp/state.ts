@@ -95,6 +95,7 @@ export class SessionState {
       recipients: txn ? [...txn.rcpts] : [],
       recipientsForwarded: txn?.rcptForwarded ?? 0,
       acceptedBy: this.acceptedBy ?? txn?.acceptedBy ?? null,
+      authResults: txn ? [...txn.authResults] : [],
       ended: this.ended.signal,
     };
   }
