@@ -200,7 +200,9 @@ export class Inbound {
     if (d.aborted) return;
     // RFC 8601 §5: no incoming Authentication-Results may speak for doorman's name.
     const clean = this.authservId === null ? held : Buffer.concat([stripClaimed(held.subarray(0, block.length), this.authservId), held.subarray(block.length)]);
-    this.out([clean]);
+    // At the end of data the whole message goes with the final "." (one write, one BDAT LAST).
+    if (final && !this.spool && !this.host.hasDataEndRules()) d.tail = [clean];
+    else this.out([clean]);
   }
 
   /** The final ".": the message's reply, its log entry and metrics; then the transaction ends. */

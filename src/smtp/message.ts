@@ -73,6 +73,8 @@ export class Message {
   tail: Buffer[] = [];
   /** Octets doorman added to the message (X-Doorman-Tag headers). */
   added = 0;
+  /** doorman's header fields, not yet sent: they go in front of the next bytes. */
+  private prefix: Buffer | null = null;
 
   /**
    * Starts a message on `b`: DATA is sent now (its 354 awaited in parallel), or nothing when it
@@ -132,14 +134,23 @@ export class Message {
     if (!fields.length && !tags.length) return;
     const headers = Buffer.concat([tagHeaders(tags), Buffer.from(fields.join(''), 'latin1')]);
     this.added += headers.length;
-    this.write(headers);
+    // Sent with the next bytes of the message (one write, one BDAT chunk), or with its tail.
+    this.prefix = headers;
+  }
+
+  /** `list` with doorman's header fields in front, once. */
+  private withPrefix(list: readonly Buffer[]): readonly Buffer[] {
+    const p = this.prefix;
+    if (!p) return list;
+    this.prefix = null;
+    return [p, ...list];
   }
 
   /** Message bytes towards the backend (held before its 354; as BDAT chunks; or raw). */
   write(chunks: Buffer | readonly Buffer[]): void {
     const b = this.b;
     if (!b.alive) return;
-    const list = Buffer.isBuffer(chunks) ? [chunks] : chunks;
+    const list = this.withPrefix(Buffer.isBuffer(chunks) ? [chunks] : chunks);
     if (!this.ready) {
       // Before the backend's 354: hold the bytes; stop reading when too many are held.
       if (this.refused) return;
@@ -192,7 +203,7 @@ export class Message {
     const b = this.b;
     for await (const c of source) {
       if (this.aborted || !b.alive) return;
-      if (!this.send([c])) {
+      if (!this.send(this.withPrefix([c]))) {
         await new Promise<void>((resolve) => {
           const done = () => {
             b.off('close', done);
@@ -228,7 +239,7 @@ export class Message {
       this.resetRefused(r);
       return r;
     }
-    return b.alive ? b.endData(this.tail).catch((e: unknown) => this.host.failedAtEndOfData(e)) : R.backendTempfail();
+    return b.alive ? b.endData(this.withPrefix(this.tail)).catch((e: unknown) => this.host.failedAtEndOfData(e)) : R.backendTempfail();
   }
 
   /**
@@ -242,7 +253,7 @@ export class Message {
     const b = this.b;
     let r = this.bdatRefused;
     if (!r) {
-      const last = b.alive ? await b.bdat(unstuffer.push(this.tail), true).reply.catch((e: unknown) => this.host.failedAtEndOfData(e)) : R.backendTempfail();
+      const last = b.alive ? await b.bdat(unstuffer.push(this.withPrefix(this.tail)), true).reply.catch((e: unknown) => this.host.failedAtEndOfData(e)) : R.backendTempfail();
       await Promise.all(this.bdatReplies);
       r = this.bdatRefused ?? last;
       if (this.bdatRefused && replyClass(last) === 2) this.host.acceptedAfterRefusal(this.bdatRefused, last);
