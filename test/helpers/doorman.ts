@@ -79,6 +79,10 @@ export async function startDoorman(opts: DoormanOptions): Promise<Doorman> {
       DOORMAN_LOG_LEVEL: 'info',
       // One process unless a test asks for workers (cluster.test.ts): logs and PIDs stay simple.
       DOORMAN_WORKERS: '1',
+      // V8's young generation pinned to 16 MB semi-spaces, Node 22's default: Node 24 grows it to
+      // 64 MB by itself, and its uncollected garbage would hide what the RSS bounds of the memory
+      // tests (relay, session-limits, adversarial) are there to catch, such as a held 20 MB message.
+      NODE_OPTIONS: '--max-semi-space-size=16',
       ...opts.env,
     };
     const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });
