@@ -79,9 +79,9 @@ use_supported_node() {
   esac
   dir="$PWD/.node/$major"
   if ! node_fits "$dir/bin/node" "$major"; then
+    npm_cmd="$(npm_for_download)" || return 1
     echo "system Node.js: $(node --version 2>/dev/null || echo none), wanted: ${want:-$DOORMAN_NODE_MIN or newer};" \
       "installing node-linux-$arch@$major and npm@$DOORMAN_NODE_NPM into .node/$major"
-    npm_cmd="$(npm_for_download)" || return 1
     # Into a fresh folder, moved into place only when complete: an interrupted download leaves
     # nothing that a later run would take for a working Node.
     rm -rf "$dir" "$dir.tmp"
