@@ -1,14 +1,14 @@
 # doorman — multi-stage build: compile TypeScript, then a small runtime image running as the
 # unprivileged `node` user. Configure with DOORMAN_* variables (README). Port 25 inside a
 # container needs privileges; doorman listens on 2525 and the host maps 25 → 2525.
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json tsconfig.json tsconfig.build.json ./
 RUN npm ci --no-audit --no-fund
 COPY src ./src
 RUN npm run build && npm prune --omit=dev
 
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 # A 64 MB young generation (V8's default is 16): a quarter of the garbage-collection pauses, which
 # dominated the p99 command latency under load (docs/performance.md); costs up to ~100 MB per process.
 ENV NODE_ENV=production \

@@ -34,7 +34,7 @@ const noOtherRule = {
 };
 
 export default tseslint.config(
-  { ignores: ['dist/**', 'node_modules/**', 'coverage/**'] },
+  { ignores: ['dist/**', 'node_modules/**', 'coverage/**', '.node/**'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

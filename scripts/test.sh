@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs — Debian packages included — and runs the whole suite.
-#   ./scripts/test.sh            (as root: installs missing packages with apt-get)
+#   ./scripts/test.sh                       (as root: installs missing packages with apt-get)
+#   DOORMAN_NODE_MAJOR=22 ./scripts/test.sh  (on Node.js 22; default: the system's if >= 22.19, else 24)
 # Tests start their own Postfix, smtp-sink and doorman processes on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,6 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run for real: Postfix (smtpd, smtp-sink, smtp-source), swaks,
 # swaks's TLS (Net::SSLeay, not pulled in without recommends), Cyrus SASL (AUTH against Postfix), dnsmasq and rbldnsd (DNS records and lists), redis-server (shared state, Cluster, Sentinel), prometheus (dashboard queries), openssl (test certificates), script(1) from bsdutils.
 PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libsasl2-modules sasl2-bin dnsmasq-base rbldnsd redis-server redis-tools prometheus openssl bsdutils ca-certificates)
-need_cmd() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,10 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-if ! need_cmd node || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
-  echo "doorman needs Node.js 20 or newer (found: $(node --version 2>/dev/null || echo none))" >&2
-  exit 1
-fi
+# Node.js >= 22.19: the system's, or the current LTS downloaded into .node/ (scripts/node.sh);
+# DOORMAN_NODE_MAJOR=22 or 24 runs the suite on that line.
+. scripts/node.sh
+use_supported_node
 
 npm ci --no-audit --no-fund
 npm run lint

@@ -82,6 +82,10 @@ export async function startDoorman(opts: DoormanOptions): Promise<Doorman> {
       // No Received: field unless a test asks (trace.test.ts): tests compare the bytes at
       // backends that cannot be told the client (smtp-sink, the fake backend).
       DOORMAN_TRACE_HEADER: 'never',
+      // V8's young generation pinned to 16 MB semi-spaces, Node 22's default: Node 24 grows it to
+      // 64 MB by itself, and its uncollected garbage would hide what the RSS bounds of the memory
+      // tests (relay, session-limits, adversarial) are there to catch, such as a held 20 MB message.
+      NODE_OPTIONS: '--max-semi-space-size=16',
       ...opts.env,
     };
     const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });

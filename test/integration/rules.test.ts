@@ -131,7 +131,8 @@ test('hot reload: a changed file applies to new sessions; an invalid one keeps t
 
   fs.writeFileSync(file, 'rule: access\nsettings:\n  senders:\n    - deny: 999.1.1.1/8\n      bogus: 1\n');
   await eventually(async () => (await dm.metric('doorman_config_reloads_total', { result: 'failure' })) >= 1, 5000);
-  const err = dm.logs().find((l) => l.msg.startsWith('rule reload failed'));
+  // The metric can be scraped before the log line has come through doorman's stdout pipe.
+  const err = await eventually(() => dm.logs().find((l) => l.msg.startsWith('rule reload failed')), 5000);
   assert.match(String(err?.err), /10-access\.yaml:\d+: settings\.senders\.0\.bogus: unknown key/);
   c = await SmtpClient.open(dm.port);
   assert.equal((await c.cmd('MAIL FROM:<x@other.example>')).code, 550, 'last good rules still in force');

@@ -2,8 +2,9 @@
  * What can be checked of the deployment files without a Docker engine: the compose file's build
  * contexts and bind-mount sources exist; doorman's environment there is a valid configuration;
  * Prometheus scrapes the port doorman serves metrics on (and promtool accepts the file when it is
- * installed); the Dockerfile runs as non-root with a HEALTHCHECK on /healthz; the Grafana
- * provisioning points at the dashboard the compose file mounts.
+ * installed); the Dockerfile runs as non-root with a HEALTHCHECK on /healthz, on the Node.js LTS
+ * that scripts/node.sh installs and CI tests; the Grafana provisioning points at the dashboard the
+ * compose file mounts.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -66,6 +67,19 @@ test('Dockerfile: multi-stage, non-root, HEALTHCHECK on /healthz, the doorman en
   assert.match(df, /^ENTRYPOINT \["node", "bin\/doorman\.js"\]$/m);
   assert.match(df, /^\s+NODE_OPTIONS=--max-semi-space-size=64 \\$/m, 'the tuned young generation, as install.sh and the bench use');
   assert.match(read('scripts/install.sh'), /NODE_OPTIONS:---max-semi-space-size=64/);
+});
+
+test('one Node.js story: the image, the LTS the scripts download, engines and the lines CI runs', () => {
+  const lts = /^DOORMAN_NODE_LTS=(\d+)\b/m.exec(read('scripts/node.sh'))?.[1];
+  assert.equal(lts, '24', 'scripts/node.sh installs the current LTS');
+  const froms = read('Dockerfile').match(/^FROM \S+/gm) ?? [];
+  assert.deepEqual(froms.map((f) => f.replace(/ AS .*/, '')), [`FROM node:${lts}-bookworm-slim`, `FROM node:${lts}-bookworm-slim`]);
+  const pkg = JSON.parse(read('package.json')) as { engines: { node: string } };
+  assert.equal(pkg.engines.node, '^22.19.0 || >=24');
+  assert.match(read('.ci/run'), /^for major in 22 24; do$/m, 'CI runs the suite on both LTS lines');
+  assert.match(read('.ci/run'), /DOORMAN_NODE_MAJOR=\$major \.\/scripts\/test\.sh/, "through the README's test command");
+  for (const f of ['scripts/install.sh', 'scripts/test.sh']) assert.match(read(f), /^\. scripts\/node\.sh\nuse_supported_node$/m, f);
+  assert.match(read('.gitignore'), /^\.node\/$/m);
 });
 
 test('Grafana provisioning: the datasource uid and the dashboard path match the compose mounts', () => {
