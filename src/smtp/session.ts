@@ -734,7 +734,7 @@ export class Session {
       hasDataEndRules: () => deps.rules.stages.has('data_end'),
       headerRules: (headers, truncated) => this.runRules('data_headers', () => ({ stage: 'data_headers', session: this.snapshot(), headers, truncated })),
       endRules: (size) => this.runRules('data_end', () => ({ stage: 'data_end', session: this.snapshot(), size })),
-      feedBody: (chunks, last) => (this.pipe.wantsBody ? this.pipe.body(chunks, last) : undefined),
+      feedBody: (chunks, last) => (this.pipe.wantsBody ? this.pipe.body(chunks, last, () => this.snapshot()) : undefined),
       writeTags: (extra) => this.writeTags(this.sessionTags, this.txn?.tags ?? [], extra),
       oversized: (m) => this.oversized(m),
       backendCongested: () => this.backendCongested,
