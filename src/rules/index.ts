@@ -4,13 +4,16 @@
  */
 import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
+import { clamavRule } from './clamav.js';
 import { dnsblRule } from './dnsbl.js';
 import { fcrdnsRule } from './fcrdns.js';
 import { greylistRule } from './greylist.js';
 import { ratelimitRule } from './ratelimit.js';
 import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
+import { rspamdRule } from './rspamd.js';
 import { senderRule } from './sender.js';
+import { spamassassinRule } from './spamassassin.js';
 import { spfRule } from './spf.js';
 
 export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleType>([
@@ -23,4 +26,7 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [fcrdnsRule.type, fcrdnsRule as unknown as RuleType],
   [ratelimitRule.type, ratelimitRule as unknown as RuleType],
   [greylistRule.type, greylistRule as unknown as RuleType],
+  [clamavRule.type, clamavRule as unknown as RuleType],
+  [spamassassinRule.type, spamassassinRule as unknown as RuleType],
+  [rspamdRule.type, rspamdRule as unknown as RuleType],
 ]);
