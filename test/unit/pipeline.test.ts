@@ -241,3 +241,46 @@ test('body: a session that ends mid-message drops its readers', async () => {
   await new Promise((res) => setTimeout(res, 60));
   assert.equal(reads, 1, 'the queued chunks are never read');
 });
+
+test('body: begin is called once per message, before its first chunk, with the snapshot the front hands over', async () => {
+  const calls: string[] = [];
+  const rule: Rule<{ n: number }> = {
+    name: 'begins', type: 't', bypassable: true, checks: {},
+    session: () => ({ n: 0 }),
+    body: {
+      begin: (snap, st) => void calls.push(`begin ${snap.recipients.length} rcpt, state ${st.n}`),
+      chunk: (c, st) => void (calls.push(`chunk ${c.toString()}`), st.n++),
+      end: () => ({ kind: 'pass' }),
+    },
+  };
+  const s = session([loaded(rule as Rule)]);
+  s.connect();
+  const at = { ...s.snap, recipients: [{ raw: 'a@example.com' }, { raw: 'b@example.com' }] } as unknown as SessionSnapshot;
+  s.pipe.body([Buffer.from('one'), Buffer.from('two')], false, () => at);
+  s.pipe.body([Buffer.from('three')], true, () => at);
+  // The next message begins again: one refused or cut short never reached its end.
+  s.pipe.body([Buffer.from('four')], true, () => s.snap);
+  await s.dataEnd();
+  assert.deepEqual(calls, ['begin 2 rcpt, state 0', 'chunk one', 'chunk two', 'chunk three', 'begin 0 rcpt, state 3', 'chunk four']);
+});
+
+test('body: a reader whose begin throws reads nothing and holds nothing back; its error is its finding', async () => {
+  let reads = 0;
+  const rule: Rule = {
+    name: 'broken', type: 't', bypassable: true, checks: {},
+    body: {
+      begin: () => {
+        throw new Error('cannot connect');
+      },
+      chunk: () => void reads++,
+      end: () => ({ kind: 'pass' }),
+    },
+  };
+  const s = session([loaded(rule)], { maxBodyLag: 4 });
+  s.connect();
+  assert.equal(s.pipe.body([Buffer.alloc(16)], true, () => s.snap), undefined, 'no lag: no wait');
+  const v = await s.dataEnd();
+  assert.equal(reads, 0);
+  assert.equal(v.outcomes[0]?.finding, 'error');
+  assert.match(v.outcomes[0]?.reason ?? '', /cannot connect/);
+});
