@@ -48,7 +48,7 @@ const rcpts = [pathOf('bob@example.net'), pathOf('carol@example.net')];
 function events(i: number, ended: AbortSignal): SessionEvent[] {
   const base: SessionSnapshot = {
     id: `b${i}`, client: parseAddress(`192.0.2.${(i % 250) + 1}`), clientPort: 1, listener: { name: 'smtp', role: 'smtp' }, localAddress: '127.0.0.1',
-    tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended,
+    tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [], ended,
   };
   const helo = { ...base, helo: 'mail.example.org', esmtp: true };
   const txn = { ...helo, transaction: 1, sender };

@@ -379,7 +379,7 @@ export class Proxy {
         if (rules !== this.deps.rules()) this.deps.onRuleSetUnused?.(rules);
       } else this.setUsers.set(rules, users);
       this.deps.metrics.connectionsActive.dec({ listener: name });
-      this.deps.metrics.sessionDuration.observe({ listener: name }, (Date.now() - session.started) / 1000);
+      this.deps.metrics.sessionDuration.observe({ listener: name }, (Date.now() - session.state.started) / 1000);
     });
     session.start().catch((err: unknown) => {
       this.deps.log.error({ err: err instanceof Error ? err.stack : String(err) }, 'session start failed');

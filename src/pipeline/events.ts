@@ -7,6 +7,7 @@
  * socket or the session object.
  */
 import type { ParsedPath } from '../protocol/address.js';
+import type { AuthResult } from '../protocol/auth-results.js';
 import type { MailParam } from '../protocol/params.js';
 import type { ClientAddress } from '../net/ip.js';
 
@@ -48,6 +49,12 @@ export interface SessionSnapshot {
    * or this transaction (at MAIL: until its end, RSET or the next MAIL), if any.
    */
   readonly acceptedBy: string | null;
+  /**
+   * Authentication results of the current transaction so far (spf at MAIL, …), in the order the
+   * rules gave them; empty outside a transaction (cleared at each MAIL). A later rule reads an
+   * earlier rule's result here without importing it.
+   */
+  readonly authResults: readonly AuthResult[];
   /** Aborted when the session ends: work that outlives its event (a late store reply) checks it. */
   readonly ended: AbortSignal;
 }

@@ -4,6 +4,7 @@
  * body bounds). Types only; run.ts and outcome.ts both use them, so they live below both.
  */
 import type { Metrics } from '../metrics/registry.js';
+import type { SessionEvent } from './events.js';
 import type { ReplySpec, Rule } from './rule.js';
 import type { RuleScope } from './scope.js';
 import type { Action, OnError, RuleOutcome } from './verdict.js';
@@ -29,9 +30,10 @@ export interface PipelineHooks {
   onRuleError?: (rule: string, kind: 'error' | 'timeout', err: unknown) => void;
   /**
    * The outcome of a dry-run rule that was not awaited, when it arrives (already counted in
-   * metrics). Without this hook, dry-run rules are awaited like the others.
+   * metrics), with the event it answers (its `session.transaction` says which transaction its
+   * authentication results belong to). Without this hook, dry-run rules are awaited like the others.
    */
-  late?: (outcome: RuleOutcome) => void;
+  late?: (outcome: RuleOutcome, event: SessionEvent) => void;
   /** Dry-run checks of one session left running at most (limits.maxPendingDryRun); default 16. */
   maxPendingDryRun?: number;
   /** Body bytes a reader may have pending before the feed waits for it; default 1 MiB. */

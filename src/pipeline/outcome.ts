@@ -97,5 +97,6 @@ function findingOutcome(lr: LoadedRule, stage: Stage, finding: Finding, ms: numb
     ...applied,
     bypassable: lr.rule.bypassable,
     ms,
+    ...(finding.results?.length ? { results: finding.results } : {}),
   };
 }

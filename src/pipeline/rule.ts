@@ -10,6 +10,7 @@
 import type { Observable } from 'rxjs';
 import { z } from 'zod';
 import type { Metrics } from '../metrics/registry.js';
+import type { AuthResult } from '../protocol/auth-results.js';
 import type { DnsResolver } from '../net/dns.js';
 import type { Store } from '../store/store.js';
 import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
@@ -22,17 +23,27 @@ export interface ReplySpec {
   readonly text: string;
 }
 
+/**
+ * What a rule authenticated (spf, dkim, dmarc, arc), whatever its finding: every variant may
+ * carry it. The runner collects them into StageVerdict.results (from every rule that answered for
+ * the stage, whatever its action, dry-run included), and the session into the transaction's
+ * SessionSnapshot.authResults, for the Authentication-Results header (RFC 8601).
+ */
+interface Authenticated {
+  readonly results?: readonly AuthResult[];
+}
+
 export type Finding =
   /** Nothing to report. */
-  | { readonly kind: 'pass' }
+  | ({ readonly kind: 'pass' } & Authenticated)
   /** A permanent problem: suggest 5xx. */
-  | { readonly kind: 'reject'; readonly reason: string; readonly reply?: ReplySpec }
+  | ({ readonly kind: 'reject'; readonly reason: string; readonly reply?: ReplySpec } & Authenticated)
   /** A temporary problem: suggest 4xx. */
-  | { readonly kind: 'tempfail'; readonly reason: string; readonly reply?: ReplySpec }
+  | ({ readonly kind: 'tempfail'; readonly reason: string; readonly reply?: ReplySpec } & Authenticated)
   /** Allowlisted: rules marked `bypassable` no longer refuse this session / recipient. */
-  | { readonly kind: 'accept'; readonly reason: string }
+  | ({ readonly kind: 'accept'; readonly reason: string } & Authenticated)
   /** Noteworthy but not refused: tagged in a header. */
-  | { readonly kind: 'tag'; readonly reason: string };
+  | ({ readonly kind: 'tag'; readonly reason: string } & Authenticated);
 
 export const PASS: Finding = Object.freeze({ kind: 'pass' });
 

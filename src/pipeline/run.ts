@@ -271,7 +271,7 @@ class Run implements PipelineSession {
         continue;
       }
       if (this.late < this.maxLate && lr.action === 'dry-run') {
-        this.detach(o);
+        this.detach(o, event);
         continue;
       }
       waiting = true;
@@ -298,7 +298,7 @@ class Run implements PipelineSession {
   }
 
   /** A dry-run check not waited for: its outcome goes to `hooks.late` when it comes. */
-  private detach(outcome$: Observable<RuleOutcome>): void {
+  private detach(outcome$: Observable<RuleOutcome>, event: SessionEvent): void {
     this.late++;
     let done = false;
     const settle = () => {
@@ -307,7 +307,7 @@ class Run implements PipelineSession {
       this.late--;
       if (this.late === 0 && this.endHooksDue) this.runEndHooks();
     };
-    outcome$.subscribe({ next: (o) => this.hooks.late?.(o), complete: settle, error: settle });
+    outcome$.subscribe({ next: (o) => this.hooks.late?.(o, event), complete: settle, error: settle });
   }
 
   /**

@@ -15,6 +15,7 @@
  *   4. tags; 5. pass.
  * Ties go to the rule loaded first (rule files in name order).
  */
+import type { AuthResult } from '../protocol/auth-results.js';
 import { reply, type Reply } from '../protocol/reply.js';
 import type { Stage } from './events.js';
 import type { Finding, ReplySpec } from './rule.js';
@@ -37,6 +38,8 @@ export interface RuleOutcome {
   readonly reply?: Reply;
   readonly bypassable: boolean;
   readonly ms: number;
+  /** What the rule authenticated (Finding.results), whatever its action. */
+  readonly results?: readonly AuthResult[];
 }
 
 export interface StageVerdict {
@@ -48,10 +51,16 @@ export interface StageVerdict {
   readonly acceptedBy: string | null;
   /** Header values to add to the message (X-Doorman-Tag). */
   readonly tags: readonly string[];
+  /**
+   * Authentication results of the stage's rules that answered in time (every action, dry-run
+   * included; a dry-run rule that answers later brings its own in its RuleOutcome to `hooks.late`),
+   * in rule order: for the Authentication-Results header.
+   */
+  readonly results: readonly AuthResult[];
   readonly outcomes: readonly RuleOutcome[];
 }
 
-export const EMPTY_VERDICT: StageVerdict = Object.freeze({ reply: null, decidedBy: null, acceptedBy: null, tags: [], outcomes: [] });
+export const EMPTY_VERDICT: StageVerdict = Object.freeze({ reply: null, decidedBy: null, acceptedBy: null, tags: [], results: [], outcomes: [] });
 
 /** The reply a refusal gets when the rule suggests none. Text never names the mechanism. */
 export function defaultReply(stage: Stage, kind: 'reject' | 'tempfail'): ReplySpec {
@@ -119,5 +128,6 @@ export function combine(outcomes: readonly RuleOutcome[], alreadyAccepted: strin
   const soft = acceptedBy ? undefined : pick(refusals.filter((o) => o.bypassable));
   const decided = hard ?? soft;
   const tags = outcomes.filter((o) => o.effect === 'tag').map((o) => `${o.rule}; ${o.reason ?? o.finding}`);
-  return { reply: decided?.reply ?? null, decidedBy: decided?.rule ?? null, acceptedBy: accept?.rule ?? null, tags, outcomes };
+  const results = outcomes.flatMap((o) => o.results ?? []);
+  return { reply: decided?.reply ?? null, decidedBy: decided?.rule ?? null, acceptedBy: accept?.rule ?? null, tags, results, outcomes };
 }

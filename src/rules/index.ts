@@ -15,6 +15,7 @@ import { rspamdRule } from './rspamd.js';
 import { senderRule } from './sender.js';
 import { spamassassinRule } from './spamassassin.js';
 import { spfRule } from './spf.js';
+import { dmarcRule } from './dmarc.js';
 
 export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleType>([
   [accessRule.type, accessRule as unknown as RuleType],
@@ -26,6 +27,7 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [fcrdnsRule.type, fcrdnsRule as unknown as RuleType],
   [ratelimitRule.type, ratelimitRule as unknown as RuleType],
   [greylistRule.type, greylistRule as unknown as RuleType],
+  [dmarcRule.type, dmarcRule as unknown as RuleType],
   [clamavRule.type, clamavRule as unknown as RuleType],
   [spamassassinRule.type, spamassassinRule as unknown as RuleType],
   [rspamdRule.type, rspamdRule as unknown as RuleType],

@@ -19,6 +19,9 @@
  * (shipped: `clients: ["!relayNetworks"]`).
  * Settings: results, stage (mail), checkHelo (true), skipAuthenticated (true), maxLookups (10)
  *   and maxVoidLookups (2) (RFC 7208 §4.6.4); skipNetworks (deprecated: a scope's negated clients).
+ * Every evaluated finding carries its Authentication-Results entry (`spf=… smtp.mailfrom=…`, or
+ * `smtp.helo=…` when the HELO identity's fail decided), whatever the action: the dmarc rule reads
+ * it in SessionSnapshot.authResults (no second lookup).
  * Bypassable (allowlisted clients are not checked). Metrics: doorman_rule_evaluations_total,
  * doorman_rejections_total; the SPF comment is in the session log. DNS failures become
  * temperror (never a crash); a rule timeout gets onError (set the rule's timeout above
@@ -30,6 +33,7 @@ import { inAnyCidr, parseCidr } from '../net/ip.js';
 import { NO_SITE } from '../pipeline/site.js';
 import { defineRuleType, PASS, type Finding, type ReplySpec } from '../pipeline/rule.js';
 import type { EventOf } from '../pipeline/events.js';
+import type { AuthResult } from '../protocol/auth-results.js';
 import { cidrList, echo, isHostName } from './shared.js';
 
 const action = z.enum(['pass', 'reject', 'tempfail', 'tag']);
@@ -65,6 +69,12 @@ export function spfReply(result: SpfResult, address: string, kind: 'reject' | 't
   return { code: 550, enhanced: '5.7.1', text: `${a}: Sender address rejected: SPF ${result}` };
 }
 
+/** The Authentication-Results entry: `spf=<result> smtp.mailfrom=<address>`, or `smtp.helo=<name>` when the HELO identity decided. */
+export function spfAuthResult(result: SpfResult, identity: 'helo' | 'mailfrom', address: string): AuthResult {
+  const helo = address.slice(address.lastIndexOf('@') + 1);
+  return { method: 'spf', result, props: [identity === 'helo' ? ['smtp.helo', helo] : ['smtp.mailfrom', address]] };
+}
+
 /** stage rcpt — per session (runner-owned): the current transaction's evaluation, then its finding. */
 interface State {
   verdict: Finding | Promise<Finding> | null;
@@ -93,12 +103,14 @@ export const spfRule = defineRuleType({
       const result = (r.status.result === 'temperr' ? 'temperror' : r.status.result) as SpfResult;
       return { result, comment: typeof r.status.comment === 'string' ? r.status.comment : '' };
     };
-    const decide = (result: SpfResult, identity: string, address: string, comment: string): Finding => {
+    const decide = (result: SpfResult, identity: 'helo' | 'mailfrom', address: string, comment: string): Finding => {
       const act = (s.results as Record<string, string>)[result] ?? 'pass';
       const reason = `${identity} ${result}${comment ? `: ${comment}` : ''}`;
-      if (act === 'pass') return PASS;
-      if (act === 'tag') return { kind: 'tag', reason };
-      return { kind: act as 'reject' | 'tempfail', reason, reply: spfReply(result, address, act as 'reject' | 'tempfail') };
+      // RFC 8601 §2.7.2: the identity that decided, smtp.helo or smtp.mailfrom.
+      const results = [spfAuthResult(result, identity, address)];
+      if (act === 'pass') return { kind: 'pass', results };
+      if (act === 'tag') return { kind: 'tag', reason, results };
+      return { kind: act as 'reject' | 'tempfail', reason, reply: spfReply(result, address, act as 'reject' | 'tempfail'), results };
     };
     const evaluateMail = async (ev: EventOf<'mail'>): Promise<Finding> => {
       const session = ev.session;

@@ -12,6 +12,7 @@
  */
 import type { BackendConnection, Capabilities } from '../backend/connection.js';
 import type { ParsedPath } from '../protocol/address.js';
+import type { AuthResult } from '../protocol/auth-results.js';
 import { formatMailRcpt, parseMailRcpt, type MailParam } from '../protocol/params.js';
 import { R, reply, replyClass, type Reply } from '../protocol/reply.js';
 import { checkParams } from './extensions.js';
@@ -80,6 +81,8 @@ export class Transaction {
   /** The backend refused the deferred MAIL (or was lost): the answer to every RCPT of this transaction. */
   mailRefused: Reply | null = null;
   readonly tags: string[] = [];
+  /** Authentication results of this transaction's rules (SessionSnapshot.authResults), each once. */
+  readonly authResults: AuthResult[] = [];
 
   constructor(
     readonly sender: ParsedPath,
@@ -89,6 +92,11 @@ export class Transaction {
     readonly acceptedBy?: string,
   ) {
     this.smtputf8 = declaresUtf8(params);
+  }
+
+  /** Adds the results a stage's rules gave (a result already held, repeated at each RCPT, is kept once). */
+  addAuthResults(results: readonly AuthResult[]): void {
+    for (const r of results) if (!this.authResults.some((x) => sameResult(x, r))) this.authResults.push(r);
   }
 
   /** MAIL to the backend now (not deferred); `refused` is told when the backend says no. */
@@ -132,4 +140,14 @@ export class Transaction {
     else this.rcptForwarded--;
     return r;
   }
+}
+
+function sameResult(a: AuthResult, b: AuthResult): boolean {
+  return (
+    a.method === b.method &&
+    a.result === b.result &&
+    a.reason === b.reason &&
+    a.props.length === b.props.length &&
+    a.props.every(([k, v], i) => b.props[i]?.[0] === k && b.props[i]?.[1] === v)
+  );
 }

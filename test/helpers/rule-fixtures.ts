@@ -60,6 +60,7 @@ export function snapshot(over: Partial<Omit<SessionSnapshot, 'client'>> & { ip?:
     recipients: [],
     recipientsForwarded: 0,
     acceptedBy: null,
+    authResults: [],
     ended: new AbortController().signal,
     ...rest,
   };

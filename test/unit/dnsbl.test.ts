@@ -42,7 +42,7 @@ function deps(resolver: DnsResolver): RuleDeps {
 
 const snap = (id: string, ip: string): SessionSnapshot => ({
   id, client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
+  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [],
   ended: new AbortController().signal,
 });
 const connect = (id: string, ip: string): SessionEvent => ({ stage: 'connect', session: snap(id, ip) });

@@ -29,7 +29,7 @@ const rcpt = (to: string, o: Opts = {}): SessionEvent => {
   const session: SessionSnapshot = {
     id: 's', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
     tls: false, helo: 'mail.example.org', esmtp: true, auth: o.auth ? { mechanism: 'PLAIN', login: 'u' } : null, transaction: 1,
-    sender: pathOf(o.from ?? 'alice@example.org'), recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
+    sender: pathOf(o.from ?? 'alice@example.org'), recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [], ended: new AbortController().signal,
   };
   return { stage: 'rcpt', session, recipient: pathOf(to), params: [] };
 };

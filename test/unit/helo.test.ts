@@ -15,7 +15,7 @@ import { checkRule, noDns } from '../helpers/rule-fixtures.js';
 const deps = (ownAddresses: string[] = ['198.51.100.25']): RuleDeps => ({ ownNames: ['mx.doorman.test'], ownAddresses, resolver: noDns, store: new MemoryStore(), metrics: createMetrics({ version: 't', defaults: false }), log: { warn: () => undefined, info: () => undefined }, now: () => 0, checkOnly: true });
 const snap = (ip: string, localAddress: string): SessionSnapshot => ({
   id: 's', client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress,
-  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
+  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [],
   ended: new AbortController().signal,
 });
 const helo = (name: string, ip = '192.0.2.5', localAddress = '203.0.113.1'): SessionEvent => ({ stage: 'helo', verb: 'EHLO', name, session: snap(ip, localAddress) });

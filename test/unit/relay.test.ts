@@ -22,7 +22,7 @@ interface Opts {
 const snap = (o: Opts = {}): SessionSnapshot => ({
   id: 's', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: o.role ?? 'smtp' }, localAddress: '127.0.0.1',
   tls: false, helo: 'client.example', esmtp: true, auth: o.auth ? { mechanism: 'PLAIN', login: 'alice' } : null, transaction: 1,
-  sender: o.sender === undefined ? null : pathOf(o.sender), recipients: [], recipientsForwarded: o.forwarded ?? 0, acceptedBy: null,
+  sender: o.sender === undefined ? null : pathOf(o.sender), recipients: [], recipientsForwarded: o.forwarded ?? 0, acceptedBy: null, authResults: [],
   ended: new AbortController().signal,
 });
 const mail = (o: Opts = {}): SessionEvent => ({ stage: 'mail', sender: pathOf(o.sender ?? 'a@remote.test'), params: [], session: snap(o) });

@@ -10,7 +10,7 @@ import { createMetrics } from '../../src/metrics/registry.js';
 
 const session: SessionSnapshot = {
   id: 't', client: parseAddress('192.0.2.1'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
-  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null,
+  tls: false, helo: null, esmtp: false, auth: null, transaction: 0, sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [],
   ended: new AbortController().signal,
 };
 const ev = (acceptedBy: string | null = null): SessionEvent => ({ stage: 'connect', session: { ...session, acceptedBy } });
@@ -245,4 +245,33 @@ test('start: work begun at one stage for a verdict at a later one, never waited 
   const b = await evaluate([{ ...lr, rule: broken, onError: 'tempfail' }], ev());
   assert.equal(b.reply?.code, 421);
   assert.equal(b.outcomes[0]?.finding, 'error');
+});
+
+test('authentication results: every answering rule’s, in rule order, whatever its action; a late dry-run one’s with its outcome and event', async () => {
+  const spf = { method: 'spf', result: 'pass', props: [['smtp.mailfrom', 'a@b.example']] } as const;
+  const dkim = { method: 'dkim', result: 'fail', props: [['header.d', 'b.example']] } as const;
+  const dmarc = { method: 'dmarc', result: 'fail', props: [['header.from', 'b.example']] } as const;
+  const v = await evaluate(
+    [
+      rule('a', () => ({ kind: 'pass', results: [spf] })),
+      rule('b', () => Promise.resolve<Finding>({ kind: 'reject', reason: 'x', results: [dkim] }), { action: 'tag' }),
+      rule('c', () => ({ kind: 'tempfail', reason: 'y', results: [dmarc] }), { action: 'dry-run' }),
+      rule('d', () => ({ kind: 'pass' })),
+    ],
+    ev(),
+  );
+  assert.deepEqual(v.results, [spf, dkim, dmarc]);
+  assert.deepEqual(v.outcomes.map((o) => o.results?.length ?? 0), [1, 1, 1, 0]);
+  assert.deepEqual(combine([], null).results, []);
+  // A dry-run rule that answers after the stage's verdict: its results reach the late hook, with the event.
+  const late: [RuleOutcome, SessionEvent][] = [];
+  const e = ev();
+  const now = evaluate([rule('dry', () => timer(10).pipe(map((): Finding => ({ kind: 'pass', results: [spf] }))), { action: 'dry-run' })], e, {
+    late: (o, event) => late.push([o, event]),
+  });
+  assert.ok(!(now instanceof Promise));
+  assert.deepEqual((now as { results: unknown }).results, []);
+  await until(() => late.length === 1);
+  assert.deepEqual(late[0]?.[0].results, [spf]);
+  assert.equal(late[0]?.[1], e);
 });

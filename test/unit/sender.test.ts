@@ -14,7 +14,7 @@ const deps = (): RuleDeps => ruleDeps();
 const snap = (ip: string, login: string | null | undefined): SessionSnapshot => ({
   id: 's', client: parseAddress(ip), clientPort: 1, listener: { name: 'l', role: 'submission' }, localAddress: '127.0.0.1',
   tls: true, helo: 'client.example', esmtp: true, auth: login === undefined ? null : { mechanism: 'PLAIN', login }, transaction: 1,
-  sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
+  sender: null, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [], ended: new AbortController().signal,
 });
 /** MAIL FROM:<raw> from `ip`, authenticated as `login` when given (null: AUTH without a login name). */
 const mail = (raw: string, login?: string | null, ip = '192.0.2.5'): SessionEvent => ({ stage: 'mail', sender: pathOf(raw), params: [], session: snap(ip, login) });

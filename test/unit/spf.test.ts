@@ -54,7 +54,7 @@ interface Sess {
 const snap = (o: Sess, sender: ParsedPath | null): SessionSnapshot => ({
   id: o.id ?? 's', client: parseAddress(o.ip ?? '192.0.2.5'), clientPort: 1, listener: { name: 'l', role: 'smtp' }, localAddress: '127.0.0.1',
   tls: false, helo: o.helo === undefined ? 'relay.example.net' : o.helo, esmtp: true, auth: o.login ? { mechanism: 'PLAIN', login: o.login } : null,
-  transaction: o.txn ?? 1, sender, recipients: [], recipientsForwarded: 0, acceptedBy: null, ended: new AbortController().signal,
+  transaction: o.txn ?? 1, sender, recipients: [], recipientsForwarded: 0, acceptedBy: null, authResults: [], ended: new AbortController().signal,
 });
 const mail = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'mail', session: snap(o, pathOf(from)), sender: pathOf(from), params: [] });
 const rcpt = (from: string, o: Sess = {}): SessionEvent => ({ stage: 'rcpt', session: snap(o, pathOf(from)), recipient: pathOf('bob@example.net'), params: [] });
@@ -106,13 +106,30 @@ test('fail → reject 550 5.7.23 Sender address rejected: SPF fail', async () =>
   assert.ok(r.calls.includes('TXT example.org'), 'through doorman\'s resolver');
 });
 
+const spfPass = (result: string, mailfrom: string) => ({ kind: 'pass', results: [{ method: 'spf', result, props: [['smtp.mailfrom', mailfrom]] }] });
+
 test('pass, neutral and none → pass', async () => {
   const { rule } = make();
-  assert.deepEqual(await run(rule, mail('alice@example.org')), { kind: 'pass' });
-  assert.deepEqual(await run(rule, mail('alice@example.org', { ip: '2001:db8::25' })), { kind: 'pass' }, 'IPv6 client, ip6 mechanism');
-  assert.deepEqual(await run(rule, mail('x@neutral.test')), { kind: 'pass' });
-  assert.deepEqual(await run(rule, mail('x@none.test')), { kind: 'pass' });
-  assert.deepEqual(await run(rule, mail('x@nxdomain.test')), { kind: 'pass' }, 'no such domain: none');
+  assert.deepEqual(await run(rule, mail('alice@example.org')), spfPass('pass', 'alice@example.org'));
+  assert.deepEqual(await run(rule, mail('alice@example.org', { ip: '2001:db8::25' })), spfPass('pass', 'alice@example.org'), 'IPv6 client, ip6 mechanism');
+  assert.deepEqual(await run(rule, mail('x@neutral.test')), spfPass('neutral', 'x@neutral.test'));
+  assert.deepEqual(await run(rule, mail('x@none.test')), spfPass('none', 'x@none.test'));
+  assert.deepEqual(await run(rule, mail('x@nxdomain.test')), spfPass('none', 'x@nxdomain.test'), 'no such domain: none');
+});
+
+test('every evaluated finding carries its Authentication-Results entry, whatever its action', async () => {
+  const { rule } = make();
+  const resultsOf = async (ev: SessionEvent) => (await run(rule, ev)).results;
+  assert.deepEqual(await resultsOf(mail('alice@example.org', { ip: '198.51.100.7' })), [{ method: 'spf', result: 'fail', props: [['smtp.mailfrom', 'alice@example.org']] }]);
+  assert.deepEqual(await resultsOf(mail('x@soft.test')), [{ method: 'spf', result: 'softfail', props: [['smtp.mailfrom', 'x@soft.test']] }]);
+  assert.deepEqual(await resultsOf(mail('x@servfail.test')), [{ method: 'spf', result: 'temperror', props: [['smtp.mailfrom', 'x@servfail.test']] }]);
+  assert.deepEqual(await resultsOf(mail('x@broken.test')), [{ method: 'spf', result: 'permerror', props: [['smtp.mailfrom', 'x@broken.test']] }]);
+  // The HELO identity decided: smtp.helo (RFC 8601 §2.7.2).
+  assert.deepEqual(await resultsOf(mail('alice@example.org', { helo: 'bad-helo.test' })), [{ method: 'spf', result: 'fail', props: [['smtp.helo', 'bad-helo.test']] }]);
+  // The null sender: postmaster@<helo> (RFC 7208 §2.4).
+  assert.deepEqual(await resultsOf(mail('', { helo: 'mail.example.org' })), [{ method: 'spf', result: 'pass', props: [['smtp.mailfrom', 'postmaster@mail.example.org']] }]);
+  // Not evaluated (authenticated): no result.
+  assert.equal(await resultsOf(mail('alice@example.org', { login: 'alice' })), undefined);
 });
 
 test('softfail → tag', async () => {
@@ -131,7 +148,7 @@ test('temperror (a DNS failure, never a crash) → tempfail 451 4.7.24', async (
 });
 
 test('permerror → pass by default; reject gives 550 5.7.24', async () => {
-  assert.deepEqual(await run(make().rule, mail('x@broken.test')), { kind: 'pass' });
+  assert.equal((await run(make().rule, mail('x@broken.test'))).kind, 'pass');
   const f = await run(make({ results: { permerror: 'reject' } }).rule, mail('x@broken.test'));
   assert.equal(f.kind, 'reject');
   assert.match(reasonOf(f), /^mailfrom permerror/);
@@ -230,7 +247,7 @@ test('maxVoidLookups: more lookups with no answer than allowed is permerror', as
   const f = await run(make({ results }, zone).rule, mail('x@void.test'));
   assert.equal(f.kind, 'reject', 'three void lookups, two allowed');
   assert.match(reasonOf(f), /Too many void DNS results/);
-  assert.deepEqual(await run(make({ results, maxVoidLookups: 3 }, zone).rule, mail('x@void.test')), { kind: 'pass' });
+  assert.deepEqual(await run(make({ results, maxVoidLookups: 3 }, zone).rule, mail('x@void.test')), spfPass('pass', 'x@void.test'));
 });
 
 test('stage rcpt: evaluation starts at MAIL (the reply not held) and is read at each RCPT', async () => {
