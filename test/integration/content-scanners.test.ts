@@ -3,8 +3,9 @@
  * (SYMBOLS) and clamd (INSTREAM), each a real daemon started by the test on loopback
  * (test/helpers/scanners.ts), doorman in front of smtp-sink. GTUBE and EICAR are refused with the
  * scanner's verdict, a clean message is delivered, a message over a scanner's maxSize passes
- * unscanned (counted `skipped`), a 20 MB message keeps doorman's memory flat, and with the
- * scanners stopped mail flows (onError pass, counted `error`) or is tempfailed (onError tempfail).
+ * unscanned (counted `skipped`), a 20 MB message keeps doorman's memory flat, a hung scanner costs
+ * the rule's timeout, and with the scanners stopped mail flows (onError pass, counted `error`) or
+ * is tempfailed (onError tempfail).
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -180,6 +181,25 @@ test('a 20 MB message with all three scanners: delivered, doorman\'s RSS stays f
   assert.ok(peak < 60, `RSS peak ${peak.toFixed(1)} MB above the start`);
 });
 
+test('a scanner that hangs (clamd stopped with SIGSTOP): the rule\'s timeout, then onError pass', async () => {
+  const reloads = await dmC.metric('doorman_config_reloads_total', { what: 'rules', result: 'success' });
+  fs.writeFileSync(path.join(dmC.rulesDir, 'clamav.yaml'), clamdRule(clamd.port).replace('timeout: 30000', 'timeout: 1500'));
+  await eventually(async () => (await dmC.metric('doorman_config_reloads_total', { what: 'rules', result: 'success' })) > reloads, 10_000);
+  process.kill(clamd.proc.pid, 'SIGSTOP');
+  try {
+    const started = Date.now();
+    const r = await send(dmC, 'hung@example.org', message('hung@example.org', 'hung', `clamd hangs\r\n${EICAR}`));
+    const ms = Date.now() - started;
+    assert.equal(r.code, 250, r.raw);
+    assert.ok(ms >= 1400 && ms < 10_000, `answered after the rule's timeout: ${ms} ms`);
+    await sink.bySender('hung@example.org');
+    assert.equal(await dmC.metric('doorman_rule_errors_total', { rule: 'clamav', kind: 'timeout' }), 1);
+    assert.equal(await scans(dmC, 'clamav', 'error'), 1);
+  } finally {
+    process.kill(clamd.proc.pid, 'SIGCONT');
+  }
+});
+
 test('scanners stopped: mail flows (onError pass), each counted error; onError tempfail answers 451', async () => {
   await Promise.all([clamd.stop(), spamd.stop(), rspamd.stop()]);
   const r = await send(dmAll, 'down@example.org', message('down@example.org', 'down', `scanners down\r\n${GTUBE}\r\n${EICAR}`));
@@ -195,5 +215,5 @@ test('scanners stopped: mail flows (onError pass), each counted error; onError t
   const t = await send(dmC, 'down2@example.org', message('down2@example.org', 'down2', 'clamd down'));
   assert.equal(t.code, 451, t.raw);
   assert.match(t.text, /^4\.3\.0 /);
-  assert.equal(await scans(dmC, 'clamav', 'error'), 1);
+  assert.equal(await scans(dmC, 'clamav', 'error'), 2, 'the hung scan and this one');
 });
