@@ -20,6 +20,8 @@
  * late (default 500: a slow resolver; 0: at once), never to the system's. Results:
  * bench/results/latest.json and bench/results/latest.md (copy the table into docs/performance.md).
  *
+ * A third configuration, 'default rules + dmarc' (BENCH_DMARC=0 leaves it out), adds the dmarc rule
+ * for (a), (b) and (c): every message held until its DKIM/DMARC verdict, 20 MB ones spooled.
  * BENCH_PIPE=1 adds a raw Node byte pipe (bench/pipe.ts) as a calibration row for (a) and (b).
  * BENCH_HARAKA=1 adds Haraka 3.3.4 as a peer for (a) and (b) (bench/haraka.ts; installed on demand
  * into bench/haraka), BENCH_HARAKA_MESSAGES (1000) its message count. BENCH_ONLY=a,b,c,d,e runs
@@ -58,6 +60,8 @@ const LATENCY_ROUNDS = 1000;
 // 20000 open files per process, 9000 is the most that fits.
 const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
 
+/** The rows with the default rules and dmarc (BENCH_DMARC=0 leaves them out). */
+const DMARC_RULES = 'default rules + dmarc';
 /** ms the shipped-defaults rows' resolver holds each answer. */
 const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
 const SHIPPED = 'shipped defaults (install.sh)';
@@ -364,6 +368,13 @@ async function main(): Promise<void> {
     { name: 'no rules', rules: {}, env: { ...quiet, DOORMAN_WORKERS: workers }, config, workloads: ['a', 'b', 'c', 'e'] },
     { name: 'default rules', rules: defaultRules, env: { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, config, workloads: ['a', 'b', 'c', 'e'] },
   ];
+  // The default rules and dmarc (DKIM/DMARC on every message: each is held until its verdict, then
+  // sent; 20 MB messages spool to disk). The load comes from 127.0.0.1: no relay networks here, or
+  // dmarc would skip it as our own outgoing mail.
+  if (process.env.BENCH_DMARC !== '0') {
+    const dmarcRules = { ...defaultRules, 'site.yaml': 'relayNetworks: []\n', 'dmarc.yaml': 'rule: dmarc\ntimeout: 15000\n' };
+    configs.push({ name: DMARC_RULES, rules: dmarcRules, env: { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, config, workloads: ['a', 'b', 'c'] });
+  }
   // As scripts/install.sh starts it: shipped rule files and limits (no configuration file), its
   // NODE_OPTIONS, the default worker count; only the resolver is a local one (slow on purpose).
   const dnsmasq = process.env.BENCH_SHIPPED === '0' ? null : await startDnsmasq({});

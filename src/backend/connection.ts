@@ -50,6 +50,12 @@ export interface BackendOptions {
   deferMail: boolean;
   /** Send a PROXY protocol header to the backend. */
   proxyProtocol: 'off' | 'v1' | 'v2';
+  /** A Received: field when the backend cannot be told the client (`auto`), always, or never. */
+  traceHeader: 'auto' | 'always' | 'never';
+  /** Authentication-Results on messages the rules authenticated. */
+  authResults: boolean;
+  /** Where a held message past limits.holdInMemory is spooled ('' = temporary folder). */
+  spoolDir: string;
 }
 
 export type BackendFailure = 'connect' | 'timeout' | 'closed' | 'protocol' | 'refused' | 'tls';
@@ -375,6 +381,11 @@ export class BackendConnection extends EventEmitter {
 
   get alive(): boolean {
     return this.failure === null;
+  }
+
+  /** The backend is told the real client's address: XCLIENT with ADDR, or a PROXY header. */
+  get knowsClient(): boolean {
+    return this.opts.proxyProtocol !== 'off' || !!this.xclientAllowed?.has('ADDR');
   }
 
   /** Waits until the socket can take more data. */

@@ -56,6 +56,11 @@ export const LIMIT_DEFAULTS = {
   tlsHandshakeTimeout: 10_000,
   /** Largest header block held for data_headers rules, octets; past it rules see a prefix. */
   maxHeaderBytes: 65_536, // 64 KiB
+  /**
+   * A message held until its data_end verdict (rules that read the body: DKIM, content
+   * scanners) keeps this many octets in memory; the rest is spooled to backend.spoolDir.
+   */
+  holdInMemory: 524_288, // 512 KiB
   /** Bare CR or LF in commands and data: `normalize` to CRLF (safely re-stuffed) or `reject`. */
   bareNewline: 'normalize' as 'normalize' | 'reject',
   /** Hold the final greeting this long after a `220-` teaser line, ms; 0 = greet at once (postscreen_greet_wait). */
@@ -126,6 +131,15 @@ export const BACKEND_DEFAULTS = {
   deferMail: true,
   /** Send a PROXY protocol header to the backend: `off`, `v1`, `v2`. */
   proxyProtocol: 'off' as 'off' | 'v1' | 'v2',
+  /**
+   * A Received: trace field on each message: `auto` when the backend cannot be told the real
+   * client (no XCLIENT with ADDR, no PROXY header), `always`, or `never`.
+   */
+  traceHeader: 'auto' as 'auto' | 'always' | 'never',
+  /** One Authentication-Results field on each message the rules authenticated; incoming ones claiming doorman's name removed. */
+  authResults: true,
+  /** Folder for messages held past limits.holdInMemory until their data_end verdict; '' = the system's temporary folder. */
+  spoolDir: '',
 };
 
 export const DNS_DEFAULTS = {

@@ -26,6 +26,7 @@ export const ENV_VARS = {
   DOORMAN_TLS_KEY: 'PEM private key file (tls.key)',
   DOORMAN_LOG_LEVEL: 'log level (log.level)',
   DOORMAN_WORKERS: 'worker processes: a number or auto (one per core) (workers)',
+  DOORMAN_TRACE_HEADER: 'a Received: field on each message: auto (when the backend cannot be told the client), always, never (backend.traceHeader)',
 } as const;
 
 type Raw = Record<string, unknown>;
@@ -106,6 +107,7 @@ function applyEnv(raw: Raw, env: NodeJS.ProcessEnv, problems: Problem[]): void {
     raw.listen = listeners;
   }
   if (env.DOORMAN_BACKEND) section(raw, 'backend').address = env.DOORMAN_BACKEND;
+  if (env.DOORMAN_TRACE_HEADER) section(raw, 'backend').traceHeader = env.DOORMAN_TRACE_HEADER;
   if (env.DOORMAN_HOSTNAME) raw.hostname = env.DOORMAN_HOSTNAME;
   if (env.DOORMAN_RULES) section(raw, 'rules').dir = env.DOORMAN_RULES;
   if (env.DOORMAN_REDIS_URL) section(raw, 'redis').url = env.DOORMAN_REDIS_URL;

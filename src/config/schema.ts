@@ -61,6 +61,9 @@ export const configSchema = z.strictObject({
       chunking: z.boolean().default(BACKEND_DEFAULTS.chunking),
       deferMail: z.boolean().default(BACKEND_DEFAULTS.deferMail),
       proxyProtocol: z.enum(['off', 'v1', 'v2']).default(BACKEND_DEFAULTS.proxyProtocol),
+      traceHeader: z.enum(['auto', 'always', 'never']).default(BACKEND_DEFAULTS.traceHeader),
+      authResults: z.boolean().default(BACKEND_DEFAULTS.authResults),
+      spoolDir: z.string().default(BACKEND_DEFAULTS.spoolDir),
     })
     .prefault({}),
   tls: z
@@ -135,6 +138,7 @@ export const configSchema = z.strictObject({
       proxyHeaderTimeout: positive.default(LIMIT_DEFAULTS.proxyHeaderTimeout),
       tlsHandshakeTimeout: positive.default(LIMIT_DEFAULTS.tlsHandshakeTimeout),
       maxHeaderBytes: z.number().int().min(1024).default(LIMIT_DEFAULTS.maxHeaderBytes),
+      holdInMemory: z.number().int().nonnegative().default(LIMIT_DEFAULTS.holdInMemory),
       bareNewline: z.enum(['normalize', 'reject']).default(LIMIT_DEFAULTS.bareNewline),
       greetDelay: ms.max(30_000).default(LIMIT_DEFAULTS.greetDelay),
       pregreetAction: z.enum(['drop', 'ignore']).default(LIMIT_DEFAULTS.pregreetAction),

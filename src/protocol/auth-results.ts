@@ -71,11 +71,21 @@ export function formatResinfo(r: AuthResult): string {
  * The value of an Authentication-Results header (RFC 8601 §2.2): `authserv-id; resinfo; …`, or
  * `authserv-id; none` without results. One line, unless `fold` puts each resinfo on a line of
  * its own (`;CRLF\t`), which keeps a header with many signatures under 998 bytes a line.
+ * With `maxOctets`, results that would make the value longer are left out (a message with
+ * hundreds of signatures gets a bounded header).
  */
-export function formatAuthResults(authservId: string, results: readonly AuthResult[], opts: { fold?: boolean } = {}): string {
+export function formatAuthResults(authservId: string, results: readonly AuthResult[], opts: { fold?: boolean; maxOctets?: number } = {}): string {
   const id = formatValue(authservId);
   if (results.length === 0) return `${id}; none`;
-  return [id, ...results.map(formatResinfo)].join(opts.fold ? ';\r\n\t' : '; ');
+  const sep = opts.fold ? ';\r\n\t' : '; ';
+  const max = opts.maxOctets ?? Infinity;
+  let out = id;
+  for (const r of results) {
+    const next = `${out}${sep}${formatResinfo(r)}`;
+    if (next.length > max) continue;
+    out = next;
+  }
+  return out;
 }
 
 /**

@@ -18,11 +18,13 @@ import type { BackendConnection } from '../backend/connection.js';
 import type { Limits } from '../config/schema.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { StageVerdict } from '../pipeline/verdict.js';
-import { describeReply, reply, type Reply } from '../protocol/reply.js';
+import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
 import { abortReply, headerBlock, outcomeOf, queueIdOf, stopReason, tooSlow } from './data.js';
 import type { DataEvent, Framing } from './framing.js';
 import { Message, type MessageHost } from './message.js';
 import type { TxnLog } from './session-log.js';
+import type { Spool } from './spool.js';
+import { stripClaimed } from './trace.js';
 
 /** What the message in progress needs of its session. */
 export interface InboundHost {
@@ -39,8 +41,11 @@ export interface InboundHost {
   endRules(size: number): StageVerdict | Promise<StageVerdict>;
   /** Body chunks to the rules that read them; a Promise while a reader lags (back-pressure). */
   feedBody(chunks: readonly Buffer[], last: boolean): void | Promise<void>;
-  /** Writes the X-Doorman-Tag headers: the session's, the transaction's and `extra`. */
-  writeTags(extra: readonly string[]): void;
+  /**
+   * Writes doorman's header fields before the message: Received and Authentication-Results as
+   * configured, the X-Doorman-Tag headers (the session's, the transaction's and `extra`).
+   */
+  writeHeaders(extra: readonly string[]): void;
   /** The message is over the size the session enforces (SIZE, maxMessageSize). */
   oversized(m: Message): boolean;
   /** Waiting for the backend to drain: no more chunks are read. */
@@ -81,14 +86,34 @@ export class Inbound {
 
   /** The message towards the backend (DATA or BDAT). */
   readonly message: Message;
+  /** The held message (a rule reads the body): sent after the data_end verdict; null: streamed. */
+  private readonly spool: Spool | null;
+  /** The spool's disk is behind: wait before reading more. */
+  private spoolBehind: void | Promise<void> = undefined;
+  /** Tags of the data_headers verdict, written with the held message's header fields. */
+  private headerTags: readonly string[] = [];
 
+  /**
+   * `holdHeaders`: the header block is held for the data_headers rules and cleaned of
+   * Authentication-Results fields claiming `authservId` (null: not cleaned). `spool`: the whole
+   * message is held until the data_end verdict, whose header fields then precede it.
+   */
   constructor(
     b: BackendConnection,
-    opts: { bdat: boolean; holdHeaders: boolean },
+    opts: { bdat: boolean; holdHeaders: boolean; authservId: string | null; spool: Spool | null },
     private readonly log: TxnLog,
     private readonly host: InboundHost,
   ) {
     this.message = new Message(b, opts, this.messageHost());
+    this.spool = opts.spool;
+    this.authservId = opts.authservId;
+  }
+
+  private readonly authservId: string | null;
+
+  /** The session ended with the message unfinished: the held copy is dropped. */
+  dispose(): void {
+    this.spool?.dispose();
   }
 
   /** What the message needs of the session: reading the client stopped and resumed, failures. */
@@ -112,8 +137,9 @@ export class Inbound {
     const h = this.host;
     if (this.tooSlow()) return false;
     // The last chunks of a message wait for the final "." when nothing else must run first.
-    const tail = ev.end && !h.hasDataEndRules() && !h.backendCongested();
+    const tail = ev.end && !h.hasDataEndRules() && !h.backendCongested() && !this.spool;
     this.forward(ev.chunks, tail);
+    if (this.spoolBehind) await this.spoolBehind;
     // Rules reading the body get the chunks; a reader lagging past its bound holds the client.
     const fed = h.feedBody(this.message.aborted ? [] : ev.chunks, ev.end);
     if (fed) await fed;
@@ -142,7 +168,13 @@ export class Inbound {
     if (d.aborted) return d.abort(d.aborted);
     if (d.pendingHeaders) return d.holdHeaders(chunks);
     if (hold) d.tail = chunks;
-    else d.write(chunks);
+    else this.out(chunks);
+  }
+
+  /** Message bytes onwards: to the spool while the message is held, else to the backend. */
+  private out(chunks: readonly Buffer[]): void {
+    if (this.spool) this.spoolBehind = this.spool.write(chunks);
+    else this.message.write(chunks);
   }
 
   /** With data_headers rules: hold the header block, evaluate, then release it. */
@@ -163,8 +195,12 @@ export class Inbound {
       this.host.destroyBackend();
       return;
     }
-    this.host.writeTags(v.tags);
-    if (!d.aborted) d.write(held);
+    if (this.spool) this.headerTags = v.tags;
+    else this.host.writeHeaders(v.tags);
+    if (d.aborted) return;
+    // RFC 8601 §5: no incoming Authentication-Results may speak for doorman's name.
+    const clean = this.authservId === null ? held : Buffer.concat([stripClaimed(held.subarray(0, block.length), this.authservId), held.subarray(block.length)]);
+    this.out([clean]);
   }
 
   /** The final ".": the message's reply, its log entry and metrics; then the transaction ends. */
@@ -194,17 +230,37 @@ export class Inbound {
         h.destroyBackend();
         r = v.reply;
         msg.rule = v.decidedBy ?? undefined;
+      } else if (this.spool && !(await this.release(v.tags))) {
+        h.destroyBackend();
+        r = R.tempfailLocal();
       } else {
         r = await d.end();
         const queueId = queueIdOf(r);
         if (queueId) msg.queueId = queueId;
       }
     }
+    this.spool?.dispose();
     msg.outcome = outcomeOf(r);
     // As Postfix: the junk command count starts again after a delivered message.
     if (msg.outcome === 'accepted') h.delivered();
     msg.reply = describeReply(r);
     h.metrics.messages.inc({ outcome: msg.outcome });
     h.finished(r);
+  }
+
+  /**
+   * The held message to the backend after its data_end verdict: doorman's header fields (with
+   * the tags of both verdicts) first, then the message. False when the spool could not be read.
+   */
+  private async release(endTags: readonly string[]): Promise<boolean> {
+    const spool = this.spool;
+    if (!spool) return true;
+    this.host.writeHeaders([...this.headerTags, ...endTags]);
+    try {
+      await this.message.replay(spool.read());
+      return true;
+    } catch {
+      return false;
+    }
   }
 }

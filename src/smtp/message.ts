@@ -20,7 +20,9 @@ export const MAX_TAG_HEADERS = 20;
 /** Longest tag text in a header, octets. */
 const MAX_TAG_OCTETS = 900;
 /**
- * Octets doorman may add to a message (its X-Doorman-Tag headers): the advertised SIZE is the
+ * Octets doorman may add to a message (its X-Doorman-Tag headers; Received and
+ * Authentication-Results, at most 3,000 octets, fit in it unless nearly every tag is used, and a
+ * message over the backend's SIZE with them is refused by doorman): the advertised SIZE is the
  * backend's less this, so a message that fits doorman's SIZE still fits the backend's with them.
  */
 export const TAG_HEADROOM = MAX_TAG_HEADERS * ('X-Doorman-Tag: '.length + MAX_TAG_OCTETS + 2);
@@ -121,10 +123,14 @@ export class Message {
     for (const c of chunks) this.pendingHeaders?.push(Buffer.from(c));
   }
 
-  /** Writes the message's X-Doorman-Tag headers (the tags already bounded and distinct). */
-  writeTags(tags: readonly string[]): void {
-    if (!tags.length) return;
-    const headers = tagHeaders(tags);
+  /**
+   * Writes doorman's header fields before the message, this hop's group at the top: the
+   * X-Doorman-Tag headers (the tags already bounded and distinct), then `fields`
+   * (Authentication-Results, Received; CRLF-terminated).
+   */
+  writeHeaders(fields: readonly string[], tags: readonly string[]): void {
+    if (!fields.length && !tags.length) return;
+    const headers = Buffer.concat([tagHeaders(tags), Buffer.from(fields.join(''), 'latin1')]);
     this.added += headers.length;
     this.write(headers);
   }
@@ -147,12 +153,18 @@ export class Message {
       }
       return;
     }
+    if (!this.send(list)) this.congested();
+  }
+
+  /** Bytes to the backend now (its 354 came, or BDAT); false when its socket is full. */
+  private send(list: readonly Buffer[]): boolean {
+    const b = this.b;
     if (this.bdat) {
       // One BDAT per batch of chunks; a refused chunk decides the message (bdatRefused), and
       // no further chunk is sent after it (RFC 3030 §2).
-      if (this.bdatRefused) return;
+      if (this.bdatRefused) return true;
       const body = this.bdat.push(list);
-      if (body.length === 0) return;
+      if (body.length === 0) return true;
       const sent = b.bdat(body, false);
       this.bdatReplies.push(
         sent.reply.then(
@@ -162,10 +174,35 @@ export class Message {
           () => undefined,
         ),
       );
-      if (!sent.ok) this.congested();
-      return;
+      return sent.ok;
     }
-    for (const c of list) if (!b.writeData(c)) this.congested();
+    let ok = true;
+    for (const c of list) if (!b.writeData(c)) ok = false;
+    return ok;
+  }
+
+  /**
+   * A held message (spool.ts) to the backend, after its data_end verdict: once the backend's 354
+   * came (a refused DATA is answered by `end`), chunk by chunk, waiting whenever the backend's
+   * socket is full — the client has sent everything, so nothing else is to be paused.
+   */
+  async replay(source: AsyncIterable<Buffer>): Promise<void> {
+    if (this.backendReply) await this.backendReply;
+    if (!this.ready) return;
+    const b = this.b;
+    for await (const c of source) {
+      if (this.aborted || !b.alive) return;
+      if (!this.send([c])) {
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            b.off('close', done);
+            resolve();
+          };
+          b.onceDrain(done);
+          b.once('close', done);
+        });
+      }
+    }
   }
 
   /** The backend's socket is full: stop reading the client until it drains. */

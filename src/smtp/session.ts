@@ -35,8 +35,11 @@
  *   session-log.ts   the one log line per session.
  */
 import type net from 'node:net';
+import { TLSSocket } from 'node:tls';
 import { BackendConnection } from '../backend/connection.js';
 import type { ProxiedAddress } from '../backend/proxy-protocol.js';
+import { addressOf } from '../protocol/address.js';
+import { formatAuthResults } from '../protocol/auth-results.js';
 import { describeReply, R, reply, type Reply } from '../protocol/reply.js';
 import { AuthCommand } from './auth.js';
 import { BackendLink } from './backend-link.js';
@@ -53,8 +56,10 @@ import { MAX_TAG_HEADERS, type Message } from './message.js';
 import { ReplyWriter, type Pending } from './reply-writer.js';
 import { SessionLog } from './session-log.js';
 import { SessionStages } from './stages.js';
+import { Spool } from './spool.js';
 import { startTls } from './starttls.js';
 import { SessionState, type SessionDeps } from './state.js';
+import { authResultsField, MAX_AUTH_RESULTS_OCTETS, receivedField } from './trace.js';
 
 export type { ListenerRuntime, SessionDeps } from './state.js';
 
@@ -297,6 +302,7 @@ export class Session implements SessionContext {
     if (this.data) {
       // Client vanished mid-DATA: the backend must never see an end of data.
       this.link.conn?.destroy();
+      this.data.dispose();
     } else if (this.link.conn) {
       this.link.release(this.link.conn);
     }
@@ -327,11 +333,31 @@ export class Session implements SessionContext {
     this.out.answer(verb, r, this.commandStarted, note);
   }
 
-  /** Writes the message's X-Doorman-Tag headers (distinct, at most MAX_TAG_HEADERS) to the backend. */
-  private writeTags(...lists: (readonly string[])[]): void {
+  /**
+   * Writes doorman's header fields before the message (trace.ts): Received when the backend
+   * cannot be told the client (backend.traceHeader), Authentication-Results when the rules
+   * authenticated something (backend.authResults), the X-Doorman-Tag headers of `lists`
+   * (distinct, at most MAX_TAG_HEADERS).
+   */
+  private writeHeaders(...lists: (readonly string[])[]): void {
+    const { state: s, deps } = this;
     const tags: string[] = [];
     for (const l of lists) this.sessionLog.addTags(tags, l, MAX_TAG_HEADERS);
-    this.data?.message.writeTags(tags);
+    const fields: string[] = [];
+    const results = s.txn?.authResults ?? [];
+    if (deps.backend.authResults && results.length) fields.push(authResultsField(formatAuthResults(deps.hostname, results, { fold: true, maxOctets: MAX_AUTH_RESULTS_OCTETS })));
+    const trace = deps.backend.traceHeader;
+    if (trace === 'always' || (trace === 'auto' && this.link.conn && !this.link.conn.knowsClient)) fields.push(this.received());
+    this.data?.message.writeHeaders(fields, tags);
+  }
+
+  private received(): string {
+    const s = this.state;
+    const sock = this.socket;
+    const tls = sock instanceof TLSSocket ? { protocol: sock.getProtocol(), cipher: sock.getCipher()?.name ?? null } : null;
+    const rcpts = s.txn?.rcpts ?? [];
+    const only = rcpts.length === 1 && rcpts[0] ? addressOf(rcpts[0]) : null;
+    return receivedField({ hostname: this.deps.hostname, sessionId: s.id, clientAddress: s.client.text, helo: s.helo, esmtp: s.esmtp, tls, authenticated: s.auth !== null, recipient: only, date: new Date() });
   }
 
   // ---------------------------------------------------------------- input loop
@@ -522,16 +548,22 @@ export class Session implements SessionContext {
     // in `early` (bounded by back-pressure); if the backend refuses DATA, the message is read to its
     // end and the client gets the backend's refusal then.
     const hasHeaderRules = this.deps.rules.stages.has('data_headers');
+    // The header block is held for the data_headers rules, and to remove Authentication-Results
+    // claiming doorman's name; the whole message, when a rule reads the body (its verdict may
+    // add header fields, which must precede the body).
+    const holdHeaders = hasHeaderRules || this.deps.backend.authResults;
+    const spool = this.stages.readsBody ? new Spool(this.deps.limits.holdInMemory, this.deps.backend.spoolDir) : null;
     // BDAT towards a backend that takes it, in an ESMTP session (the client said EHLO): the
     // message goes with its size, without DATA and the backend's 354.
     const bdat = this.deps.backend.chunking && s.esmtp && b.chunking;
-    const inbound = new Inbound(b, { bdat, holdHeaders: hasHeaderRules }, txn.log, this.inboundHost());
+    const authservId = this.deps.backend.authResults ? this.deps.hostname : null;
+    const inbound = new Inbound(b, { bdat, holdHeaders, authservId, spool }, txn.log, this.inboundHost());
     this.out.send(R.startData());
     this.deps.metrics.commands.inc({ verb: 'DATA', class: '3xx' });
     this.socket.setTimeout(this.deps.limits.dataTimeout);
     this.data = inbound;
     this.framing.beginData();
-    if (!hasHeaderRules) this.writeTags(s.tags, txn.tags);
+    if (!holdHeaders && !spool) this.writeHeaders(s.tags, txn.tags);
   }
 
   /** What the message in progress needs of the session (inbound.ts). */
@@ -546,7 +578,7 @@ export class Session implements SessionContext {
       headerRules: (headers, truncated) => this.stages.run('data_headers', () => ({ stage: 'data_headers', session: s.snapshot(), headers, truncated })),
       endRules: (size) => this.stages.run('data_end', () => ({ stage: 'data_end', session: s.snapshot(), size })),
       feedBody: (chunks, last) => this.stages.body(chunks, last),
-      writeTags: (extra) => this.writeTags(s.tags, s.txn?.tags ?? [], extra),
+      writeHeaders: (extra) => this.writeHeaders(s.tags, s.txn?.tags ?? [], extra),
       oversized: (m: Message) => oversized(this.framing.dataBytes, m.added, s.caps, deps.limits.maxMessageSize),
       backendCongested: () => this.backendCongested,
       setBackendCongested: (v) => (this.backendCongested = v),

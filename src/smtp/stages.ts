@@ -56,6 +56,11 @@ export class SessionStages {
     return v instanceof Promise ? v.then((x) => this.note(stage, x)) : this.note(stage, v);
   }
 
+  /** Some rule reads the message body (its verdict comes at data_end). */
+  get readsBody(): boolean {
+    return this.pipe.wantsBody;
+  }
+
   /** Body chunks to the rules that read them (none: nothing is handed over); a Promise while a reader lags. */
   body(chunks: readonly Buffer[], last: boolean): void | Promise<void> {
     return this.pipe.wantsBody ? this.pipe.body(chunks, last, () => this.state.snapshot()) : undefined;

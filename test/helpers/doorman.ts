@@ -79,6 +79,9 @@ export async function startDoorman(opts: DoormanOptions): Promise<Doorman> {
       DOORMAN_LOG_LEVEL: 'info',
       // One process unless a test asks for workers (cluster.test.ts): logs and PIDs stay simple.
       DOORMAN_WORKERS: '1',
+      // No Received: field unless a test asks (trace.test.ts): tests compare the bytes at
+      // backends that cannot be told the client (smtp-sink, the fake backend).
+      DOORMAN_TRACE_HEADER: 'never',
       ...opts.env,
     };
     const proc = spawnProc('doorman', process.execPath, args, { env, cwd: work });
