@@ -140,6 +140,17 @@ test('a message over a scanner\'s maxSize passes that scanner unscanned, counted
   assert.equal(await scans(dmS, 'spamassassin', 'skipped'), 1);
 });
 
+test('a spamd score at or over tagScore: delivered with an X-Doorman-Tag header carrying the score', async () => {
+  const reloads = await dmS.metric('doorman_config_reloads_total', { what: 'rules', result: 'success' });
+  fs.writeFileSync(path.join(dmS.rulesDir, 'spamassassin.yaml'), spamdRule(spamd.port, '  tagScore: -100\n'));
+  await eventually(async () => (await dmS.metric('doorman_config_reloads_total', { what: 'rules', result: 'success' })) > reloads, 10_000);
+  const r = await send(dmS, 'tagged@example.org', message('tagged@example.org', 'tagged', 'an ordinary message'));
+  assert.equal(r.code, 250, r.raw);
+  const m = await sink.bySender('tagged@example.org');
+  assert.match(m.body, /^X-Doorman-Tag: spamassassin; spamassassin: score -?[\d.]+\/5; /m);
+  assert.equal(await scans(dmS, 'spamassassin', 'tag'), 1);
+});
+
 test('a 20 MB message with all three scanners: delivered, doorman\'s RSS stays flat', { timeout: 180_000 }, async () => {
   const rss = () => Number(/VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${dmAll.proc.pid}/status`, 'utf8'))?.[1] ?? NaN) / 1024;
   const size = 20_000_000;
