@@ -2,7 +2,8 @@
  * The content scanners over their real protocols: rspamd (HTTP /checkv2), SpamAssassin's spamd
  * (SYMBOLS) and clamd (INSTREAM), each a real daemon started by the test on loopback
  * (test/helpers/scanners.ts), doorman in front of smtp-sink. GTUBE and EICAR are refused with the
- * scanner's verdict, a clean message is delivered, a message over a scanner's maxSize passes
+ * scanner's verdict, a clean message is delivered, a score over tagScore is an X-Doorman-Tag
+ * header at the backend, a message over a scanner's maxSize passes
  * unscanned (counted `skipped`), a 20 MB message keeps doorman's memory flat, a hung scanner costs
  * the rule's timeout, and with the scanners stopped mail flows (onError pass, counted `error`) or
  * is tempfailed (onError tempfail).
