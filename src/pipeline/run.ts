@@ -385,7 +385,12 @@ class Run implements PipelineSession {
   /** A new message: each reader begins it, then consumes the chunks one after the other (concatMap). */
   private read(snapshot: SessionSnapshot | null): Reading {
     const r: Reading = { chunks: new Subject<Buffer>(), unstuff: this.hooks.unstuff?.() ?? null, lag: new Map(), done: new Map(), waiters: [] };
+    // A reader its data_end will not ask (out of scope, or bypassable in an allowlisted session or
+    // transaction) is not fed: no scanner connection, no lag for a finding nobody reads. Nothing
+    // the client says during the data changes either.
+    const probe: EventOf<'data_end'> | null = snapshot ? { stage: 'data_end', session: snapshot, size: 0 } : null;
     for (const lr of this.plan.readers) {
+      if (probe && ((probe.session.acceptedBy && lr.rule.bypassable) || !inScope(lr.scope, probe))) continue;
       const reader = lr.rule.body as NonNullable<Rule['body']>;
       const done = new AsyncSubject<void>();
       r.done.set(lr, done);

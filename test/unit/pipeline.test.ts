@@ -284,3 +284,26 @@ test('body: a reader whose begin throws reads nothing and holds nothing back; it
   assert.equal(v.outcomes[0]?.finding, 'error');
   assert.match(v.outcomes[0]?.reason ?? '', /cannot connect/);
 });
+
+test('body: a reader that data_end will not ask is not fed (allowlisted and bypassable, or out of scope)', async () => {
+  const fed: string[] = [];
+  const reader = (name: string, bypassable: boolean): Rule => ({
+    name, type: 't', bypassable, checks: {},
+    body: {
+      begin: () => void fed.push(`${name} begin`),
+      chunk: () => void fed.push(`${name} chunk`),
+      end: () => ({ kind: 'pass' }),
+    },
+  });
+  const outOfScope = { listeners: new Set(['submission']) };
+  const s = session([loaded(reader('soft', true)), loaded(reader('hard', false)), loaded(reader('scoped', false), { scope: outOfScope })]);
+  s.connect();
+  const allowlisted = { ...s.snap, acceptedBy: 'access' };
+  s.pipe.body([Buffer.from('x')], true, () => allowlisted);
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(fed, ['hard begin', 'hard chunk']);
+  fed.length = 0;
+  s.pipe.body([Buffer.from('y')], true, () => s.snap);
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(fed, ['soft begin', 'hard begin', 'soft chunk', 'hard chunk']);
+});
