@@ -179,7 +179,7 @@ function loadRuleFile(file: string, text: string, ctx: FileContext): LoadedRule 
   const name = f.name ?? path.basename(file).replace(/\.ya?ml$/, '');
   let rule;
   try {
-    rule = type.create(name, f.settings, { ...ctx.deps, onError });
+    rule = type.create(name, f.settings, { ...ctx.deps, onError, timeout: f.timeout });
   } catch (e) {
     problems.push({ file, line: null, key: 'settings', message: (e as Error).message });
     return null;

@@ -58,6 +58,8 @@ export function createMetrics(opts: MetricsOptions) {
     dnsblZoneUp: new Gauge({ name: 'doorman_dnsbl_zone_up', help: 'DNS list zone state from its RFC 5782 self-test: 1 in use, 0 disabled.', labelNames: ['zone'], aggregator: 'min', registers: r }),
     dnsCacheHits: new Counter({ name: 'doorman_dns_cache_hits_total', help: 'DNS answers served from the cache or shared with a lookup in flight.', registers: r }),
     fcrdnsChecks: new Counter({ name: 'doorman_fcrdns_checks_total', help: 'Forward-confirmed reverse DNS checks, by result (pass, fail, temperror).', labelNames: ['result'], registers: r }),
+    contentScans: new Counter({ name: 'doorman_content_scans_total', help: 'Messages handed to a content scanner, by scanner (the rule name) and result (clean, tag, reject, tempfail, virus, skipped, error).', labelNames: ['scanner', 'result'], registers: r }),
+    contentScanDuration: new Histogram({ name: 'doorman_content_scan_duration_seconds', help: 'Time from the end of data to the content scanner\'s answer, by scanner (the rule name).', labelNames: ['scanner'], buckets: LATENCY_BUCKETS, registers: r }),
     redisErrors: new Counter({ name: 'doorman_redis_errors_total', help: 'Redis command failures (timeouts, disconnections), by operation.', labelNames: ['op'], registers: r }),
     redisUp: new Gauge({ name: 'doorman_redis_up', help: 'The shared store is reachable: 1, or 0 during an outage (always 1 for the in-memory store).', aggregator: 'min', registers: r }),
     storeOps: new Counter({ name: 'doorman_store_operations_total', help: 'Shared-store operations, by operation and store (memory, redis).', labelNames: ['op', 'store'], registers: r }),

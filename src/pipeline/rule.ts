@@ -92,9 +92,13 @@ export interface Starts<S> {
  * count towards the pipeline's `maxBodyLag` (bytes): past it, the session stops reading the client
  * until the reader catches up (back-pressure). At data_end, once the reader has consumed every
  * chunk, `end` gives the rule's finding for the message (within the rule's `timeout`). Sessions
- * without a body rule pay nothing: no chunk is handed to the pipeline.
+ * without a body rule pay nothing: no chunk is handed to the pipeline. `begin`, if given, is called
+ * once per message before its first chunk, with the session as it stands when the message's data
+ * starts (the sender, every recipient): a reader that opens a connection per message opens it
+ * there, and drops what an earlier message left (one refused or cut short never reaches `end`).
  */
 export interface BodyReader<S> {
+  begin?(snapshot: SessionSnapshot, state: S): void;
   chunk(chunk: Buffer, state: S): void | Promise<unknown> | Observable<unknown>;
   end(event: EventOf<'data_end'>, state: S): FindingResult;
 }
@@ -174,6 +178,11 @@ export interface RuleDeps {
    * the runner (a store failure: doorman_store_fail_open_total or _closed_total). Default pass.
    */
   readonly onError?: 'pass' | 'tempfail';
+  /**
+   * The rule file's `timeout` (ms), for a rule that also bounds its own I/O with it (a content
+   * scanner's writes while the message streams, before the runner's deadline at data_end).
+   */
+  readonly timeout?: number;
 }
 
 /** A rule type: its settings schema and a constructor. */

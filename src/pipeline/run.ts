@@ -77,9 +77,10 @@ export interface PipelineSession {
   /**
    * Message chunks as received (`last`: the end of data follows); undefined when readers keep
    * up, else a Promise that settles once none lags more than maxBodyLag. A no-op without body
-   * rules. The next message starts with the next chunk after `last`.
+   * rules. The next message starts with the next chunk after `last`. `snapshot` gives the session
+   * as it stands (called once per message, at its first chunk, for the readers' `begin`).
    */
-  body(chunks: readonly Buffer[], last: boolean): void | Promise<void>;
+  body(chunks: readonly Buffer[], last: boolean, snapshot?: () => SessionSnapshot): void | Promise<void>;
 }
 
 /** Rules by stage, once per rule set. */
@@ -364,9 +365,9 @@ class Run implements PipelineSession {
 
   // ---------------------------------------------------------------- body
 
-  body(chunks: readonly Buffer[], last: boolean): void | Promise<void> {
+  body(chunks: readonly Buffer[], last: boolean, snapshot?: () => SessionSnapshot): void | Promise<void> {
     if (this.ended || this.plan.readers.length === 0) return;
-    const r = (this.reading ??= this.read());
+    const r = (this.reading ??= this.read(snapshot?.() ?? this.snapshot));
     const bytes = r.unstuff ? r.unstuff(chunks) : chunks;
     for (const c of bytes) {
       if (c.length === 0) continue;
@@ -381,15 +382,28 @@ class Run implements PipelineSession {
     return new Promise<void>((resolve) => r.waiters.push(resolve));
   }
 
-  /** A new message: each reader consumes the chunks one after the other (concatMap). */
-  private read(): Reading {
+  /** A new message: each reader begins it, then consumes the chunks one after the other (concatMap). */
+  private read(snapshot: SessionSnapshot | null): Reading {
     const r: Reading = { chunks: new Subject<Buffer>(), unstuff: this.hooks.unstuff?.() ?? null, lag: new Map(), done: new Map(), waiters: [] };
-    const snapshot = this.snapshot;
+    // A reader its data_end will not ask (out of scope, or bypassable in an allowlisted session or
+    // transaction) is not fed: no scanner connection, no lag for a finding nobody reads. Nothing
+    // the client says during the data changes either.
+    const probe: EventOf<'data_end'> | null = snapshot ? { stage: 'data_end', session: snapshot, size: 0 } : null;
     for (const lr of this.plan.readers) {
+      if (probe && ((probe.session.acceptedBy && lr.rule.bypassable) || !inScope(lr.scope, probe))) continue;
       const reader = lr.rule.body as NonNullable<Rule['body']>;
       const done = new AsyncSubject<void>();
-      r.lag.set(lr, 0);
       r.done.set(lr, done);
+      if (reader.begin && snapshot) {
+        try {
+          reader.begin(snapshot, this.stateOf(lr, snapshot));
+        } catch (err) {
+          // A reader that cannot begin reads nothing (and holds nothing back): its error is its finding at data_end.
+          done.error(err);
+          continue;
+        }
+      }
+      r.lag.set(lr, 0);
       const caughtUp = () => {
         if (r.waiters.length && Math.max(...r.lag.values()) <= this.maxLag) for (const w of r.waiters.splice(0)) w();
       };

@@ -4,13 +4,16 @@
  */
 import type { RuleType } from '../pipeline/rule.js';
 import { accessRule } from './access.js';
+import { clamavRule } from './clamav.js';
 import { dnsblRule } from './dnsbl.js';
 import { fcrdnsRule } from './fcrdns.js';
 import { greylistRule } from './greylist.js';
 import { ratelimitRule } from './ratelimit.js';
 import { heloRule } from './helo.js';
 import { relayRule } from './relay.js';
+import { rspamdRule } from './rspamd.js';
 import { senderRule } from './sender.js';
+import { spamassassinRule } from './spamassassin.js';
 import { spfRule } from './spf.js';
 import { dmarcRule } from './dmarc.js';
 
@@ -25,4 +28,7 @@ export const RULE_TYPES: ReadonlyMap<string, RuleType> = new Map<string, RuleTyp
   [ratelimitRule.type, ratelimitRule as unknown as RuleType],
   [greylistRule.type, greylistRule as unknown as RuleType],
   [dmarcRule.type, dmarcRule as unknown as RuleType],
+  [clamavRule.type, clamavRule as unknown as RuleType],
+  [spamassassinRule.type, spamassassinRule as unknown as RuleType],
+  [rspamdRule.type, rspamdRule as unknown as RuleType],
 ]);

@@ -63,7 +63,7 @@ export class SessionStages {
 
   /** Body chunks to the rules that read them (none: nothing is handed over); a Promise while a reader lags. */
   body(chunks: readonly Buffer[], last: boolean): void | Promise<void> {
-    return this.pipe.wantsBody ? this.pipe.body(chunks, last) : undefined;
+    return this.pipe.wantsBody ? this.pipe.body(chunks, last, () => this.state.snapshot()) : undefined;
   }
 
   /**

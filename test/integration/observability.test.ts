@@ -1,6 +1,6 @@
 /**
  * Observability end to end: a real Prometheus (Debian `prometheus`) scrapes a doorman that
- * handles test traffic (accepted mail, relay refusals, DNS list hits from rbldnsd, rate limits
+ * handles test traffic (accepted mail, scanned by a real clamd; relay refusals, DNS list hits from rbldnsd, rate limits
  * and greylisting in Redis, protocol violations, a reload). Every query of
  * every Grafana dashboard panel must parse and return data, and the counters move exactly as the
  * traffic implies. Also /healthz and /readyz.
@@ -16,6 +16,7 @@ import { freePort } from '../helpers/net.js';
 import { eventually, sleep, spawnProc, useCleanup, type Proc } from '../helpers/procs.js';
 import { startRbldnsd, type Rbldnsd } from '../helpers/rbldnsd.js';
 import { startRedis, type RedisServer } from '../helpers/redis.js';
+import { startClamd, type Daemon } from '../helpers/scanners.js';
 import { startSink, type Sink } from '../helpers/sink.js';
 import { SmtpClient } from '../helpers/smtp.js';
 
@@ -25,6 +26,7 @@ let rbl: Rbldnsd;
 let redis: RedisServer;
 let dm: Doorman;
 let prom: Proc;
+let clamd: Daemon;
 let promPort: number;
 let promDir: string;
 const RELAY_REFUSALS = 7;
@@ -36,13 +38,16 @@ const RULES = {
   '20-dnsbl.yaml': 'rule: dnsbl\nsettings:\n  zones:\n    - zone: bl.test\n',
   '30-ratelimit.yaml': 'rule: ratelimit\nsettings:\n  limits:\n    - name: conn\n      count: connections\n      limit: 3\n      window: 60000\n',
   '40-greylist.yaml': 'rule: greylist\nsettings:\n  delay: 0\n',
+  // A content scanner (real clamd, port filled in below): the scan panels have data.
+  '50-clamav.yaml': 'rule: clamav\ntimeout: 10000\nsettings:\n  port: {CLAMD}\n',
 };
 
 before(async () => {
   sink = await startSink();
   rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:listed', '127.0.0.2', '127.0.0.90'] }]);
-  redis = await startRedis();
-  dm = await startDoorman({ backendPort: sink.port, env: { DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, rules: RULES });
+  [redis, clamd] = await Promise.all([startRedis(), startClamd()]);
+  const rules = { ...RULES, '50-clamav.yaml': RULES['50-clamav.yaml'].replace('{CLAMD}', String(clamd.port)) };
+  dm = await startDoorman({ backendPort: sink.port, env: { DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url }, rules });
   promPort = await freePort();
   promDir = fs.mkdtempSync(path.join(os.tmpdir(), 'doorman-prom-'));
   fs.writeFileSync(
@@ -62,6 +67,7 @@ after(async () => {
   await prom?.stop();
   await dm?.stop();
   await redis?.stop();
+  await clamd?.stop();
   await rbl?.stop();
   await sink?.stop();
   if (promDir) fs.rmSync(promDir, { recursive: true, force: true });

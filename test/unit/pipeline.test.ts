@@ -241,3 +241,69 @@ test('body: a session that ends mid-message drops its readers', async () => {
   await new Promise((res) => setTimeout(res, 60));
   assert.equal(reads, 1, 'the queued chunks are never read');
 });
+
+test('body: begin is called once per message, before its first chunk, with the snapshot the front hands over', async () => {
+  const calls: string[] = [];
+  const rule: Rule<{ n: number }> = {
+    name: 'begins', type: 't', bypassable: true, checks: {},
+    session: () => ({ n: 0 }),
+    body: {
+      begin: (snap, st) => void calls.push(`begin ${snap.recipients.length} rcpt, state ${st.n}`),
+      chunk: (c, st) => void (calls.push(`chunk ${c.toString()}`), st.n++),
+      end: () => ({ kind: 'pass' }),
+    },
+  };
+  const s = session([loaded(rule as Rule)]);
+  s.connect();
+  const at = { ...s.snap, recipients: [{ raw: 'a@example.com' }, { raw: 'b@example.com' }] } as unknown as SessionSnapshot;
+  s.pipe.body([Buffer.from('one'), Buffer.from('two')], false, () => at);
+  s.pipe.body([Buffer.from('three')], true, () => at);
+  // The next message begins again: one refused or cut short never reached its end.
+  s.pipe.body([Buffer.from('four')], true, () => s.snap);
+  await s.dataEnd();
+  assert.deepEqual(calls, ['begin 2 rcpt, state 0', 'chunk one', 'chunk two', 'chunk three', 'begin 0 rcpt, state 3', 'chunk four']);
+});
+
+test('body: a reader whose begin throws reads nothing and holds nothing back; its error is its finding', async () => {
+  let reads = 0;
+  const rule: Rule = {
+    name: 'broken', type: 't', bypassable: true, checks: {},
+    body: {
+      begin: () => {
+        throw new Error('cannot connect');
+      },
+      chunk: () => void reads++,
+      end: () => ({ kind: 'pass' }),
+    },
+  };
+  const s = session([loaded(rule)], { maxBodyLag: 4 });
+  s.connect();
+  assert.equal(s.pipe.body([Buffer.alloc(16)], true, () => s.snap), undefined, 'no lag: no wait');
+  const v = await s.dataEnd();
+  assert.equal(reads, 0);
+  assert.equal(v.outcomes[0]?.finding, 'error');
+  assert.match(v.outcomes[0]?.reason ?? '', /cannot connect/);
+});
+
+test('body: a reader that data_end will not ask is not fed (allowlisted and bypassable, or out of scope)', async () => {
+  const fed: string[] = [];
+  const reader = (name: string, bypassable: boolean): Rule => ({
+    name, type: 't', bypassable, checks: {},
+    body: {
+      begin: () => void fed.push(`${name} begin`),
+      chunk: () => void fed.push(`${name} chunk`),
+      end: () => ({ kind: 'pass' }),
+    },
+  });
+  const outOfScope = { listeners: new Set(['submission']) };
+  const s = session([loaded(reader('soft', true)), loaded(reader('hard', false)), loaded(reader('scoped', false), { scope: outOfScope })]);
+  s.connect();
+  const allowlisted = { ...s.snap, acceptedBy: 'access' };
+  s.pipe.body([Buffer.from('x')], true, () => allowlisted);
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(fed, ['hard begin', 'hard chunk']);
+  fed.length = 0;
+  s.pipe.body([Buffer.from('y')], true, () => s.snap);
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(fed, ['soft begin', 'hard begin', 'soft chunk', 'hard chunk']);
+});
