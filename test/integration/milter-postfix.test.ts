@@ -56,6 +56,8 @@ class TestHandler implements MilterHandler {
   async rcpt(r: string): Promise<MilterVerdict> {
     this.seen.push(`rcpt ${r}`);
     if (r === '<refused@example.com>') return { kind: 'reject', code: 550, enhanced: '5.7.1', text: 'Recipient refused by the milter test' };
+    // No enhanced code: the codec adds 4.0.0 (Postfix 3.7 would pass on a bare "451 Try later").
+    if (r === '<later@example.com>') return { kind: 'tempfail', code: 451, text: 'Try later' };
     return CONTINUE;
   }
   async data() {
@@ -109,13 +111,15 @@ after(async () => {
 
 const BODY = 'From: <sender@example.org>\r\nSubject: milter test\r\n\r\nHello through the milter.\r\n';
 
-test('Postfix: the milter refuses a recipient with its own reply and adds header fields', async () => {
+test('Postfix: the milter refuses and tempfails recipients with its own replies and adds header fields', async () => {
   const c = await SmtpClient.open(postfix.port, { ehlo: 'client.example.net' });
   const mail = await c.cmd('MAIL FROM:<sender@example.org>');
   assert.equal(mail.code, 250, mail.raw);
   const refused = await c.cmd('RCPT TO:<refused@example.com>');
   assert.equal(refused.code, 550, refused.raw);
   assert.match(refused.raw, /^550 5\.7\.1 Recipient refused by the milter test/);
+  const later = await c.cmd('RCPT TO:<later@example.com>');
+  assert.match(later.raw, /^451 4\.0\.0 Try later/);
   const ok = await c.cmd('RCPT TO:<ok@example.com>');
   assert.equal(ok.code, 250, ok.raw);
   const data = await c.cmd('DATA');
@@ -143,6 +147,7 @@ test('Postfix: the milter refuses a recipient with its own reply and adds header
       'helo client.example.net',
       'mail <sender@example.org> mail_addr=sender@example.org',
       'rcpt <refused@example.com>',
+      'rcpt <later@example.com>',
       'rcpt <ok@example.com>',
     ],
   );

@@ -144,9 +144,10 @@ test('simple replies byte for byte', () => {
   assert.deepEqual(encodePacket('p'), hex('00000001 70'));
 });
 
-test('REPLYCODE: single line, multi-line, % doubled, bad codes refused', () => {
+test('REPLYCODE: single line, multi-line, % doubled, X.0.0 when no enhanced code, bad codes refused', () => {
   assert.deepEqual(encodeReplyCode(550, '5.7.1', 'No thanks'), bin(hex('00000015'), 'y', '550 5.7.1 No thanks\0'));
-  assert.deepEqual(encodeReplyCode(451, undefined, 'Later'), bin(hex('0000000b'), 'y', '451 Later\0'));
+  // Older Postfix checks that byte 5 repeats the class: an enhanced code is always sent.
+  assert.deepEqual(encodeReplyCode(451, undefined, 'Later'), bin(hex('00000011'), 'y', '451 4.0.0 Later\0'));
   assert.deepEqual(encodeReplyCode(550, '5.7.1', 'one\ntwo'), bin(hex('0000001e'), 'y', '550-5.7.1 one\r\n550 5.7.1 two\0'));
   assert.deepEqual(encodeReplyCode(550, '5.7.1', '100% spam'), bin(hex('00000016'), 'y', '550 5.7.1 100%% spam\0'));
   assert.throws(() => encodeReplyCode(250, '2.0.0', 'ok'), /4xx and 5xx/);

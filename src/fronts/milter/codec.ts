@@ -307,7 +307,8 @@ const ENHANCED = /^([245])\.\d{1,3}\.\d{1,3}$/;
 /**
  * SMFIR_REPLYCODE: "550 5.7.1 text\0". Text with several lines (split on \n) becomes a multi-line
  * reply, "550-5.7.1 one\r\n550 5.7.1 two". '%' is doubled: Sendmail uses the reply as a format
- * string and Postfix undoes the doubling (milter8.c). Throws RangeError for a code outside
+ * string and Postfix undoes the doubling (milter8.c). Without an enhanced code, X.0.0 of the
+ * code's class (older Postfix refuses a reply without one). Throws RangeError for a code outside
  * 4xx/5xx, an enhanced code of another class, or CR/NUL in the text.
  */
 export function encodeReplyCode(code: number, enhanced: string | undefined, text: string): Buffer {
@@ -318,9 +319,13 @@ export function encodeReplyCode(code: number, enhanced: string | undefined, text
     if (!m || m[1] !== klass) throw new RangeError(`enhanced code ${enhanced} does not match ${code}`);
   }
   if (/[\r\0]/.test(text)) throw new RangeError('reply text contains CR or NUL');
+  // Older Postfix (milter8.c as of 2.11) refused a reply whose fifth byte is not the code's class;
+  // Postfix 3.7 passes it on bare. Either way the client should get an enhanced code (RFC 3463):
+  // a reply without one gets the class's generic X.0.0.
+  const enh = enhanced ?? `${klass}.0.0`;
   const lines = text.split('\n');
   const body = lines
-    .map((line, i) => `${code}${i === lines.length - 1 ? ' ' : '-'}${enhanced ? enhanced + ' ' : ''}${line.replace(/%/g, '%%')}`)
+    .map((line, i) => `${code}${i === lines.length - 1 ? ' ' : '-'}${enh} ${line.replace(/%/g, '%%')}`)
     .join('\r\n');
   return encodePacket(SMFIR.REPLYCODE, cstring(body, 'reply'));
 }
