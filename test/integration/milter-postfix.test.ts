@@ -74,6 +74,8 @@ class TestHandler implements MilterHandler {
   }
   async eom(m: MilterMacros): Promise<EomResult> {
     this.seen.push(`eom headers=${this.headers} body=${this.bodyBytes} queue_id=${m.get('i') ? 'yes' : 'no'}`);
+    this.headers = 0;
+    this.bodyBytes = 0;
     return {
       verdict: CONTINUE,
       addHeaders: [
@@ -110,6 +112,7 @@ after(async () => {
 });
 
 const BODY = 'From: <sender@example.org>\r\nSubject: milter test\r\n\r\nHello through the milter.\r\n';
+const BODY2 = 'From: <second@example.org>\r\nSubject: second\r\n\r\nSecond.\r\n';
 
 test('Postfix: the milter refuses and tempfails recipients with its own replies and adds header fields', async () => {
   const c = await SmtpClient.open(postfix.port, { ehlo: 'client.example.net' });
@@ -127,8 +130,14 @@ test('Postfix: the milter refuses and tempfails recipients with its own replies 
   c.write(BODY + '.\r\n');
   const end = await c.reply(15_000);
   assert.equal(end.code, 250, end.raw);
+  // A second message in the same SMTP session, so on the same milter connection.
+  const end2 = await c.message({ from: 'second@example.org', to: 'ok2@example.com', body: BODY2 });
+  assert.equal(end2.code, 250, end2.raw);
   await c.cmd('QUIT');
   c.close();
+  const msg2 = await sink.bySender('second@example.org', 15_000);
+  assert.match(msg2.body, /^X-Doorman-Tag: milter-test$/m);
+  assert.match(msg2.body, /^Authentication-Results: doorman\.test; spf=pass/m);
   const msg = await sink.bySender('sender@example.org', 15_000);
   assert.equal(msg.rcpts.length, 1, msg.rcpts.join(' '));
   assert.match(msg.rcpts[0]!, /^<ok@example\.com>/);
@@ -149,9 +158,15 @@ test('Postfix: the milter refuses and tempfails recipients with its own replies 
       'rcpt <refused@example.com>',
       'rcpt <later@example.com>',
       'rcpt <ok@example.com>',
+      'mail <second@example.org> mail_addr=second@example.org',
+      'rcpt <ok2@example.com>',
     ],
   );
-  assert.match(seen.at(-1)!, /^eom headers=[1-9]\d* body=\d+ queue_id=yes$/);
+  // Each message's own header fields and body: the handler starts afresh after end of message.
+  const eoms = seen.filter((s) => s.startsWith('eom'));
+  assert.equal(eoms.length, 2, eoms.join('\n'));
+  assert.match(eoms[0]!, new RegExp(`^eom headers=[1-9]\\d* body=${Buffer.byteLength('Hello through the milter.\r\n')} queue_id=yes$`));
+  assert.match(eoms[1]!, new RegExp(`^eom headers=[1-9]\\d* body=${Buffer.byteLength('Second.\r\n')} queue_id=yes$`));
   // Postfix ends the milter connection with QUIT at the end of the SMTP session.
   await eventually(() => ends.length === sessions.length, 5000);
   assert.deepEqual(ends, sessions.map(() => 'quit'));

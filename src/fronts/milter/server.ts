@@ -100,8 +100,9 @@ export interface ConnectInfo {
 /**
  * What a front plugs into a milter connection: one handler per SMTP session (a new one after
  * QUIT_NC). Envelope steps and end of header answer with a verdict; header fields and body chunks
- * are read without one (the verdict on them comes at eoh and eom). `abort` ends the message
- * (possibly none is open); `close` ends the session and is called exactly once.
+ * are read without one (the verdict on them comes at eoh and eom). `eom` ends the message: the
+ * next MAIL starts another, with or without an ABORT between. `abort` ends the message early
+ * (possibly none is open); `close` ends the session and is called exactly once per handler.
  */
 export interface MilterHandler {
   connect(info: ConnectInfo, macros: MilterMacros): Promise<MilterVerdict>;
