@@ -380,3 +380,30 @@ test('the client closing mid-message closes the handler once', async () => {
     await r.stop().catch(() => {});
   }
 });
+
+test('200 body chunks in one write (no replies): handed over one at a time, in order, with a small read-ahead', async () => {
+  let inFlight = 0;
+  let maxInFlight = 0;
+  const r = await rig({ maxQueuedPackets: 8 }, () => {
+    const h = new Recorder();
+    h.body = async (c: Buffer) => {
+      inFlight++;
+      maxInFlight = Math.max(maxInFlight, inFlight);
+      await new Promise((res) => setTimeout(res, 1));
+      h.bodyText += c.toString('latin1');
+      inFlight--;
+    };
+    return h;
+  });
+  try {
+    await r.send(bin(OPTNEG, CONNECT, HELO, MAIL('a@example.org'), RCPT('ok@example.com')), 5);
+    const chunks = Array.from({ length: 200 }, (_, i) => pkt('B', `chunk ${i}\r\n`));
+    const replies = show(await r.send(bin(pkt('T'), pkt('N'), ...chunks, pkt('E')), 5));
+    assert.deepEqual(replies.map((x) => x[0]), ['c', 'c', 'i', 'h', 'c']);
+    const expected = Array.from({ length: 200 }, (_, i) => `chunk ${i}\r\n`).join('');
+    assert.equal(r.handlers[0]!.calls.at(-1), `eom i=ABC123 body=${JSON.stringify(expected)}`);
+    assert.equal(maxInFlight, 1, 'one body chunk at a time');
+  } finally {
+    await r.stop();
+  }
+});
