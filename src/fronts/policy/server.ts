@@ -261,7 +261,9 @@ export class PolicyServer {
     if (known !== undefined) return known === DUNNO ? null : known;
     const recipient = pathOf(to);
     if (!recipient || recipient.isNull) return null;
-    const a = refusal(await s.run('rcpt', () => ({ stage: 'rcpt', recipient, params: [], session: s.snapshot() })));
+    // Postfix writes "<recipient>: Recipient address rejected: " before the text at RCPT: a rule's
+    // own "<recipient>: " prefix (relay's) is left off so that the client does not read it twice.
+    const a = refusal(await s.run('rcpt', () => ({ stage: 'rcpt', recipient, params: [], session: s.snapshot() })), `<${to}>: `);
     // Bounded like the log: past it a repeated recipient is evaluated again (nothing is remembered).
     if (inst.rcpts.size < 1000) inst.rcpts.set(to.toLowerCase(), a ?? DUNNO);
     s.logRcpt(to, a ? Number(a.startsWith('DEFER_IF_PERMIT') ? 450 : a.slice(0, 3)) : 250);
@@ -280,8 +282,15 @@ export class PolicyServer {
 /** Rule sets already warned about (once each). */
 const warned = new WeakSet<RuleSet>();
 
-function refusal(v: StageVerdict): string | null {
-  return v.reply ? refusalAction(v.reply) : null;
+/** The verdict's refusal as an action; `prefix` left off the text's start (Postfix says it itself). */
+function refusal(v: StageVerdict, prefix?: string): string | null {
+  if (!v.reply) return null;
+  const r = v.reply;
+  const first = r.lines[0] ?? '';
+  if (prefix && first.toLowerCase().startsWith(prefix.toLowerCase()) && first.length > prefix.length) {
+    return refusalAction({ ...r, lines: [first.slice(prefix.length), ...r.lines.slice(1)] });
+  }
+  return refusalAction(r);
 }
 
 function outcomeOf(action: string): string {

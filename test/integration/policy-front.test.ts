@@ -1,0 +1,200 @@
+/**
+ * The policy front end to end: a real Postfix smtpd with
+ * `smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:<doorman>, permit_mynetworks,
+ * reject_unauth_destination` (and the same service at end of data), relaying to smtp-sink; swaks
+ * clients from 127.0.0.x talk to Postfix only. doorman's rules decide through the policy protocol:
+ * a relay attempt refused with the relay rule's reply, a DNSBL-listed client with the dnsbl rule's
+ * code, a rate limit as DEFER_IF_PERMIT (Postfix: 450), a dry-run finding only logged, a tag as a
+ * PREPENDed header at the sink; the session log line and the metrics carry the front. Last,
+ * doorman stopped: Postfix applies `smtpd_policy_service_default_action = DUNNO` and mail flows.
+ * A raw client checks the unix socket listener and that malformed input closes the connection.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { startDoorman, type Doorman } from '../helpers/doorman.js';
+import { startPostfix, type Postfix } from '../helpers/postfix.js';
+import { startRbldnsd, type Rbldnsd } from '../helpers/rbldnsd.js';
+import { startSink, type Sink } from '../helpers/sink.js';
+import { swaks } from '../helpers/swaks.js';
+import { eventually, useCleanup } from '../helpers/procs.js';
+
+useCleanup();
+let sink: Sink;
+let postfix: Postfix;
+let dm: Doorman;
+let rbl: Rbldnsd;
+const sockDir = fs.mkdtempSync(path.join(os.tmpdir(), 'doorman-policy-'));
+const SOCK = path.join(sockDir, 'policy.sock');
+
+const OUTSIDE = '127.0.0.20';
+const LISTED = '127.0.0.66';
+const LIMITED = '127.0.0.40';
+const DRY = '127.0.0.77';
+const TAGGED = '127.0.0.50';
+
+const RULES = {
+  'relay.yaml': 'rule: relay\nsettings:\n  localDomains: [example.com]\n  relayNetworks: [127.0.0.30/32]\n',
+  'dnsbl.yaml': `rule: dnsbl
+settings:
+  zones:
+    - zone: bl.test
+`,
+  'ratelimit.yaml': `rule: ratelimit
+scope:
+  clients: ["${LIMITED}"]
+settings:
+  limits:
+    - name: msgs
+      count: messages
+      key: client
+      limit: 1
+      window: 600000
+`,
+  'dry.yaml': `rule: access
+action: dry-run
+settings:
+  clients:
+    - deny: ${DRY}
+      reason: dry-run test
+`,
+  'helo.yaml': `rule: helo
+action: tag
+scope:
+  clients: ["${TAGGED}"]
+`,
+};
+
+/** swaks from `from` (a 127.0.0.x address) to Postfix. */
+function send(client: string, mailFrom: string, to: string, extra: string[] = []) {
+  return swaks(['--server', `127.0.0.1:${postfix.port}`, '--local-interface', client, '--from', mailFrom, '--to', to, '--helo', 'client.tester.example', ...extra]);
+}
+
+before(async () => {
+  sink = await startSink();
+  rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:Listed by bl.test', '127.0.0.2', LISTED] }]);
+  dm = await startDoorman({
+    backendPort: sink.port,
+    listen: `policy://127.0.0.1:{PORT},policy://${SOCK}`,
+    env: { DOORMAN_DNS_SERVERS: rbl.server },
+    // Transactions refused before their end of data end (and are logged) after 1.5 s.
+    config: 'limits:\n  policyInstanceTtl: 1500\n',
+    rules: RULES,
+  });
+  const policy = `check_policy_service inet:127.0.0.1:${dm.port}`;
+  postfix = await startPostfix({
+    relayPort: sink.port,
+    openRelay: true,
+    main: [
+      `smtpd_recipient_restrictions = ${policy}, permit_mynetworks, reject_unauth_destination`,
+      `smtpd_end_of_data_restrictions = ${policy}`,
+      'smtpd_policy_service_default_action = DUNNO',
+      'smtpd_policy_service_try_limit = 1',
+    ],
+  });
+});
+
+after(async () => {
+  await dm?.stop();
+  await postfix?.stop();
+  await sink?.stop();
+  await rbl?.stop();
+  fs.rmSync(sockDir, { recursive: true, force: true });
+});
+
+/** The session log line of the policy front for `client`. */
+async function sessionOf(client: string) {
+  const find = () => dm.sessions().find((l) => l.client === client);
+  await eventually(find, 10_000);
+  const line = find();
+  assert.ok(line, `no session log line for ${client}: ${dm.proc.output().slice(-2000)}`);
+  return line;
+}
+
+test('a relay attempt is refused by Postfix with the relay rule\'s code and text; local mail flows', async () => {
+  const r = await send(OUTSIDE, 'someone@tester.example', 'victim@elsewhere.example', ['--quit-after', 'RCPT']);
+  // Postfix puts "<address>: Recipient address rejected: " before a policy server's text at RCPT;
+  // the rule's own "<address>: " prefix is left off so that the address is not said twice.
+  assert.match(r.out, /<\*\* 554 5\.7\.1 <victim@elsewhere\.example>: Recipient address rejected: Relay access denied\n/, r.out);
+  const ok = await send(OUTSIDE, 'inbound@tester.example', 'user@example.com');
+  assert.equal(ok.status, 0, ok.out);
+  const m = await sink.bySender('inbound@tester.example');
+  assert.match(m.rcpts.join(), /^<user@example\.com>/);
+  assert.equal(await dm.metric('doorman_rejections_total', { rule: 'relay', stage: 'rcpt', code: '554' }), 1);
+});
+
+test('a DNSBL-listed client is refused with the dnsbl rule\'s code (its connect-stage verdict at RCPT)', async () => {
+  const r = await send(LISTED, 'x@tester.example', 'user@example.com', ['--quit-after', 'RCPT']);
+  assert.match(r.out, /<\*\* 554 5\.7\.1 <user@example\.com>: Recipient address rejected: Service unavailable; client \[127\.0\.0\.66\] blocked using bl\.test\n/, r.out);
+  const line = await sessionOf(LISTED);
+  assert.equal(line.front, 'policy');
+  assert.equal(line.outcome, 'rejected');
+  assert.ok((line.rules as { rule: string; stage: string }[]).some((x) => x.rule === 'dnsbl' && x.stage === 'connect'));
+});
+
+test('a rate limit answers DEFER_IF_PERMIT: Postfix says 450 4.7.1 to the second message', async () => {
+  const first = await send(LIMITED, 'first@tester.example', 'user@example.com');
+  assert.equal(first.status, 0, first.out);
+  await sink.bySender('first@tester.example');
+  const second = await send(LIMITED, 'second@tester.example', 'user@example.com', ['--quit-after', 'RCPT']);
+  assert.match(second.out, /<\*\* 450 4\.7\.1 <user@example\.com>: Recipient address rejected: Error: too much mail, try again later\n/, second.out);
+  assert.equal(await dm.metric('doorman_policy_requests_total', { state: 'RCPT', action: 'defer' }), 1);
+});
+
+test('a dry-run finding is only logged: the mail flows', async () => {
+  const r = await send(DRY, 'dry@tester.example', 'user@example.com');
+  assert.equal(r.status, 0, r.out);
+  await sink.bySender('dry@tester.example');
+  const line = await sessionOf(DRY);
+  assert.equal(line.front, 'policy');
+  assert.equal(line.outcome, 'passed');
+  assert.equal(line.end, 'end-of-message', 'END-OF-MESSAGE ends the transaction at once');
+  const entry = (line.rules as { rule: string; effect: string; would?: string }[]).find((x) => x.rule === 'dry');
+  assert.deepEqual({ effect: entry?.effect, would: entry?.would }, { effect: 'none', would: 'reject' });
+});
+
+test('a tag becomes a PREPENDed X-Doorman-Tag header at the sink', async () => {
+  const r = await send(TAGGED, 'tagged@tester.example', 'user@example.com', ['--helo', 'nodot']);
+  assert.equal(r.status, 0, r.out);
+  const m = await sink.bySender('tagged@tester.example');
+  assert.match(m.body, /^X-Doorman-Tag: helo; need fully-qualified hostname$/m);
+  assert.equal((m.body.match(/^X-Doorman-Tag:/gm) ?? []).length, 1, 'one header, not one per request');
+});
+
+test('the unix socket listener answers; malformed input closes the connection', async () => {
+  const talk = (payload: string) =>
+    new Promise<{ data: string; closed: boolean }>((resolve) => {
+      const s = net.connect(SOCK);
+      let data = '';
+      s.on('data', (d) => (data += d.toString()));
+      s.on('connect', () => s.write(payload));
+      const t = setTimeout(() => {
+        s.destroy();
+        resolve({ data, closed: false });
+      }, 3000);
+      s.on('close', () => {
+        clearTimeout(t);
+        resolve({ data, closed: true });
+      });
+    });
+  const req = `request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=${OUTSIDE}\nhelo_name=a.example\nsender=a@tester.example\nrecipient=b@other.example\ninstance=sock.1\n\n`;
+  const good = await talk(req);
+  assert.equal(good.data, 'action=554 5.7.1 Relay access denied\n\n');
+  assert.equal(good.closed, false, 'the connection stays open for the next request');
+  const bad = await talk(req + 'not a policy line\n');
+  assert.equal(bad.data, 'action=554 5.7.1 Relay access denied\n\n', 'the request before is answered');
+  assert.equal(bad.closed, true);
+  assert.ok((await dm.metric('doorman_protocol_violations_total', { kind: 'policy_malformed' })) >= 1);
+});
+
+test('doorman stopped: Postfix applies smtpd_policy_service_default_action (DUNNO) and mail flows', async () => {
+  await dm.stop();
+  const r = await send(OUTSIDE, 'whiledown@tester.example', 'user@example.com');
+  assert.equal(r.status, 0, r.out);
+  await sink.bySender('whiledown@tester.example');
+  // Postfix tried doorman, failed, and went on with its default action.
+  assert.match(postfix.log(), /warning: problem talking to server 127\.0\.0\.1:\d+: Connection refused/);
+});
