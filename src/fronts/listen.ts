@@ -6,6 +6,7 @@
  * (left by a doorman that died) is replaced; any other file at that path is an error. The socket
  * file is removed when the listener closes.
  */
+import cluster from 'node:cluster';
 import fs from 'node:fs';
 import net from 'node:net';
 import { listenerName, parseHostPort, type ListenerConfig } from '../config/schema.js';
@@ -32,7 +33,9 @@ export async function startFrontListener(cfg: ListenerConfig, deps: Omit<PolicyD
   const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (s) => front.handle(s));
   const hp = parseHostPort(cfg.address);
   const path = hp ? null : cfg.address;
-  if (path) removeStaleSocket(path);
+  // In cluster mode the primary binds the socket once for every worker (it removed a stale file
+  // before forking, removeStaleSockets): a worker removing it would unlink the live one.
+  if (path && !cluster.isWorker) removeStaleSocket(path);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     const done = () => {
@@ -54,6 +57,11 @@ export async function startFrontListener(cfg: ListenerConfig, deps: Omit<PolicyD
     },
     connections: () => front.connections,
   };
+}
+
+/** Cluster mode: the primary removes the stale socket files of the front listeners before forking. */
+export function removeStaleSockets(listeners: readonly ListenerConfig[]): void {
+  for (const l of listeners) if ((l.role === 'policy' || l.role === 'milter') && !parseHostPort(l.address)) removeStaleSocket(l.address);
 }
 
 /** A socket file left behind is removed; anything else at the path stays (listen then fails with EADDRINUSE). */

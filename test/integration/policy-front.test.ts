@@ -78,7 +78,8 @@ before(async () => {
   rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:Listed by bl.test', '127.0.0.2', LISTED] }]);
   dm = await startDoorman({
     backendPort: sink.port,
-    listen: `policy://127.0.0.1:{PORT},policy://${SOCK}`,
+    // One process, both fronts: the policy server and an SMTP listener (to the sink) with the same rules.
+    listen: `policy://127.0.0.1:{PORT},policy://${SOCK},smtp://127.0.0.1:{PORT}`,
     env: { DOORMAN_DNS_SERVERS: rbl.server },
     // Transactions refused before their end of data end (and are logged) after 1.5 s.
     config: 'limits:\n  policyInstanceTtl: 1500\n',
@@ -124,6 +125,16 @@ test('a relay attempt is refused by Postfix with the relay rule\'s code and text
   const m = await sink.bySender('inbound@tester.example');
   assert.match(m.rcpts.join(), /^<user@example\.com>/);
   assert.equal(await dm.metric('doorman_rejections_total', { rule: 'relay', stage: 'rcpt', code: '554' }), 1);
+});
+
+test('the same rules on the SMTP listener of the same process: the session log lines say which front', async () => {
+  const r = await swaks(['--server', `127.0.0.1:${dm.ports[1]}`, '--local-interface', '127.0.0.21', '--from', 'a@tester.example', '--to', 'victim@elsewhere.example', '--helo', 'client.tester.example', '--quit-after', 'RCPT']);
+  assert.match(r.out, /<\*\* 554 5\.7\.1 <victim@elsewhere\.example>: Relay access denied\n/, r.out);
+  const smtp = await sessionOf('127.0.0.21');
+  assert.equal(smtp.front, 'smtp');
+  const policy = await sessionOf(OUTSIDE);
+  assert.equal(policy.front, 'policy');
+  assert.equal(policy.listener, `policy@127.0.0.1:${dm.port}`);
 });
 
 test('a DNSBL-listed client is refused with the dnsbl rule\'s code (its connect-stage verdict at RCPT)', async () => {
