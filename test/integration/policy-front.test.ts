@@ -175,23 +175,39 @@ test('a tag becomes a PREPENDed X-Doorman-Tag header at the sink', async () => {
   assert.equal((m.body.match(/^X-Doorman-Tag:/gm) ?? []).length, 1, 'one header, not one per request');
 });
 
-test('the unix socket listener answers; malformed input closes the connection', async () => {
-  const talk = (payload: string) =>
-    new Promise<{ data: string; closed: boolean }>((resolve) => {
-      const s = net.connect(SOCK);
-      let data = '';
-      s.on('data', (d) => (data += d.toString()));
-      s.on('connect', () => s.write(payload));
-      const t = setTimeout(() => {
+/**
+ * Writes `payload` to the unix socket listener; resolves with what came back once `answers`
+ * answers arrived (then closes), or when the server closed the connection, or after 3 s.
+ */
+function talk(payload: string, answers = Infinity) {
+  return new Promise<{ data: string; closed: boolean }>((resolve) => {
+    const s = net.connect(SOCK);
+    let data = '';
+    const t = setTimeout(() => {
+      s.destroy();
+      resolve({ data, closed: false });
+    }, 3000);
+    s.on('data', (d) => {
+      data += d.toString();
+      if ((data.match(/\n\n/g) ?? []).length >= answers) {
+        clearTimeout(t);
         s.destroy();
         resolve({ data, closed: false });
-      }, 3000);
-      s.on('close', () => {
-        clearTimeout(t);
-        resolve({ data, closed: true });
-      });
+      }
     });
-  const req = `request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=${OUTSIDE}\nhelo_name=a.example\nsender=a@tester.example\nrecipient=b@other.example\ninstance=sock.1\n\n`;
+    s.on('connect', () => s.write(payload));
+    s.on('close', () => {
+      clearTimeout(t);
+      resolve({ data, closed: true });
+    });
+  });
+}
+
+const request = (attrs: Record<string, string>) =>
+  'request=smtpd_access_policy\n' + Object.entries(attrs).map(([k, v]) => `${k}=${v}\n`).join('') + '\n';
+
+test('the unix socket listener answers; malformed input closes the connection', async () => {
+  const req = request({ protocol_state: 'RCPT', client_address: OUTSIDE, helo_name: 'a.example', sender: 'a@tester.example', recipient: 'b@other.example', instance: 'sock.1' });
   const good = await talk(req);
   assert.equal(good.data, 'action=554 5.7.1 Relay access denied\n\n');
   assert.equal(good.closed, false, 'the connection stays open for the next request');
@@ -199,6 +215,27 @@ test('the unix socket listener answers; malformed input closes the connection', 
   assert.equal(bad.data, 'action=554 5.7.1 Relay access denied\n\n', 'the request before is answered');
   assert.equal(bad.closed, true);
   assert.ok((await dm.metric('doorman_protocol_violations_total', { kind: 'policy_malformed' })) >= 1);
+});
+
+test('per instance: connect runs once, a refusal at connect answers every later request, a repeated recipient is not evaluated again', async () => {
+  const connects = () => dm.metric('doorman_rule_evaluations_total', { rule: 'dnsbl', stage: 'connect' });
+  const relayRcpts = () => dm.metric('doorman_rule_evaluations_total', { rule: 'relay', stage: 'rcpt' });
+  const c0 = await connects();
+  const r0 = await relayRcpts();
+  const base = { protocol_state: 'RCPT', client_address: '127.0.0.90', helo_name: 'c.tester.example', sender: 's@tester.example', instance: 'inst.A' };
+  const clean = await talk(
+    request({ ...base, recipient: 'u1@example.com' }) + request({ ...base, recipient: 'x@other.example' }) + request({ ...base, recipient: 'x@other.example' }) + request({ ...base, recipient: 'u2@example.com' }),
+    4,
+  );
+  assert.equal(clean.data, ['DUNNO', '554 5.7.1 Relay access denied', '554 5.7.1 Relay access denied', 'DUNNO'].map((a) => `action=${a}\n\n`).join(''));
+  assert.equal((await connects()) - c0, 1, 'one connect stage for the four requests of the instance');
+  assert.equal((await relayRcpts()) - r0, 3, 'the repeated recipient was answered from memory');
+  const listed = { ...base, client_address: LISTED, instance: 'inst.B' };
+  const refused = await talk(request({ ...listed, recipient: 'u1@example.com' }) + request({ ...listed, recipient: 'u2@example.com' }), 2);
+  const dnsbl = 'action=554 5.7.1 Service unavailable; client [127.0.0.66] blocked using bl.test\n\n';
+  assert.equal(refused.data, dnsbl + dnsbl);
+  assert.equal((await connects()) - c0, 2, 'the refused instance ran its connect stage once');
+  assert.equal((await relayRcpts()) - r0, 3, 'no rcpt stage after a refusal at connect');
 });
 
 test('doorman stopped: Postfix applies smtpd_policy_service_default_action (DUNNO) and mail flows', async () => {

@@ -131,11 +131,14 @@ export class PolicyServer {
       for (const req of requests) {
         queued++;
         socket.pause();
-        chain = chain.then(async () => {
-          const action = await this.answer(req, id);
-          if (!socket.destroyed) socket.write(formatAnswer(action));
-          if (--queued === 0 && !error && !socket.destroyed) socket.resume();
-        });
+        chain = chain
+          .then(async () => {
+            const action = await this.answer(req, id);
+            if (!socket.destroyed) socket.write(formatAnswer(action));
+            if (--queued === 0 && !error && !socket.destroyed) socket.resume();
+          })
+          // answer() never throws; anything else failing here ends this connection, not the process.
+          .catch(() => void socket.destroy());
       }
       if (error) {
         socket.pause();
