@@ -7,7 +7,10 @@
  * code, a rate limit as DEFER_IF_PERMIT (Postfix: 450), a dry-run finding only logged, a tag as a
  * PREPENDed header at the sink; the session log line and the metrics carry the front. Last,
  * doorman stopped: Postfix applies `smtpd_policy_service_default_action = DUNNO` and mail flows.
- * A raw client checks the unix socket listener and that malformed input closes the connection.
+ * A raw client checks the unix socket listener, that malformed input closes the connection, the
+ * stages run per `instance` (connect once, refusals kept, a repeated recipient answered from
+ * memory), the idle timeout and the connection bound; an SMTP listener in the same process applies
+ * the same rules and its log line says `front: "smtp"`.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -236,6 +239,38 @@ test('per instance: connect runs once, a refusal at connect answers every later 
   assert.equal(refused.data, dnsbl + dnsbl);
   assert.equal((await connects()) - c0, 2, 'the refused instance ran its connect stage once');
   assert.equal((await relayRcpts()) - r0, 3, 'no rcpt stage after a refusal at connect');
+});
+
+test('bounds: an idle policy connection is closed after policyIdleTimeout; past policyMaxConnections one is refused', async () => {
+  const small = await startDoorman({
+    backendPort: sink.port,
+    listen: 'policy://127.0.0.1:{PORT}',
+    config: 'limits:\n  policyIdleTimeout: 400\n  policyMaxConnections: 1\n',
+  });
+  try {
+    const open = () =>
+      new Promise<{ socket: net.Socket; closedAfter: Promise<number> }>((resolve) => {
+        const socket = net.connect(small.port, '127.0.0.1');
+        socket.on('error', () => undefined);
+        const t0 = Date.now();
+        const closedAfter = new Promise<number>((r) => socket.on('close', () => r(Date.now() - t0)));
+        socket.on('connect', () => resolve({ socket, closedAfter }));
+      });
+    const first = await open();
+    const second = await open();
+    assert.ok((await second.closedAfter) < 300, 'the second connection is closed at once');
+    assert.equal(await small.metric('doorman_connections_refused_total', { reason: 'too_many' }), 1);
+    const idle = await first.closedAfter;
+    assert.ok(idle >= 350 && idle < 3000, `idle connection closed after ${idle} ms`);
+    // The slot is free again: a request is answered.
+    const third = await open();
+    third.socket.write(request({ protocol_state: 'RCPT', client_address: '127.0.0.91', sender: 'a@b.example', recipient: 'c@example.com', instance: 'x' }));
+    const answer = await new Promise<string>((r) => third.socket.once('data', (d) => r(d.toString())));
+    assert.equal(answer, 'action=DUNNO\n\n');
+    third.socket.destroy();
+  } finally {
+    await small.stop();
+  }
 });
 
 test('doorman stopped: Postfix applies smtpd_policy_service_default_action (DUNNO) and mail flows', async () => {
