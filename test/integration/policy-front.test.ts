@@ -241,13 +241,18 @@ test('per instance: connect runs once, a refusal at connect answers every later 
   assert.equal((await relayRcpts()) - r0, 3, 'no rcpt stage after a refusal at connect');
 });
 
-test('bounds: an idle policy connection is closed after policyIdleTimeout; past policyMaxConnections one is refused', async () => {
+test('bounds: an idle policy connection is closed after policyIdleTimeout; past policyMaxConnections one is refused; a body rule is warned about once', async () => {
   const small = await startDoorman({
     backendPort: sink.port,
     listen: 'policy://127.0.0.1:{PORT}',
     config: 'limits:\n  policyIdleTimeout: 400\n  policyMaxConnections: 1\n',
+    // A rule that reads the body: skipped by the policy front, with one warning at start.
+    rules: { 'spamassassin.yaml': 'rule: spamassassin\nsettings:\n  port: 9\n' },
   });
   try {
+    const warnings = small.logs().filter((l) => /policy front: no message/.test(l.msg));
+    assert.equal(warnings.length, 1, small.proc.output().slice(-2000));
+    assert.deepEqual(warnings[0]?.rules, ['spamassassin']);
     const open = () =>
       new Promise<{ socket: net.Socket; closedAfter: Promise<number> }>((resolve) => {
         const socket = net.connect(small.port, '127.0.0.1');
