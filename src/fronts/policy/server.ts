@@ -173,7 +173,9 @@ export class PolicyServer {
   }
 
   private async evaluate(req: PolicyRequest, state: string, conn: number): Promise<string> {
-    const key = req.get('instance') || `conn:${conn}`;
+    // Several Postfix hosts may share doorman: their instance ids (pid, time, counter) could meet,
+    // their clients with them far less.
+    const key = `${req.get('instance') || `conn:${conn}`}|${req.get('client_address') ?? ''}`;
     let inst = this.instances.get(key);
     if (!inst) {
       const client = clientOf(req);
