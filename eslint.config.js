@@ -77,6 +77,19 @@ export default tseslint.config(
     },
   },
   {
+    // Fronts an MTA calls (policy, milter) feed the one pipeline: they may use pipeline/, protocol/,
+    // config/, net/ and metrics/, never the SMTP front (smtp/), the backend (backend/) nor a rule.
+    files: ['src/fronts/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        patterns: [{
+          regex: '^(\\.\\./)+(smtp|backend|rules)(/|$)|^(\\.\\./)+(listener|main)(\\.js)?$',
+          message: 'fronts/ never import smtp/, backend/, rules/ or the listener: a front builds SessionSnapshots and events for the pipeline (../pipeline/), with ../protocol/, ../config/, ../net/ and ../metrics/.',
+        }],
+      }],
+    },
+  },
+  {
     files: ['src/rules/**/*.ts'],
     ignores: ['src/rules/index.ts'],
     rules: { 'no-restricted-imports': ['error', { patterns: [noSmtpBackend, noOtherRule] }] },

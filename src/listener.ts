@@ -16,6 +16,7 @@ import type { BackendPool } from './backend/pool.js';
 import { MAX_PROXY_HEADER, parseProxyHeader, unmap, type ProxiedAddress } from './backend/proxy-protocol.js';
 import type { RuleSet } from './config/rules.js';
 import { listenerName, parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
+import { startFrontListener, type FrontListener } from './fronts/listen.js';
 import type { Metrics } from './metrics/registry.js';
 import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
 import { R, type Reply } from './protocol/reply.js';
@@ -94,6 +95,8 @@ type PendingStage = 'proxy_header' | 'tls_handshake';
 
 export class Proxy {
   private readonly bound: Bound[] = [];
+  /** Listeners of the fronts an MTA calls (policy; milter): fronts/listen.ts. */
+  private readonly fronts: FrontListener[] = [];
   private readonly sessions = new Set<Session>();
   private readonly slots: Slots;
   private readonly setUsers = new Map<RuleSet, number>();
@@ -148,6 +151,11 @@ export class Proxy {
   async start(): Promise<void> {
     this.startSampler();
     for (const cfg of this.deps.listeners) {
+      if (cfg.role === 'policy' || cfg.role === 'milter') {
+        const { metrics, log, rules } = this.deps;
+        this.fronts.push(await startFrontListener(cfg, { rules, limits: () => this.limits, metrics, log, useRuleSet: (set) => this.useRuleSet(set) }));
+        continue;
+      }
       const hp = parseHostPort(cfg.address);
       if (!hp) throw new Error(`bad listen address ${cfg.address}`);
       const runtime: ListenerRuntime = {
@@ -178,10 +186,30 @@ export class Proxy {
 
   /** The addresses actually bound (port 0 resolved). */
   addresses(): { name: string; address: string; port: number }[] {
-    return this.bound.map((b) => {
+    const smtp = this.bound.map((b) => {
       const a = b.server.address() as net.AddressInfo;
       return { name: b.runtime.name, address: a.address, port: a.port };
     });
+    const fronts = this.fronts.map((f) => {
+      const a = f.server.address();
+      return typeof a === 'object' && a ? { name: f.name, address: a.address, port: a.port } : { name: f.name, address: f.path ?? String(a), port: 0 };
+    });
+    return [...smtp, ...fronts];
+  }
+
+  /** Counts a rule set as in use until the returned function is called (once). */
+  private useRuleSet(rules: RuleSet): () => void {
+    this.setUsers.set(rules, (this.setUsers.get(rules) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const users = (this.setUsers.get(rules) ?? 1) - 1;
+      if (users <= 0) {
+        this.setUsers.delete(rules);
+        if (rules !== this.deps.rules()) this.deps.onRuleSetUnused?.(rules);
+      } else this.setUsers.set(rules, users);
+    };
   }
 
   get activeSessions(): number {
@@ -364,7 +392,7 @@ export class Proxy {
     const rules = this.deps.rules();
     if (b.deps?.rules !== rules) b.deps = { rules, deps: { ...this.deps, limits: this.limits, listener: b.runtime, rules } };
     const session = new Session(socket, peer, b.deps.deps, { tls: isTls, ...(initial ? { initial } : {}) });
-    this.setUsers.set(rules, (this.setUsers.get(rules) ?? 0) + 1);
+    const release = this.useRuleSet(rules);
     this.sessions.add(session);
     const name = b.runtime.name;
     this.deps.metrics.connections.inc({ listener: name });
@@ -373,11 +401,7 @@ export class Proxy {
       // STARTTLS moves the session to a new socket: its end, not the first socket's, releases.
       hold.close();
       this.sessions.delete(session);
-      const users = (this.setUsers.get(rules) ?? 1) - 1;
-      if (users <= 0) {
-        this.setUsers.delete(rules);
-        if (rules !== this.deps.rules()) this.deps.onRuleSetUnused?.(rules);
-      } else this.setUsers.set(rules, users);
+      release();
       this.deps.metrics.connectionsActive.dec({ listener: name });
       this.deps.metrics.sessionDuration.observe({ listener: name }, (Date.now() - session.state.started) / 1000);
     });
@@ -397,6 +421,8 @@ export class Proxy {
     this.draining = true;
     if (this.sampler) clearInterval(this.sampler);
     for (const b of this.bound) b.server.close(); // stops accepting; open sessions go on
+    // The fronts' MTAs apply their own default action while doorman is away: close at once.
+    for (const f of this.fronts) f.close();
     const all = Promise.all([...this.sessions].map((s) => s.done));
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([

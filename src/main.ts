@@ -19,6 +19,7 @@ import { watchFiles, watchRules } from './config/watch.js';
 import { DoormanError, formatProblem } from './errors.js';
 import { startMetricsServer } from './metrics/http.js';
 import { createMetrics, type Metrics } from './metrics/registry.js';
+import { removeStaleSockets } from './fronts/listen.js';
 import { Proxy } from './listener.js';
 import { serveSlots, WorkerSlots } from './slots.js';
 import { createLogger } from './log.js';
@@ -350,6 +351,7 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   serveSlots(cluster);
   // Without Redis, rule state (rate limits, greylisting) lives here, one for every worker.
   if (!usesRedis(loaded)) serveStore(cluster);
+  removeStaleSockets(config.listen);
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;

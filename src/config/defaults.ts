@@ -75,6 +75,22 @@ export const LIMIT_DEFAULTS = {
   maxEventLoopLag: 500,
   /** Dry-run checks of one session still running (not awaited) before its next stage waits for them, count. */
   maxPendingDryRun: 16,
+  /**
+   * Policy front (fronts/policy/): a Postfix policy client connection that sends nothing for this
+   * long is closed, ms. Longer than Postfix's smtpd_policy_service_max_idle (300 s), so Postfix
+   * closes its idle connections first and never writes into one doorman just closed.
+   */
+  policyIdleTimeout: 330_000,
+  /** Policy front: a transaction (Postfix `instance`) is forgotten this long after its last request, ms; its log line is written then. */
+  policyInstanceTtl: 300_000,
+  /** Policy front: transactions remembered at once (least recently used forgotten first), count. */
+  policyMaxInstances: 10_000,
+  /** Policy front: longest `name=value` line, octets (Postfix's longest attributes are addresses and certificate names). */
+  policyMaxLine: 4_096,
+  /** Policy front: attributes in one request, count (Postfix 3.7 sends about 30). */
+  policyMaxAttributes: 100,
+  /** Policy front: policy client connections open at once per listener, count (Postfix: one per smtpd process, default_process_limit 100). */
+  policyMaxConnections: 500,
 } as const;
 
 export const BACKEND_DEFAULTS = {

@@ -8,13 +8,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { DoormanError, type Problem } from '../errors.js';
-import { configSchema, parseHostPort, type Config } from './schema.js';
+import { configSchema, isSocketPath, LISTENER_ROLES, parseHostPort, UNIX_SOCKET_ROLES, type Config } from './schema.js';
 import { validateYaml } from './yaml.js';
 
 /** Environment variables and the config keys they set. */
 export const ENV_VARS = {
   DOORMAN_CONFIG: 'path of the configuration file (default ./doorman.yaml when it exists)',
-  DOORMAN_LISTEN: 'listeners, comma-separated [role[+proxy]://]host:port (role smtp, submission, smtps)',
+  DOORMAN_LISTEN: 'listeners, comma-separated [role[+proxy]://]host:port (role smtp, submission, smtps, policy, milter; policy:///path for a unix socket)',
   DOORMAN_TRUSTED_PROXIES: 'comma-separated addresses/CIDRs allowed to send PROXY headers (for +proxy listeners)',
   DOORMAN_BACKEND: 'host:port of the backend MTA (backend.address)',
   DOORMAN_HOSTNAME: 'name in the greeting (hostname)',
@@ -100,8 +100,11 @@ function applyEnv(raw: Raw, env: NodeJS.ProcessEnv, problems: Problem[]): void {
       const m = /^(?:([a-z]+)(\+proxy)?:\/\/)?(.+)$/.exec(item);
       const role = m?.[1] ?? 'smtp';
       const address = m?.[3] ?? item;
-      if (!['smtp', 'submission', 'smtps'].includes(role)) bad('DOORMAN_LISTEN', `unknown role "${role}" in ${item}`);
-      if (!parseHostPort(address)) bad('DOORMAN_LISTEN', `expected host:port in ${item}`);
+      if (!(LISTENER_ROLES as readonly string[]).includes(role)) bad('DOORMAN_LISTEN', `unknown role "${role}" in ${item}`);
+      else if ((UNIX_SOCKET_ROLES as readonly string[]).includes(role) && isSocketPath(address)) {
+        // policy:///run/doorman/policy.sock: the path after the scheme's "//" is the socket.
+      } else if (!parseHostPort(address)) bad('DOORMAN_LISTEN', `expected host:port in ${item}`);
+      if (m?.[2] && (UNIX_SOCKET_ROLES as readonly string[]).includes(role)) bad('DOORMAN_LISTEN', `+proxy is for SMTP listeners, not ${role}: ${item}`);
       return { address, role, proxyProtocol: Boolean(m?.[2]), trustedProxies: trusted };
     });
     raw.listen = listeners;

@@ -12,11 +12,21 @@ const positive = z.number().int().positive();
 
 export const hostPort = z.string().refine((s) => parseHostPort(s) !== null, { message: 'expected host:port ([v6]:port for IPv6)' });
 
-export const listenerSchema = z.strictObject({
-  /** host:port to listen on. */
-  address: hostPort,
-  /** smtp (port 25 role: STARTTLS), submission (587 role), smtps (465 role: implicit TLS). */
-  role: z.enum(['smtp', 'submission', 'smtps']).default('smtp'),
+/**
+ * Listener roles: smtp (port 25 role: STARTTLS), submission (587 role), smtps (465 role: implicit
+ * TLS) are SMTP fronts; policy (Postfix SMTP access policy delegation, fronts/policy/) and milter
+ * (fronts/milter/) serve an MTA that keeps its own SMTP.
+ */
+export const LISTENER_ROLES = ['smtp', 'submission', 'smtps', 'milter', 'policy'] as const;
+export type ListenerRole = (typeof LISTENER_ROLES)[number];
+/** Roles whose listener may be a unix socket (an absolute path instead of host:port). */
+export const UNIX_SOCKET_ROLES: readonly ListenerRole[] = ['milter', 'policy'];
+
+export const listenerSchema = z
+  .strictObject({
+  /** host:port to listen on; for the milter and policy roles also a unix socket's absolute path. */
+  address: z.string().min(1),
+  role: z.enum(LISTENER_ROLES).default('smtp'),
   /** Name in logs and metrics; default: role@address. */
   name: z.string().min(1).optional(),
   /** Expect a PROXY protocol v1/v2 header from the trusted proxies. */
@@ -25,7 +35,18 @@ export const listenerSchema = z.strictObject({
   trustedProxies: z.array(z.string()).default([]),
   /** Offer AUTH without TLS (default only under TLS). */
   authPlaintext: z.boolean().default(false),
-});
+})
+  .superRefine((l, ctx) => {
+    if (parseHostPort(l.address)) return;
+    if (UNIX_SOCKET_ROLES.includes(l.role) && isSocketPath(l.address)) return;
+    const unix = UNIX_SOCKET_ROLES.includes(l.role) ? ' or an absolute unix socket path' : '';
+    ctx.addIssue({ code: 'custom', path: ['address'], message: `expected host:port ([v6]:port for IPv6)${unix}` });
+  });
+
+/** A unix socket path as a listener address: absolute, no NUL. */
+export function isSocketPath(s: string): boolean {
+  return s.startsWith('/') && !s.includes('\0') && s.length < 108;
+}
 
 export const configSchema = z.strictObject({
   /** Name in the greeting and EHLO reply. */
@@ -146,6 +167,12 @@ export const configSchema = z.strictObject({
       maxAuthFailures: positive.default(LIMIT_DEFAULTS.maxAuthFailures),
       maxEventLoopLag: ms.default(LIMIT_DEFAULTS.maxEventLoopLag),
       maxPendingDryRun: z.number().int().nonnegative().default(LIMIT_DEFAULTS.maxPendingDryRun),
+      policyIdleTimeout: positive.default(LIMIT_DEFAULTS.policyIdleTimeout),
+      policyInstanceTtl: positive.default(LIMIT_DEFAULTS.policyInstanceTtl),
+      policyMaxInstances: positive.default(LIMIT_DEFAULTS.policyMaxInstances),
+      policyMaxLine: z.number().int().min(512).default(LIMIT_DEFAULTS.policyMaxLine),
+      policyMaxAttributes: z.number().int().min(10).default(LIMIT_DEFAULTS.policyMaxAttributes),
+      policyMaxConnections: positive.default(LIMIT_DEFAULTS.policyMaxConnections),
     })
     .prefault({}),
 });

@@ -16,6 +16,7 @@ import type { RuleScope } from '../pipeline/scope.js';
 import { SITE_NETWORKS, type SitePolicy } from '../pipeline/site.js';
 import { normaliseDomain } from '../protocol/address.js';
 import { DomainList, isDomainPattern } from '../protocol/match.js';
+import { LISTENER_ROLES } from './schema.js';
 
 const entries = z.array(z.string().trim().min(1)).min(1, 'an empty list would match nothing: remove the key to apply everywhere');
 
@@ -28,7 +29,7 @@ export const scopeSchema = z.strictObject({
 
 export type ScopeSpec = z.output<typeof scopeSchema>;
 
-export const ROLES = ['smtp', 'submission', 'smtps'] as const;
+export const ROLES = LISTENER_ROLES;
 
 /** A configured listener, as scopes may name it. */
 export interface ListenerRef {

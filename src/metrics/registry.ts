@@ -42,6 +42,7 @@ export function createMetrics(opts: MetricsOptions) {
     ruleEvaluations: new Counter({ name: 'doorman_rule_evaluations_total', help: 'Rule evaluations, by rule, stage and outcome (pass, reject, tempfail, accept, tag, dry_run, error).', labelNames: ['rule', 'stage', 'outcome'], registers: r }),
     ruleDuration: new Histogram({ name: 'doorman_rule_duration_seconds', help: 'Rule evaluation time, by rule.', labelNames: ['rule'], buckets: LATENCY_BUCKETS, registers: r }),
     ruleErrors: new Counter({ name: 'doorman_rule_errors_total', help: 'Rules that threw or timed out, by rule and kind (error, timeout).', labelNames: ['rule', 'kind'], registers: r }),
+    policyRequests: new Counter({ name: 'doorman_policy_requests_total', help: 'Postfix policy requests answered by the policy front, by listener, protocol_state (CONNECT, EHLO, HELO, MAIL, RCPT, DATA, END-OF-MESSAGE, VRFY, ETRN, other) and action (dunno, reject, defer, prepend).', labelNames: ['listener', 'state', 'action'], registers: r }),
     protocolViolations: new Counter({ name: 'doorman_protocol_violations_total', help: 'Client protocol violations, by kind.', labelNames: ['kind'], registers: r }),
     backendConnectDuration: new Histogram({ name: 'doorman_backend_connect_duration_seconds', help: 'Time from connecting to a backend to its greeting, by backend.', labelNames: ['backend'], buckets: LATENCY_BUCKETS, registers: r }),
     backendPoolIdle: new Gauge({ name: 'doorman_backend_pool_idle', help: 'Idle backend connections kept for the next client sessions.', registers: r }),

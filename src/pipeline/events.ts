@@ -20,8 +20,11 @@ export interface SessionSnapshot {
   /** The real client (after PROXY protocol). */
   readonly client: ClientAddress;
   readonly clientPort: number;
-  /** Listener name and role. */
-  readonly listener: { readonly name: string; readonly role: 'smtp' | 'submission' | 'smtps' };
+  /**
+   * Listener name and role: an SMTP role (doorman speaks SMTP to the client), or the front an MTA
+   * calls (`policy`, `milter`: the MTA speaks SMTP; the session's facts are the MTA's).
+   */
+  readonly listener: { readonly name: string; readonly role: 'smtp' | 'submission' | 'smtps' | 'policy' | 'milter' };
   /** doorman's own address the client reached. */
   readonly localAddress: string;
   readonly tls: boolean;

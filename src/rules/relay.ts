@@ -93,7 +93,7 @@ export const relayRule = defineRuleType({
           return { kind: 'reject', reason: 'etrn_denied', reply: { code: 554, enhanced: '5.7.1', text: `<${echo(ev.node)}>: Etrn command rejected: Access denied` } };
         }
         if (ev.stage === 'mail') {
-          if (!s.requireAuthOn.includes(ev.session.listener.role)) return PASS;
+          if (!(s.requireAuthOn as readonly string[]).includes(ev.session.listener.role)) return PASS;
           return { kind: 'reject', reason: 'auth_required', reply: { code: 530, enhanced: '5.7.0', text: 'Authentication required' } };
         }
         const p = ev.recipient;

@@ -91,6 +91,8 @@ export class SessionLog {
     this.log.info(
       {
         session: f.session,
+        // The front that saw the session: this SMTP session's, or fronts/ (policy, milter).
+        front: 'smtp',
         client: f.client,
         port: f.port,
         listener: f.listener,

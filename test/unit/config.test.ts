@@ -81,3 +81,28 @@ test('DNSBL answer filters and answer problems (Spamhaus error codes, outside 12
   assert.match(answerProblem('10.0.0.2') ?? '', /outside 127/);
   assert.equal(answerProblem('127.0.0.4'), null);
 });
+
+test('listener roles policy and milter: TCP, a unix socket path, one process with the SMTP listeners', () => {
+  const { config } = loadConfig({ cwd, env: { DOORMAN_LISTEN: 'smtp://0.0.0.0:25,policy://127.0.0.1:10040,milter://127.0.0.1:8890,policy:///run/doorman/policy.sock' } });
+  assert.deepEqual(config.listen.map((l) => [l.role, l.address]), [
+    ['smtp', '0.0.0.0:25'],
+    ['policy', '127.0.0.1:10040'],
+    ['milter', '127.0.0.1:8890'],
+    ['policy', '/run/doorman/policy.sock'],
+  ]);
+  // The same in the file.
+  const file = path.join(cwd, 'fronts.yaml');
+  fs.writeFileSync(file, 'listen:\n  - address: /run/doorman/policy.sock\n    role: policy\n  - address: 127.0.0.1:2525\n');
+  assert.deepEqual(loadConfig({ cwd, env: {}, file }).config.listen.map((l) => l.role), ['policy', 'smtp']);
+});
+
+test('a unix socket is for the policy and milter roles only; +proxy is for SMTP listeners', () => {
+  const bad = (listen: string, why: RegExp) =>
+    assert.throws(() => loadConfig({ cwd, env: { DOORMAN_LISTEN: listen } }), (e: unknown) => e instanceof DoormanError && why.test(e.message + JSON.stringify(e.problems)), listen);
+  bad('smtp:///run/doorman/smtp.sock', /expected host:port/);
+  bad('policy://relative.sock', /expected host:port/);
+  bad('policy+proxy://127.0.0.1:10040', /\+proxy is for SMTP listeners/);
+  const file = path.join(cwd, 'bad-socket.yaml');
+  fs.writeFileSync(file, 'listen:\n  - address: /run/doorman/smtp.sock\n    role: smtp\n');
+  assert.throws(() => loadConfig({ cwd, env: {}, file }), (e: unknown) => e instanceof DoormanError && /listen\.0\.address/.test(JSON.stringify(e.problems)));
+});

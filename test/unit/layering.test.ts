@@ -47,3 +47,25 @@ test('config/ may not import rules/', async () => {
   const msgs = await restricted('src/config/rules.ts', "import { RULE_TYPES } from '../rules/index.js';\nexport const t = RULE_TYPES;\n");
   assert.equal(msgs.length, 1);
 });
+
+test('a front may not import smtp/ or backend/, at any depth', async () => {
+  const smtp = await restricted('src/fronts/session.ts', "import { Session } from '../smtp/session.js';\nexport const s = Session;\n");
+  assert.equal(smtp.length, 1);
+  assert.match(smtp[0] ?? '', /fronts\//);
+  const backend = await restricted('src/fronts/policy/server.ts', "import { BackendPool } from '../../backend/pool.js';\nexport const b = BackendPool;\n");
+  assert.equal(backend.length, 1);
+});
+
+test('a front may import the pipeline, protocol, config, net and metrics', async () => {
+  const code = [
+    "import { openPipeline } from '../../pipeline/run.js';",
+    "import { reply } from '../../protocol/reply.js';",
+    "import { parseHostPort } from '../../config/schema.js';",
+    "import { parseAddress } from '../../net/ip.js';",
+    "import { createMetrics } from '../../metrics/registry.js';",
+    "import { FrontSession } from '../session.js';",
+    'export const all = [openPipeline, reply, parseHostPort, parseAddress, createMetrics, FrontSession];',
+    '',
+  ].join('\n');
+  assert.deepEqual(await restricted('src/fronts/policy/server.ts', code), []);
+});

@@ -153,7 +153,7 @@ test('scope listeners: roles or configured names; an unknown one names the liste
   assert.equal(inScope(scope, helo({ name: 'other', role: 'submission' })), false);
   assert.equal(inScope(scope, helo({ name: 'tls', role: 'smtps' })), false);
   assert.deepEqual(problems({ 'helo.yaml': 'rule: helo\nscope:\n  listeners:\n    - smtp\n    - port25\n' }, { listeners }), [
-    'helo.yaml:5: scope.listeners.1: no listener role or name "port25": roles are smtp, submission, smtps; the listeners configured are mx (smtp), submission@127.0.0.1:587 (submission)',
+    'helo.yaml:5: scope.listeners.1: no listener role or name "port25": roles are smtp, submission, smtps, milter, policy; the listeners configured are mx (smtp), submission@127.0.0.1:587 (submission)',
   ]);
 });
 

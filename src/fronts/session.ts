@@ -1,0 +1,226 @@
+/**
+ * session.ts — a session of the rule pipeline for a front that is not doorman's own SMTP: the
+ * policy server (fronts/policy/), the milter (fronts/milter/).
+ *
+ * Such a front does not speak SMTP to the client: its MTA tells it the facts (client address and
+ * port, listener, HELO, TLS, login, sender, recipients, the transaction's number), it sets them
+ * here and asks for a stage's verdict. `FrontSession` keeps those facts, gives the rules their
+ * `SessionSnapshot`, feeds the one pipeline (`openPipeline(rules, hooks).attach(events$, ended)`,
+ * pipeline/run.ts) exactly as the SMTP session does (smtp/stages.ts, smtp/state.ts; not imported:
+ * fronts never import smtp/), notes what each verdict means for the session (refusals in
+ * doorman_rejections_total, allowlisting, tags, authentication results, findings for the log within
+ * MAX_LOGGED_OUTCOMES, late dry-run findings) and writes the one log line per session, with
+ * `front` (policy, milter) so the line says which front saw it.
+ */
+import { Subject } from 'rxjs';
+import type { Logger } from 'pino';
+import type { RuleSet } from '../config/rules.js';
+import type { Metrics } from '../metrics/registry.js';
+import type { ClientAddress } from '../net/ip.js';
+import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
+import { openPipeline, type PipelineSession } from '../pipeline/run.js';
+import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
+import type { AuthResult } from '../protocol/auth-results.js';
+import type { ParsedPath } from '../protocol/address.js';
+import { describeReply } from '../protocol/reply.js';
+
+export type FrontName = 'policy' | 'milter';
+
+/** Findings other than pass kept for the log line; the rest are counted (moreRules). */
+export const MAX_LOGGED_OUTCOMES = 100;
+/** Recipients kept for the log line and the snapshot; the rest are counted (moreRcpts). */
+export const MAX_LOGGED_RCPTS = 100;
+/** Distinct tags kept per session; the rest are counted (moreTags). */
+export const MAX_TAGS = 10;
+
+export interface FrontDeps {
+  readonly front: FrontName;
+  readonly listener: { readonly name: string; readonly role: SessionSnapshot['listener']['role'] };
+  readonly rules: RuleSet;
+  readonly metrics: Metrics;
+  readonly log: Logger;
+  /** Dry-run checks left running per session (limits.maxPendingDryRun). */
+  readonly maxPendingDryRun: number;
+}
+
+/** What the front knows of the client when the session starts. */
+export interface ClientFacts {
+  readonly client: ClientAddress;
+  readonly clientPort: number;
+  /** The MTA's own address the client reached ('' when the MTA does not say). */
+  readonly localAddress: string;
+}
+
+export class FrontSession {
+  readonly id = nextSessionId();
+  readonly started = Date.now();
+  readonly events$ = new Subject<SessionEvent>();
+  readonly ended = new AbortController();
+  helo: string | null = null;
+  esmtp = false;
+  tls = false;
+  auth: { mechanism: string; login: string | null } | null = null;
+  transaction = 0;
+  sender: ParsedPath | null = null;
+  readonly recipients: ParsedPath[] = [];
+  moreRcpts = 0;
+  /** Allowlisted for the session (connect, HELO) or the transaction (MAIL). */
+  acceptedBy: string | null = null;
+  readonly authResults: AuthResult[] = [];
+  /** Tags for the message (X-Doorman-Tag values), at most MAX_TAGS. */
+  readonly tags: string[] = [];
+  /** The front's own facts for the log line (queue id, size, instance…). */
+  readonly facts: Record<string, string | number> = {};
+  /** Each recipient and the reply code the front gave for it (250: let through). */
+  readonly rcptLog: { to: string; code: number }[] = [];
+  outcome = 'open';
+  private readonly outcomes: RuleOutcome[] = [];
+  private droppedOutcomes = 0;
+  private droppedTags = 0;
+  private written = false;
+  private readonly pipe: PipelineSession;
+
+  constructor(
+    private readonly deps: FrontDeps,
+    readonly client: ClientFacts,
+  ) {
+    this.pipe = openPipeline(deps.rules.rules, {
+      metrics: deps.metrics,
+      onRuleError: (rule, kind, err) => deps.log.warn({ session: this.id, front: deps.front, rule, kind, err: err instanceof Error ? err.message : String(err) }, 'rule failed'),
+      late: (o, ev) => this.late(o, ev),
+      maxPendingDryRun: deps.maxPendingDryRun,
+    }).attach(this.events$, this.ended.signal);
+  }
+
+  snapshot(): SessionSnapshot {
+    return {
+      id: this.id,
+      client: this.client.client,
+      clientPort: this.client.clientPort,
+      listener: this.deps.listener,
+      localAddress: this.client.localAddress,
+      tls: this.tls,
+      helo: this.helo,
+      esmtp: this.esmtp,
+      auth: this.auth,
+      transaction: this.transaction,
+      sender: this.sender,
+      recipients: [...this.recipients],
+      recipientsForwarded: this.recipients.length,
+      acceptedBy: this.acceptedBy,
+      authResults: [...this.authResults],
+      ended: this.ended.signal,
+    };
+  }
+
+  /** A rule acts on the stage (or someone else observes events$): only then is the event built. */
+  heard(stage: Stage): boolean {
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
+  }
+
+  /** One stage's verdict; the event is built only when a rule acts on the stage. */
+  run(stage: Stage, make: () => SessionEvent): StageVerdict | Promise<StageVerdict> {
+    if (this.ended.signal.aborted || !this.heard(stage)) return EMPTY_VERDICT;
+    const event = make();
+    this.events$.next(event);
+    const v = this.pipe.verdict(event);
+    return v instanceof Promise ? v.then((x) => this.note(stage, x)) : this.note(stage, v);
+  }
+
+  /** A recipient the front let through: in the snapshot of later stages (bounded). */
+  addRecipient(p: ParsedPath): void {
+    if (this.recipients.length < MAX_LOGGED_RCPTS) this.recipients.push(p);
+  }
+
+  /** A recipient's answer for the log line (bounded). */
+  logRcpt(to: string, code: number): void {
+    if (this.rcptLog.length < MAX_LOGGED_RCPTS) this.rcptLog.push({ to, code });
+    else this.moreRcpts++;
+  }
+
+  /** Ends the session: the rules' end hooks get its last snapshot, pending waits are dropped, the log line is written. */
+  end(reason: string): void {
+    if (this.ended.signal.aborted) return;
+    if (this.heard('quit')) this.events$.next({ stage: 'quit', session: this.snapshot(), reason });
+    this.ended.abort();
+    this.events$.complete();
+    this.writeLog(reason);
+  }
+
+  private note(stage: Stage, v: StageVerdict): StageVerdict {
+    for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
+    if (v.reply && v.decidedBy) {
+      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+    }
+    if (v.acceptedBy && !this.acceptedBy) this.acceptedBy = v.acceptedBy;
+    for (const t of v.tags) {
+      if (this.tags.includes(t)) continue;
+      if (this.tags.length < MAX_TAGS) this.tags.push(t);
+      else this.droppedTags++;
+    }
+    this.authResults.push(...v.results);
+    return v;
+  }
+
+  private noteOutcome(o: RuleOutcome): void {
+    if (this.outcomes.length < MAX_LOGGED_OUTCOMES) this.outcomes.push(o);
+    else this.droppedOutcomes++;
+  }
+
+  /** A dry-run finding after its stage's answer: in the log line if still open, else a line of its own. */
+  private late(o: RuleOutcome, ev: SessionEvent): void {
+    if (o.results && ev.session.transaction === this.transaction && !this.written) this.authResults.push(...o.results);
+    if (o.finding === 'pass') return;
+    if (!this.written) this.noteOutcome(o);
+    else this.deps.log.info({ session: this.id, front: this.deps.front, client: this.client.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
+  }
+
+  private writeLog(reason: string): void {
+    if (this.written) return;
+    this.written = true;
+    this.deps.log.info(
+      {
+        session: this.id,
+        front: this.deps.front,
+        client: this.client.client.text,
+        port: this.client.clientPort,
+        listener: this.deps.listener.name,
+        helo: this.helo,
+        tls: this.tls,
+        login: this.auth?.login ?? null,
+        ...this.facts,
+        transactions: this.transaction ? [{ from: this.sender ? `<${this.sender.raw}>` : '<>', rcpts: this.rcptLog, ...(this.moreRcpts ? { moreRcpts: this.moreRcpts } : {}) }] : [],
+        rules: this.outcomes.map(ruleLogEntry),
+        ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
+        ...(this.tags.length ? { tags: this.tags } : {}),
+        ...(this.droppedTags ? { moreTags: this.droppedTags } : {}),
+        outcome: this.outcome,
+        end: reason,
+        ms: Date.now() - this.started,
+      },
+      'session',
+    );
+  }
+}
+
+/** One rule outcome as the log line shows it (the same shape as the SMTP session's). */
+export function ruleLogEntry(o: RuleOutcome): object {
+  return {
+    rule: o.rule,
+    stage: o.stage,
+    finding: o.finding,
+    action: o.action,
+    effect: o.effect,
+    ...(o.wouldBe ? { would: o.wouldBe } : {}),
+    ...(o.reason ? { reason: o.reason } : {}),
+    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
+  };
+}
+
+// Unique per process and start time, like the SMTP session's, with an "f" so the two never collide.
+const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}f`;
+let idCounter = 0;
+function nextSessionId(): string {
+  idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
+  return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
+}
