@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run for real: Postfix (smtpd, smtp-sink, smtp-source), swaks,
 # swaks's TLS (Net::SSLeay, not pulled in without recommends), Cyrus SASL (AUTH against Postfix), dnsmasq and rbldnsd (DNS records and lists), redis-server (shared state, Cluster, Sentinel), prometheus (dashboard queries), openssl (test certificates), script(1) from bsdutils,
 # the content scanners the scanner rules talk to (clamd, spamd, rspamd; the tests start their own
-# instances with a signature file they write: nothing is downloaded).
-PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libsasl2-modules sasl2-bin dnsmasq-base rbldnsd redis-server redis-tools prometheus openssl bsdutils ca-certificates clamav-daemon spamassassin spamd rspamd)
+# instances with a signature file they write: nothing is downloaded), miltertest (milter protocol cases).
+PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl libsasl2-modules sasl2-bin dnsmasq-base rbldnsd redis-server redis-tools prometheus openssl bsdutils ca-certificates clamav-daemon spamassassin spamd rspamd miltertest)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
