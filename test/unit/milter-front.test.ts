@@ -198,6 +198,7 @@ test('a refusal at connect answers every later step; a rule error follows onErro
   const sessions = lines.filter((l) => l.msg === 'session');
   assert.equal(sessions.length, 2);
   assert.equal(sessions[0]?.outcome, 'rejected');
+  assert.equal(sessions[0]?.end, 'refused', 'the log line written at the refusal, not when the MTA drops the connection');
   assert.equal(sessions[1]?.client, '192.0.2.9');
   assert.equal(sessions[1]?.port, 25000);
   assert.deepEqual((sessions[1]?.rules as { rule: string; would?: string }[]).find((r) => r.rule === 'dry')?.would, 'reject');
