@@ -6,7 +6,8 @@
  * protocol: a relay attempt refused with the relay rule's reply (and let through for a client
  * Postfix authenticated: `{auth_authen}`), a DNSBL-listed client refused with the dnsbl rule's code,
  * an SPF softfail as an X-Doorman-Tag field and an Authentication-Results field at the sink (and
- * an incoming one claiming doorman's name deleted), a dry-run finding only logged; the session
+ * an incoming one claiming doorman's name deleted), EICAR in the body refused by clamav (the body
+ * reaches the content rules through the milter), a dry-run finding only logged; the session
  * log line says `front: "milter"`. Last, doorman stopped: Postfix applies milter_default_action
  * and mail flows. dnsmasq serves both the SPF records and the DNSBL zone.
  */
@@ -15,6 +16,7 @@ import assert from 'node:assert/strict';
 import { startDoorman, type Doorman } from '../helpers/doorman.js';
 import { startDnsmasq, type Dnsmasq } from '../helpers/dns.js';
 import { startPostfix, type Postfix } from '../helpers/postfix.js';
+import { EICAR, EICAR_NAME, startClamd, type Daemon } from '../helpers/scanners.js';
 import { startSink, type Sink } from '../helpers/sink.js';
 import { swaks } from '../helpers/swaks.js';
 import { eventually, useCleanup } from '../helpers/procs.js';
@@ -24,6 +26,7 @@ let sink: Sink;
 let postfix: Postfix;
 let dm: Doorman;
 let dns: Dnsmasq;
+let clamd: Daemon;
 
 const OUTSIDE = '127.0.0.20';
 const LISTED = '127.0.0.66';
@@ -57,7 +60,7 @@ function send(client: string, mailFrom: string, to: string, extra: string[] = []
 }
 
 before(async () => {
-  sink = await startSink();
+  [sink, clamd] = await Promise.all([startSink(), startClamd()]);
   dns = await startDnsmasq({
     txt: [['soft.test', 'v=spf1 ip4:127.0.0.40 ~all']],
     // The listed client, and 127.0.0.2 for the zone's RFC 5782 self-test.
@@ -70,7 +73,8 @@ before(async () => {
     backendPort: sink.port,
     listen: 'milter://127.0.0.1:{PORT}',
     env: { DOORMAN_DNS_SERVERS: dns.server, DOORMAN_HOSTNAME: HOSTNAME },
-    rules: RULES,
+    // A content rule: clamd reads the body the milter hands over, chunk by chunk.
+    rules: { ...RULES, 'clamav.yaml': `rule: clamav\ntimeout: 30000\nsettings:\n  port: ${clamd.port}\n` },
   });
   postfix = await startPostfix({
     relayPort: sink.port,
@@ -86,6 +90,7 @@ after(async () => {
   await postfix?.stop();
   await sink?.stop();
   await dns?.stop();
+  await clamd?.stop();
 });
 
 /** The session log line of the milter front for `client`. */
@@ -146,6 +151,14 @@ test('an SPF softfail: an X-Doorman-Tag field and doorman\'s Authentication-Resu
   const line = await sessionOf(SOFT);
   assert.equal(line.outcome, 'passed');
   assert.deepEqual(line.tags, [lines.find((l) => l.startsWith('X-Doorman-Tag: '))?.slice('X-Doorman-Tag: '.length)]);
+});
+
+test('a content rule reads the body through the milter: EICAR refused at end of data with clamav\'s reply', async () => {
+  const r = await send('127.0.0.22', 'eicar@tester.test', 'user@example.com', ['--body', `See the file below.\r\n${EICAR}\r\n`]);
+  assert.match(r.out, new RegExp(`<\\*\\* 554 5\\.7\\.1 Message rejected: virus found: ${EICAR_NAME.replace(/\./g, '\\.')}\\n`), r.out);
+  const line = await sessionOf('127.0.0.22');
+  assert.equal((line.transactions as { outcome: string }[])[0]?.outcome, 'rejected');
+  assert.equal(await dm.metric('doorman_rejections_total', { rule: 'clamav', stage: 'data_end', code: '554' }), 1);
 });
 
 test('a dry-run finding is only logged: the mail flows', async () => {

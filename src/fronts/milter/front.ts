@@ -15,7 +15,7 @@
  *   body    — each chunk to those readers as it arrives;
  *   eom     — data_end (size: header block plus body bytes); the verdict.
  * abort ends the transaction early (the next MAIL starts another); close ends the session (its
- * one log line, `front: "milter"`).
+ * one log line, `front: "milter"`); so does a refusal at connect (the MTA asks nothing more).
  *
  * Verdicts: a refusal goes out with the rule's code, enhanced code and text (a 4xx as tempfail);
  * a refusal at connect or HELO answers every later step (the MTA normally stops asking). At eom a
@@ -131,7 +131,11 @@ export class MilterFront implements MilterHandler {
     const daemon = m.get('daemon_name');
     if (daemon) s.facts.daemon = daemon;
     if (info.hostname && !info.hostname.startsWith('[')) s.facts.clientName = info.hostname;
-    return this.sessionStep(verdictOf(await s.run('connect', () => ({ stage: 'connect', session: s.snapshot() }))));
+    const v = this.sessionStep(verdictOf(await s.run('connect', () => ({ stage: 'connect', session: s.snapshot() }))));
+    // Refused at connect, the MTA asks nothing more of this session and may keep the milter
+    // connection open a long time (Postfix until its smtpd process ends): the session ends now.
+    if (v.kind !== 'continue') this.finish('refused');
+    return v;
   }
 
   async helo(name: string, m: MilterMacros): Promise<MilterVerdict> {
@@ -240,11 +244,12 @@ export class MilterFront implements MilterHandler {
     s.txnFacts.size = size;
     this.deps.metrics.messageSize.observe(size);
     const v = verdictOf(await s.run('data_end', () => ({ stage: 'data_end', session: s.snapshot(), size })));
-    this.inMessage = false;
     if (v) {
       this.noteRefusal(v);
+      this.inMessage = false;
       return { verdict: v };
     }
+    this.inMessage = false;
     s.txnFacts.outcome = 'passed';
     const addHeaders: HeaderAddition[] = [];
     if (s.authResults.length) {
@@ -263,10 +268,15 @@ export class MilterFront implements MilterHandler {
   }
 
   close(): void {
+    this.finish('quit');
+  }
+
+  /** Ends the session once: the rules' end hooks, its log line, the rule set released. */
+  private finish(reason: string): void {
     const s = this.s;
-    if (!s) return;
+    if (!s || s.ended.signal.aborted) return;
     if (s.outcome === 'open') s.outcome = 'passed';
-    s.end('quit');
+    s.end(reason);
     this.release();
   }
 
