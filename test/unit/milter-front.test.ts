@@ -206,3 +206,36 @@ test('a refusal at connect answers every later step; a rule error follows onErro
   assert.match(rej, /rule="dnsbl",stage="connect",code="554"/);
   assert.doesNotMatch(rej, /rule="dry"/);
 });
+
+test('a message cut short by ABORT is over for the body readers: the next message begins afresh', async () => {
+  const messages: string[][] = [];
+  const rules = [
+    loaded({
+      name: 'reader',
+      type: 't',
+      bypassable: true,
+      checks: {},
+      body: { begin: () => void messages.push([]), chunk: (c: Buffer) => void messages.at(-1)?.push(c.toString()), end: () => ({ kind: 'pass' }) },
+    } as Rule),
+  ];
+  const { make } = rig(rules);
+  const h = make();
+  await h.connect(CONNECT, macros());
+  await h.mail('<a@b.example>', [], macros());
+  await h.rcpt('<u@example.com>', [], macros());
+  h.header('Subject', 'one');
+  await h.eoh(macros());
+  await h.body(Buffer.from('first, cut short\r\n'));
+  h.abort();
+  await h.mail('<a@b.example>', [], macros());
+  await h.rcpt('<u@example.com>', [], macros());
+  h.header('Subject', 'two');
+  await h.eoh(macros());
+  await h.body(Buffer.from('second\r\n'));
+  assert.equal((await h.eom(macros())).verdict.kind, 'continue');
+  h.close();
+  assert.deepEqual(messages, [
+    ['Subject: one\r\n\r\n', 'first, cut short\r\n'],
+    ['Subject: two\r\n\r\n', 'second\r\n'],
+  ]);
+});

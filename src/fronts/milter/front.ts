@@ -116,6 +116,8 @@ export class MilterFront implements MilterHandler {
   /** The message's refusal at eoh (the MTA may still send the body): its eom answer. */
   private refused: MilterVerdict | null = null;
   private inMessage = false;
+  /** Chunks of this message went to the body readers without their last one. */
+  private bodyOpen = false;
 
   constructor(private readonly deps: MilterFrontDeps) {}
 
@@ -223,6 +225,7 @@ export class MilterFront implements MilterHandler {
       this.noteRefusal(v);
       return v;
     }
+    this.bodyOpen = true;
     await s.body([block], false);
     return CONTINUE;
   }
@@ -239,6 +242,7 @@ export class MilterFront implements MilterHandler {
     if (this.refused) return { verdict: this.refused };
     const queueId = m.get('i');
     if (queueId) s.txnFacts.queueId = queueId;
+    this.bodyOpen = false;
     await s.body([], true);
     const size = this.size;
     s.txnFacts.size = size;
@@ -264,7 +268,6 @@ export class MilterFront implements MilterHandler {
   abort(): void {
     if (this.s && this.inMessage && this.s.transaction > 0 && !this.s.txnFacts.outcome) this.s.txnFacts.outcome = 'aborted';
     this.resetMessage();
-    // A body reader fed part of a message drops it at the next message's first chunk (BodyReader.begin).
   }
 
   close(): void {
@@ -286,6 +289,10 @@ export class MilterFront implements MilterHandler {
   }
 
   private resetMessage(): void {
+    // A message cut short (ABORT, a refusal before its end): its readers are told it is over, so
+    // that the next message's chunks begin a message of their own (pipeline/run.ts `body`).
+    if (this.bodyOpen && this.s) void this.s.body([], true);
+    this.bodyOpen = false;
     this.headers = [];
     this.headerBytes = 0;
     this.truncated = false;
