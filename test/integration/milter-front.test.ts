@@ -7,7 +7,7 @@
  * Postfix authenticated: `{auth_authen}`), a DNSBL-listed client refused with the dnsbl rule's code,
  * an SPF softfail as an X-Doorman-Tag field and an Authentication-Results field at the sink (and
  * an incoming one claiming doorman's name deleted), EICAR in the body refused by clamav (the body
- * reaches the content rules through the milter), a dry-run finding only logged; the session
+ * reaches the content rules through the milter), a rate limit deferring with 4xx, a dry-run finding only logged; the session
  * log line says `front: "milter"`. Last, doorman stopped: Postfix applies milter_default_action
  * and mail flows. dnsmasq serves both the SPF records and the DNSBL zone.
  */
@@ -32,6 +32,7 @@ const OUTSIDE = '127.0.0.20';
 const LISTED = '127.0.0.66';
 const DRY = '127.0.0.77';
 const SOFT = '127.0.0.41';
+const LIMITED = '127.0.0.40';
 const HOSTNAME = 'mx.doorman.test';
 
 const RULES = {
@@ -44,6 +45,17 @@ settings:
     fail: reject
     softfail: tag
   skipNetworks: [127.0.0.1/32]
+`,
+  'ratelimit.yaml': `rule: ratelimit
+scope:
+  clients: ["${LIMITED}"]
+settings:
+  limits:
+    - name: msgs
+      count: messages
+      key: client
+      limit: 1
+      window: 600000
 `,
   'dry.yaml': `rule: access
 action: dry-run
@@ -159,6 +171,15 @@ test('a content rule reads the body through the milter: EICAR refused at end of 
   const line = await sessionOf('127.0.0.22');
   assert.equal((line.transactions as { outcome: string }[])[0]?.outcome, 'rejected');
   assert.equal(await dm.metric('doorman_rejections_total', { rule: 'clamav', stage: 'data_end', code: '554' }), 1);
+});
+
+test('a rate limit answers 4xx through the milter: the second message is deferred with the rule\'s reply', async () => {
+  const first = await send(LIMITED, 'first@tester.test', 'user@example.com');
+  assert.equal(first.status, 0, first.out);
+  await sink.bySender('first@tester.test');
+  const second = await send(LIMITED, 'second@tester.test', 'user@example.com', ['--quit-after', 'RCPT']);
+  assert.match(second.out, /<\*\* 450 4\.7\.1 Error: too much mail, try again later\n/, second.out);
+  assert.equal(await dm.metric('doorman_rejections_total', { rule: 'ratelimit', code: '450' }), 1);
 });
 
 test('a dry-run finding is only logged: the mail flows', async () => {
