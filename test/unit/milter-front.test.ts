@@ -239,3 +239,21 @@ test('a message cut short by ABORT is over for the body readers: the next messag
     ['Subject: two\r\n\r\n', 'second\r\n'],
   ]);
 });
+
+test('a sender doorman cannot parse: no rule runs on that message, nor with the previous one\'s facts', async () => {
+  const seen: string[] = [];
+  const rules = [loaded({ name: 'end', type: 't', bypassable: true, checks: { data_end: (ev) => (seen.push(`data_end ${ev.session.sender?.raw}`), { kind: 'pass' }) } } as Rule)];
+  const { make } = rig(rules);
+  const h = make();
+  await h.connect(CONNECT, macros());
+  await h.mail('<a@b.example>', [], macros());
+  await h.eoh(macros());
+  await h.eom(macros());
+  assert.deepEqual(await h.mail('<not an address>', [], macros()), { kind: 'continue' });
+  await h.rcpt('<u@example.com>', [], macros());
+  h.header('Subject', 'x');
+  assert.deepEqual(await h.eoh(macros()), { kind: 'continue' });
+  assert.deepEqual(await h.eom(macros()), { verdict: { kind: 'continue' } });
+  h.close();
+  assert.deepEqual(seen, ['data_end a@b.example']);
+});

@@ -195,7 +195,7 @@ export class MilterFront implements MilterHandler {
   }
 
   header(name: string, value: string): void {
-    if (!this.s || this.sticky) return;
+    if (!this.s || this.sticky || !this.inMessage) return;
     // Postfix sends folded values with LF alone; the rules read CRLF lines as the SMTP session's.
     const field = `${name}: ${value.replace(/\r?\n/g, '\r\n')}\r\n`;
     this.size += Buffer.byteLength(field, 'latin1');
@@ -215,6 +215,7 @@ export class MilterFront implements MilterHandler {
   async eoh(): Promise<MilterVerdict> {
     const s = this.session();
     if (this.sticky) return this.sticky;
+    if (!this.inMessage) return CONTINUE;
     const block = Buffer.from(`${this.headers.join('')}\r\n`, 'latin1');
     this.size += 2;
     const truncated = this.truncated;
@@ -231,7 +232,7 @@ export class MilterFront implements MilterHandler {
   }
 
   async body(chunk: Buffer): Promise<void> {
-    if (!this.s || this.sticky || this.refused) return;
+    if (!this.s || this.sticky || this.refused || !this.inMessage) return;
     this.size += chunk.length;
     await this.s.body([chunk], false);
   }
@@ -240,6 +241,8 @@ export class MilterFront implements MilterHandler {
     const s = this.session();
     if (this.sticky) return { verdict: this.sticky };
     if (this.refused) return { verdict: this.refused };
+    // No transaction of doorman's (a sender it could not parse): nothing to say about the message.
+    if (!this.inMessage) return { verdict: CONTINUE };
     const queueId = m.get('i');
     if (queueId) s.txnFacts.queueId = queueId;
     this.bodyOpen = false;
