@@ -152,8 +152,8 @@ export class Proxy {
     this.startSampler();
     for (const cfg of this.deps.listeners) {
       if (cfg.role === 'policy' || cfg.role === 'milter') {
-        const { metrics, log, rules } = this.deps;
-        this.fronts.push(await startFrontListener(cfg, { rules, limits: () => this.limits, metrics, log, useRuleSet: (set) => this.useRuleSet(set) }));
+        const { metrics, log, rules, hostname } = this.deps;
+        this.fronts.push(await startFrontListener(cfg, { rules, limits: () => this.limits, metrics, log, hostname, useRuleSet: (set) => this.useRuleSet(set) }));
         continue;
       }
       const hp = parseHostPort(cfg.address);

@@ -10,6 +10,8 @@ import cluster from 'node:cluster';
 import fs from 'node:fs';
 import net from 'node:net';
 import { listenerName, parseHostPort, type ListenerConfig } from '../config/schema.js';
+import { MilterFront } from './milter/front.js';
+import { serveMilter } from './milter/server.js';
 import { PolicyServer, type PolicyDeps } from './policy/server.js';
 
 export interface FrontListener {
@@ -23,13 +25,24 @@ export interface FrontListener {
   readonly connections: () => number;
 }
 
-/** Error of a listener role whose front is not in this build. */
-export const MILTER_NOT_BUILT = 'milter front not built yet';
+export interface FrontDeps extends Omit<PolicyDeps, 'listener'> {
+  /** doorman's host name (the milter's Authentication-Results authserv-id). */
+  readonly hostname: string;
+}
 
-export async function startFrontListener(cfg: ListenerConfig, deps: Omit<PolicyDeps, 'listener'>): Promise<FrontListener> {
+/** A front's connections: handed each accepted socket, closed at shutdown. */
+interface Front {
+  handle(socket: net.Socket): void;
+  close(): void;
+  readonly connections: number;
+}
+
+export async function startFrontListener(cfg: ListenerConfig, deps: FrontDeps): Promise<FrontListener> {
   const name = listenerName(cfg);
-  if (cfg.role !== 'policy') throw new Error(cfg.role === 'milter' ? `${name}: ${MILTER_NOT_BUILT}` : `${name}: not a front role`);
-  const front = new PolicyServer({ ...deps, listener: { name, role: 'policy' } });
+  let front: Front;
+  if (cfg.role === 'policy') front = new PolicyServer({ ...deps, listener: { name, role: 'policy' } });
+  else if (cfg.role === 'milter') front = milterFront(name, deps);
+  else throw new Error(`${name}: not a front role`);
   const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (s) => front.handle(s));
   const hp = parseHostPort(cfg.address);
   const path = hp ? null : cfg.address;
@@ -56,6 +69,43 @@ export async function startFrontListener(cfg: ListenerConfig, deps: Omit<PolicyD
       front.close();
     },
     connections: () => front.connections,
+  };
+}
+
+/**
+ * The milter role: each connection served by serveMilter (milter/server.ts, limits MILTER_DEFAULTS)
+ * with a MilterFront per SMTP session of the MTA (milter/front.ts).
+ */
+function milterFront(name: string, deps: FrontDeps): Front {
+  const conns = new Set<net.Socket>();
+  const listener = { name, role: 'milter' } as const;
+  let closing = false;
+  return {
+    handle(socket) {
+      socket.on('error', () => undefined);
+      if (closing) {
+        deps.metrics.connectionsRefused.inc({ listener: name, reason: 'shutdown' });
+        socket.destroy();
+        return;
+      }
+      conns.add(socket);
+      deps.metrics.connections.inc({ listener: name });
+      deps.metrics.connectionsActive.inc({ listener: name });
+      socket.once('close', () => {
+        conns.delete(socket);
+        deps.metrics.connectionsActive.dec({ listener: name });
+      });
+      const log = deps.log.child({ listener: name, front: 'milter' });
+      serveMilter(socket, () => new MilterFront({ ...deps, listener }), {}, log);
+    },
+    close() {
+      closing = true;
+      // The MTA applies its milter_default_action to the sessions cut here; each handler's close writes its log line.
+      for (const s of conns) s.destroy();
+    },
+    get connections() {
+      return conns.size;
+    },
   };
 }
 

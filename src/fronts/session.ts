@@ -32,6 +32,11 @@ export const MAX_LOGGED_OUTCOMES = 100;
 export const MAX_LOGGED_RCPTS = 100;
 /** Distinct tags kept per session; the rest are counted (moreTags). */
 export const MAX_TAGS = 10;
+/** Transactions kept for the log line (a milter connection may carry many); the rest are counted (moreTransactions). */
+export const MAX_LOGGED_TRANSACTIONS = 20;
+
+/** Stages whose allowlisting and tags hold for the whole session (the others: one transaction). */
+const SESSION_STAGES: ReadonlySet<Stage> = new Set(['connect', 'helo', 'auth']);
 
 export interface FrontDeps {
   readonly front: FrontName;
@@ -73,10 +78,18 @@ export class FrontSession {
   readonly facts: Record<string, string | number> = {};
   /** Each recipient and the reply code the front gave for it (250: let through). */
   readonly rcptLog: { to: string; code: number }[] = [];
+  /** The current transaction's own facts for the log line (queue id, outcome…). */
+  txnFacts: Record<string, string | number> = {};
   outcome = 'open';
   private readonly outcomes: RuleOutcome[] = [];
   private droppedOutcomes = 0;
   private droppedTags = 0;
+  /** Earlier transactions of the session, for the log line (beginTransaction). */
+  private readonly pastTxns: object[] = [];
+  private droppedTxns = 0;
+  /** Allowlisting and tags of the session-wide stages (connect, HELO, AUTH). */
+  private sessionAcceptedBy: string | null = null;
+  private sessionTags = 0;
   private written = false;
   private readonly pipe: PipelineSession;
 
@@ -127,6 +140,38 @@ export class FrontSession {
     return v instanceof Promise ? v.then((x) => this.note(stage, x)) : this.note(stage, v);
   }
 
+  /**
+   * A new transaction (a front carrying several messages per session, the milter): the last one
+   * goes to the log line; sender, recipients, authentication results and the transaction's
+   * allowlisting and tags start again (the session's stay).
+   */
+  beginTransaction(sender: ParsedPath): void {
+    if (this.transaction > 0) {
+      if (this.pastTxns.length < MAX_LOGGED_TRANSACTIONS) this.pastTxns.push(this.txnEntry());
+      else this.droppedTxns++;
+    }
+    this.transaction++;
+    this.sender = sender;
+    this.recipients.length = 0;
+    this.rcptLog.length = 0;
+    this.moreRcpts = 0;
+    this.authResults.length = 0;
+    this.txnFacts = {};
+    this.acceptedBy = this.sessionAcceptedBy;
+    this.tags.length = Math.min(this.tags.length, this.sessionTags);
+  }
+
+  /** Message chunks to the rules that read the body (pipeline/run.ts `body`); a Promise while a reader lags. */
+  body(chunks: readonly Buffer[], last: boolean): void | Promise<void> {
+    if (this.ended.signal.aborted || !this.pipe.wantsBody) return;
+    return this.pipe.body(chunks, last, () => this.snapshot());
+  }
+
+  /** Some rule reads the message body. */
+  get wantsBody(): boolean {
+    return this.pipe.wantsBody;
+  }
+
   /** A recipient the front let through: in the snapshot of later stages (bounded). */
   addRecipient(p: ParsedPath): void {
     if (this.recipients.length < MAX_LOGGED_RCPTS) this.recipients.push(p);
@@ -158,8 +203,16 @@ export class FrontSession {
       if (this.tags.length < MAX_TAGS) this.tags.push(t);
       else this.droppedTags++;
     }
+    if (SESSION_STAGES.has(stage)) {
+      this.sessionAcceptedBy ??= v.acceptedBy;
+      this.sessionTags = this.tags.length;
+    }
     this.authResults.push(...v.results);
     return v;
+  }
+
+  private txnEntry(): object {
+    return { from: this.sender ? `<${this.sender.raw}>` : '<>', rcpts: [...this.rcptLog], ...(this.moreRcpts ? { moreRcpts: this.moreRcpts } : {}), ...this.txnFacts };
   }
 
   private noteOutcome(o: RuleOutcome): void {
@@ -189,7 +242,8 @@ export class FrontSession {
         tls: this.tls,
         login: this.auth?.login ?? null,
         ...this.facts,
-        transactions: this.transaction ? [{ from: this.sender ? `<${this.sender.raw}>` : '<>', rcpts: this.rcptLog, ...(this.moreRcpts ? { moreRcpts: this.moreRcpts } : {}) }] : [],
+        transactions: this.transaction ? [...this.pastTxns, this.txnEntry()] : [],
+        ...(this.droppedTxns ? { moreTransactions: this.droppedTxns } : {}),
         rules: this.outcomes.map(ruleLogEntry),
         ...(this.droppedOutcomes ? { moreRules: this.droppedOutcomes } : {}),
         ...(this.tags.length ? { tags: this.tags } : {}),

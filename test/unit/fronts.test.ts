@@ -1,12 +1,13 @@
 // The parts of the fronts an MTA calls that are pure logic: the bounded, expiring memory of
 // transactions (src/fronts/lru.ts), the rule set without the message (fronts/policy/rules.ts),
-// and the milter role's start-up error until its front is built (fronts/listen.ts).
+// and a milter listener answering the MTA's option negotiation (fronts/listen.ts).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import pino from 'pino';
 import type { RuleSet } from '../../src/config/rules.js';
 import { listenerSchema } from '../../src/config/schema.js';
-import { MILTER_NOT_BUILT, startFrontListener } from '../../src/fronts/listen.js';
+import { startFrontListener } from '../../src/fronts/listen.js';
 import { ExpiringLru, type ForgetReason } from '../../src/fronts/lru.js';
 import { withoutMessage } from '../../src/fronts/policy/rules.js';
 import { createMetrics } from '../../src/metrics/registry.js';
@@ -76,10 +77,29 @@ test('policy rules: header checks and body readers are left off, the other stage
   assert.equal(p.set.rules[1], set.rules[2], 'a rule without message stages is handed on as it is');
 });
 
-test('a milter listener is refused at start with a clear error until its front is built', async () => {
+test('a milter listener starts and answers the MTA\'s option negotiation', async () => {
   const cfg = listenerSchema.parse({ address: '127.0.0.1:0', role: 'milter' });
-  await assert.rejects(
-    startFrontListener(cfg, { rules: () => ({}) as RuleSet, limits: () => ({ ...LIMIT_DEFAULTS }) as never, metrics: createMetrics({ version: 't' }), log: pino({ level: 'silent' }) }),
-    (e: Error) => e.message === `milter@127.0.0.1:0: ${MILTER_NOT_BUILT}`,
-  );
+  const l = await startFrontListener(cfg, { rules: () => ({ rules: [], stages: new Set() }) as unknown as RuleSet, limits: () => ({ ...LIMIT_DEFAULTS }) as never, metrics: createMetrics({ version: 't' }), log: pino({ level: 'silent' }), hostname: 'mx.test' });
+  try {
+    const port = (l.server.address() as net.AddressInfo).port;
+    const sock = net.connect(port, '127.0.0.1');
+    // OPTNEG: version 6, every action, every protocol step offered (as Postfix does).
+    const body = Buffer.alloc(13);
+    body.write('O', 0);
+    body.writeUInt32BE(6, 1);
+    body.writeUInt32BE(0x1ff, 5);
+    body.writeUInt32BE(0x1fffff, 9);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(13);
+    sock.write(Buffer.concat([len, body]));
+    const got = await new Promise<Buffer>((resolve, reject) => {
+      sock.once('data', resolve);
+      sock.once('error', reject);
+    });
+    sock.destroy();
+    assert.equal(got.subarray(4, 5).toString(), 'O', 'an OPTNEG reply');
+    assert.equal(got.readUInt32BE(5), 6);
+  } finally {
+    l.close();
+  }
 });
