@@ -26,9 +26,11 @@ interface Service {
   command?: string[];
 }
 const compose = parse(read('docker-compose.yml')) as { services: Record<string, Service> };
+/** The milter alternative: Postfix keeps port 25 and calls doorman's milter listener. */
+const milterCompose = parse(read('docker-compose.milter.yml')) as { services: Record<string, Service> };
 
-test('compose: build contexts and bind-mount sources exist; images are named', () => {
-  for (const [name, svc] of Object.entries(compose.services)) {
+test('compose: build contexts and bind-mount sources exist; images are named (both set-ups)', () => {
+  for (const [name, svc] of [...Object.entries(compose.services), ...Object.entries(milterCompose.services)]) {
     assert.ok(svc.build || svc.image, `${name} has a build or an image`);
     if (svc.build) assert.ok(fs.existsSync(path.join(ROOT, svc.build, 'Dockerfile')), `${name}: build context`);
     for (const v of svc.volumes ?? []) {
@@ -47,6 +49,16 @@ test('compose: doorman’s environment is a valid configuration with the shipped
   const target = promCfg.scrape_configs[0]?.static_configs[0]?.targets[0] ?? '';
   assert.equal(target.split(':')[1], config.metrics.listen.split(':')[1], 'Prometheus scrapes the metrics port');
   assert.equal(target.split(':')[0], 'doorman');
+});
+
+test('compose, milter set-up: doorman serves a milter that Postfix is pointed at, with a safe default action', () => {
+  const env = milterCompose.services.doorman?.environment ?? {};
+  for (const k of Object.keys(env)) assert.ok(k in ENV_VARS, `${k} is a doorman variable`);
+  const { config } = loadConfig({ env: { ...env, DOORMAN_RULES: path.join(ROOT, 'rules') }, cwd: ROOT });
+  assert.deepEqual([config.listen[0]?.role, config.listen[0]?.address], ['milter', '0.0.0.0:8890']);
+  const pf = milterCompose.services.postfix?.environment ?? {};
+  assert.equal(pf.POSTFIX_smtpd_milters, `inet:doorman:${config.listen[0]?.address.split(':')[1]}`);
+  assert.equal(pf.POSTFIX_milter_default_action, 'accept');
 });
 
 test('promtool accepts the Prometheus configuration (when installed)', (t) => {
