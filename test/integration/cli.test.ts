@@ -87,7 +87,7 @@ test('doorman check refuses a scope naming a listener that is not configured, an
   const dir = tmpdir({ 'dnsbl.yaml': 'rule: dnsbl\nscope:\n  listeners: [mx25]\nsettings:\n  zones: [{ zone: bl.test }]\n' });
   const r = await run(['check', '--rules', dir], { DOORMAN_LISTEN: 'smtp://127.0.0.1:25,submission://127.0.0.1:587' });
   assert.equal(r.code, 1);
-  assert.match(r.err, /dnsbl\.yaml:3: scope\.listeners\.0: no listener role or name "mx25": roles are smtp, submission, smtps; the listeners configured are smtp@127\.0\.0\.1:25 \(smtp\), submission@127\.0\.0\.1:587 \(submission\)/);
+  assert.match(r.err, /dnsbl\.yaml:3: scope\.listeners\.0: no listener role or name "mx25": roles are smtp, submission, smtps, milter, policy; the listeners configured are smtp@127\.0\.0\.1:25 \(smtp\), submission@127\.0\.0\.1:587 \(submission\)/);
   fs.rmSync(dir, { recursive: true });
 });
 
