@@ -101,7 +101,18 @@ test('two workers: maxClients and maxClientsPerIp hold for the instance; state g
     await eventually(async () => (await d.metric('doorman_connections_active')) === 0, 5000);
     const again = await Promise.all(Array.from({ length: 3 }, () => attempt('127.0.0.60')));
     assert.deepEqual(again, [220, 220, 220]);
-    assert.equal(new Set(d.sessions().map((s) => s.worker)).size, 2, 'both workers served sessions');
+    // The kernel picks the worker per connection: a few may all land on one (seen under load).
+    // More short bursts within the limits (bounded) until both have served, as in the test above.
+    const served = () => new Set(d.sessions().map((s) => s.worker)).size;
+    for (let burst = 0; burst < 10 && served() < 2; burst++) {
+      for (const c of held.splice(0)) c.close();
+      await eventually(async () => (await d.metric('doorman_connections_active')) === 0, 5000);
+      const n = d.sessions().length;
+      await Promise.all(Array.from({ length: 3 }, () => attempt('127.0.0.60')));
+      for (const c of held.splice(0)) c.close();
+      await eventually(() => d.sessions().length >= n + 3, 5000);
+    }
+    assert.equal(served(), 2, 'both workers served sessions');
   } finally {
     for (const c of held) c.close();
     await d.stop();
