@@ -436,7 +436,7 @@ async function frontRows(sinkPort: number, rules: Record<string, string>, env: R
         rows.push({
           workload: w.name, config: running[k]!.setup.name, direct: alone, doorman: through, ratio: through / alone, unit: 'msg/s',
           cpuMsPerMsg: median(runs[k]!.map((m) => m.cpuMsPerMsg)), peakRssMb: Math.max(...runs[k]!.map((m) => m.peakRssMb)),
-          note: `direct = Postfix alone; ${(100 * (1 - through / alone)).toFixed(1)} % of Postfix's msg/s; ${delivered(k)}`,
+          note: `direct = Postfix alone; costs ${(100 * (1 - through / alone)).toFixed(1)} % of Postfix's msg/s; ${delivered(k)}`,
         });
       }
     }
