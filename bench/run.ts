@@ -31,6 +31,13 @@
  * reads Redis's INFO commandstats around each Redis-backed row: commands per message and, solved
  * from (a) and (b) together, per session and per message, by command (the capacity model in
  * docs/operations.md).
+ * BENCH_FRONTS=1 (issue 17) adds (a) and (b) through a real Postfix smtpd (test/helpers/postfix.ts,
+ * tuned: 100 processes, no chroot, a log file, in_flow_delay 0) relaying to the same smtp-sink:
+ * Postfix alone, Postfix + doorman milter (smtpd_milters, milter_default_action = accept), Postfix
+ * + doorman policy (check_policy_service in smtpd_recipient_restrictions), the default rules, the
+ * three alternating per repetition; each run waits until Postfix has delivered every message to
+ * the sink (its log's status=sent; refusals counted). The rows' direct column is Postfix alone, the
+ * ratio the front's share of it. BENCH_ONLY=fronts runs these rows alone (both workloads).
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -42,6 +49,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { startDoorman, type Doorman } from '../test/helpers/doorman.js';
+import { startPostfix, type Postfix } from '../test/helpers/postfix.js';
 import { startHaraka } from './haraka.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
@@ -344,6 +352,103 @@ function compareWith(rows: Row[], peerConfig: string, label: string, digits: num
   }
 }
 
+/** Postfix's deliveries (`status=sent`) and refusals (its own or a front's) in its log so far. */
+function postfixCounts(pf: Postfix): { sent: number; refused: number } {
+  const log = pf.log();
+  return { sent: log.match(/ status=sent /g)?.length ?? 0, refused: log.match(/: (?:milter-)?reject: /g)?.length ?? 0 };
+}
+
+/** Messages in Postfix's queue (incoming, active, deferred): none once it has delivered all. */
+function postfixQueued(pf: Postfix): number {
+  let n = 0;
+  for (const q of ['incoming', 'active', 'deferred', 'hold']) {
+    const walk = (d: string): void => {
+      if (!fs.existsSync(d)) return;
+      for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+        if (e.isDirectory()) walk(path.join(d, e.name));
+        else n++;
+      }
+    };
+    walk(path.join(pf.dir, 'queue', q));
+  }
+  return n;
+}
+
+/** The fronts' Postfix set-up: `main` lines with their doorman listener, or none (Postfix alone). */
+interface FrontSetup {
+  name: string;
+  listen: string | null;
+  main: (port: number) => string[];
+}
+
+/**
+ * BENCH_FRONTS=1 (issue 17): (a) and (b) against a real Postfix smtpd relaying to the bench's
+ * smtp-sink — Postfix alone, Postfix + doorman milter, Postfix + doorman policy server — the three
+ * alternating per repetition. msg/s is smtp-source's (Postfix's acceptance); after each run the
+ * queue must drain to the sink (every message `status=sent` in Postfix's log, no refusal) before
+ * the next starts, so no run pays for the previous one's deliveries. Postfix is tuned not to be
+ * the bottleneck by accident: 100 processes (20 sessions), no chroot, logging to a file,
+ * in_flow_delay 0 (no pause per message when arrivals outrun deliveries), no reverse lookup of
+ * the client.
+ */
+async function frontRows(sinkPort: number, rules: Record<string, string>, env: Record<string, string>, workloads: { name: string; args: string[]; messages: number }[]): Promise<Row[]> {
+  const tuning = ['default_process_limit = 100', 'in_flow_delay = 0s', 'smtpd_peername_lookup = no', 'smtpd_client_connection_count_limit = 0', 'default_destination_concurrency_limit = 20'];
+  const setups: FrontSetup[] = [
+    { name: 'Postfix alone', listen: null, main: () => [] },
+    { name: 'Postfix + doorman milter', listen: 'milter://127.0.0.1:{PORT}', main: (p) => [`smtpd_milters = inet:127.0.0.1:${p}`, 'milter_default_action = accept', 'milter_command_timeout = 10s'] },
+    {
+      name: 'Postfix + doorman policy',
+      listen: 'policy://127.0.0.1:{PORT}',
+      main: (p) => [`smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:${p}, permit_mynetworks, reject_unauth_destination`, 'smtpd_policy_service_default_action = DUNNO', 'smtpd_policy_service_try_limit = 1'],
+    },
+  ];
+  const running: { setup: FrontSetup; pf: Postfix; d: Doorman | null }[] = [];
+  const rows: Row[] = [];
+  try {
+    for (const setup of setups) {
+      const d = setup.listen ? await startDoorman({ backendPort: sinkPort, listen: setup.listen, rules, env }) : null;
+      const pf = await startPostfix({ relayPort: sinkPort, openRelay: true, main: [...tuning, ...(d ? setup.main(d.port) : [])] });
+      running.push({ setup, pf, d });
+    }
+    /** One smtp-source run, then the queue drained to the sink (bounded), delivered and refused counted. */
+    const once = async (r: (typeof running)[number], args: string[], messages: number) => {
+      const before = postfixCounts(r.pf);
+      const m = await measure(r.pf.port, r.d?.proc.pid ?? null, args, messages);
+      for (let i = 0; i < 1200 && (postfixQueued(r.pf) > 0 || postfixCounts(r.pf).sent - before.sent < messages); i++) await sleep(100);
+      const after = postfixCounts(r.pf);
+      return { ...m, sent: after.sent - before.sent, refused: after.refused - before.refused };
+    };
+    // Warm-up of each (doorman's JIT, Postfix's processes), not measured; drained like the runs.
+    for (const r of running) await once(r, ['-l', '4096', '-m', '200', '-s', '20', '-d'], 200);
+    for (const w of workloads) {
+      process.stdout.write(`fronts: ${w.name}…\n`);
+      const runs = running.map(() => [] as Awaited<ReturnType<typeof once>>[]);
+      for (let i = 0; i < REPS; i++) for (const [k, r] of running.entries()) runs[k]!.push(await once(r, w.args, w.messages));
+      const alone = median(runs[0]!.map((m) => m.msgPerSec));
+      for (const [k, r] of running.entries()) {
+        const sent = runs[k]!.reduce((n, m) => n + m.sent, 0);
+        if (sent !== w.messages * REPS) process.stdout.write(`fronts: ${r.setup.name}: ${sent} of ${w.messages * REPS} delivered\n${r.pf.log().slice(-3000)}\n`);
+      }
+      const delivered = (k: number) => `delivered ${runs[k]!.reduce((n, m) => n + m.sent, 0)} of ${w.messages * REPS}, ${runs[k]!.reduce((n, m) => n + m.refused, 0)} refused`;
+      rows.push({ workload: w.name, config: 'Postfix alone', direct: alone, doorman: NaN, ratio: NaN, unit: 'msg/s', note: `the direct column of the two rows below; ${delivered(0)}` });
+      for (let k = 1; k < running.length; k++) {
+        const through = median(runs[k]!.map((m) => m.msgPerSec));
+        rows.push({
+          workload: w.name, config: running[k]!.setup.name, direct: alone, doorman: through, ratio: through / alone, unit: 'msg/s',
+          cpuMsPerMsg: median(runs[k]!.map((m) => m.cpuMsPerMsg)), peakRssMb: Math.max(...runs[k]!.map((m) => m.peakRssMb)),
+          note: `direct = Postfix alone; costs ${(100 * (1 - through / alone)).toFixed(1)} % of Postfix's msg/s; ${delivered(k)}`,
+        });
+      }
+    }
+  } finally {
+    for (const r of running) {
+      await r.d?.stop();
+      await r.pf.stop();
+    }
+  }
+  return rows;
+}
+
 async function main(): Promise<void> {
   const sinkPort = await freePort();
   const sink: Proc = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-c', `127.0.0.1:${sinkPort}`, '1024']);
@@ -377,7 +482,7 @@ async function main(): Promise<void> {
   }
   // As scripts/install.sh starts it: shipped rule files and limits (no configuration file), its
   // NODE_OPTIONS, the default worker count; only the resolver is a local one (slow on purpose).
-  const dnsmasq = process.env.BENCH_SHIPPED === '0' ? null : await startDnsmasq({});
+  const dnsmasq = process.env.BENCH_SHIPPED === '0' || !(only('a') || only('b')) ? null : await startDnsmasq({});
   const slowDns = dnsmasq && DNS_DELAY > 0 ? await startSlowDns(dnsmasq.server, DNS_DELAY) : null;
   if (dnsmasq) {
     const rulesDir = path.join(ROOT, 'rules');
@@ -389,6 +494,7 @@ async function main(): Promise<void> {
   const redisUse: RedisUse[] = [];
   const redisPort = Number(new URL(redis.url).port);
   for (const { name, rules, env, config: cfgText, workloads } of configs) {
+    if (!workloads.some(only)) continue;
     const d = await startDoorman({ backendPort: sinkPort, rules, env, ...(cfgText !== undefined ? { config: cfgText } : {}) });
     const doing = (w: string) => only(w) && workloads.includes(w);
     // Rows on Redis: the commands Redis ran meanwhile, against doorman's sessions and messages.
@@ -430,6 +536,15 @@ async function main(): Promise<void> {
   }
   await slowDns?.stop();
   await dnsmasq?.stop();
+  // The fronts (issue 17): BENCH_FRONTS=1 with (a)/(b), or BENCH_ONLY=fronts for these rows alone.
+  if (process.env.BENCH_FRONTS === '1' || only('fronts')) {
+    const env = { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url };
+    const fw = [
+      ...(only('a') || only('fronts') ? [{ name: '(a) one message per connection', args: ['-l', '4096', '-m', String(MSGS), '-s', '20'], messages: MSGS }] : []),
+      ...(only('b') || only('fronts') ? [{ name: '(b) many messages per session', args: ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], messages: MSGS * 2 }] : []),
+    ];
+    rows.push(...(await frontRows(sinkPort, defaultRules, env, fw)));
+  }
   if (process.env.BENCH_HARAKA === '1' && (only('a') || only('b'))) {
     // Haraka as a peer, same sink, same Redis, same load, alternating with the direct path.
     const hm = Number(process.env.BENCH_HARAKA_MESSAGES ?? 1000);
