@@ -170,27 +170,31 @@ test('a 20 MB message with all three scanners: delivered, doorman\'s RSS stays f
   // The first message warms the allocator up (V8 frees socket buffers lazily, up to a plateau).
   const first = await big('huge1@example.org');
   const second = await big('huge2@example.org');
-  for (const [from, sent] of [['huge1@example.org', first], ['huge2@example.org', second]] as const) {
+  const third = await big('huge3@example.org');
+  for (const [from, sent] of [['huge1@example.org', first], ['huge2@example.org', second], ['huge3@example.org', third]] as const) {
     assert.equal(sent.r.code, 250, sent.r.raw);
     const m = await sink.bySender(from, 30_000);
     assert.ok(m.body.length > size * 0.98, `delivered whole (LF line ends at the sink): ${m.body.length}`);
   }
   // spamassassin (500 KB) skips them; clamd and rspamd (20 MiB) get them streamed.
-  assert.equal(await scans(dmAll, 'spamassassin', 'skipped'), 2);
-  assert.equal(await scans(dmAll, 'clamav', 'clean'), 3);
-  assert.equal((await scans(dmAll, 'rspamd', 'clean')) + (await scans(dmAll, 'rspamd', 'tag')), 3);
+  assert.equal(await scans(dmAll, 'spamassassin', 'skipped'), 3);
+  assert.equal(await scans(dmAll, 'clamav', 'clean'), 4);
+  assert.equal((await scans(dmAll, 'rspamd', 'clean')) + (await scans(dmAll, 'rspamd', 'tag')), 4);
   const start = first.samples[0] ?? 0;
   const peak1 = Math.max(...first.samples);
   const peak2 = Math.max(...second.samples);
+  const peak3 = Math.max(...third.samples);
   console.log(
-    `# 20 MB with clamav+rspamd streaming (spamassassin skipped): ${first.ms} ms / ${second.ms} ms; ` +
-      `VmRSS ${start.toFixed(1)} MB at start, peak ${peak1.toFixed(1)} MB (1st), ${peak2.toFixed(1)} MB (2nd)`,
+    `# 20 MB with clamav+rspamd streaming (spamassassin skipped): ${first.ms} / ${second.ms} / ${third.ms} ms; ` +
+      `VmRSS ${start.toFixed(1)} MB at start, peak ${peak1.toFixed(1)} / ${peak2.toFixed(1)} / ${peak3.toFixed(1)} MB`,
   );
-  // Holding a message for a scanner would add 20 MB per message and per scanner. Streamed, RSS
-  // stays on the plateau the first message reaches (V8's heap and lazily freed socket buffers: the
-  // same ±15 MB from message to message as without any rule).
-  const peak = Math.max(peak1, peak2) - start;
-  assert.ok(peak < 60, `RSS peak ${peak.toFixed(1)} MB above the start`);
+  // Holding a message in memory for a scanner would add 20 MB per message and per scanner. Held
+  // (spooled) and streamed to the scanners, RSS climbs to a plateau over the first two messages
+  // (V8's heap and lazily freed socket buffers: Node 22 about +40 MB, Node 24 about +70 MB, the
+  // same on messages 3 to 6) and a later message does not raise it.
+  assert.ok(peak3 <= Math.max(peak1, peak2) + 15, `the third message raised the peak: ${peak3.toFixed(1)} MB`);
+  const peak = Math.max(peak1, peak2, peak3) - start;
+  assert.ok(peak < 90, `RSS peak ${peak.toFixed(1)} MB above the start`);
 });
 
 test('a scanner that hangs (clamd stopped with SIGSTOP): the rule\'s timeout, then onError pass', async () => {
