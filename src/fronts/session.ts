@@ -17,12 +17,11 @@ import type { Logger } from 'pino';
 import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { ClientAddress } from '../net/ip.js';
-import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
+import { nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
-import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
+import { EMPTY_VERDICT, ruleLogEntry, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import type { AuthResult } from '../protocol/auth-results.js';
 import type { ParsedPath } from '../protocol/address.js';
-import { describeReply } from '../protocol/reply.js';
 
 export type FrontName = 'policy' | 'milter';
 
@@ -255,26 +254,4 @@ export class FrontSession {
       'session',
     );
   }
-}
-
-/** One rule outcome as the log line shows it (the same shape as the SMTP session's). */
-export function ruleLogEntry(o: RuleOutcome): object {
-  return {
-    rule: o.rule,
-    stage: o.stage,
-    finding: o.finding,
-    action: o.action,
-    effect: o.effect,
-    ...(o.wouldBe ? { would: o.wouldBe } : {}),
-    ...(o.reason ? { reason: o.reason } : {}),
-    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
-  };
-}
-
-// Unique per process and start time, like the SMTP session's, with an "f" so the two never collide.
-const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}f`;
-let idCounter = 0;
-function nextSessionId(): string {
-  idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
-  return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
 }

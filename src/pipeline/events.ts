@@ -80,3 +80,11 @@ export type SessionEvent =
   | (Base & { readonly stage: 'etrn'; readonly node: string });
 
 export type EventOf<S extends Stage> = Extract<SessionEvent, { stage: S }>;
+
+const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
+let idCounter = 0;
+/** A session id (SessionSnapshot.id) unique per process and start time, for every front; no randomness on the hot path. */
+export function nextSessionId(): string {
+  idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
+  return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
+}

@@ -16,7 +16,7 @@
  * Ties go to the rule loaded first (rule files in name order).
  */
 import type { AuthResult } from '../protocol/auth-results.js';
-import { reply, type Reply } from '../protocol/reply.js';
+import { reply, type Reply, describeReply } from '../protocol/reply.js';
 import type { Stage } from './events.js';
 import type { Finding, ReplySpec } from './rule.js';
 
@@ -130,4 +130,18 @@ export function combine(outcomes: readonly RuleOutcome[], alreadyAccepted: strin
   const tags = outcomes.filter((o) => o.effect === 'tag').map((o) => `${o.rule}; ${o.reason ?? o.finding}`);
   const results = outcomes.flatMap((o) => o.results ?? []);
   return { reply: decided?.reply ?? null, decidedBy: decided?.rule ?? null, acceptedBy: accept?.rule ?? null, tags, results, outcomes };
+}
+
+/** One rule outcome as a session log line shows it (every front's). */
+export function ruleLogEntry(o: RuleOutcome): object {
+  return {
+    rule: o.rule,
+    stage: o.stage,
+    finding: o.finding,
+    action: o.action,
+    effect: o.effect,
+    ...(o.wouldBe ? { would: o.wouldBe } : {}),
+    ...(o.reason ? { reason: o.reason } : {}),
+    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
+  };
 }

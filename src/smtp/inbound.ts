@@ -90,6 +90,8 @@ export class Inbound {
   private readonly spool: Spool | null;
   /** The spool's disk is behind: wait before reading more. */
   private spoolBehind: void | Promise<void> = undefined;
+  /** Incoming Authentication-Results claiming this name are removed (null: none are). */
+  private readonly authservId: string | null;
   /** Tags of the data_headers verdict, written with the held message's header fields. */
   private headerTags: readonly string[] = [];
 
@@ -108,8 +110,6 @@ export class Inbound {
     this.spool = opts.spool;
     this.authservId = opts.authservId;
   }
-
-  private readonly authservId: string | null;
 
   /** The session ended with the message unfinished: the held copy is dropped. */
   dispose(): void {

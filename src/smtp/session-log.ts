@@ -8,8 +8,9 @@
  * line is written, once, at the session's end (`written` says whether it was).
  */
 import type { Logger } from 'pino';
-import type { RuleOutcome } from '../pipeline/verdict.js';
-import { describeReply } from '../protocol/reply.js';
+import { ruleLogEntry, type RuleOutcome } from '../pipeline/verdict.js';
+
+export { ruleLogEntry };
 
 /** One MAIL attempt in the session log: sender, each recipient's reply, and the message's fate. */
 export interface TxnLog {
@@ -115,16 +116,3 @@ export class SessionLog {
   }
 }
 
-/** One rule outcome as the session log shows it. */
-export function ruleLogEntry(o: RuleOutcome): object {
-  return {
-    rule: o.rule,
-    stage: o.stage,
-    finding: o.finding,
-    action: o.action,
-    effect: o.effect,
-    ...(o.wouldBe ? { would: o.wouldBe } : {}),
-    ...(o.reason ? { reason: o.reason } : {}),
-    ...(o.reply ? { reply: describeReply(o.reply) } : {}),
-  };
-}

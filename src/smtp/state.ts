@@ -16,7 +16,7 @@ import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
 import { parseAddress, type ClientAddress } from '../net/ip.js';
-import type { SessionSnapshot } from '../pipeline/events.js';
+import { nextSessionId, type SessionSnapshot } from '../pipeline/events.js';
 import type { Transaction } from './transaction.js';
 
 export interface ListenerRuntime {
@@ -99,11 +99,4 @@ export class SessionState {
       ended: this.ended.signal,
     };
   }
-}
-
-const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
-let idCounter = 0;
-function nextSessionId(): string {
-  idCounter = (idCounter + 1) % 2_176_782_336; // 36^6
-  return `${ID_PREFIX}${idCounter.toString(36).padStart(6, '0')}`;
 }
