@@ -259,7 +259,9 @@ test('bounds: an idle policy connection is closed after policyIdleTimeout; past 
         socket.on('error', () => undefined);
         const t0 = Date.now();
         const closedAfter = new Promise<number>((r) => socket.on('close', () => r(Date.now() - t0)));
+        // A connection refused at once can be reset before 'connect' fires: close settles it too.
         socket.on('connect', () => resolve({ socket, closedAfter }));
+        socket.on('close', () => resolve({ socket, closedAfter }));
       });
     const first = await open();
     const second = await open();
