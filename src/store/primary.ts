@@ -18,7 +18,7 @@ import type { Cluster, Worker } from 'node:cluster';
 import { MemoryStore, type Store } from './store.js';
 
 /** The Store methods that travel (the state changes and the operator's look-ups). */
-const METHODS = ['rate', 'acquire', 'release', 'greylist', 'inspect', 'reset'] as const;
+const METHODS = ['rate', 'acquire', 'release', 'greylist', 'peekSlots', 'peekGreylist', 'inspect', 'reset'] as const;
 type Method = (typeof METHODS)[number];
 
 interface CallMessage {
@@ -87,6 +87,12 @@ export class WorkerStore implements Store {
   greylist(key: string, delayMs: number, retryWindowMs: number, lifetimeMs: number): ReturnType<Store['greylist']> {
     return this.call('greylist', [key, delayMs, retryWindowMs, lifetimeMs]);
   }
+  peekSlots(key: string, token: string, limit: number): ReturnType<Store['peekSlots']> {
+    return this.call('peekSlots', [key, token, limit]);
+  }
+  peekGreylist(key: string, delayMs: number): ReturnType<Store['peekGreylist']> {
+    return this.call('peekGreylist', [key, delayMs]);
+  }
   inspect(key: string): ReturnType<Store['inspect']> {
     return this.call('inspect', [key]);
   }
@@ -122,6 +128,10 @@ export function serveStore(workers: Cluster, store: MemoryStore = new MemoryStor
         return store.release(s(0), s(1));
       case 'greylist':
         return store.greylist(s(0), n(1), n(2), n(3));
+      case 'peekSlots':
+        return store.peekSlots(s(0), s(1), n(2));
+      case 'peekGreylist':
+        return store.peekGreylist(s(0), n(1));
       case 'inspect':
         return store.inspect(s(0));
       case 'reset':

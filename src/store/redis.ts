@@ -33,7 +33,7 @@ const script = (name: string) => fs.readFileSync(new URL(`./scripts/${name}.lua`
 type Client = (Redis | Cluster) & {
   doormanRate(key: string, window: number, limit: number, cost: number): Promise<number[]>;
   doormanSlots(key: string, op: string, token: string, limit: number, ttl: number): Promise<number[]>;
-  doormanGrey(key: string, delay: number, window: number, lifetime: number): Promise<number[]>;
+  doormanGrey(key: string, delay: number, window: number, lifetime: number, look?: string): Promise<number[]>;
 };
 
 function hostPort(s: string): { host: string; port: number } {
@@ -123,6 +123,21 @@ export class RedisStore implements Store {
   greylist(key: string, delayMs: number, retryWindowMs: number, lifetimeMs: number): Promise<GreyResult> {
     return this.run('greylist', async () => {
       const [passed = 0, wait = 0, first = 0] = await this.client.doormanGrey(this.key(key), delayMs, retryWindowMs, lifetimeMs);
+      return { passed: passed === 1, waitMs: wait, firstAttempt: first === 1 };
+    });
+  }
+
+  peekSlots(key: string, token: string, limit: number): Promise<SlotResult> {
+    return this.run('peek', async () => {
+      const [ok = 0, inUse = 0] = await this.client.doormanSlots(this.key(key), 'peek', token, limit, 0);
+      return { ok: ok === 1, inUse };
+    });
+  }
+
+  peekGreylist(key: string, delayMs: number): Promise<GreyResult> {
+    return this.run('peek', async () => {
+      // The window and lifetime only matter to what is written; a look writes nothing.
+      const [passed = 0, wait = 0, first = 0] = await this.client.doormanGrey(this.key(key), delayMs, 0, 0, '1');
       return { passed: passed === 1, waitMs: wait, firstAttempt: first === 1 };
     });
   }

@@ -42,6 +42,13 @@ export interface Store {
   acquire(key: string, token: string, limit: number, ttlMs: number): Promise<SlotResult>;
   release(key: string, token: string): Promise<void>;
   greylist(key: string, delayMs: number, retryWindowMs: number, lifetimeMs: number): Promise<GreyResult>;
+  /**
+   * What `acquire` would answer now, changing nothing (no slot taken, none refreshed, expired ones
+   * left for the next change): `doorman explain` (look-only.ts).
+   */
+  peekSlots(key: string, token: string, limit: number): Promise<SlotResult>;
+  /** What `greylist` would answer now, changing nothing (no triplet recorded, none passed or refreshed). */
+  peekGreylist(key: string, delayMs: number): Promise<GreyResult>;
   /** Raw state of a key for `doorman limits show` (null: none). */
   inspect(key: string): Promise<{ type: string; value: string | string[]; ttlMs: number } | null>;
   /** Deletes a key (`doorman limits reset`). True when it existed. */
@@ -118,6 +125,23 @@ export class MemoryStore implements Store {
     if (now - e.first < delayMs) return { passed: false, waitMs: delayMs - (now - e.first), firstAttempt: false };
     this.data.set(key, { kind: 'pass' }, { ttl: lifetimeMs });
     return { passed: true, waitMs: 0, firstAttempt: false };
+  }
+
+  async peekSlots(key: string, token: string, limit: number): Promise<SlotResult> {
+    const now = this.now();
+    const e = this.data.peek(key);
+    const live = e?.kind === 'slots' ? [...e.slots].filter(([, exp]) => exp > now).map(([t]) => t) : [];
+    const held = live.includes(token);
+    if (!held && live.length >= limit) return { ok: false, inUse: live.length };
+    return { ok: true, inUse: live.length + (held ? 0 : 1) };
+  }
+
+  async peekGreylist(key: string, delayMs: number): Promise<GreyResult> {
+    const now = this.now();
+    const e = this.data.peek(key);
+    if (!e || (e.kind !== 'grey' && e.kind !== 'pass')) return { passed: false, waitMs: delayMs, firstAttempt: true };
+    if (e.kind === 'pass' || now - e.first >= delayMs) return { passed: true, waitMs: 0, firstAttempt: false };
+    return { passed: false, waitMs: delayMs - (now - e.first), firstAttempt: false };
   }
 
   async inspect(key: string): Promise<{ type: string; value: string | string[]; ttlMs: number } | null> {
