@@ -4,16 +4,21 @@
  *   doorman [start] [--config FILE]   start the proxy (SIGHUP reloads rules, limits, certificate; SIGTERM drains)
  *   doorman check [--config FILE] [--rules DIR]
  *                                     validate configuration and rule files; exit 1 on errors
+ *   doorman explain --ip IP [--helo …] [--from …] [--rcpt …]… [--json] …
+ *                                     what the rules would do to one session (fronts/explain.ts)
  *   doorman --help | --version
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
-import { loadRuleSet } from './config/rules.js';
-import { listenerRefs } from './config/schema.js';
+import { loadRuleSet, type RuleSet } from './config/rules.js';
+import { listenerName, listenerRefs } from './config/schema.js';
 import { DoormanError, formatProblem } from './errors.js';
 import cluster from 'node:cluster';
 import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
+import { explainCommand, ExplainSetupError } from './fronts/explain.js';
+import { lookOnly } from './store/look-only.js';
+import { pino } from 'pino';
 import { VERSION } from './version.js';
 
 const HELP = `doorman ${VERSION} — a spam-filtering SMTP proxy in front of your mail server
@@ -22,6 +27,12 @@ Usage:
   doorman [start] [--config FILE]    start the proxy
   doorman check [--config FILE] [--rules DIR]
                                      validate the configuration and the rule files
+  doorman explain --ip IP [--helo NAME] [--from ADDR] [--rcpt ADDR]… [--listener NAME|ROLE]
+                  [--login LOGIN] [--tls] [--message FILE.eml] [--json] [--config FILE] [--rules DIR]
+                                     what the configured rules would do to this session, stage by
+                                     stage, and the conversation the client would see; nothing is
+                                     counted or stored; exit 0 accepted, 1 refused, 2 tempfailed,
+                                     3 invalid input
   doorman limits show|reset RULE ARGS…
                                      show or reset a limit's state in the store, e.g.
                                      doorman limits show ratelimit conn-rate 192.0.2.7
@@ -64,6 +75,7 @@ export async function main(argv: string[]): Promise<number | undefined> {
     const rulesDir = takeOption(args, '--rules');
     const cmd = args.shift() ?? 'start';
     if (cmd === 'limits') return await limits(args, file, rulesDir);
+    if (cmd === 'explain') return await explain(args, file, rulesDir);
     if (args.length) throw new DoormanError('DMN_ERR_USAGE', `unexpected argument ${args[0]} (see doorman --help)`);
     if (cmd === 'check') {
       const loaded = loadConfig(file ? { file } : {});
@@ -126,7 +138,7 @@ async function limits(args: string[], file: string | undefined, rulesDir: string
   const metrics = createMetrics({ version: VERSION, defaults: false });
   const store = createStore(loaded, metrics, quiet);
   try {
-    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, store), checkOnly: true }, RULE_TYPES);
+    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, lookOnly(store)), checkOnly: true }, RULE_TYPES);
     const rule = set.rules.find((r) => r.rule.name === ruleName)?.rule;
     for (const r of set.rules) r.rule.close?.();
     if (!rule?.admin) {
@@ -136,7 +148,7 @@ async function limits(args: string[], file: string | undefined, rulesDir: string
     const target = rule.admin(rest);
     if (typeof target === 'string') throw new DoormanError('DMN_ERR_USAGE', target);
     if (store.kind === 'memory') process.stderr.write('note: no Redis configured; this process has its own, empty, in-memory store\n');
-    else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) throw new DoormanError('DMN_ERR_USAGE', 'Redis is not reachable');
+    else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) throw new ExplainSetupError(`Redis is not reachable (${loaded.config.redis.url ?? 'redis'}): the rules that use the store could not be explained`);
     if (sub === 'show') {
       const state = await store.inspect(target.key);
       process.stdout.write(`${JSON.stringify({ rule: ruleName, limit: target.describe, key: target.key, state }, null, 2)}\n`);
@@ -148,4 +160,49 @@ async function limits(args: string[], file: string | undefined, rulesDir: string
   } finally {
     await store.close();
   }
+}
+
+/**
+ * `doorman explain …` (fronts/explain.ts): the configured rules, resolver and store — the store
+ * looked at only (store/look-only.ts) — for one described session.
+ */
+function explain(args: string[], file: string | undefined, rulesDir: string | undefined): Promise<number> {
+  return explainCommand(args, {
+    stdout: (s) => void process.stdout.write(s),
+    stderr: (s) => void process.stderr.write(s),
+    open: async () => {
+      const loaded = loadConfig(file ? { file } : {});
+      if (rulesDir) loaded.config.rules.dir = rulesDir;
+      const quiet = { warn: () => undefined, info: () => undefined };
+      const metrics = createMetrics({ version: VERSION, defaults: false });
+      const store = createStore(loaded, metrics, quiet);
+      if (store.kind === 'memory') process.stderr.write('note: no Redis configured; this process has its own, empty, in-memory store (the running instance\'s counts are not seen)\n');
+      else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) {
+        await store.close();
+        throw new ExplainSetupError(`Redis is not reachable (${loaded.config.redis.url ?? 'redis'}): the rules that use the store could not be explained`);
+      }
+      let rules: RuleSet;
+      try {
+        // checkOnly: no DNS list self-tests on timers (the lookups themselves are made).
+        rules = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, lookOnly(store)), checkOnly: true }, RULE_TYPES, { listeners: listenerRefs(loaded.config) });
+      } catch (e) {
+        await store.close();
+        throw e;
+      }
+      return {
+        rules,
+        rulesDir: loaded.config.rules.dir,
+        hostname: loaded.hostname,
+        listeners: loaded.config.listen.map((l) => ({ name: listenerName(l), role: l.role })),
+        maxHeaderBytes: loaded.config.limits.maxHeaderBytes,
+        store: store.kind,
+        metrics,
+        log: pino({ level: 'silent' }),
+        close: async () => {
+          for (const r of rules.rules) r.rule.close?.();
+          await store.close();
+        },
+      };
+    },
+  });
 }

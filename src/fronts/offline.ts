@@ -411,7 +411,7 @@ function skippedRules(rules: readonly LoadedRule[], event: SessionEvent, outcome
     const acts = event.stage in r.checks || (event.stage === 'data_end' && r.body !== undefined);
     if (!acts || asked.has(r.name)) continue;
     const accepted = event.session.acceptedBy;
-    const why = accepted && r.bypassable ? `allowlisted by ${accepted}` : !inScope(lr.scope, event) ? 'out of its scope' : 'not asked: a rule that is not bypassable refused first';
+    const why = accepted && r.bypassable ? `allowlisted by ${accepted}` : !inScope(lr.scope, event) ? 'out of its scope' : 'a rule that is not bypassable refused first';
     out.push({ rule: r.name, why });
   }
   return out;
