@@ -13,7 +13,7 @@
  * options, the input, the printing and the exit status:
  *   0 accepted, 1 refused (some 5xx), 2 tempfailed (some 4xx, no 5xx), 3 nothing explained: input
  *   that does not describe a session (the message names the option), a file that cannot be read,
- *   an invalid configuration or rule file, Redis unreachable.
+ *   an invalid configuration or rule file, Redis unreachable (or a failure of doorman's own).
  * Human output: the session, then stage by stage each rule's finding, action, effect, reason and
  * reply, the rules not asked and why, which rule decided; then the conversation as the client
  * would see it (`S: 220 …`, `C: EHLO …`), the backend's answers marked as assumed; then the
@@ -195,7 +195,8 @@ export async function explainCommand(args: readonly string[], w: ExplainWiring):
     if (e instanceof ExplainInputError) w.stderr(`doorman explain: ${e.message}\n`);
     else if (e instanceof OfflineInputError) w.stderr(`doorman explain: ${OPTION_OF[e.field]}: ${e.message}\n`);
     else if (e instanceof ExplainSetupError || (e instanceof Error && e.name === 'DoormanError')) w.stderr(`doorman explain: ${e.message}\n`);
-    else throw e;
+    // Anything else is doorman's own failure: not an answer about the session (1 and 2 are answers).
+    else w.stderr(`doorman explain: could not explain: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
     return EXPLAIN_EXIT.invalid;
   } finally {
     await setup?.close();

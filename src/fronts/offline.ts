@@ -145,7 +145,7 @@ export interface SessionReport {
   /** The connect or HELO refusal that ended the session early, if any. */
   refusedAt: 'connect' | 'helo' | null;
   transactions: TransactionReport[];
-  /** The worst answer of the session: refused (any 5xx), else tempfailed (any 4xx), else accepted. */
+  /** The worst answer of the session (connect, HELO, AUTH, MAIL, each recipient, each message): refused (any 5xx), else tempfailed (any 4xx), else accepted. */
   result: Result;
 }
 
@@ -297,16 +297,19 @@ export async function runOffline(input: SessionInput, deps: OfflineDeps): Promis
       }
     }
 
-    // AUTH: the rules before the backend sees it; passed, the backend is taken to accept.
-    if (heloOk && input.login !== null) {
+    // AUTH: the rules before the backend sees it; passed, the backend is taken to accept. An
+    // ESMTP command: without EHLO (none, HELO, or refused) the SMTP session answers 503.
+    if (input.login !== null) {
       const mechanism = (input.authMechanism ?? 'PLAIN').toUpperCase();
       const login = input.login;
-      // AUTH is an ESMTP command: after HELO the SMTP session answers 503.
-      const v = input.esmtp ? await run(() => ({ stage: 'auth', mechanism, login, session: s.snapshot() })) : { reply: R.needHelo() };
-      if (v.reply) say(`AUTH ${mechanism} (login ${login})`, v.reply);
-      else {
+      const cmd = `AUTH ${mechanism} (login ${login})`;
+      const v = heloOk && input.esmtp ? await run(() => ({ stage: 'auth', mechanism, login, session: s.snapshot() })) : { reply: R.needHelo() };
+      if (v.reply) {
+        say(cmd, v.reply);
+        report.result = worst(report.result, resultOf(v.reply));
+      } else {
         s.auth = { mechanism, login };
-        say(`AUTH ${mechanism} (login ${login})`, ASSUMED.authOk(), true);
+        say(cmd, ASSUMED.authOk(), true);
       }
     }
 

@@ -82,6 +82,12 @@ function explain(args: string[]): Promise<{ code: number; out: string; err: stri
   });
 }
 
+test('doorman --help lists explain and its options', async () => {
+  const out = await new Promise<string>((resolve, reject) => execFile(process.execPath, [BIN, '--help'], { env, timeout: 30_000 }, (e, stdout) => (e ? reject(e) : resolve(stdout))));
+  assert.match(out, /doorman explain --ip IP \[--helo NAME\] \[--from ADDR\] \[--rcpt ADDR\]… \[--listener NAME\|ROLE\]/);
+  for (const opt of ['--login', '--tls', '--message FILE.eml', '--json']) assert.ok(out.includes(opt), opt);
+});
+
 test('a DNSBL-listed address: the dnsbl rule refuses at connect, its reply is shown, exit 1', async () => {
   const r = await explain(['--ip', '127.0.0.66', '--helo', 'mx.example.net', '--from', 'a@example.net', '--rcpt', 'b@example.com']);
   assert.equal(r.code, 1, r.out + r.err);
