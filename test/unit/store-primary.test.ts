@@ -38,6 +38,11 @@ test('two workers share one bucket, one slot set and one greylist triplet', asyn
   assert.equal((await b.acquire('c', 's2', 1, 60_000)).ok, true);
   assert.equal((await a.greylist('t', 0, 60_000, 60_000)).firstAttempt, true);
   assert.equal((await b.greylist('t', 0, 60_000, 60_000)).passed, true, 'the retry on the other worker finds the triplet');
+  // The looks of `doorman explain` travel too, and change nothing.
+  assert.deepEqual(await a.peekSlots('c', 's3', 1), { ok: false, inUse: 1 });
+  assert.deepEqual(await b.peekSlots('c', 's2', 1), { ok: true, inUse: 1 });
+  assert.deepEqual(await a.peekGreylist('new', 1000), { passed: false, waitMs: 1000, firstAttempt: true });
+  assert.equal(await b.inspect('new'), null);
   assert.equal(await b.reset('k'), true);
   assert.equal(await a.inspect('k'), null);
   await a.close();
