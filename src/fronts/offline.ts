@@ -359,6 +359,7 @@ export async function runOffline(input: SessionInput, deps: OfflineDeps): Promis
         passed++;
         s.addRecipient(rc.path);
       }
+      tr.tags = [...s.tags];
       if (passed === 0) {
         // No recipient: the client does not send DATA (the transaction stays open until RSET).
         tr.result = t.recipients.length ? rcptWorst : 'refused';
