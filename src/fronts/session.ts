@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { ClientAddress } from '../net/ip.js';
-import { nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
+import { SESSION_ENDED, nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, ruleLogEntry, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import type { AuthResult } from '../protocol/auth-results.js';
@@ -186,7 +186,7 @@ export class FrontSession {
   end(reason: string): void {
     if (this.ended.signal.aborted) return;
     if (this.heard('quit')) this.events$.next({ stage: 'quit', session: this.snapshot(), reason });
-    this.ended.abort();
+    this.ended.abort(SESSION_ENDED);
     this.events$.complete();
     this.writeLog(reason);
   }
