@@ -194,7 +194,7 @@ export class FrontSession {
   private note(stage: Stage, v: StageVerdict): StageVerdict {
     for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
-      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+      this.deps.metrics.rejections.inc({ front: this.deps.front, rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (v.acceptedBy && !this.acceptedBy) this.acceptedBy = v.acceptedBy;
     for (const t of v.tags) {

@@ -85,7 +85,7 @@ export class SessionStages {
   private note(stage: Stage, v: StageVerdict): StageVerdict {
     for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
-      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+      this.deps.metrics.rejections.inc({ front: 'smtp', rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (stage === 'connect') {
       if (v.acceptedBy) this.state.acceptedBy = v.acceptedBy;

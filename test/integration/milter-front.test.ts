@@ -121,7 +121,7 @@ test('a relay attempt is refused with the relay rule\'s reply; a client Postfix 
   assert.equal(line.front, 'milter');
   assert.equal(line.listener, `milter@127.0.0.1:${dm.port}`);
   assert.equal(line.outcome, 'rejected');
-  assert.equal(await dm.metric('doorman_rejections_total', { rule: 'relay', stage: 'rcpt', code: '554' }), 1);
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'milter', rule: 'relay', stage: 'rcpt', code: '554' }), 1);
   // Postfix's own login reaches the rules as the session's auth ({auth_authen} at MAIL).
   const authed = await send('127.0.0.21', 'alice@tester.test', 'friend@elsewhere.example', ['--auth', 'PLAIN', '--auth-user', 'alice@backend.test', '--auth-password', 'secret']);
   assert.equal(authed.status, 0, authed.out);

@@ -138,6 +138,9 @@ test('the same rules on the SMTP listener of the same process: the session log l
   const policy = await sessionOf(OUTSIDE);
   assert.equal(policy.front, 'policy');
   assert.equal(policy.listener, `policy@127.0.0.1:${dm.port}`);
+  // The refusals' metric says which front made them.
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'smtp', rule: 'relay', stage: 'rcpt' }), 1);
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'policy', rule: 'relay', stage: 'rcpt' }), 1);
 });
 
 test('a DNSBL-listed client is refused with the dnsbl rule\'s code (its connect-stage verdict at RCPT)', async () => {

@@ -353,7 +353,7 @@ export class MilterFront implements MilterHandler {
 
   /** doorman_messages_total: a message that reached end of message, by doorman's verdict on it. */
   private countMessage(r: MilterVerdict | null): void {
-    this.deps.metrics.messages.inc({ outcome: !r ? 'accepted' : r.kind === 'reject' ? 'rejected' : 'tempfailed' });
+    this.deps.metrics.messages.inc({ front: 'milter', outcome: !r ? 'accepted' : r.kind === 'reject' ? 'rejected' : 'tempfailed' });
   }
 
   private noteRefusal(r: MilterVerdict): void {
