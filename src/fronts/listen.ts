@@ -10,7 +10,8 @@ import cluster from 'node:cluster';
 import fs from 'node:fs';
 import net from 'node:net';
 import { listenerName, parseHostPort, type ListenerConfig } from '../config/schema.js';
-import { MilterFront } from './milter/front.js';
+import type { RuleSet } from '../config/rules.js';
+import { MilterFront, milterProtocol } from './milter/front.js';
 import { serveMilter } from './milter/server.js';
 import { PolicyServer, type PolicyDeps } from './policy/server.js';
 
@@ -96,7 +97,11 @@ function milterFront(name: string, deps: FrontDeps): Front {
         deps.metrics.connectionsActive.dec({ listener: name });
       });
       const log = deps.log.child({ listener: name, front: 'milter' });
-      serveMilter(socket, () => new MilterFront({ ...deps, listener }), {}, log);
+      // The rule set current at OPTNEG decides the steps asked for (milterProtocol) and serves
+      // the connection's sessions, so that no rule waits for a step that was negotiated away.
+      let set: RuleSet | null = null;
+      const rules = () => set ?? deps.rules();
+      serveMilter(socket, () => new MilterFront({ ...deps, listener, rules }), { protocol: () => milterProtocol((set = deps.rules())) }, log);
     },
     close() {
       closing = true;

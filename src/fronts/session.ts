@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { ClientAddress } from '../net/ip.js';
-import { nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
+import { SESSION_ENDED, nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, ruleLogEntry, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import type { AuthResult } from '../protocol/auth-results.js';
@@ -193,7 +193,7 @@ export class FrontSession {
   end(reason: string): void {
     if (this.ended.signal.aborted) return;
     if (this.heard('quit')) this.events$.next({ stage: 'quit', session: this.snapshot(), reason });
-    this.ended.abort();
+    this.ended.abort(SESSION_ENDED);
     this.events$.complete();
     this.writeLog(reason);
   }
@@ -201,7 +201,7 @@ export class FrontSession {
   private note(stage: Stage, v: StageVerdict): StageVerdict {
     for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
-      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+      this.deps.metrics.rejections.inc({ front: this.deps.front, rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (v.acceptedBy && !this.acceptedBy && ACCEPT_STAGES.has(stage)) this.acceptedBy = v.acceptedBy;
     for (const t of v.tags) {

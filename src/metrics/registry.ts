@@ -36,9 +36,9 @@ export function createMetrics(opts: MetricsOptions) {
     sessionDuration: new Histogram({ name: 'doorman_session_duration_seconds', help: 'Client session duration.', labelNames: ['listener'], buckets: SESSION_BUCKETS, registers: r }),
     commands: new Counter({ name: 'doorman_commands_total', help: 'Client commands, by verb and reply class.', labelNames: ['verb', 'class'], registers: r }),
     commandDuration: new Histogram({ name: 'doorman_command_duration_seconds', help: 'Time from a client command to its reply being ready (rules and backend included), by verb.', labelNames: ['verb'], buckets: LATENCY_BUCKETS, registers: r }),
-    messages: new Counter({ name: 'doorman_messages_total', help: 'Message transactions that reached end of data, by outcome (accepted, rejected, tempfailed).', labelNames: ['outcome'], registers: r }),
+    messages: new Counter({ name: 'doorman_messages_total', help: 'Message transactions that reached end of data, by front (smtp, milter) and outcome (accepted, rejected, tempfailed).', labelNames: ['front', 'outcome'], registers: r }),
     messageSize: new Histogram({ name: 'doorman_message_size_bytes', help: 'Size of messages received from clients.', buckets: SIZE_BUCKETS, registers: r }),
-    rejections: new Counter({ name: 'doorman_rejections_total', help: 'Refusals made by rules, by rule, stage, code and enhanced code.', labelNames: ['rule', 'stage', 'code', 'enhanced_code'], registers: r }),
+    rejections: new Counter({ name: 'doorman_rejections_total', help: 'Refusals made by rules, by front (smtp, policy, milter), rule, stage, code and enhanced code.', labelNames: ['front', 'rule', 'stage', 'code', 'enhanced_code'], registers: r }),
     ruleEvaluations: new Counter({ name: 'doorman_rule_evaluations_total', help: 'Rule evaluations, by rule, stage and outcome (pass, reject, tempfail, accept, tag, dry_run, error).', labelNames: ['rule', 'stage', 'outcome'], registers: r }),
     ruleDuration: new Histogram({ name: 'doorman_rule_duration_seconds', help: 'Rule evaluation time, by rule.', labelNames: ['rule'], buckets: LATENCY_BUCKETS, registers: r }),
     ruleErrors: new Counter({ name: 'doorman_rule_errors_total', help: 'Rules that threw or timed out, by rule and kind (error, timeout).', labelNames: ['rule', 'kind'], registers: r }),
@@ -78,7 +78,7 @@ export function createMetrics(opts: MetricsOptions) {
   // Known label values start at 0, so dashboards and alerts see a series before the first event.
   for (const kind of ['pregreet', 'line_too_long', 'nul', 'bare_lf', 'non_smtp', 'starttls_injection', 'slow_client', 'auth_flood']) m.protocolViolations.inc({ kind }, 0);
   for (const what of ['rules', 'settings']) for (const result of ['success', 'failure']) m.configReloads.inc({ what, result }, 0);
-  for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ outcome }, 0);
+  for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ front: 'smtp', outcome }, 0);
   for (const result of ['greylisted', 'passed', 'allowlisted']) m.greylist.inc({ result }, 0);
   if (opts.defaults !== false) collectDefaultMetrics({ register: registry });
   return m;

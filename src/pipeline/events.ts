@@ -81,6 +81,12 @@ export type SessionEvent =
 
 export type EventOf<S extends Stage> = Extract<SessionEvent, { stage: S }>;
 
+/**
+ * What every session's `ended` signal is aborted with: one Error, made once — `abort()` without a
+ * reason builds a DOMException, with its stack, for each session.
+ */
+export const SESSION_ENDED: Error = new Error('session ended');
+
 const ID_PREFIX = `${process.pid.toString(36)}${Date.now().toString(36)}`;
 let idCounter = 0;
 /** A session id (SessionSnapshot.id) unique per process and start time, for every front; no randomness on the hot path. */

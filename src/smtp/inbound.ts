@@ -246,7 +246,7 @@ export class Inbound {
     // As Postfix: the junk command count starts again after a delivered message.
     if (msg.outcome === 'accepted') h.delivered();
     msg.reply = describeReply(r);
-    h.metrics.messages.inc({ outcome: msg.outcome });
+    h.metrics.messages.inc({ front: 'smtp', outcome: msg.outcome });
     h.finished(r);
   }
 

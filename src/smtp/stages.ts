@@ -11,7 +11,7 @@
  * check's wait dropped at once.
  */
 import { Subject } from 'rxjs';
-import type { SessionEvent, Stage } from '../pipeline/events.js';
+import { SESSION_ENDED, type SessionEvent, type Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import { Unstuffer } from './framing.js';
@@ -73,7 +73,7 @@ export class SessionStages {
   end(): void {
     const s = this.state;
     if (this.heard('quit')) this.events$.next({ stage: 'quit', session: s.snapshot(), reason: s.endReason });
-    s.ended.abort();
+    s.ended.abort(SESSION_ENDED);
     this.events$.complete();
   }
 
@@ -85,7 +85,7 @@ export class SessionStages {
   private note(stage: Stage, v: StageVerdict): StageVerdict {
     for (const o of v.outcomes) if (o.finding !== 'pass') this.noteOutcome(o);
     if (v.reply && v.decidedBy) {
-      this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
+      this.deps.metrics.rejections.inc({ front: 'smtp', rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
     if (stage === 'connect') {
       if (v.acceptedBy) this.state.acceptedBy = v.acceptedBy;

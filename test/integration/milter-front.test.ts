@@ -121,7 +121,7 @@ test('a relay attempt is refused with the relay rule\'s reply; a client Postfix 
   assert.equal(line.front, 'milter');
   assert.equal(line.listener, `milter@127.0.0.1:${dm.port}`);
   assert.equal(line.outcome, 'rejected');
-  assert.equal(await dm.metric('doorman_rejections_total', { rule: 'relay', stage: 'rcpt', code: '554' }), 1);
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'milter', rule: 'relay', stage: 'rcpt', code: '554' }), 1);
   // Postfix's own login reaches the rules as the session's auth ({auth_authen} at MAIL).
   const authed = await send('127.0.0.21', 'alice@tester.test', 'friend@elsewhere.example', ['--auth', 'PLAIN', '--auth-user', 'alice@backend.test', '--auth-password', 'secret']);
   assert.equal(authed.status, 0, authed.out);
@@ -146,6 +146,7 @@ test('a DNSBL-listed client is refused with the dnsbl rule\'s code at connect', 
 
 test('an SPF softfail: an X-Doorman-Tag field and doorman\'s Authentication-Results at the sink, a forged one claiming its name deleted', async () => {
   const forged = `Authentication-Results: ${HOSTNAME}; spf=pass smtp.mailfrom=soft.test`;
+  const accepted = await dm.metric('doorman_messages_total', { outcome: 'accepted' });
   const r = await send(SOFT, 'someone@soft.test', 'user@example.com', ['--add-header', forged, '--add-header', 'Authentication-Results: other.example; spf=none']);
   assert.equal(r.status, 0, r.out);
   const m = await sink.bySender('someone@soft.test');
@@ -163,6 +164,7 @@ test('an SPF softfail: an X-Doorman-Tag field and doorman\'s Authentication-Resu
   const line = await sessionOf(SOFT);
   assert.equal(line.outcome, 'passed');
   assert.deepEqual(line.tags, [lines.find((l) => l.startsWith('X-Doorman-Tag: '))?.slice('X-Doorman-Tag: '.length)]);
+  assert.equal(await dm.metric('doorman_messages_total', { outcome: 'accepted' }), accepted + 1);
 });
 
 test('a content rule reads the body through the milter: EICAR refused at end of data with clamav\'s reply', async () => {
@@ -171,6 +173,8 @@ test('a content rule reads the body through the milter: EICAR refused at end of 
   const line = await sessionOf('127.0.0.22');
   assert.equal((line.transactions as { outcome: string }[])[0]?.outcome, 'rejected');
   assert.equal(await dm.metric('doorman_rejections_total', { rule: 'clamav', stage: 'data_end', code: '554' }), 1);
+  // The one message refused at end of data: doorman_messages_total says so, as for the SMTP listener.
+  assert.equal(await dm.metric('doorman_messages_total', { outcome: 'rejected' }), 1);
 });
 
 test('a rate limit answers 4xx through the milter: the second message is deferred with the rule\'s reply', async () => {
@@ -200,4 +204,37 @@ test('doorman stopped: Postfix applies milter_default_action (accept) and mail f
   const m = await sink.bySender('whiledown@tester.test');
   assert.ok(!m.body.includes('X-Doorman-Tag'), m.body);
   assert.match(postfix.log(), /connect to Milter service inet:127\.0\.0\.1:\d+: Connection refused/);
+});
+
+test('only the steps its rules need get a reply (a relay rule alone: RCPT and end of message); doorman stopped with milter_default_action = tempfail: 451, nothing delivered', async () => {
+  const d2 = await startDoorman({ backendPort: sink.port, listen: 'milter://127.0.0.1:{PORT}', rules: { 'relay.yaml': RULES['relay.yaml'] } });
+  const pf2 = await startPostfix({ relayPort: sink.port, openRelay: true, main: [`smtpd_milters = inet:127.0.0.1:${d2.port}`, 'milter_default_action = tempfail', 'milter_command_timeout = 10s'] });
+  try {
+    const via = (client: string, from: string, to: string, extra: string[] = []) =>
+      swaks(['--server', `127.0.0.1:${pf2.port}`, '--local-interface', client, '--from', from, '--to', to, '--helo', 'client.tester.test', ...extra]);
+    // Connect, HELO and MAIL were negotiated without a reply, DATA and end of header away: the
+    // session still runs, the relay rule still refuses at RCPT, local mail is delivered.
+    const refused = await via('127.0.0.23', 'nr@tester.test', 'victim@elsewhere.example', ['--quit-after', 'RCPT']);
+    assert.match(refused.out, /<\*\* 554 5\.7\.1 <victim@elsewhere\.example>: Relay access denied\n/, refused.out);
+    const ok = await via('127.0.0.23', 'nr-local@tester.test', 'user@example.com');
+    assert.equal(ok.status, 0, ok.out);
+    const m = await sink.bySender('nr-local@tester.test');
+    assert.match(m.rcpts.join(), /^<user@example\.com>/);
+    await eventually(() => d2.sessions().length >= 2, 10_000);
+    const line = d2.sessions().find((l) => (l.transactions as { from: string }[])[0]?.from === '<nr-local@tester.test>');
+    assert.ok(line, JSON.stringify(d2.sessions()));
+    assert.equal(line.helo, 'client.tester.test', 'HELO without a reply still reaches the session');
+    assert.equal((line.transactions as { size?: number }[])[0]?.size !== undefined, true, 'the size is known: header and body still come');
+    assert.equal(await d2.metric('doorman_messages_total', { outcome: 'accepted' }), 1);
+    // Fail closed: doorman down, Postfix answers 4xx and keeps nothing.
+    await d2.stop();
+    const down = await via('127.0.0.24', 'closed@tester.test', 'user@example.com');
+    assert.match(down.out, /<\*\* 451 4\.7\.1 Service unavailable - try again later\n/, down.out);
+    assert.match(pf2.log(), /connect to Milter service inet:127\.0\.0\.1:\d+: Connection refused/);
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(sink.messages().filter((x) => x.mail.startsWith('<closed@tester.test>')).length, 0);
+  } finally {
+    await d2.stop();
+    await pf2.stop();
+  }
 });

@@ -138,6 +138,9 @@ test('the same rules on the SMTP listener of the same process: the session log l
   const policy = await sessionOf(OUTSIDE);
   assert.equal(policy.front, 'policy');
   assert.equal(policy.listener, `policy@127.0.0.1:${dm.port}`);
+  // The refusals' metric says which front made them.
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'smtp', rule: 'relay', stage: 'rcpt' }), 1);
+  assert.equal(await dm.metric('doorman_rejections_total', { front: 'policy', rule: 'relay', stage: 'rcpt' }), 1);
 });
 
 test('a DNSBL-listed client is refused with the dnsbl rule\'s code (its connect-stage verdict at RCPT)', async () => {
@@ -287,4 +290,26 @@ test('doorman stopped: Postfix applies smtpd_policy_service_default_action (DUNN
   await sink.bySender('whiledown@tester.example');
   // Postfix tried doorman, failed, and went on with its default action.
   assert.match(postfix.log(), /warning: problem talking to server 127\.0\.0\.1:\d+: Connection refused/);
+});
+
+test('doorman stopped, fail closed: with smtpd_policy_service_default_action = DEFER_IF_PERMIT Postfix defers (4xx) and delivers nothing', async () => {
+  await dm.stop();
+  const closed = await startPostfix({
+    relayPort: sink.port,
+    openRelay: true,
+    main: [
+      `smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:${dm.port}, permit_mynetworks, reject_unauth_destination`,
+      'smtpd_policy_service_default_action = DEFER_IF_PERMIT',
+      'smtpd_policy_service_try_limit = 1',
+    ],
+  });
+  try {
+    const r = await swaks(['--server', `127.0.0.1:${closed.port}`, '--local-interface', '127.0.0.25', '--from', 'failclosed@tester.example', '--to', 'user@example.com', '--helo', 'client.tester.example']);
+    assert.match(r.out, /<\*\* 450 4\.7\.1 <user@example\.com>: Recipient address rejected: [^\n]+\n/, r.out);
+    assert.match(closed.log(), /warning: problem talking to server 127\.0\.0\.1:\d+: Connection refused/);
+    await new Promise((res) => setTimeout(res, 500));
+    assert.equal(sink.messages().filter((m) => m.mail.startsWith('<failclosed@tester.example>')).length, 0);
+  } finally {
+    await closed.stop();
+  }
 });

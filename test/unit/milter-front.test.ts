@@ -8,7 +8,8 @@ import { Writable } from 'node:stream';
 import pino from 'pino';
 import type { RuleSet } from '../../src/config/rules.js';
 import { LIMIT_DEFAULTS } from '../../src/config/defaults.js';
-import { MilterFront } from '../../src/fronts/milter/front.js';
+import { MilterFront, milterProtocol } from '../../src/fronts/milter/front.js';
+import { DOORMAN_PROTOCOL, SMFIP } from '../../src/fronts/milter/codec.js';
 import type { MilterHandler, MilterMacros } from '../../src/fronts/milter/server.js';
 import { createMetrics } from '../../src/metrics/registry.js';
 import type { LoadedRule } from '../../src/pipeline/loaded.js';
@@ -256,4 +257,24 @@ test('a sender doorman cannot parse: no rule runs on that message, nor with the 
   assert.deepEqual(await h.eom(macros()), { verdict: { kind: 'continue' } });
   h.close();
   assert.deepEqual(seen, ['data_end a@b.example']);
+});
+
+test('negotiation: no reply asked for the steps no rule acts on, DATA never, end of header only for header or body rules', () => {
+  const pass = () => ({ kind: 'pass' }) as const;
+  const flags = (rules: LoadedRule[]) => {
+    const p = milterProtocol(ruleSet(rules));
+    return Object.entries(SMFIP).filter(([, bit]) => (p & bit) !== 0 && (DOORMAN_PROTOCOL & bit) === 0).map(([k]) => k).sort();
+  };
+  const relayOnly = [loaded({ name: 'relay', type: 't', bypassable: false, checks: { rcpt: pass } } as Rule)];
+  assert.deepEqual(flags(relayOnly), ['NODATA', 'NOEOH', 'NR_CONN', 'NR_HELO', 'NR_MAIL']);
+  // The bench's rules: connect (dnsbl, ratelimit), mail (sender), rcpt (relay, ratelimit).
+  const bench = [loaded({ name: 'b', type: 't', bypassable: false, checks: { connect: pass, mail: pass, rcpt: pass } } as Rule)];
+  assert.deepEqual(flags(bench), ['NODATA', 'NOEOH', 'NR_HELO']);
+  // A HELO rule keeps MAIL's reply (its refusal is answered again there); auth runs at MAIL.
+  assert.deepEqual(flags([loaded({ name: 'h', type: 't', bypassable: false, checks: { helo: pass } } as Rule)]), ['NODATA', 'NOEOH', 'NR_CONN', 'NR_RCPT']);
+  assert.deepEqual(flags([loaded({ name: 'a', type: 't', bypassable: false, checks: { auth: pass } } as Rule)]), ['NODATA', 'NOEOH', 'NR_CONN', 'NR_HELO', 'NR_RCPT']);
+  // A header rule or a body reader needs end of header (the header block, the body's first chunk).
+  assert.deepEqual(flags([loaded({ name: 'd', type: 't', bypassable: false, checks: { data_headers: pass } } as Rule)]), ['NODATA', 'NR_CONN', 'NR_HELO', 'NR_MAIL', 'NR_RCPT']);
+  const reader = loaded({ name: 'r', type: 't', bypassable: true, checks: {}, body: { chunk: () => undefined, end: pass } } as unknown as Rule);
+  assert.deepEqual(flags([reader]), ['NODATA', 'NR_CONN', 'NR_HELO', 'NR_MAIL', 'NR_RCPT']);
 });

@@ -30,11 +30,13 @@ import type { RuleSet } from '../../config/rules.js';
 import type { Limits } from '../../config/schema.js';
 import type { Metrics } from '../../metrics/registry.js';
 import { parseAddress, type ClientAddress } from '../../net/ip.js';
+import type { Stage } from '../../pipeline/events.js';
 import type { StageVerdict } from '../../pipeline/verdict.js';
 import { parsePath, splitPathArg, type ParsedPath } from '../../protocol/address.js';
 import { claimsAuthservId, formatAuthResults } from '../../protocol/auth-results.js';
 import type { MailParam } from '../../protocol/params.js';
 import { FrontSession } from '../session.js';
+import { DOORMAN_PROTOCOL, SMFIP } from './codec.js';
 import type { ConnectInfo, EomResult, HeaderAddition, HeaderDeletion, MilterHandler, MilterMacros, MilterVerdict } from './server.js';
 
 /** Octets of the Authentication-Results value doorman adds (as the SMTP session's, smtp/trace.ts). */
@@ -57,6 +59,31 @@ export interface MilterFrontDeps {
   readonly hostname: string;
   /** Counts a rule set as used until the returned function is called. */
   readonly useRuleSet?: (set: RuleSet) => () => void;
+}
+
+/**
+ * The protocol flags doorman asks the MTA for, given the rule set the connection will use: each
+ * step no rule acts on is asked without a reply (NR_CONN, NR_HELO, NR_MAIL, NR_RCPT), DATA not at
+ * all, end of header only when a rule reads the header block or the body — every reply saved is a round trip the MTA's
+ * smtpd does not wait for. The steps still come (their facts feed later stages' snapshots), the
+ * header fields and body chunks too (the message's size, the Authentication-Results fields to
+ * delete), and end of message always has its answer.
+ *
+ * MAIL keeps its reply while a HELO rule exists: Postfix and Sendmail make a refusal at connect
+ * final by themselves, but a HELO refusal is answered again at MAIL by the front (sticky).
+ */
+export function milterProtocol(set: RuleSet): number {
+  const has = (s: Stage) => set.stages.has(s);
+  const readsBody = set.rules.some((r) => r.rule.body !== undefined);
+  let p = DOORMAN_PROTOCOL;
+  if (!has('connect')) p |= SMFIP.NR_CONN;
+  if (!has('helo')) p |= SMFIP.NR_HELO;
+  if (!has('mail') && !has('auth') && !has('helo')) p |= SMFIP.NR_MAIL;
+  if (!has('rcpt')) p |= SMFIP.NR_RCPT;
+  // No rule acts on the DATA command itself (a refusal at connect or HELO is final in the MTA).
+  p |= SMFIP.NODATA;
+  if (!has('data_headers') && !readsBody) p |= SMFIP.NOEOH;
+  return p;
 }
 
 /** A refusal as the milter gives it. */
@@ -240,7 +267,10 @@ export class MilterFront implements MilterHandler {
   async eom(m: MilterMacros): Promise<EomResult> {
     const s = this.session();
     if (this.sticky) return { verdict: this.sticky };
-    if (this.refused) return { verdict: this.refused };
+    if (this.refused) {
+      this.countMessage(this.refused);
+      return { verdict: this.refused };
+    }
     // No transaction of doorman's (a sender it could not parse): nothing to say about the message.
     if (!this.inMessage) return { verdict: CONTINUE };
     const queueId = m.get('i');
@@ -251,6 +281,7 @@ export class MilterFront implements MilterHandler {
     s.txnFacts.size = size;
     this.deps.metrics.messageSize.observe(size);
     const v = verdictOf(await s.run('data_end', () => ({ stage: 'data_end', session: s.snapshot(), size })));
+    this.countMessage(v);
     if (v) {
       this.noteRefusal(v);
       this.inMessage = false;
@@ -318,6 +349,11 @@ export class MilterFront implements MilterHandler {
     if (!r) return CONTINUE;
     this.noteRefusal(r);
     return r;
+  }
+
+  /** doorman_messages_total: a message that reached end of message, by doorman's verdict on it. */
+  private countMessage(r: MilterVerdict | null): void {
+    this.deps.metrics.messages.inc({ front: 'milter', outcome: !r ? 'accepted' : r.kind === 'reject' ? 'rejected' : 'tempfailed' });
   }
 
   private noteRefusal(r: MilterVerdict): void {

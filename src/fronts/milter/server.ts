@@ -32,7 +32,9 @@
  */
 import type { Socket } from 'node:net';
 import {
+  DOORMAN_ACTIONS,
   DOORMAN_MACROS,
+  DOORMAN_PROTOCOL,
   MILTER_MAX_PACKET,
   MilterFrameError,
   MilterParser,
@@ -131,6 +133,11 @@ export interface MilterServerOptions {
   maxQueuedPackets: number;
   /** Macros asked per stage in the OPTNEG reply. */
   macros: MacroRequest;
+  /**
+   * The protocol flags doorman asks for (SMFIP_*: the steps it wants no reply for or not at all),
+   * read at each OPTNEG; the MTA grants those it knows.
+   */
+  protocol: () => number;
 }
 
 export const MILTER_DEFAULTS: MilterServerOptions = {
@@ -140,6 +147,7 @@ export const MILTER_DEFAULTS: MilterServerOptions = {
   maxPacket: MILTER_MAX_PACKET,
   maxQueuedPackets: 64,
   macros: DOORMAN_MACROS,
+  protocol: () => DOORMAN_PROTOCOL,
 };
 
 /** Why a connection ended, for the caller's log and metrics. */
@@ -288,7 +296,7 @@ export function serveMilter(
     switch (cmd.type) {
       case 'optneg': {
         if (negotiated !== null && handler !== null) throw new MilterFrameError('OPTNEG inside a session');
-        negotiated = negotiate(cmd);
+        negotiated = negotiate(cmd, { actions: DOORMAN_ACTIONS, protocol: o.protocol() });
         send(encodeOptNeg(negotiated, o.macros));
         return;
       }
@@ -345,8 +353,11 @@ export function serveMilter(
         const h = need();
         if (cmd.chunk.length > 0) await step('body', s, async () => h.body(cmd.chunk), undefined);
         const r = await step<EomResult>('eom', o.eomTimeoutMs, () => h.eom(macros), { verdict: TEMPFAIL });
+        // The header changes and the verdict leave in one write.
+        socket.cork();
         if (r.verdict.kind === 'continue' || r.verdict.kind === 'accept') sendHeaderChanges(r);
         reply(r.verdict, 0);
+        socket.uncork();
         macros.forgetMessage();
         return;
       }
