@@ -38,11 +38,13 @@
  * three alternating per repetition; each run waits until Postfix has delivered every message to
  * the sink (its log's status=sent; refusals counted). The rows' direct column is Postfix alone, the
  * ratio the front's share of it. BENCH_ONLY=fronts runs these rows alone (both workloads).
+ * BENCH_PIN=1 pins Postfix, smtp-source and the sink to CPU 0 and doorman, Redis and rbldnsd to
+ * CPU 1 in those rows (doorman with a core of its own; Postfix alone gets the same one core).
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
  */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -126,9 +128,58 @@ function procStat(pid: number): { cpuMs: number; rssKb: number } {
   return { cpuMs, rssKb };
 }
 
+/**
+ * BENCH_PIN=1 (the fronts' rows): Postfix, smtp-source and the sink on CPU 0; doorman, Redis and
+ * rbldnsd on CPU 1 — doorman with a core of its own, as a filter host would give it, so that what
+ * is left of Postfix's msg/s is the cost of the front's round trips, not of doorman's CPU taken
+ * from Postfix.
+ */
+const PIN = process.env.BENCH_PIN === '1';
+const MTA_CPU = '0';
+const FILTER_CPU = '1';
+
+/** A process and its descendants pinned to `cpu` (later children inherit it). */
+function pinTree(pid: number, cpu: string): void {
+  const all = [pid];
+  for (let i = 0; i < all.length; i++) {
+    for (const d of fs.readdirSync('/proc')) {
+      if (!/^\d+$/.test(d)) continue;
+      try {
+        const ppid = Number(fs.readFileSync(`/proc/${d}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ')[1]);
+        if (ppid === all[i]) all.push(Number(d));
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+  }
+  for (const p of all) {
+    try {
+      execFileSync('taskset', ['-a', '-p', '-c', cpu, String(p)], { stdio: 'ignore' });
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+}
+
+/** Processes whose command line contains `needle` (a server started on a known port). */
+function pidsWith(needle: string): number[] {
+  const out: number[] = [];
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    try {
+      if (fs.readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0').join(' ').includes(needle)) out.push(Number(d));
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  return out;
+}
+
 async function smtpSource(port: number, args: string[], timeoutMs = 300_000): Promise<number> {
   const t0 = performance.now();
-  await run('smtp-source', [...args, '-f', 'bench@load.example', '-t', 'user@example.com', `127.0.0.1:${port}`], { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
+  const cmd = ['smtp-source', ...args, '-f', 'bench@load.example', '-t', 'user@example.com', `127.0.0.1:${port}`];
+  if (PIN) cmd.unshift('taskset', '-c', MTA_CPU);
+  await run(cmd[0]!, cmd.slice(1), { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
   return (performance.now() - t0) / 1000;
 }
 
@@ -403,11 +454,22 @@ async function frontRows(sinkPort: number, rules: Record<string, string>, env: R
     },
   ];
   const running: { setup: FrontSetup; pf: Postfix; d: Doorman | null }[] = [];
+  if (PIN) {
+    for (const p of pidsWith(`127.0.0.1:${sinkPort}`)) pinTree(p, MTA_CPU);
+    for (const needle of [env.DOORMAN_REDIS_URL ? `--port ${new URL(env.DOORMAN_REDIS_URL).port}` : '', env.DOORMAN_DNS_SERVERS ? env.DOORMAN_DNS_SERVERS.replace(':', '/') : '']) {
+      if (!needle) continue;
+      for (const p of pidsWith(needle)) pinTree(p, FILTER_CPU);
+    }
+  }
   const rows: Row[] = [];
   try {
     for (const setup of setups) {
       const d = setup.listen ? await startDoorman({ backendPort: sinkPort, listen: setup.listen, rules, env }) : null;
       const pf = await startPostfix({ relayPort: sinkPort, openRelay: true, main: [...tuning, ...(d ? setup.main(d.port) : [])] });
+      if (PIN) {
+        pinTree(pf.pid, MTA_CPU);
+        if (d) pinTree(d.proc.pid, FILTER_CPU);
+      }
       running.push({ setup, pf, d });
     }
     /** One smtp-source run, then the queue drained to the sink (bounded), delivered and refused counted. */
