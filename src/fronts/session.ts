@@ -24,7 +24,8 @@ import type { AuthResult } from '../protocol/auth-results.js';
 import type { ParsedPath } from '../protocol/address.js';
 import type { Recording, SessionRecorder } from '../record/recorder.js';
 
-export type FrontName = 'policy' | 'milter';
+/** Which front saw the session (the log line's `front`): an MTA's (policy, milter) or one without a client (explain, replay: fronts/offline.ts). */
+export type FrontName = 'policy' | 'milter' | 'explain' | 'replay';
 
 /** Findings other than pass kept for the log line; the rest are counted (moreRules). */
 export const MAX_LOGGED_OUTCOMES = 100;
@@ -37,6 +38,12 @@ export const MAX_LOGGED_TRANSACTIONS = 20;
 
 /** Stages whose allowlisting and tags hold for the whole session (the others: one transaction). */
 const SESSION_STAGES: ReadonlySet<Stage> = new Set(['connect', 'helo', 'auth']);
+/**
+ * Stages whose allowlisting holds beyond their event: the session's, and MAIL (its transaction).
+ * An accept at RCPT is that recipient's alone (docs/rules.md "Stages and precedence"), as in the
+ * SMTP session: the next recipient goes through the bypassable rules again.
+ */
+const ACCEPT_STAGES: ReadonlySet<Stage> = new Set([...SESSION_STAGES, 'mail']);
 
 export interface FrontDeps {
   readonly front: FrontName;
@@ -210,7 +217,7 @@ export class FrontSession {
     if (v.reply && v.decidedBy) {
       this.deps.metrics.rejections.inc({ rule: v.decidedBy, stage, code: String(v.reply.code), enhanced_code: v.reply.enhanced });
     }
-    if (v.acceptedBy && !this.acceptedBy) this.acceptedBy = v.acceptedBy;
+    if (v.acceptedBy && !this.acceptedBy && ACCEPT_STAGES.has(stage)) this.acceptedBy = v.acceptedBy;
     for (const t of v.tags) {
       if (this.tags.includes(t)) continue;
       if (this.tags.length < MAX_TAGS) this.tags.push(t);
