@@ -4,6 +4,8 @@
  *   doorman [start] [--config FILE]   start the proxy (SIGHUP reloads rules, limits, certificate; SIGTERM drains)
  *   doorman check [--config FILE] [--rules DIR]
  *                                     validate configuration and rule files; exit 1 on errors
+ *   doorman replay RECORDS… --rules DIR [--json] [--live-dns]
+ *                                     recorded sessions against other rules; exit 1 when a verdict changes
  *   doorman --help | --version
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
@@ -15,6 +17,8 @@ import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCoun
 import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
 import { VERSION } from './version.js';
+import { createLogger } from './log.js';
+import { formatReplay, recordFiles, replay, replayExit, ReplayInputError } from './fronts/replay.js';
 
 const HELP = `doorman ${VERSION} — a spam-filtering SMTP proxy in front of your mail server
 
@@ -26,6 +30,10 @@ Usage:
                                      show or reset a limit's state in the store, e.g.
                                      doorman limits show ratelimit conn-rate 192.0.2.7
                                      doorman limits reset greylist 192.0.2.7 a@example.org b@example.com
+  doorman replay RECORDS… --rules DIR [--json] [--live-dns]
+                                     run recorded sessions (record.dir files or folders) against
+                                     the rules in DIR and print the verdicts that change;
+                                     exit 1 when any does, 0 when none, 3 on bad input
   doorman --help                     this text
   doorman --version                  the version
 
@@ -64,6 +72,7 @@ export async function main(argv: string[]): Promise<number | undefined> {
     const rulesDir = takeOption(args, '--rules');
     const cmd = args.shift() ?? 'start';
     if (cmd === 'limits') return await limits(args, file, rulesDir);
+    if (cmd === 'replay') return await replayCommand(args, file, rulesDir);
     if (args.length) throw new DoormanError('DMN_ERR_USAGE', `unexpected argument ${args[0]} (see doorman --help)`);
     if (cmd === 'check') {
       const loaded = loadConfig(file ? { file } : {});
@@ -147,5 +156,45 @@ async function limits(args: string[], file: string | undefined, rulesDir: string
     return 0;
   } finally {
     await store.close();
+  }
+}
+
+/** `doorman replay RECORDS… --rules DIR [--json] [--live-dns]` (fronts/replay.ts). */
+async function replayCommand(args: string[], file: string | undefined, rulesDir: string | undefined): Promise<number> {
+  const flag = (name: string) => {
+    const i = args.indexOf(name);
+    if (i >= 0) args.splice(i, 1);
+    return i >= 0;
+  };
+  const json = flag('--json');
+  const liveDns = flag('--live-dns');
+  try {
+    const bad = args.find((a) => a.startsWith('--'));
+    if (bad) throw new ReplayInputError(`unknown option ${bad} (see doorman --help)`);
+    if (!rulesDir) throw new ReplayInputError('--rules DIR is required: the rules to replay the records against');
+    const loaded = loadConfig(file ? { file } : {});
+    const quiet = { warn: () => undefined, info: () => undefined };
+    const metrics = createMetrics({ version: VERSION, defaults: false });
+    const base = ruleDeps(loaded, metrics, quiet);
+    const report = await replay({
+      files: recordFiles(args),
+      rulesDir,
+      ruleTypes: RULE_TYPES,
+      deps: base,
+      listeners: listenerRefs(loaded.config) as { name: string; role: 'smtp' }[],
+      hostname: loaded.hostname,
+      metrics,
+      log: createLogger('silent', false),
+      maxHeaderBytes: loaded.config.limits.maxHeaderBytes,
+      ...(liveDns ? { live: base.resolver } : {}),
+    });
+    process.stdout.write(json ? `${JSON.stringify(report, null, 2)}\n` : formatReplay(report));
+    return replayExit(report);
+  } catch (e) {
+    if (e instanceof ReplayInputError || e instanceof DoormanError) {
+      process.stderr.write(`doorman replay: ${e.message}\n`);
+      return 3;
+    }
+    throw e;
   }
 }

@@ -49,7 +49,7 @@ export interface TransactionRecord {
   from: string;
   fromParams?: Record<string, string>;
   rcpts: { to: string; params?: Record<string, string> }[];
-  /** The header block (record.headers: true). */
+  /** The header block (record.headers: true), its bytes as latin1 characters (runOffline reads it so). */
   headers?: string;
   /** The message reached its end of data (its size in bytes): data_end was evaluated. */
   size?: number;
@@ -74,6 +74,8 @@ export interface SessionRecord {
   time: string;
   id: string;
   front: string;
+  /** The listener's role (smtp, submission, smtps, policy, milter): replay knows the listener without the configuration. */
+  role: string;
   session: SessionRecordInput;
   verdicts: VerdictRecord[];
   dns: DnsRecord[];
@@ -90,6 +92,7 @@ export const RECORD_SCHEMA = z.object({
   time: z.string(),
   id: z.string(),
   front: z.string(),
+  role: z.enum(['smtp', 'submission', 'smtps', 'policy', 'milter']),
   session: z.object({
     client: z.string(),
     clientPort: z.number().int().optional(),

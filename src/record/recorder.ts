@@ -152,6 +152,7 @@ export class SessionRecorder {
       time: new Date(this.started).toISOString(),
       id: this.id,
       front: this.front,
+      role: s.listener.role,
       session: {
         client: s.client.text,
         clientPort: s.clientPort,
@@ -202,7 +203,7 @@ export class SessionRecorder {
       case 'data_headers': {
         const t = this.txn(e.session);
         if (!t) break;
-        if (this.recording.config.headers) t.headers = e.headers.toString('utf8');
+        if (this.recording.config.headers) t.headers = e.headers.toString('latin1');
         this.places.set(e, { txn: this.txnIndex });
         break;
       }
