@@ -115,7 +115,6 @@ export class FrontSession {
       maxPendingDryRun: deps.maxPendingDryRun,
     }).attach(this.events$, this.ended.signal);
     this.recorder = deps.recording?.session(deps.front) ?? null;
-    this.recorder?.observe(this.events$);
   }
 
   snapshot(): SessionSnapshot {
@@ -139,9 +138,9 @@ export class FrontSession {
     };
   }
 
-  /** A rule acts on the stage (or someone else observes events$): only then is the event built. */
+  /** A rule acts on the stage (or someone else observes events$, or the session's record needs it): only then is the event built. */
   heard(stage: Stage): boolean {
-    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1 || this.recorder?.hears(stage) === true;
   }
 
   /** One stage's verdict; the event is built only when a rule acts on the stage. */

@@ -5,11 +5,11 @@
  * `Recording` (one per process, when `record.dir` is set) decides per session whether it is
  * recorded (`record.sampleRate`) and owns the writer. A recorded session's front (smtp/stages.ts,
  * fronts/session.ts) gets a `SessionRecorder`, which
- *   - observes the session's events (`observe(events$)`): client, listener, TLS, login, HELO,
+ *   - is handed each stage's event and verdict (`stage`): client, listener, TLS, login, HELO,
  *     each transaction's envelope with its parameters, the header block when asked, the size at
- *     end of data. Observing events$ is what makes the front build every stage's event, whether
- *     a rule acts on it or not;
- *   - is told each stage's verdict (`verdict`);
+ *     end of data when a rule acts there. The front builds the events of the stages the record
+ *     needs (`hears`: connect, HELO, AUTH, MAIL, RCPT; the header block's with `record.headers`)
+ *     whether a rule acts on them or not — and no others;
  *   - runs the stage's evaluation inside its context (`within`): an AsyncLocalStorage, so the
  *     lookups and store operations the rules start there — and everything those start in turn,
  *     promises and timers included — are noted on this session. The resolver and store the rules
@@ -21,10 +21,9 @@
  * MAX_RECORD_LOOKUPS (each of dns and store); what is left off is counted in `more`.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
-import type { Observable, Subscription } from 'rxjs';
 import type { RecordConfig } from '../config/schema.js';
 import type { DnsResolver } from '../net/dns.js';
-import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
+import type { SessionEvent, SessionSnapshot, Stage } from '../pipeline/events.js';
 import type { StageVerdict } from '../pipeline/verdict.js';
 import type { MailParam } from '../protocol/params.js';
 import { replyText } from '../protocol/reply.js';
@@ -42,6 +41,9 @@ export const MAX_RECORD_VERDICTS = 2000;
 export const MAX_RECORD_LOOKUPS = 500;
 
 const current = new AsyncLocalStorage<SessionRecorder>();
+
+/** Stages whose events a record needs whether a rule acts on them or not (the session's facts, the envelope). */
+const RECORDED_STAGES: ReadonlySet<Stage> = new Set(['connect', 'helo', 'auth', 'mail', 'rcpt']);
 
 export class Recording {
   constructor(
@@ -75,7 +77,6 @@ export class SessionRecorder {
   private readonly dnsLog: DnsRecord[] = [];
   private readonly storeLog: StoreRecord[] = [];
   private readonly more: NonNullable<SessionRecord['more']> = {};
-  private sub: Subscription | null = null;
   /** Which transaction and recipient (indexes) each event answers: verdicts may come out of order (pipelining). */
   private readonly places = new WeakMap<SessionEvent, { txn?: number; rcpt?: number }>();
   private done = false;
@@ -90,9 +91,9 @@ export class SessionRecorder {
     return this.recording.config.headers;
   }
 
-  /** Follows the session's events. */
-  observe(events$: Observable<SessionEvent>): void {
-    this.sub = events$.subscribe({ next: (e) => this.event(e) });
+  /** The record needs this stage's event even when no rule acts on it. */
+  hears(stage: Stage): boolean {
+    return RECORDED_STAGES.has(stage) || (stage === 'data_headers' && this.recording.config.headers);
   }
 
   /** Runs a stage's evaluation in this session's context: its lookups are noted here. */
@@ -102,6 +103,7 @@ export class SessionRecorder {
 
   /** A stage evaluated in this session's context (its lookups are noted here), its verdict recorded. */
   stage(event: SessionEvent, evaluate: () => StageVerdict | Promise<StageVerdict>): StageVerdict | Promise<StageVerdict> {
+    this.event(event);
     const v = this.within(evaluate);
     if (!(v instanceof Promise)) {
       this.verdict(event, v);
@@ -144,7 +146,6 @@ export class SessionRecorder {
   end(): void {
     if (this.done) return;
     this.done = true;
-    this.sub?.unsubscribe();
     const s = this.snapshot;
     if (!s) return;
     const record: SessionRecord = {

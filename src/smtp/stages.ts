@@ -46,7 +46,6 @@ export class SessionStages {
       },
     }).attach(this.events$, state.ended.signal);
     this.recorder = deps.recording?.session('smtp') ?? null;
-    this.recorder?.observe(this.events$);
   }
 
   /**
@@ -89,9 +88,9 @@ export class SessionStages {
     this.recorder?.end();
   }
 
-  /** A rule acts on the stage, or someone besides the pipeline observes events$: only then is its event built. */
+  /** A rule acts on the stage, someone besides the pipeline observes events$, or the session's record needs it: only then is its event built. */
   private heard(stage: Stage): boolean {
-    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1 || this.recorder?.hears(stage) === true;
   }
 
   private note(stage: Stage, v: StageVerdict): StageVerdict {

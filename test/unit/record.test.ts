@@ -9,7 +9,6 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Subject } from 'rxjs';
 import { parseAddress } from '../../src/net/ip.js';
 import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
@@ -90,15 +89,12 @@ test('lookups are noted on the session whose stage made them, even interleaved',
   const sessions = ['127.0.0.2', '127.0.0.3'].map((ip, i) => {
     const r = rec.session('smtp');
     assert.ok(r);
-    const events$ = new Subject<SessionEvent>();
-    r.observe(events$);
-    return { r, events$, ip, id: `s${i}` };
+    return { r, ip, id: `s${i}` };
   });
   // Both sessions' connect stages start a lookup; the answers come back in the other order.
   const pending = sessions.map((s) => {
     const ev: SessionEvent = { stage: 'connect', session: snapshot(s.id, s.ip) };
     return s.r.stage(ev, () => {
-      s.events$.next(ev);
       const name = `${s.ip.split('.').reverse().join('.')}.bl.test`;
       return resolver.resolveA(name).then(
         (): StageVerdict => ({ ...EMPTY_VERDICT, reply: reply(554, '5.7.1', 'listed'), decidedBy: 'dnsbl' }),
@@ -125,11 +121,8 @@ test('store operations are noted with their key, arguments and result', async (t
   const store = recordingStore(new MemoryStore(() => 1_000_000));
   const r = rec.session('policy');
   assert.ok(r);
-  const events$ = new Subject<SessionEvent>();
-  r.observe(events$);
   const ev: SessionEvent = { stage: 'connect', session: snapshot('p1', '192.0.2.7') };
   await r.stage(ev, () => {
-    events$.next(ev);
     return store.rate('conn:192.0.2.7', 60_000, 10, 1).then(() => EMPTY_VERDICT);
   });
   r.end();
@@ -143,23 +136,25 @@ test('transactions, recipients with parameters, out-of-order verdicts and the he
   const { rec, lines } = recording(t);
   const r = rec.session('smtp');
   assert.ok(r);
-  const events$ = new Subject<SessionEvent>();
-  r.observe(events$);
   const base = snapshot('t1', '198.51.100.9', 1);
   const mail: SessionEvent = { stage: 'mail', session: base, sender: path_('a@x.example'), params: [{ key: 'SIZE', value: '100' }, { key: 'SMTPUTF8', value: null }] };
   const r1: SessionEvent = { stage: 'rcpt', session: base, recipient: path_('b@y.example'), params: [] };
   const r2: SessionEvent = { stage: 'rcpt', session: base, recipient: path_('c@y.example'), params: [{ key: 'NOTIFY', value: 'NEVER' }] };
   const hdr: SessionEvent = { stage: 'data_headers', session: base, headers: Buffer.from('Subject: caf\xe9\r\n', 'latin1'), truncated: false };
-  events$.next(mail);
-  r.verdict(mail, EMPTY_VERDICT);
-  events$.next(r1);
-  events$.next(r2);
+  assert.equal(r.hears('data_headers'), true);
+  assert.equal(r.hears('data_end'), false);
+  r.stage(mail, () => EMPTY_VERDICT);
+  let answer1: (v: StageVerdict) => void = () => undefined;
+  let answer2: (v: StageVerdict) => void = () => undefined;
+  const p1 = r.stage(r1, () => new Promise<StageVerdict>((res) => (answer1 = res)));
+  const p2 = r.stage(r2, () => new Promise<StageVerdict>((res) => (answer2 = res)));
   // Pipelined: the second recipient's verdict comes first.
-  r.verdict(r2, EMPTY_VERDICT);
-  r.verdict(r1, { ...EMPTY_VERDICT, reply: reply(450, '4.7.1', 'later'), decidedBy: 'greylist' });
-  events$.next(hdr);
-  r.verdict(hdr, EMPTY_VERDICT);
-  events$.next({ stage: 'data_end', session: base, size: 1234 });
+  answer2(EMPTY_VERDICT);
+  await p2;
+  answer1({ ...EMPTY_VERDICT, reply: reply(450, '4.7.1', 'later'), decidedBy: 'greylist' });
+  await p1;
+  r.stage(hdr, () => EMPTY_VERDICT);
+  r.stage({ stage: 'data_end', session: base, size: 1234 }, () => EMPTY_VERDICT);
   r.end();
   await rec.close();
   const [line] = lines();
@@ -173,6 +168,7 @@ test('transactions, recipients with parameters, out-of-order verdicts and the he
       ['rcpt', 0, 1, null],
       ['rcpt', 0, 0, 'greylist'],
       ['data_headers', 0, undefined, null],
+      ['data_end', 0, undefined, null],
     ],
   );
 });
