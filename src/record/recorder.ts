@@ -103,14 +103,14 @@ export class SessionRecorder {
 
   /** A stage evaluated in this session's context (its lookups are noted here), its verdict recorded. */
   stage(event: SessionEvent, evaluate: () => StageVerdict | Promise<StageVerdict>): StageVerdict | Promise<StageVerdict> {
-    this.event(event);
+    safely(() => this.event(event));
     const v = this.within(evaluate);
     if (!(v instanceof Promise)) {
-      this.verdict(event, v);
+      safely(() => this.verdict(event, v));
       return v;
     }
     return v.then((x) => {
-      this.verdict(event, x);
+      safely(() => this.verdict(event, x));
       return x;
     });
   }
@@ -146,6 +146,10 @@ export class SessionRecorder {
   end(): void {
     if (this.done) return;
     this.done = true;
+    safely(() => this.write());
+  }
+
+  private write(): void {
     const s = this.snapshot;
     if (!s) return;
     const record: SessionRecord = {
@@ -233,6 +237,15 @@ export class SessionRecorder {
   }
 }
 
+/** Recording never harms a session: a failure here loses (part of) the record, nothing else. */
+function safely(fn: () => void): void {
+  try {
+    fn();
+  } catch {
+    // The record is incomplete; the session goes on.
+  }
+}
+
 function paramsOf<K extends string>(list: readonly MailParam[], key: K): { [P in K]?: Record<string, string> } {
   if (!list.length) return {};
   return { [key]: Object.fromEntries(list.map((p) => [p.key, p.value ?? ''])) } as { [P in K]?: Record<string, string> };
@@ -250,11 +263,11 @@ function noted<T>(p: Promise<T>, note: (rec: SessionRecorder, ok: boolean, v: un
   if (!rec) return p;
   return p.then(
     (v) => {
-      note(rec, true, v);
+      safely(() => note(rec, true, v));
       return v;
     },
     (err: unknown) => {
-      note(rec, false, err);
+      safely(() => note(rec, false, err));
       throw err;
     },
   );
