@@ -10,6 +10,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { ROOT, startDoorman } from '../helpers/doorman.js';
@@ -266,4 +267,51 @@ test('sampleRate 0 records nothing', async () => {
     await dm.stop();
   }
   assert.deepEqual(fs.existsSync(dir) ? fs.readdirSync(dir) : [], []);
+});
+
+test('the policy front records its sessions too, and they replay', async () => {
+  const dir = path.join(work, 'policy-records');
+  const dm = await startDoorman({
+    backendPort: sink.port,
+    listen: 'policy://127.0.0.1:{PORT}',
+    env: { DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_RULES: origRules },
+    config: `record:\n  dir: ${dir}\n`,
+  });
+  const attrs = { request: 'smtpd_access_policy', protocol_state: 'RCPT', client_address: '127.0.0.40', client_port: '40000', helo_name: 'p.example.org', sender: 'p@sender.example', recipient: 'z@foreign.example', instance: 'rec.1' };
+  let answer = '';
+  try {
+    answer = await new Promise<string>((resolve, reject) => {
+      const s = net.connect(dm.port, '127.0.0.1');
+      let data = '';
+      const t = setTimeout(() => reject(new Error(`no answer: ${data}`)), 5000);
+      s.on('data', (d) => {
+        data += d.toString();
+        if (data.includes('\n\n')) {
+          clearTimeout(t);
+          s.destroy();
+          resolve(data);
+        }
+      });
+      s.on('error', reject);
+      s.on('connect', () => s.write(Object.entries(attrs).map(([k, v]) => `${k}=${v}\n`).join('') + '\n'));
+    });
+  } finally {
+    // Stopping ends the open policy transaction: its record is written and flushed.
+    await dm.stop();
+  }
+  assert.equal(answer, 'action=554 5.7.1 Relay access denied\n\n');
+  const lines = fs.readdirSync(dir).flatMap((f) => fs.readFileSync(path.join(dir, f), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as SessionRecord));
+  assert.equal(lines.length, 1);
+  assert.equal(lines[0]?.front, 'policy');
+  assert.equal(lines[0]?.role, 'policy');
+  assert.deepEqual(lines[0]?.session.transactions, [{ from: 'p@sender.example', rcpts: [{ to: 'z@foreign.example' }] }]);
+  assert.equal(lines[0]?.verdicts.find((v) => v.stage === 'rcpt')?.decidedBy, 'relay');
+  const changed = fs.existsSync(path.join(work, 'changed')) ? path.join(work, 'changed') : rulesDir('changed', { localDomains: ['example.com', 'foreign.example'], threshold: 2 });
+  const r = await run(['replay', dir, '--rules', changed, '--json']);
+  assert.equal(r.code, 1, r.out + r.err);
+  const rep = JSON.parse(r.out) as ReplayReport;
+  assert.deepEqual(
+    rep.changes.map((c) => [c.direction, c.rule, c.sessions, c.recipients]),
+    [['refused → accepted', 'relay', 1, 1]],
+  );
 });
