@@ -13,8 +13,9 @@
  * by age; the pid keeps cluster workers apart). A file is closed and the next one started before a
  * write would take it past `maxFileBytes` (a lone record larger than that still gets a file of
  * its own) or once it is `maxFileAge` old. After each rotation (and at start) the record files
- * in `dir` beyond `maxTotalBytes` in total are deleted, oldest first — never the file in use:
- * the folder holds at most maxTotalBytes + maxFileBytes.
+ * in `dir` beyond `maxTotalBytes` in total are deleted, oldest first — never the file in use, nor
+ * the newest file of another live process (cluster workers share the folder): the folder holds at
+ * most maxTotalBytes + maxFileBytes per process writing there.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -135,9 +136,15 @@ export class RecordWriter {
     return this.file;
   }
 
-  /** Deletes the oldest record files past maxTotalBytes (never `keep`). */
+  /**
+   * Deletes the oldest record files past maxTotalBytes: never `keep`, nor the newest file of
+   * another live process (a cluster worker writing into the same folder).
+   */
   private async prune(keep: string): Promise<void> {
     const names = (await fs.promises.readdir(this.opts.dir)).filter((n) => RECORD_FILE.test(n)).sort();
+    const newest = new Map<number, string>();
+    for (const n of names) newest.set(pidOf(n), n);
+    const inUse = new Set([...newest].filter(([pid]) => pid !== process.pid && alive(pid)).map(([, n]) => path.join(this.opts.dir, n)));
     const sizes: { p: string; size: number }[] = [];
     for (const n of names) {
       const p = path.join(this.opts.dir, n);
@@ -147,9 +154,24 @@ export class RecordWriter {
     let total = sizes.reduce((a, x) => a + x.size, 0);
     for (const { p, size } of sizes) {
       if (total <= this.opts.maxTotalBytes) break;
-      if (p === keep) continue;
+      if (p === keep || inUse.has(p)) continue;
       await fs.promises.unlink(p).catch(() => undefined);
       total -= size;
     }
+  }
+}
+
+/** The process id in a record file's name. */
+function pidOf(name: string): number {
+  return Number(/-(\d+)-\d{4}\.jsonl$/.exec(name)?.[1] ?? 0);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    // EPERM: it exists, owned by someone else.
+    return (e as { code?: string }).code === 'EPERM';
   }
 }

@@ -150,3 +150,28 @@ test('a disk that refuses the write drops the records, counted as write_error; t
   assert.equal(errors.length, 1);
   await w.close();
 });
+
+test('the total bound never deletes the file another live worker writes', async (t) => {
+  const dir = tmp(t);
+  const isAlive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (e) {
+      return (e as { code?: string }).code === 'EPERM';
+    }
+  };
+  let dead = 900_000;
+  for (let i = 0; i < 100 && isAlive(dead); i++) dead++;
+  assert.ok(!isAlive(dead));
+  // Older files than ours: a live process's (our parent, standing in for a worker) and a dead one's.
+  const live = path.join(dir, `records-20200101T000000000Z-${process.ppid}-0000.jsonl`);
+  const gone = path.join(dir, `records-20200101T000000001Z-${dead}-0000.jsonl`);
+  fs.writeFileSync(live, 'l'.repeat(3000) + '\n');
+  fs.writeFileSync(gone, 'g'.repeat(3000) + '\n');
+  const w = new RecordWriter({ dir, maxFileBytes: 1000, maxFileAge: 3_600_000, maxTotalBytes: 2000, maxPendingBytes: 1 << 20 });
+  w.append('x');
+  await w.close();
+  assert.ok(fs.existsSync(live), 'the live process keeps its file');
+  assert.ok(!fs.existsSync(gone), "the dead process's file is deleted");
+});
