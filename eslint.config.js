@@ -90,6 +90,18 @@ export default tseslint.config(
     },
   },
   {
+    // Session records: fed by every front, below all of them.
+    files: ['src/record/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        patterns: [{
+          regex: folder(['smtp', 'backend', 'rules', 'fronts']),
+          message: 'record/ never imports smtp/, backend/, rules/ or fronts/: fronts hand it their events and verdicts (SessionRecorder); it wraps the resolver and store the rules get.',
+        }],
+      }],
+    },
+  },
+  {
     files: ['src/rules/**/*.ts'],
     ignores: ['src/rules/index.ts'],
     rules: { 'no-restricted-imports': ['error', { patterns: [noSmtpBackend, noOtherRule] }] },

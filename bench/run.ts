@@ -40,6 +40,10 @@
  * ratio the front's share of it. BENCH_ONLY=fronts runs these rows alone (both workloads).
  * BENCH_PIN=1 pins Postfix, smtp-source and the sink to CPU 0 and doorman, Redis and rbldnsd to
  * CPU 1 in those rows (doorman with a core of its own; Postfix alone gets the same one core).
+ * BENCH_RECORD=1 (issue 18) adds (a) and (b) with the default rules and session records on
+ * (`record:`, every session, no header blocks) against the same rules without them, the two
+ * alternating per repetition: the rows' direct column is recording off, the ratio on/off.
+ * BENCH_ONLY=record runs these rows alone (both workloads).
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -425,6 +429,47 @@ function postfixQueued(pf: Postfix): number {
   return n;
 }
 
+/**
+ * BENCH_RECORD=1 (issue 18): (a) and (b) through two doormans with the same rules, one recording
+ * every session (record.dir in a temporary folder) and one not, alternating per repetition. The
+ * row's direct column is recording off, doorman is recording on, the ratio on/off; the note gives
+ * the records written and dropped, and their mean size.
+ */
+async function recordRows(sinkPort: number, rules: Record<string, string>, env: Record<string, string>, config: string, workloads: { name: string; args: string[]; messages: number }[]): Promise<Row[]> {
+  const dir = fs.mkdtempSync(path.join((await import('node:os')).tmpdir(), 'doorman-bench-records-'));
+  const off = await startDoorman({ backendPort: sinkPort, rules, env, config });
+  const on = await startDoorman({ backendPort: sinkPort, rules, env, config: `${config}record:\n  dir: ${dir}\n` });
+  const rows: Row[] = [];
+  try {
+    for (const d of [off, on]) await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
+    for (const w of workloads) {
+      process.stdout.write(`recording: ${w.name}…\n`);
+      const a: Measured[] = [];
+      const b: Measured[] = [];
+      for (let i = 0; i < REPS; i++) {
+        a.push(await measure(off.port, off.proc.pid, w.args, w.messages));
+        b.push(await measure(on.port, on.proc.pid, w.args, w.messages));
+      }
+      const offRate = median(a.map((m) => m.msgPerSec));
+      const onRate = median(b.map((m) => m.msgPerSec));
+      rows.push({
+        workload: w.name, config: 'default rules + recording', direct: offRate, doorman: onRate, ratio: onRate / offRate, unit: 'msg/s',
+        cpuMsPerMsg: median(b.map((m) => m.cpuMsPerMsg)), peakRssMb: Math.max(...b.map((m) => m.peakRssMb)),
+        note: `direct = the same rules, recording off (CPU ${median(a.map((m) => m.cpuMsPerMsg)).toFixed(3)} ms/msg); costs ${(100 * (1 - onRate / offRate)).toFixed(1)} % of its msg/s`,
+      });
+    }
+    const written = await on.metric('doorman_records_written_total');
+    const dropped = await on.metric('doorman_records_dropped_total');
+    const bytes = fs.readdirSync(dir).reduce((n, f) => n + fs.statSync(path.join(dir, f)).size, 0);
+    for (const r of rows) r.note = `${r.note}; over all runs ${written} records written (${Math.round(bytes / Math.max(1, written))} bytes each), ${dropped} dropped`;
+  } finally {
+    await off.stop();
+    await on.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return rows;
+}
+
 /** The fronts' Postfix set-up: `main` lines with their doorman listener, or none (Postfix alone). */
 interface FrontSetup {
   name: string;
@@ -606,6 +651,15 @@ async function main(): Promise<void> {
       ...(only('b') || only('fronts') ? [{ name: '(b) many messages per session', args: ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], messages: MSGS * 2 }] : []),
     ];
     rows.push(...(await frontRows(sinkPort, defaultRules, env, fw)));
+  }
+  // Session records (issue 18): BENCH_RECORD=1 with (a)/(b), or BENCH_ONLY=record for these rows alone.
+  if (process.env.BENCH_RECORD === '1' || only('record')) {
+    const env = { ...quiet, DOORMAN_WORKERS: workers, DOORMAN_DNS_SERVERS: rbl.server, DOORMAN_REDIS_URL: redis.url };
+    const rw = [
+      ...(only('a') || only('record') ? [{ name: '(a) one message per connection', args: ['-l', '4096', '-m', String(MSGS), '-s', '20'], messages: MSGS }] : []),
+      ...(only('b') || only('record') ? [{ name: '(b) many messages per session', args: ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], messages: MSGS * 2 }] : []),
+    ];
+    rows.push(...(await recordRows(sinkPort, defaultRules, env, config, rw)));
   }
   if (process.env.BENCH_HARAKA === '1' && (only('a') || only('b'))) {
     // Haraka as a peer, same sink, same Redis, same load, alternating with the direct path.

@@ -6,6 +6,8 @@
  *                                     validate configuration and rule files; exit 1 on errors
  *   doorman explain --ip IP [--helo …] [--from …] [--rcpt …]… [--json] …
  *                                     what the rules would do to one session (fronts/explain.ts)
+ *   doorman replay RECORDS… --rules DIR [--json] [--live-dns]
+ *                                     recorded sessions against other rules; exit 1 when a verdict changes
  *   doorman --help | --version
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
@@ -20,6 +22,8 @@ import { explainCommand, ExplainSetupError } from './fronts/explain.js';
 import { lookOnly } from './store/look-only.js';
 import { pino } from 'pino';
 import { VERSION } from './version.js';
+import { createLogger } from './log.js';
+import { formatReplay, recordFiles, replay, replayExit, ReplayInputError } from './fronts/replay.js';
 
 const HELP = `doorman ${VERSION} — a spam-filtering SMTP proxy in front of your mail server
 
@@ -37,6 +41,10 @@ Usage:
                                      show or reset a limit's state in the store, e.g.
                                      doorman limits show ratelimit conn-rate 192.0.2.7
                                      doorman limits reset greylist 192.0.2.7 a@example.org b@example.com
+  doorman replay RECORDS… --rules DIR [--json] [--live-dns]
+                                     run recorded sessions (record.dir files or folders) against
+                                     the rules in DIR and print the verdicts that change;
+                                     exit 1 when any does, 0 when none, 3 on bad input
   doorman --help                     this text
   doorman --version                  the version
 
@@ -76,6 +84,7 @@ export async function main(argv: string[]): Promise<number | undefined> {
     const cmd = args.shift() ?? 'start';
     if (cmd === 'limits') return await limits(args, file, rulesDir);
     if (cmd === 'explain') return await explain(args, file, rulesDir);
+    if (cmd === 'replay') return await replayCommand(args, file, rulesDir);
     if (args.length) throw new DoormanError('DMN_ERR_USAGE', `unexpected argument ${args[0]} (see doorman --help)`);
     if (cmd === 'check') {
       const loaded = loadConfig(file ? { file } : {});
@@ -205,4 +214,44 @@ function explain(args: string[], file: string | undefined, rulesDir: string | un
       };
     },
   });
+}
+
+/** `doorman replay RECORDS… --rules DIR [--json] [--live-dns]` (fronts/replay.ts). */
+async function replayCommand(args: string[], file: string | undefined, rulesDir: string | undefined): Promise<number> {
+  const flag = (name: string) => {
+    const i = args.indexOf(name);
+    if (i >= 0) args.splice(i, 1);
+    return i >= 0;
+  };
+  const json = flag('--json');
+  const liveDns = flag('--live-dns');
+  try {
+    const bad = args.find((a) => a.startsWith('--'));
+    if (bad) throw new ReplayInputError(`unknown option ${bad} (see doorman --help)`);
+    if (!rulesDir) throw new ReplayInputError('--rules DIR is required: the rules to replay the records against');
+    const loaded = loadConfig(file ? { file } : {});
+    const quiet = { warn: () => undefined, info: () => undefined };
+    const metrics = createMetrics({ version: VERSION, defaults: false });
+    const base = ruleDeps(loaded, metrics, quiet);
+    const report = await replay({
+      files: recordFiles(args),
+      rulesDir,
+      ruleTypes: RULE_TYPES,
+      deps: base,
+      listeners: listenerRefs(loaded.config) as { name: string; role: 'smtp' }[],
+      hostname: loaded.hostname,
+      metrics,
+      log: createLogger('silent', false),
+      maxHeaderBytes: loaded.config.limits.maxHeaderBytes,
+      ...(liveDns ? { live: base.resolver } : {}),
+    });
+    process.stdout.write(json ? `${JSON.stringify(report, null, 2)}\n` : formatReplay(report));
+    return replayExit(report);
+  } catch (e) {
+    if (e instanceof ReplayInputError || e instanceof DoormanError) {
+      process.stderr.write(`doorman replay: ${e.message}\n`);
+      return 3;
+    }
+    throw e;
+  }
 }

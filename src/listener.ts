@@ -18,6 +18,7 @@ import type { RuleSet } from './config/rules.js';
 import { listenerName, parseHostPort, type Limits, type ListenerConfig } from './config/schema.js';
 import { startFrontListener, type FrontListener } from './fronts/listen.js';
 import type { Metrics } from './metrics/registry.js';
+import type { Recording } from './record/recorder.js';
 import { clientKey, inAnyCidr, parseAddress, parseCidr, type Cidr } from './net/ip.js';
 import { R, type Reply } from './protocol/reply.js';
 import { endWith } from './smtp/reply-writer.js';
@@ -42,6 +43,8 @@ export interface ProxyDeps {
   onRuleSetUnused?: (set: RuleSet) => void;
   /** Where connections are counted against the limits; default: in this process. */
   slots?: Slots;
+  /** Session records (record.dir), for every front; null: off. */
+  recording?: Recording | null;
 }
 
 /** What a reload may change for new connections; open sessions keep what they started with. */
@@ -152,8 +155,8 @@ export class Proxy {
     this.startSampler();
     for (const cfg of this.deps.listeners) {
       if (cfg.role === 'policy' || cfg.role === 'milter') {
-        const { metrics, log, rules, hostname } = this.deps;
-        this.fronts.push(await startFrontListener(cfg, { rules, limits: () => this.limits, metrics, log, hostname, useRuleSet: (set) => this.useRuleSet(set) }));
+        const { metrics, log, rules, hostname, recording } = this.deps;
+        this.fronts.push(await startFrontListener(cfg, { rules, limits: () => this.limits, metrics, log, hostname, useRuleSet: (set) => this.useRuleSet(set), recording: recording ?? null }));
         continue;
       }
       const hp = parseHostPort(cfg.address);

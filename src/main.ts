@@ -31,6 +31,8 @@ import { serveStore, WorkerStore } from './store/primary.js';
 import { MemoryStore, type Store } from './store/store.js';
 import { parseAddress } from './net/ip.js';
 import { VERSION } from './version.js';
+import { Recording, recordingResolver, recordingStore } from './record/recorder.js';
+import { RecordWriter } from './record/writer.js';
 
 export interface Running {
   proxy: Proxy;
@@ -196,8 +198,11 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
   const store = createStore(loaded, metrics, log);
   // Give Redis a moment to connect so the first sessions see it; if it is down, rules fail over.
   if (!(await store.ready(2000))) log.warn({}, 'redis not reachable at start; rules use their onError until it is');
-  const deps = ruleDeps(loaded, metrics, log, store);
-  const pool = createBackendPool(loaded, deps.resolver, metrics, log);
+  const plainDeps = ruleDeps(loaded, metrics, log, store);
+  const pool = createBackendPool(loaded, plainDeps.resolver, metrics, log);
+  const recording = createRecording(loaded, metrics, log);
+  // While recording, the rules' lookups and store operations are noted on the session that made them.
+  const deps: RuleDeps = recording ? { ...plainDeps, resolver: recordingResolver(plainDeps.resolver), store: recordingStore(store) } : plainDeps;
   let rules: RuleSet = loadRuleSet(config.rules.dir, deps, RULE_TYPES, { listeners: listenerRefs(config) });
   const announce = (set: RuleSet) => {
     metrics.rulesInfo.reset();
@@ -222,6 +227,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
     onRuleSetUnused: (set) => closeRuleSet(set),
     // In cluster mode the primary counts connections for the whole instance (src/slots.ts).
     ...(worker ? { slots: new WorkerSlots() } : {}),
+    recording,
   });
   try {
     await proxy.start();
@@ -299,9 +305,34 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       metricsServer?.close();
       closeRuleSet(rules);
       await store.close();
+      await recording?.close();
       log.info('stopped');
     },
   };
+}
+
+/** Session records (record.dir; docs/operations.md "Session records"), or null when off. */
+export function createRecording(loaded: LoadedConfig, metrics: Metrics, log: Logger): Recording | null {
+  const r = loaded.config.record;
+  if (!r.dir) return null;
+  let warned = false;
+  const writer = new RecordWriter({
+    dir: r.dir,
+    maxFileBytes: r.maxFileBytes,
+    maxFileAge: r.maxFileAge,
+    maxTotalBytes: r.maxTotalBytes,
+    maxPendingBytes: r.maxPendingBytes,
+    onWritten: (n) => metrics.recordsWritten.inc(n),
+    onDropped: (n, reason) => metrics.recordsDropped.inc({ reason }, n),
+    onError: (err) => {
+      // Once: a full or read-only disk would otherwise log at the traffic's rate.
+      if (warned) return;
+      warned = true;
+      log.error({ err: err.message, dir: r.dir }, 'session records cannot be written; dropping them (doorman_records_dropped_total)');
+    },
+  });
+  log.info({ dir: r.dir, sampleRate: r.sampleRate, headers: r.headers }, 'recording sessions');
+  return new Recording(r, writer);
 }
 
 function metricsAddress(listen: string): { host: string; port: number } {

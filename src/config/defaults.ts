@@ -165,6 +165,22 @@ export const DNS_DEFAULTS = {
   tries: 2,
 };
 
+/** Session records (`record:`, docs/operations.md "Session records"): off until `dir` is set. */
+export const RECORD_DEFAULTS = {
+  /** Share of sessions recorded, 0..1 (decided once per session, at its start). */
+  sampleRate: 1,
+  /** Record each message's header block (never the body). */
+  headers: false,
+  /** A record file is closed and a new one started past this size, bytes (64 MiB). */
+  maxFileBytes: 64 * 1024 * 1024,
+  /** … or once it is this old, ms (1 h). */
+  maxFileAge: 3_600_000,
+  /** Record files in `dir` beyond this total are deleted, oldest first, bytes (1 GiB). */
+  maxTotalBytes: 1024 * 1024 * 1024,
+  /** Records waiting for the disk at most, bytes (4 MiB); past it new records are dropped and counted. */
+  maxPendingBytes: 4 * 1024 * 1024,
+};
+
 export const REDIS_DEFAULTS = {
   /** Per-command Redis deadline, ms (a 1 s default broke rate limiting under load: mailcow#3095). */
   commandTimeout: 500,

@@ -5,7 +5,7 @@
  */
 import { z } from 'zod';
 import { parseBackendSpec } from '../backend/pool.js';
-import { BACKEND_DEFAULTS, DNS_DEFAULTS, REDIS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
+import { BACKEND_DEFAULTS, DNS_DEFAULTS, RECORD_DEFAULTS, REDIS_DEFAULTS, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, DEFAULT_RULES_DIR, LIMIT_DEFAULTS } from './defaults.js';
 
 const ms = z.number().int().nonnegative();
 const positive = z.number().int().positive();
@@ -125,6 +125,19 @@ export const configSchema = z.strictObject({
       tries: z.number().int().min(1).max(5).default(DNS_DEFAULTS.tries),
     })
     .prefault({}),
+  /** Session records for `doorman replay` (docs/operations.md "Session records"); off without `dir`. */
+  record: z
+    .strictObject({
+      /** Folder of the record files (JSON Lines); unset: no recording. */
+      dir: z.string().min(1).optional(),
+      sampleRate: z.number().min(0).max(1).default(RECORD_DEFAULTS.sampleRate),
+      headers: z.boolean().default(RECORD_DEFAULTS.headers),
+      maxFileBytes: z.number().int().min(4096).default(RECORD_DEFAULTS.maxFileBytes),
+      maxFileAge: positive.default(RECORD_DEFAULTS.maxFileAge),
+      maxTotalBytes: z.number().int().min(4096).default(RECORD_DEFAULTS.maxTotalBytes),
+      maxPendingBytes: z.number().int().min(4096).default(RECORD_DEFAULTS.maxPendingBytes),
+    })
+    .prefault({}),
   metrics: z
     .strictObject({
       /** host:port for /metrics, /healthz, /readyz; "off" disables. */
@@ -190,6 +203,7 @@ export function listenerName(l: Pick<ListenerConfig, 'name' | 'role' | 'address'
   return l.name ?? `${l.role}@${l.address}`;
 }
 export type Limits = Config['limits'];
+export type RecordConfig = Config['record'];
 
 /** `host:port`, `[v6]:port`. Returns null when malformed. */
 export function parseHostPort(s: string): { host: string; port: number } | null {

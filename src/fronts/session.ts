@@ -22,6 +22,7 @@ import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, ruleLogEntry, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
 import type { AuthResult } from '../protocol/auth-results.js';
 import type { ParsedPath } from '../protocol/address.js';
+import type { Recording, SessionRecorder } from '../record/recorder.js';
 
 /** Which front saw the session (the log line's `front`): an MTA's (policy, milter) or one without a client (explain, replay: fronts/offline.ts). */
 export type FrontName = 'policy' | 'milter' | 'explain' | 'replay';
@@ -52,6 +53,8 @@ export interface FrontDeps {
   readonly log: Logger;
   /** Dry-run checks left running per session (limits.maxPendingDryRun). */
   readonly maxPendingDryRun: number;
+  /** Session records (record.dir); null or absent: off. */
+  readonly recording?: Recording | null;
 }
 
 /** What the front knows of the client when the session starts. */
@@ -98,6 +101,8 @@ export class FrontSession {
   private sessionTags = 0;
   private written = false;
   private readonly pipe: PipelineSession;
+  /** This session's record (record.dir, sampled), or null. */
+  private readonly recorder: SessionRecorder | null;
 
   constructor(
     private readonly deps: FrontDeps,
@@ -109,6 +114,7 @@ export class FrontSession {
       late: (o, ev) => this.late(o, ev),
       maxPendingDryRun: deps.maxPendingDryRun,
     }).attach(this.events$, this.ended.signal);
+    this.recorder = deps.recording?.session(deps.front) ?? null;
   }
 
   snapshot(): SessionSnapshot {
@@ -132,15 +138,21 @@ export class FrontSession {
     };
   }
 
-  /** A rule acts on the stage (or someone else observes events$): only then is the event built. */
+  /** A rule acts on the stage (or someone else observes events$, or the session's record needs it): only then is the event built. */
   heard(stage: Stage): boolean {
-    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1 || this.recorder?.hears(stage) === true;
   }
 
   /** One stage's verdict; the event is built only when a rule acts on the stage. */
   run(stage: Stage, make: () => SessionEvent): StageVerdict | Promise<StageVerdict> {
     if (this.ended.signal.aborted || !this.heard(stage)) return EMPTY_VERDICT;
     const event = make();
+    const rec = this.recorder;
+    if (rec) return rec.stage(event, () => this.evaluate(stage, event));
+    return this.evaluate(stage, event);
+  }
+
+  private evaluate(stage: Stage, event: SessionEvent): StageVerdict | Promise<StageVerdict> {
     this.events$.next(event);
     const v = this.pipe.verdict(event);
     return v instanceof Promise ? v.then((x) => this.note(stage, x)) : this.note(stage, v);
@@ -195,6 +207,7 @@ export class FrontSession {
     if (this.heard('quit')) this.events$.next({ stage: 'quit', session: this.snapshot(), reason });
     this.ended.abort(SESSION_ENDED);
     this.events$.complete();
+    this.recorder?.end();
     this.writeLog(reason);
   }
 

@@ -72,6 +72,8 @@ export function createMetrics(opts: MetricsOptions) {
     overloaded: new Gauge({ name: 'doorman_overloaded', help: '1 while new connections are shed with 421 4.3.2 because the event loop lags.', aggregator: 'max', registers: r }),
     configReloads: new Counter({ name: 'doorman_config_reloads_total', help: 'Reloads, by what (rules: the rule files; settings: the configuration file and the TLS certificate) and result (success, failure).', labelNames: ['what', 'result'], registers: r }),
     rulesInfo: new Gauge({ name: 'doorman_rules_loaded_info', help: 'The loaded rule set; version is a hash of the rule files.', labelNames: ['version'], aggregator: 'first', registers: r }),
+    recordsWritten: new Counter({ name: 'doorman_records_written_total', help: 'Session records written to the record files (record.dir).', registers: r }),
+    recordsDropped: new Counter({ name: 'doorman_records_dropped_total', help: 'Session records not written, by reason (lagging: more than record.maxPendingBytes waiting for the disk; write_error: the disk refused).', labelNames: ['reason'], registers: r }),
     rulesLoaded: new Gauge({ name: 'doorman_rules_loaded', help: 'Number of enabled rules loaded.', aggregator: 'min', registers: r }),
   };
   m.buildInfo.set({ version: opts.version, node: process.version }, 1);
@@ -80,6 +82,7 @@ export function createMetrics(opts: MetricsOptions) {
   for (const what of ['rules', 'settings']) for (const result of ['success', 'failure']) m.configReloads.inc({ what, result }, 0);
   for (const outcome of ['accepted', 'rejected', 'tempfailed']) m.messages.inc({ front: 'smtp', outcome }, 0);
   for (const result of ['greylisted', 'passed', 'allowlisted']) m.greylist.inc({ result }, 0);
+  for (const reason of ['lagging', 'write_error']) m.recordsDropped.inc({ reason }, 0);
   if (opts.defaults !== false) collectDefaultMetrics({ register: registry });
   return m;
 }

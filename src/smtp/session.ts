@@ -547,7 +547,8 @@ export class Session implements SessionContext {
     // sending a round trip earlier. Nothing goes to the backend before its own 354 — the bytes wait
     // in `early` (bounded by back-pressure); if the backend refuses DATA, the message is read to its
     // end and the client gets the backend's refusal then.
-    const hasHeaderRules = this.deps.rules.stages.has('data_headers');
+    // A session recorded with its header blocks (record.headers) holds them as for header rules.
+    const hasHeaderRules = this.deps.rules.stages.has('data_headers') || this.stages.recorder?.wantsHeaders === true;
     // The header block is held for the data_headers rules, and to remove Authentication-Results
     // claiming doorman's name; the whole message, when a rule reads the body (its verdict may
     // add header fields, which must precede the body).

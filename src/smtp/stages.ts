@@ -14,6 +14,7 @@ import { Subject } from 'rxjs';
 import { SESSION_ENDED, type SessionEvent, type Stage } from '../pipeline/events.js';
 import { openPipeline, type PipelineSession } from '../pipeline/run.js';
 import { EMPTY_VERDICT, type RuleOutcome, type StageVerdict } from '../pipeline/verdict.js';
+import type { SessionRecorder } from '../record/recorder.js';
 import { Unstuffer } from './framing.js';
 import { MAX_LOGGED_OUTCOMES, ruleLogEntry, type SessionLog } from './session-log.js';
 import type { SessionDeps, SessionState } from './state.js';
@@ -26,6 +27,8 @@ export class SessionStages {
   droppedOutcomes = 0;
   /** The rule pipeline following events$: each event's verdict (pipeline/run.ts). */
   private readonly pipe: PipelineSession;
+  /** This session's record (record.dir, sampled), or null. */
+  readonly recorder: SessionRecorder | null;
 
   constructor(
     private readonly state: SessionState,
@@ -42,6 +45,7 @@ export class SessionStages {
         return (chunks) => u.push(chunks);
       },
     }).attach(this.events$, state.ended.signal);
+    this.recorder = deps.recording?.session('smtp') ?? null;
   }
 
   /**
@@ -51,6 +55,12 @@ export class SessionStages {
   run(stage: Stage, make: () => SessionEvent): StageVerdict | Promise<StageVerdict> {
     if (!this.heard(stage)) return EMPTY_VERDICT;
     const event = make();
+    const rec = this.recorder;
+    if (rec) return rec.stage(event, () => this.evaluate(stage, event));
+    return this.evaluate(stage, event);
+  }
+
+  private evaluate(stage: Stage, event: SessionEvent): StageVerdict | Promise<StageVerdict> {
     this.events$.next(event);
     const v = this.pipe.verdict(event);
     return v instanceof Promise ? v.then((x) => this.note(stage, x)) : this.note(stage, v);
@@ -75,11 +85,12 @@ export class SessionStages {
     if (this.heard('quit')) this.events$.next({ stage: 'quit', session: s.snapshot(), reason: s.endReason });
     s.ended.abort(SESSION_ENDED);
     this.events$.complete();
+    this.recorder?.end();
   }
 
-  /** A rule acts on the stage, or someone besides the pipeline observes events$: only then is its event built. */
+  /** A rule acts on the stage, someone besides the pipeline observes events$, or the session's record needs it: only then is its event built. */
   private heard(stage: Stage): boolean {
-    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1;
+    return this.deps.rules.stages.has(stage) || this.events$.observers.length > 1 || this.recorder?.hears(stage) === true;
   }
 
   private note(stage: Stage, v: StageVerdict): StageVerdict {
@@ -114,3 +125,4 @@ export class SessionStages {
     else this.deps.log.info({ session: this.state.id, client: this.state.client.text, rule: ruleLogEntry(o) }, 'late rule finding');
   }
 }
+

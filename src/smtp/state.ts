@@ -15,6 +15,7 @@ import type { ProxiedAddress } from '../backend/proxy-protocol.js';
 import type { Limits } from '../config/schema.js';
 import type { RuleSet } from '../config/rules.js';
 import type { Metrics } from '../metrics/registry.js';
+import type { Recording } from '../record/recorder.js';
 import { parseAddress, type ClientAddress } from '../net/ip.js';
 import { nextSessionId, type SessionSnapshot } from '../pipeline/events.js';
 import type { Transaction } from './transaction.js';
@@ -36,6 +37,8 @@ export interface SessionDeps {
   readonly rules: RuleSet;
   readonly metrics: Metrics;
   readonly log: Logger;
+  /** Session records (record.dir): each session asks whether it is recorded. */
+  readonly recording?: Recording | null;
 }
 
 export class SessionState {

@@ -29,6 +29,7 @@ import type { Logger } from 'pino';
 import type { RuleSet } from '../../config/rules.js';
 import type { Limits } from '../../config/schema.js';
 import type { Metrics } from '../../metrics/registry.js';
+import type { Recording } from '../../record/recorder.js';
 import { parseAddress, type ClientAddress } from '../../net/ip.js';
 import type { Stage } from '../../pipeline/events.js';
 import type { StageVerdict } from '../../pipeline/verdict.js';
@@ -59,6 +60,8 @@ export interface MilterFrontDeps {
   readonly hostname: string;
   /** Counts a rule set as used until the returned function is called. */
   readonly useRuleSet?: (set: RuleSet) => () => void;
+  /** Session records (record.dir); null or absent: off. */
+  readonly recording?: Recording | null;
 }
 
 /**
@@ -152,7 +155,7 @@ export class MilterFront implements MilterHandler {
     const set = this.deps.rules();
     const { client, port } = clientOf(info, m);
     const s = new FrontSession(
-      { front: 'milter', listener: this.deps.listener, rules: set, metrics: this.deps.metrics, log: this.deps.log, maxPendingDryRun: this.deps.limits().maxPendingDryRun },
+      { front: 'milter', listener: this.deps.listener, rules: set, metrics: this.deps.metrics, log: this.deps.log, maxPendingDryRun: this.deps.limits().maxPendingDryRun, recording: this.deps.recording ?? null },
       { client, clientPort: port, localAddress: '' },
     );
     this.s = s;

@@ -31,6 +31,7 @@ import type { Logger } from 'pino';
 import type { RuleSet } from '../../config/rules.js';
 import type { Limits } from '../../config/schema.js';
 import type { Metrics } from '../../metrics/registry.js';
+import type { Recording } from '../../record/recorder.js';
 import { parseAddress, type ClientAddress } from '../../net/ip.js';
 import type { SessionEvent, Stage } from '../../pipeline/events.js';
 import type { StageVerdict } from '../../pipeline/verdict.js';
@@ -50,6 +51,8 @@ export interface PolicyDeps {
   readonly log: Logger;
   /** Counts a rule set as used until the returned function is called (reloads close unused sets). */
   readonly useRuleSet?: (set: RuleSet) => () => void;
+  /** Session records (record.dir); null or absent: off. */
+  readonly recording?: Recording | null;
 }
 
 /** protocol_state values counted under their own label; anything else is "other". */
@@ -183,7 +186,7 @@ export class PolicyServer {
       const set = this.ruleSet(this.deps.rules());
       const limits = this.deps.limits();
       const session = new FrontSession(
-        { front: 'policy', listener: this.deps.listener, rules: set, metrics: this.deps.metrics, log: this.deps.log, maxPendingDryRun: limits.maxPendingDryRun },
+        { front: 'policy', listener: this.deps.listener, rules: set, metrics: this.deps.metrics, log: this.deps.log, maxPendingDryRun: limits.maxPendingDryRun, recording: this.deps.recording ?? null },
         { client, clientPort: Number(req.get('client_port') ?? 0) || 0, localAddress: req.get('server_address') ?? '' },
       );
       inst = { session, done: new Set(), sticky: null, rcpts: new Map(), prepended: new Set(), queue: Promise.resolve(), release: this.deps.useRuleSet?.(set) ?? (() => undefined) };
