@@ -4,6 +4,8 @@
  *   doorman [start] [--config FILE]   start the proxy (SIGHUP reloads rules, limits, certificate; SIGTERM drains)
  *   doorman check [--config FILE] [--rules DIR]
  *                                     validate configuration and rule files; exit 1 on errors
+ *   doorman limits show|reset RULE ARGS… [--json]
+ *                                     a limit's state (cli-limits.ts)
  *   doorman --help | --version
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
@@ -11,7 +13,8 @@ import { loadRuleSet } from './config/rules.js';
 import { listenerRefs } from './config/schema.js';
 import { DoormanError, formatProblem } from './errors.js';
 import cluster from 'node:cluster';
-import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
+import { limits } from './cli-limits.js';
+import { loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
 import { VERSION } from './version.js';
@@ -22,8 +25,10 @@ Usage:
   doorman [start] [--config FILE]    start the proxy
   doorman check [--config FILE] [--rules DIR]
                                      validate the configuration and the rule files
-  doorman limits show|reset RULE ARGS…
-                                     show or reset a limit's state in the store, e.g.
+  doorman limits show|reset RULE ARGS… [--json]
+                                     show or reset a limit's state: used, remaining, next
+                                     allowed, expiry (Redis, or without it the running
+                                     instance, asked at metrics.listen), e.g.
                                      doorman limits show ratelimit conn-rate 192.0.2.7
                                      doorman limits reset greylist 192.0.2.7 a@example.org b@example.com
   doorman --help                     this text
@@ -111,41 +116,5 @@ export async function main(argv: string[]): Promise<number | undefined> {
       return e.code === 'DMN_ERR_USAGE' ? 2 : 1;
     }
     throw e;
-  }
-}
-
-/** `doorman limits show|reset RULE ARGS…` against the configured store. */
-async function limits(args: string[], file: string | undefined, rulesDir: string | undefined): Promise<number> {
-  const [sub, ruleName, ...rest] = args;
-  if ((sub !== 'show' && sub !== 'reset') || !ruleName) {
-    throw new DoormanError('DMN_ERR_USAGE', 'usage: doorman limits show|reset RULE ARGS… (see doorman --help)');
-  }
-  const loaded = loadConfig(file ? { file } : {});
-  if (rulesDir) loaded.config.rules.dir = rulesDir;
-  const quiet = { warn: () => undefined, info: () => undefined };
-  const metrics = createMetrics({ version: VERSION, defaults: false });
-  const store = createStore(loaded, metrics, quiet);
-  try {
-    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, store), checkOnly: true }, RULE_TYPES);
-    const rule = set.rules.find((r) => r.rule.name === ruleName)?.rule;
-    for (const r of set.rules) r.rule.close?.();
-    if (!rule?.admin) {
-      const names = set.rules.filter((r) => r.rule.admin).map((r) => r.rule.name);
-      throw new DoormanError('DMN_ERR_USAGE', `no limit rule named ${ruleName} (rules with state: ${names.join(', ') || 'none'})`);
-    }
-    const target = rule.admin(rest);
-    if (typeof target === 'string') throw new DoormanError('DMN_ERR_USAGE', target);
-    if (store.kind === 'memory') process.stderr.write('note: no Redis configured; this process has its own, empty, in-memory store\n');
-    else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) throw new DoormanError('DMN_ERR_USAGE', 'Redis is not reachable');
-    if (sub === 'show') {
-      const state = await store.inspect(target.key);
-      process.stdout.write(`${JSON.stringify({ rule: ruleName, limit: target.describe, key: target.key, state }, null, 2)}\n`);
-    } else {
-      const existed = await store.reset(target.key);
-      process.stdout.write(`${existed ? 'reset' : 'nothing to reset'}: ${target.describe} (${target.key})\n`);
-    }
-    return 0;
-  } finally {
-    await store.close();
   }
 }
