@@ -16,11 +16,11 @@ import { askInstanceReset, askInstanceState, instanceAddress, NoInstanceError } 
 import { limitView, type LimitView, type RawState } from './store/store.js';
 import { VERSION } from './version.js';
 
-/** A duration for people: seconds up to two minutes, then minutes, hours, days (rounded up). */
+/** A duration for people, rounded up to the second: "45 s", "3 min 20 s", "5 h", "35 days". */
 export function duration(ms: number): string {
   const s = Math.ceil(ms / 1000);
   if (s < 120) return `${s} s`;
-  if (s < 7200) return `${Math.ceil(s / 60)} min`;
+  if (s < 3600) return s % 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s / 60} min`;
   if (s < 172_800) return `${Math.ceil(s / 3600)} h`;
   return `${Math.ceil(s / 86_400)} days`;
 }
@@ -107,14 +107,14 @@ export async function limits(argv: readonly string[], file: string | undefined, 
     if (sub === 'reset') {
       const existed = await reset();
       if (json) process.stdout.write(`${JSON.stringify({ rule: ruleName, type: rule.type, describe: target.describe, key: target.key, store: where, reset: existed })}\n`);
-      else process.stdout.write(`${existed ? 'reset' : 'nothing to reset'}: ${target.describe} (${target.key})\n`);
+      else process.stdout.write(`${existed ? 'reset' : 'nothing to reset'}: ${ruleName} ${target.describe} (${target.key})\n`);
       return 0;
     }
     const view = limitView(target.spec, await inspect());
     if (json) {
       process.stdout.write(`${JSON.stringify({ rule: ruleName, type: rule.type, describe: target.describe, key: target.key, store: where, view }, null, 2)}\n`);
     } else {
-      process.stdout.write([`${rule.type} ${ruleName}: ${target.describe}`, `  ${'store:'.padEnd(14)}${where}, at ${instant(view.now)}`, ...describeView(view)].join('\n') + '\n');
+      process.stdout.write([`${ruleName} ${target.describe}`, `  ${'store:'.padEnd(14)}${where}, at ${instant(view.now)}`, ...describeView(view)].join('\n') + '\n');
     }
     return 0;
   } catch (e) {

@@ -309,5 +309,5 @@ function adminKey(
     }
   }
   const spec: LimitSpec = l.count === 'concurrency' ? { kind: 'concurrency', limit: l.limit } : { kind: 'rate', limit: l.limit, windowMs: l.window };
-  return { key: keyOf(l, value), describe: `${l.count} per ${l.key} ${value}`, spec };
+  return { key: keyOf(l, value), describe: `${l.name}: ${l.count} per ${l.key} ${value}`, spec };
 }

@@ -249,8 +249,8 @@ test('state: created at the session\'s first check, ended once (slots given back
 
 test('admin: the store key a limit and subject name', () => {
   const { rule } = setup({ limits: [{ name: 'conn', count: 'connections', limit: 5, window: 1000 }, { name: 'snd', count: 'messages', key: 'sender', limit: 1 }] });
-  assert.deepEqual(rule.admin?.(['conn', '2001:db8:1:2::7']), { key: 'rl:{rl:conn:2001:db8:1:2::/64}', describe: 'connections per client 2001:db8:1:2::/64', spec: { kind: 'rate', limit: 5, windowMs: 1000 } });
-  assert.deepEqual(rule.admin?.(['snd', 'Alice@Example.org']), { key: 'rl:{rl:snd:alice@example.org}', describe: 'messages per sender alice@example.org', spec: { kind: 'rate', limit: 1, windowMs: 60_000 } });
+  assert.deepEqual(rule.admin?.(['conn', '2001:db8:1:2::7']), { key: 'rl:{rl:conn:2001:db8:1:2::/64}', describe: 'conn: connections per client 2001:db8:1:2::/64', spec: { kind: 'rate', limit: 5, windowMs: 1000 } });
+  assert.deepEqual(rule.admin?.(['snd', 'Alice@Example.org']), { key: 'rl:{rl:snd:alice@example.org}', describe: 'snd: messages per sender alice@example.org', spec: { kind: 'rate', limit: 1, windowMs: 60_000 } });
   assert.match(String(rule.admin?.(['nope', 'x'])), /has no limit "nope" \(limits: conn, snd\)/);
   assert.match(String(rule.admin?.(['conn'])), /usage/);
   assert.match(String(rule.admin?.(['conn', 'not-an-ip'])), /not an IP address/);
