@@ -149,11 +149,12 @@ export function limitView(spec: LimitSpec, raw: RawState): LimitView {
     case 'concurrency':
       return { kind: 'concurrency', now, limit: spec.limit, inUse: state?.type === 'slots' ? state.tokens.length : 0, expiresAt };
     case 'greylist': {
-      const base = { kind: 'greylist' as const, now, delayMs: spec.delayMs, expiresAt };
-      if (state?.type !== 'greylist') return { ...base, state: 'unknown', firstSeenAt: null, passesAt: null, expiresAt: null };
-      if (state.value === 'P') return { ...base, state: 'passed', firstSeenAt: null, passesAt: null };
+      const grey = (s: 'unknown' | 'waiting' | 'passed', firstSeenAt: number | null, passesAt: number | null) =>
+        ({ kind: 'greylist', now, state: s, delayMs: spec.delayMs, firstSeenAt, passesAt, expiresAt: s === 'unknown' ? null : expiresAt }) as const;
+      if (state?.type !== 'greylist') return grey('unknown', null, null);
+      if (state.value === 'P') return grey('passed', null, null);
       const first = Number(state.value);
-      return { ...base, state: 'waiting', firstSeenAt: first, passesAt: first + spec.delayMs };
+      return grey('waiting', first, first + spec.delayMs);
     }
   }
 }
