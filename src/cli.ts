@@ -8,6 +8,8 @@
  *                                     what the rules would do to one session (fronts/explain.ts)
  *   doorman replay RECORDS… --rules DIR [--json] [--live-dns]
  *                                     recorded sessions against other rules; exit 1 when a verdict changes
+ *   doorman limits show|reset RULE ARGS… [--json]
+ *                                     a limit's state (cli-limits.ts)
  *   doorman --help | --version
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
@@ -15,6 +17,7 @@ import { loadRuleSet, type RuleSet } from './config/rules.js';
 import { listenerName, listenerRefs } from './config/schema.js';
 import { DoormanError, formatProblem } from './errors.js';
 import cluster from 'node:cluster';
+import { limits } from './cli-limits.js';
 import { createStore, loadSecureContext, ruleDeps, runPrimary, start, workerCount } from './main.js';
 import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
@@ -37,8 +40,10 @@ Usage:
                                      stage, and the conversation the client would see; nothing is
                                      counted or stored; exit 0 accepted, 1 refused, 2 tempfailed,
                                      3 invalid input
-  doorman limits show|reset RULE ARGS…
-                                     show or reset a limit's state in the store, e.g.
+  doorman limits show|reset RULE ARGS… [--json]
+                                     show or reset a limit's state: used, remaining, next
+                                     allowed, expiry (Redis, or without it the running
+                                     instance, asked at metrics.listen), e.g.
                                      doorman limits show ratelimit conn-rate 192.0.2.7
                                      doorman limits reset greylist 192.0.2.7 a@example.org b@example.com
   doorman replay RECORDS… --rules DIR [--json] [--live-dns]
@@ -132,42 +137,6 @@ export async function main(argv: string[]): Promise<number | undefined> {
       return e.code === 'DMN_ERR_USAGE' ? 2 : 1;
     }
     throw e;
-  }
-}
-
-/** `doorman limits show|reset RULE ARGS…` against the configured store. */
-async function limits(args: string[], file: string | undefined, rulesDir: string | undefined): Promise<number> {
-  const [sub, ruleName, ...rest] = args;
-  if ((sub !== 'show' && sub !== 'reset') || !ruleName) {
-    throw new DoormanError('DMN_ERR_USAGE', 'usage: doorman limits show|reset RULE ARGS… (see doorman --help)');
-  }
-  const loaded = loadConfig(file ? { file } : {});
-  if (rulesDir) loaded.config.rules.dir = rulesDir;
-  const quiet = { warn: () => undefined, info: () => undefined };
-  const metrics = createMetrics({ version: VERSION, defaults: false });
-  const store = createStore(loaded, metrics, quiet);
-  try {
-    const set = loadRuleSet(loaded.config.rules.dir, { ...ruleDeps(loaded, metrics, quiet, lookOnly(store)), checkOnly: true }, RULE_TYPES);
-    const rule = set.rules.find((r) => r.rule.name === ruleName)?.rule;
-    for (const r of set.rules) r.rule.close?.();
-    if (!rule?.admin) {
-      const names = set.rules.filter((r) => r.rule.admin).map((r) => r.rule.name);
-      throw new DoormanError('DMN_ERR_USAGE', `no limit rule named ${ruleName} (rules with state: ${names.join(', ') || 'none'})`);
-    }
-    const target = rule.admin(rest);
-    if (typeof target === 'string') throw new DoormanError('DMN_ERR_USAGE', target);
-    if (store.kind === 'memory') process.stderr.write('note: no Redis configured; this process has its own, empty, in-memory store\n');
-    else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) throw new ExplainSetupError(`Redis is not reachable (${loaded.config.redis.url ?? 'redis'}): the rules that use the store could not be explained`);
-    if (sub === 'show') {
-      const state = await store.inspect(target.key);
-      process.stdout.write(`${JSON.stringify({ rule: ruleName, limit: target.describe, key: target.key, state }, null, 2)}\n`);
-    } else {
-      const existed = await store.reset(target.key);
-      process.stdout.write(`${existed ? 'reset' : 'nothing to reset'}: ${target.describe} (${target.key})\n`);
-    }
-    return 0;
-  } finally {
-    await store.close();
   }
 }
 

@@ -14,6 +14,7 @@ export const ERROR_CODES = {
   DMN_ERR_TLS: 'cannot load TLS certificate or key',
   DMN_ERR_LISTEN: 'cannot listen on address',
   DMN_ERR_USAGE: 'bad command line',
+  DMN_ERR_STATE: 'cannot reach the limit state',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

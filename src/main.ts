@@ -287,7 +287,7 @@ export async function start(loaded: LoadedConfig): Promise<Running> {
       const reachable = await anyBackendReachable(pool);
       const redis = store.kind === 'memory' ? 'not configured' : (await metrics.redisUp.get()).values[0]?.value === 1 ? 'reachable' : 'unreachable';
       return { ready: reachable && redis !== 'unreachable', checks: { listeners: 'up', backend: reachable ? 'reachable' : 'unreachable', redis } };
-    });
+    }, store.kind === 'memory' ? store : null);
   }
   log.info({ version: VERSION, listeners: proxy.addresses(), backend: config.backend.address, rules: rules.rules.map((r) => r.rule.name), rulesVersion: rules.version }, 'doorman started');
 
@@ -335,7 +335,7 @@ export function createRecording(loaded: LoadedConfig, metrics: Metrics, log: Log
   return new Recording(r, writer);
 }
 
-function metricsAddress(listen: string): { host: string; port: number } {
+export function metricsAddress(listen: string): { host: string; port: number } {
   const hp = parseHostPort(listen);
   if (!hp) throw new DoormanError('DMN_ERR_CONFIG_INVALID', `metrics.listen ${listen}`);
   return hp;
@@ -380,8 +380,9 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
   const fork = () => cluster.fork({ UV_TCP_SINGLE_ACCEPT: process.env.UV_TCP_SINGLE_ACCEPT ?? '1' });
   // maxClients and maxClientsPerIp hold for the instance: workers take their slots here.
   serveSlots(cluster);
-  // Without Redis, rule state (rate limits, greylisting) lives here, one for every worker.
-  if (!usesRedis(loaded)) serveStore(cluster);
+  // Without Redis, rule state (rate limits, greylisting) lives here, one for every worker; its
+  // /limits/ answers `doorman limits show|reset` (store/admin.ts).
+  const store = usesRedis(loaded) ? null : serveStore(cluster);
   removeStaleSockets(config.listen);
   for (let i = 0; i < n; i++) fork();
   cluster.on('exit', (w, code, signal) => {
@@ -399,7 +400,7 @@ export async function runPrimary(loaded: LoadedConfig, n: number): Promise<void>
       const reachable = await anyBackendReachable(pool);
       const workers = Object.values(cluster.workers ?? {}).filter((w) => w && !w.isDead()).length;
       return { ready: reachable && workers > 0, checks: { listeners: `${workers} worker(s)`, backend: reachable ? 'reachable' : 'unreachable' } };
-    });
+    }, store);
   }
   log.info({ version: VERSION, workers: n }, 'doorman primary started');
   const all = () => Object.values(cluster.workers ?? {}).filter((w): w is NonNullable<typeof w> => Boolean(w));

@@ -1,8 +1,11 @@
 /**
  * http.ts — the metrics endpoint: /metrics (Prometheus text), /healthz (the process is alive),
- * /readyz (listeners up and the backend reachable; 503 otherwise).
+ * /readyz (listeners up and the backend reachable; 503 otherwise), and /limits/ (the in-memory
+ * limit state for `doorman limits show|reset`, to clients on this machine only: store/admin.ts).
  */
 import http from 'node:http';
+import { handleLimitsRequest } from '../store/admin.js';
+import type { Store } from '../store/store.js';
 /** What /metrics serves: a registry, or the primary's aggregation of its workers' registries. */
 export interface MetricsSource {
   metrics(): Promise<string>;
@@ -13,9 +16,20 @@ export interface ReadinessCheck {
   (): Promise<{ ready: boolean; checks: Record<string, string> }>;
 }
 
-export async function startMetricsServer(host: string, port: number, registry: MetricsSource, ready: ReadinessCheck): Promise<http.Server> {
+/**
+ * `limits`: the in-memory store /limits/ reads and resets; null when the state is in Redis (the
+ * CLI asks Redis itself).
+ */
+export async function startMetricsServer(
+  host: string,
+  port: number,
+  registry: MetricsSource,
+  ready: ReadinessCheck,
+  limits: Pick<Store, 'inspect' | 'reset'> | null = null,
+): Promise<http.Server> {
   const server = http.createServer((req, res) => {
     const url = (req.url ?? '/').split('?')[0];
+    if (handleLimitsRequest(req, res, limits)) return;
     if (url === '/metrics') {
       registry.metrics().then(
         (body) => {

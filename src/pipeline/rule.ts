@@ -12,7 +12,7 @@ import { z } from 'zod';
 import type { Metrics } from '../metrics/registry.js';
 import type { AuthResult } from '../protocol/auth-results.js';
 import type { DnsResolver } from '../net/dns.js';
-import type { Store } from '../store/store.js';
+import type { LimitSpec, Store } from '../store/store.js';
 import type { EventOf, SessionEvent, SessionSnapshot, Stage } from './events.js';
 import type { SitePolicy } from './site.js';
 
@@ -139,9 +139,9 @@ export interface Rule<S = unknown> {
   close?(): void;
   /**
    * For `doorman limits show|reset <rule> args…`: the store key the arguments name, with a
-   * description, or an error message.
+   * description and what the key holds (read with `limitView`), or an error message.
    */
-  admin?(args: readonly string[]): { key: string; describe: string } | string;
+  admin?(args: readonly string[]): { key: string; describe: string; spec: LimitSpec } | string;
 }
 
 /** The stages a rule acts on: its checks, its early starts, data_end for a body reader, and quit when it has an end hook. */

@@ -83,7 +83,11 @@ export const greylistRule = defineRuleType({
         if (!ip || !from || !to) return `usage: doorman limits show|reset ${name} <client-ip> <sender|<>> <recipient>`;
         try {
           const net = clientKey(parseAddress(ip), s.ipv4Prefix, s.ipv6Prefix);
-          return { key: tripletKey(net, from.toLowerCase(), to.toLowerCase()), describe: `greylist triplet ${net} ${from} → ${to}` };
+          return {
+            key: tripletKey(net, from.toLowerCase(), to.toLowerCase()),
+            describe: `triplet ${net} ${from} → ${to}`,
+            spec: { kind: 'greylist', delayMs: s.delay, retryWindowMs: s.retryWindow, lifetimeMs: s.passLifetime },
+          };
         } catch {
           return `not an IP address: ${ip}`;
         }

@@ -38,6 +38,7 @@ import type { SessionEvent, SessionSnapshot } from '../pipeline/events.js';
 import { parseAddress } from '../net/ip.js';
 import { clientKey } from './shared.js';
 import type { ParsedPath } from '../protocol/address.js';
+import type { LimitSpec } from '../store/store.js';
 
 const limitSchema = z.strictObject({
   /** Name in logs, metrics and `doorman limits show`. */
@@ -294,7 +295,7 @@ function adminKey(
   keyOf: (l: LimitCfg, subj: string) => string,
   v4: number,
   v6: number,
-): { key: string; describe: string } | string {
+): { key: string; describe: string; spec: LimitSpec } | string {
   const [limitName, subj] = args;
   const l = limits.find((x) => x.name === limitName);
   if (!l) return `rule ${rule} has no limit "${limitName ?? ''}" (limits: ${limits.map((x) => x.name).join(', ')})`;
@@ -307,5 +308,6 @@ function adminKey(
       return `not an IP address: ${subj}`;
     }
   }
-  return { key: keyOf(l, value), describe: `${l.count} per ${l.key} ${value}: limit ${l.limit}${l.count === 'concurrency' ? '' : ` per ${l.window} ms`}` };
+  const spec: LimitSpec = l.count === 'concurrency' ? { kind: 'concurrency', limit: l.limit } : { kind: 'rate', limit: l.limit, windowMs: l.window };
+  return { key: keyOf(l, value), describe: `${l.name}: ${l.count} per ${l.key} ${value}`, spec };
 }

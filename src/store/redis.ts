@@ -10,7 +10,7 @@
  */
 import fs from 'node:fs';
 import { Cluster, Redis, type RedisOptions } from 'ioredis';
-import type { GreyResult, RateResult, SlotResult, Store } from './store.js';
+import type { GreyResult, RateResult, RawState, SlotResult, Store } from './store.js';
 
 export interface RedisStoreOptions {
   /** redis://[user:pass@]host:port/db, rediss:// for TLS. */
@@ -34,6 +34,7 @@ type Client = (Redis | Cluster) & {
   doormanRate(key: string, window: number, limit: number, cost: number): Promise<number[]>;
   doormanSlots(key: string, op: string, token: string, limit: number, ttl: number): Promise<number[]>;
   doormanGrey(key: string, delay: number, window: number, lifetime: number, look?: string): Promise<number[]>;
+  doormanInspect(key: string): Promise<[number, string?, number?, (string | string[])?]>;
 };
 
 function hostPort(s: string): { host: string; port: number } {
@@ -75,6 +76,7 @@ export class RedisStore implements Store {
     client.defineCommand('doormanRate', { numberOfKeys: 1, lua: script('rate-limit') });
     client.defineCommand('doormanSlots', { numberOfKeys: 1, lua: script('concurrency') });
     client.defineCommand('doormanGrey', { numberOfKeys: 1, lua: script('greylist') });
+    client.defineCommand('doormanInspect', { numberOfKeys: 1, lua: script('inspect') });
     client.on('error', (err: Error) => this.state(false, err));
     client.on('ready', () => this.state(true));
     this.client = client as Client;
@@ -142,15 +144,15 @@ export class RedisStore implements Store {
     });
   }
 
-  inspect(key: string): Promise<{ type: string; value: string | string[]; ttlMs: number } | null> {
+  /** One script (inspect.lua): the key's type, time to live and value with Redis's clock, atomically. */
+  inspect(key: string): Promise<RawState> {
     return this.run('inspect', async () => {
-      const k = this.key(key);
-      const type = await this.client.type(k);
-      if (type === 'none') return null;
-      const ttlMs = await this.client.pttl(k);
-      if (type === 'zset') return { type: 'slots', value: await this.client.zrange(k, "0", "-1"), ttlMs };
-      const v = (await this.client.get(k)) ?? '';
-      return { type: v === 'P' || key.startsWith('grey:') ? 'greylist' : 'bucket', value: v, ttlMs };
+      const [now, type, ttlMs = -1, value] = await this.client.doormanInspect(this.key(key));
+      if (type === 'zset') return { now, state: { type: 'slots', tokens: Array.isArray(value) ? value : [], ttlMs } };
+      if (type !== 'string' || typeof value !== 'string') return { now, state: null };
+      // Triplets are the greylist rule's keys (grey:{…}); every other string is a bucket's TAT.
+      if (key.startsWith('grey:')) return { now, state: { type: 'greylist', value, ttlMs } };
+      return { now, state: { type: 'bucket', tat: Number(value), ttlMs } };
     });
   }
 

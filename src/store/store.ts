@@ -31,6 +31,18 @@ export interface GreyResult {
   firstAttempt: boolean;
 }
 
+/**
+ * A key's stored state as `inspect` reads it, with the store's own clock at the read (Redis's
+ * TIME, so the times agree with its scripts): `state` null when there is no key; for a bucket its
+ * TAT (ms since the epoch), for slots the sessions holding one (expired ones left out), for a
+ * greylist triplet its first-seen time, or 'P' once passed.
+ */
+export interface RawState {
+  /** The store's clock, ms since the epoch. */
+  now: number;
+  state: { type: 'bucket'; tat: number; ttlMs: number } | { type: 'slots'; tokens: string[]; ttlMs: number } | { type: 'greylist'; value: string; ttlMs: number } | null;
+}
+
 export interface Store {
   readonly kind: 'memory' | 'redis';
   /**
@@ -49,13 +61,109 @@ export interface Store {
   peekSlots(key: string, token: string, limit: number): Promise<SlotResult>;
   /** What `greylist` would answer now, changing nothing (no triplet recorded, none passed or refreshed). */
   peekGreylist(key: string, delayMs: number): Promise<GreyResult>;
-  /** Raw state of a key for `doorman limits show` (null: none). */
-  inspect(key: string): Promise<{ type: string; value: string | string[]; ttlMs: number } | null>;
+  /** Raw state of a key for `doorman limits show` (read only; see `limitView` for its meaning). */
+  inspect(key: string): Promise<RawState>;
   /** Deletes a key (`doorman limits reset`). True when it existed. */
   reset(key: string): Promise<boolean>;
   /** Resolves true once connected, false after `timeoutMs` (the store keeps trying). */
   ready(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
+}
+
+/**
+ * One GCRA step, the arithmetic of scripts/rate-limit.lua: a bucket of `limit` tokens per
+ * `windowMs` stored as its theoretical arrival time `storedTat` (0: no key), an event of `cost`
+ * tokens at `now`. Returns the result and the TAT to store when the event is allowed (null: the
+ * bucket is full again, nothing to remember). The memory store charges with it, and `limitView`
+ * reads a stored bucket with it (cost 0: what is left; cost 1: when the next event passes).
+ */
+export function gcra(storedTat: number, now: number, windowMs: number, limit: number, cost: number): RateResult & { tat: number | null } {
+  const interval = windowMs / limit;
+  const tat = Math.max(storedTat, now);
+  const newTat = tat + cost * interval;
+  if (newTat - windowMs > now) {
+    return { allowed: false, remaining: Math.floor((windowMs - (tat - now)) / interval), retryAfterMs: Math.ceil(newTat - windowMs - now), resetMs: Math.ceil(tat - now), tat: storedTat };
+  }
+  if (cost < 0 && newTat <= now) return { allowed: true, remaining: limit, retryAfterMs: 0, resetMs: 0, tat: null };
+  return { allowed: true, remaining: Math.floor((windowMs - (newTat - now)) / interval), retryAfterMs: 0, resetMs: Math.ceil(newTat - now), tat: newTat };
+}
+
+/** What a limit rule's key holds, as its rule's `admin` says (for `doorman limits show`). */
+export type LimitSpec =
+  | { kind: 'rate'; limit: number; windowMs: number }
+  | { kind: 'concurrency'; limit: number }
+  | { kind: 'greylist'; delayMs: number; retryWindowMs: number; lifetimeMs: number };
+
+/**
+ * A key's state as an operator asks for it. Times are ms since the epoch on the store's clock
+ * (`now`); `expiresAt` null when no key is stored.
+ */
+export type LimitView =
+  | {
+      kind: 'rate';
+      now: number;
+      limit: number;
+      windowMs: number;
+      /** Tokens taken and not yet refilled (limit − remaining). */
+      used: number;
+      remaining: number;
+      /** 0: the next event is allowed now; else in this many ms, at `nextAllowedAt`. */
+      nextAllowedInMs: number;
+      nextAllowedAt: number;
+      /** When the bucket is full again (the TAT). */
+      fullAt: number;
+      expiresAt: number | null;
+    }
+  | { kind: 'concurrency'; now: number; limit: number; inUse: number; expiresAt: number | null }
+  | {
+      kind: 'greylist';
+      now: number;
+      /**
+       * unknown: a first attempt is greylisted for the delay; waiting: seen, a retry passes from
+       * `passesAt` (now, when that is past) until `expiresAt`; passed: let through until `expiresAt`
+       * (refreshed by each use).
+       */
+      state: 'unknown' | 'waiting' | 'passed';
+      delayMs: number;
+      firstSeenAt: number | null;
+      passesAt: number | null;
+      expiresAt: number | null;
+    };
+
+/** Reads a key's raw state (Store.inspect) with the meaning its rule gives it. */
+export function limitView(spec: LimitSpec, raw: RawState): LimitView {
+  const { now, state } = raw;
+  const expiresAt = state && state.ttlMs >= 0 ? now + state.ttlMs : null;
+  switch (spec.kind) {
+    case 'rate': {
+      const tat = state?.type === 'bucket' ? state.tat : 0;
+      const left = gcra(tat, now, spec.windowMs, spec.limit, 0);
+      const next = gcra(tat, now, spec.windowMs, spec.limit, 1);
+      const wait = next.allowed ? 0 : next.retryAfterMs;
+      return {
+        kind: 'rate',
+        now,
+        limit: spec.limit,
+        windowMs: spec.windowMs,
+        used: spec.limit - left.remaining,
+        remaining: left.remaining,
+        nextAllowedInMs: wait,
+        nextAllowedAt: now + wait,
+        fullAt: now + left.resetMs,
+        expiresAt,
+      };
+    }
+    case 'concurrency':
+      return { kind: 'concurrency', now, limit: spec.limit, inUse: state?.type === 'slots' ? state.tokens.length : 0, expiresAt };
+    case 'greylist': {
+      const grey = (s: 'unknown' | 'waiting' | 'passed', firstSeenAt: number | null, passesAt: number | null) =>
+        ({ kind: 'greylist', now, state: s, delayMs: spec.delayMs, firstSeenAt, passesAt, expiresAt: s === 'unknown' ? null : expiresAt }) as const;
+      if (state?.type !== 'greylist') return grey('unknown', null, null);
+      if (state.value === 'P') return grey('passed', null, null);
+      const first = Number(state.value);
+      return grey('waiting', first, first + spec.delayMs);
+    }
+  }
 }
 
 /** Bounds the in-memory state (keys); the oldest are dropped first. */
@@ -71,25 +179,19 @@ export class MemoryStore implements Store {
     private readonly now: () => number = Date.now,
     max = MEMORY_STORE_MAX_KEYS,
   ) {
-    this.data = new LRUCache({ max, ttlAutopurge: false, perf: { now } });
+    // ttlResolution 0: every TTL read asks `now` (lru-cache otherwise reuses a cached time, reset by
+    // a timer per call: times of the injected clock went stale, and `limits show` read TTLs off).
+    this.data = new LRUCache({ max, ttlAutopurge: false, ttlResolution: 0, perf: { now } });
   }
 
   async rate(key: string, windowMs: number, limit: number, cost: number): Promise<RateResult> {
     const now = this.now();
-    const interval = windowMs / limit;
     const e = this.data.get(key);
-    const tat = Math.max(e?.kind === 'tat' ? e.tat : 0, now);
-    const newTat = tat + cost * interval;
-    if (newTat - windowMs > now) {
-      return { allowed: false, remaining: Math.floor((windowMs - (tat - now)) / interval), retryAfterMs: Math.ceil(newTat - windowMs - now), resetMs: Math.ceil(tat - now) };
-    }
-    if (cost < 0 && newTat <= now) {
-      // Refunded to a full bucket: nothing left to remember.
-      this.data.delete(key);
-      return { allowed: true, remaining: limit, retryAfterMs: 0, resetMs: 0 };
-    }
-    if (cost !== 0) this.data.set(key, { kind: 'tat', tat: newTat }, { ttl: Math.max(1, Math.ceil(newTat - now)) });
-    return { allowed: true, remaining: Math.floor((windowMs - (newTat - now)) / interval), retryAfterMs: 0, resetMs: Math.ceil(newTat - now) };
+    const { tat, ...result } = gcra(e?.kind === 'tat' ? e.tat : 0, now, windowMs, limit, cost);
+    // Refunded to a full bucket: nothing left to remember.
+    if (tat === null) this.data.delete(key);
+    else if (result.allowed && cost !== 0) this.data.set(key, { kind: 'tat', tat }, { ttl: Math.max(1, Math.ceil(tat - now)) });
+    return result;
   }
 
   async acquire(key: string, token: string, limit: number, ttlMs: number): Promise<SlotResult> {
@@ -144,19 +246,20 @@ export class MemoryStore implements Store {
     return { passed: false, waitMs: delayMs - (now - e.first), firstAttempt: false };
   }
 
-  async inspect(key: string): Promise<{ type: string; value: string | string[]; ttlMs: number } | null> {
+  async inspect(key: string): Promise<RawState> {
+    const now = this.now();
     const e = this.data.get(key);
-    if (!e) return null;
+    if (!e) return { now, state: null };
     const ttlMs = Math.round(this.data.getRemainingTTL(key));
     switch (e.kind) {
       case 'tat':
-        return { type: 'bucket', value: String(e.tat), ttlMs };
+        return { now, state: { type: 'bucket', tat: e.tat, ttlMs } };
       case 'slots':
-        return { type: 'slots', value: [...e.slots.keys()], ttlMs };
+        return { now, state: { type: 'slots', tokens: [...e.slots].filter(([, exp]) => exp > now).map(([t]) => t), ttlMs } };
       case 'grey':
-        return { type: 'greylist', value: String(e.first), ttlMs };
+        return { now, state: { type: 'greylist', value: String(e.first), ttlMs } };
       case 'pass':
-        return { type: 'greylist', value: 'P', ttlMs };
+        return { now, state: { type: 'greylist', value: 'P', ttlMs } };
     }
   }
 

@@ -114,13 +114,13 @@ test('message limits: per recipient and per message, 450 4.7.1 at RCPT', async (
 test('doorman limits show and reset read and clear the shared state', async () => {
   const env = { PATH: process.env.PATH ?? '', DOORMAN_REDIS_URL: redis.url, DOORMAN_RULES: a.rulesDir };
   const bin = path.join(ROOT, 'bin', 'doorman.js');
-  const show = await run(process.execPath, [bin, 'limits', 'show', 'ratelimit', 'conn-rate', '127.0.0.31'], { env });
-  const state = JSON.parse(show.stdout) as { key: string; state: { type: string; ttlMs: number } | null };
+  const show = await run(process.execPath, [bin, 'limits', 'show', 'ratelimit', 'conn-rate', '127.0.0.31', '--json'], { env });
+  const state = JSON.parse(show.stdout) as { key: string; view: { kind: string; used: number; remaining: number; now: number; expiresAt: number | null } };
   assert.equal(state.key, 'rl:{ratelimit:conn-rate:127.0.0.31}');
-  assert.equal(state.state?.type, 'bucket');
-  assert.ok((state.state?.ttlMs ?? 0) > 0, 'the key expires');
+  assert.deepEqual([state.view.kind, state.view.used, state.view.remaining], ['rate', 5, 0], 'five connections of five (the sixth was refused: not counted)');
+  assert.ok((state.view.expiresAt ?? 0) > state.view.now, 'the key expires');
   const reset = await run(process.execPath, [bin, 'limits', 'reset', 'ratelimit', 'conn-rate', '127.0.0.31'], { env });
-  assert.match(reset.stdout, /^reset: connections per client 127\.0\.0\.31/);
+  assert.match(reset.stdout, /^reset: ratelimit conn-rate: connections per client 127\.0\.0\.31/);
   const g = await SmtpClient.greet(a.port, { localAddress: '127.0.0.31' });
   assert.equal(g.greeting.code, 220, 'the reset bucket lets the client in again');
   g.close();

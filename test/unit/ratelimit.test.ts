@@ -104,9 +104,9 @@ test('concurrency: slots taken at connect, given back at quit; 421 4.7.0 when al
   assert.equal((await check(connect({ id: 'b' }))).kind, 'pass');
   assert.deepEqual(await check(connect({ id: 'c' })), { kind: 'tempfail', reason: 'cc exceeded', reply: TOO_MANY_CONN });
   assert.equal((await check(mail({ id: 'a' }))).kind, 'pass', 'MAIL refreshes a slot, never refuses');
-  assert.deepEqual((await store.inspect('rl:{rl:cc:192.0.2.5}'))?.value, ['a', 'b']);
+  assert.deepEqual((await store.inspect('rl:{rl:cc:192.0.2.5}')).state, { type: 'slots', tokens: ['a', 'b'], ttlMs: 900_000 });
   await check(quit({ id: 'a' }));
-  assert.deepEqual((await store.inspect('rl:{rl:cc:192.0.2.5}'))?.value, ['b']);
+  assert.deepEqual((await store.inspect('rl:{rl:cc:192.0.2.5}')).state, { type: 'slots', tokens: ['b'], ttlMs: 900_000 });
   assert.equal((await check(connect({ id: 'd' }))).kind, 'pass');
 });
 
@@ -128,7 +128,7 @@ test('concurrency: a slot granted after the session ended is given back at once'
   gone.abort();
   await p;
   await settle();
-  assert.equal(await store.inspect('rl:{rl:cc:192.0.2.5}'), null);
+  assert.equal((await store.inspect('rl:{rl:cc:192.0.2.5}')).state, null);
   assert.equal((await check(connect({ id: 'b' }))).kind, 'pass');
 });
 
@@ -152,7 +152,7 @@ test('keys: sender, sender_domain (<> for bounces) and recipient', async () => {
   );
   const dom = setup({ limits: [{ name: 'm', count: 'messages', key: 'sender_domain', limit: 1, cost: 'recipient' }] });
   assert.deepEqual(await dom.kinds([rcpt('a@x.test', { from: 'a@example.org' }), rcpt('a@x.test', { from: 'b@example.org' }), rcpt('a@x.test', { from: 'a@example.com' })]), ['pass', 'tempfail', 'pass']);
-  assert.equal(await dom.store.inspect('rl:{rl:m:example.org}').then((e) => e?.type), 'bucket');
+  assert.equal(await dom.store.inspect('rl:{rl:m:example.org}').then((e) => e.state?.type), 'bucket');
   const to = setup({ limits: [{ name: 'm', count: 'messages', key: 'recipient', limit: 1, cost: 'recipient' }] });
   assert.deepEqual(await to.kinds([rcpt('a@x.test', { ip: '192.0.2.1' }), rcpt('A@x.test', { ip: '192.0.2.2' }), rcpt('b@x.test')]), ['pass', 'tempfail', 'pass']);
 });
@@ -249,8 +249,8 @@ test('state: created at the session\'s first check, ended once (slots given back
 
 test('admin: the store key a limit and subject name', () => {
   const { rule } = setup({ limits: [{ name: 'conn', count: 'connections', limit: 5, window: 1000 }, { name: 'snd', count: 'messages', key: 'sender', limit: 1 }] });
-  assert.deepEqual(rule.admin?.(['conn', '2001:db8:1:2::7']), { key: 'rl:{rl:conn:2001:db8:1:2::/64}', describe: 'connections per client 2001:db8:1:2::/64: limit 5 per 1000 ms' });
-  assert.deepEqual(rule.admin?.(['snd', 'Alice@Example.org']), { key: 'rl:{rl:snd:alice@example.org}', describe: 'messages per sender alice@example.org: limit 1 per 60000 ms' });
+  assert.deepEqual(rule.admin?.(['conn', '2001:db8:1:2::7']), { key: 'rl:{rl:conn:2001:db8:1:2::/64}', describe: 'conn: connections per client 2001:db8:1:2::/64', spec: { kind: 'rate', limit: 5, windowMs: 1000 } });
+  assert.deepEqual(rule.admin?.(['snd', 'Alice@Example.org']), { key: 'rl:{rl:snd:alice@example.org}', describe: 'snd: messages per sender alice@example.org', spec: { kind: 'rate', limit: 1, windowMs: 60_000 } });
   assert.match(String(rule.admin?.(['nope', 'x'])), /has no limit "nope" \(limits: conn, snd\)/);
   assert.match(String(rule.admin?.(['conn'])), /usage/);
   assert.match(String(rule.admin?.(['conn', 'not-an-ip'])), /not an IP address/);

@@ -42,9 +42,9 @@ test('two workers share one bucket, one slot set and one greylist triplet', asyn
   assert.deepEqual(await a.peekSlots('c', 's3', 1), { ok: false, inUse: 1 });
   assert.deepEqual(await b.peekSlots('c', 's2', 1), { ok: true, inUse: 1 });
   assert.deepEqual(await a.peekGreylist('new', 1000), { passed: false, waitMs: 1000, firstAttempt: true });
-  assert.equal(await b.inspect('new'), null);
+  assert.equal((await b.inspect('new')).state, null);
   assert.equal(await b.reset('k'), true);
-  assert.equal(await a.inspect('k'), null);
+  assert.equal((await a.inspect('k')).state, null);
   await a.close();
   await b.close();
 });
