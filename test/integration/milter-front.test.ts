@@ -206,13 +206,13 @@ test('doorman stopped: Postfix applies milter_default_action (accept) and mail f
   assert.match(postfix.log(), /connect to Milter service inet:127\.0\.0\.1:\d+: Connection refused/);
 });
 
-test('only the steps its rules need get a reply (a relay rule alone: RCPT and end of message); doorman stopped with milter_default_action = tempfail: 451, nothing delivered', async () => {
+test('only the steps its rules need get a reply (a relay rule alone: RCPT, DATA and end of message); doorman stopped with milter_default_action = tempfail: 451, nothing delivered', async () => {
   const d2 = await startDoorman({ backendPort: sink.port, listen: 'milter://127.0.0.1:{PORT}', rules: { 'relay.yaml': RULES['relay.yaml'] } });
   const pf2 = await startPostfix({ relayPort: sink.port, openRelay: true, main: [`smtpd_milters = inet:127.0.0.1:${d2.port}`, 'milter_default_action = tempfail', 'milter_command_timeout = 10s'] });
   try {
     const via = (client: string, from: string, to: string, extra: string[] = []) =>
       swaks(['--server', `127.0.0.1:${pf2.port}`, '--local-interface', client, '--from', from, '--to', to, '--helo', 'client.tester.test', ...extra]);
-    // Connect, HELO and MAIL were negotiated without a reply, DATA and end of header away: the
+    // Connect, HELO and MAIL were negotiated without a reply, end of header away: the
     // session still runs, the relay rule still refuses at RCPT, local mail is delivered.
     const refused = await via('127.0.0.23', 'nr@tester.test', 'victim@elsewhere.example', ['--quit-after', 'RCPT']);
     assert.match(refused.out, /<\*\* 554 5\.7\.1 <victim@elsewhere\.example>: Relay access denied\n/, refused.out);

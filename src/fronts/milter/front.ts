@@ -66,8 +66,8 @@ export interface MilterFrontDeps {
 
 /**
  * The protocol flags doorman asks the MTA for, given the rule set the connection will use: each
- * step no rule acts on is asked without a reply (NR_CONN, NR_HELO, NR_MAIL, NR_RCPT), DATA not at
- * all, end of header only when a rule reads the header block or the body — every reply saved is a round trip the MTA's
+ * step no rule acts on is asked without a reply (NR_CONN, NR_HELO, NR_MAIL, NR_RCPT), end of
+ * header only when a rule reads the header block or the body — every reply saved is a round trip the MTA's
  * smtpd does not wait for. The steps still come (their facts feed later stages' snapshots), the
  * header fields and body chunks too (the message's size, the Authentication-Results fields to
  * delete), and end of message always has its answer.
@@ -83,8 +83,10 @@ export function milterProtocol(set: RuleSet): number {
   if (!has('helo')) p |= SMFIP.NR_HELO;
   if (!has('mail') && !has('auth') && !has('helo')) p |= SMFIP.NR_MAIL;
   if (!has('rcpt')) p |= SMFIP.NR_RCPT;
-  // No rule acts on the DATA command itself (a refusal at connect or HELO is final in the MTA).
-  p |= SMFIP.NODATA;
+  // DATA stays, with its reply, although no rule acts on it: Postfix's smtpd sends DATA's macros
+  // anyway, and a lone packet doorman does not answer is not acknowledged at once (delayed ACK),
+  // so Nagle holds the cleanup server's next write — the whole header and body — for ~40 ms per
+  // message. Answering DATA sends the acknowledgement with the reply.
   if (!has('data_headers') && !readsBody) p |= SMFIP.NOEOH;
   return p;
 }
