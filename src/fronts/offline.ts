@@ -46,36 +46,21 @@ import type { RuleOutcome, StageVerdict } from '../pipeline/verdict.js';
 import { parsePath, type ParsedPath } from '../protocol/address.js';
 import { formatMailRcpt, type MailParam } from '../protocol/params.js';
 import { formatReply, R, reply, replyClass, type Reply } from '../protocol/reply.js';
+import type { SessionRecordInput, TransactionRecord } from '../record/format.js';
 import { FrontSession } from './session.js';
 
 /** Bytes of the message handed to the body readers at a time (back-pressure between chunks). */
 export const OFFLINE_CHUNK_BYTES = 65_536;
 
-/** A session as the rules see it: explain's input, and the body of a record line (replay). */
-export interface SessionInput {
-  /** IP address text. */
-  client: string;
-  clientPort?: number;
-  /** Listener name from the configuration (e.g. 'smtp@0.0.0.0:25', or a named one), or a role: its first listener. */
-  listener: string;
-  localAddress?: string;
-  tls: boolean;
-  /** AUTH login, null when none. */
-  login: string | null;
-  authMechanism?: string;
-  helo: string | null;
-  esmtp: boolean;
-  transactions: {
-    /** The reverse-path without <> ('' for the null sender). */
-    from: string;
-    /** MAIL parameters (SIZE, BODY…); '' for a parameter without a value (SMTPUTF8). */
-    fromParams?: Record<string, string>;
-    rcpts: { to: string; params?: Record<string, string> }[];
-    /** The raw header block, CRLF line ends, when known. */
-    headers?: string;
+/**
+ * A session as the rules see it: explain's input, and a record line's `session` (record/format.ts,
+ * whose fields it is) with, for explain, the whole message of a transaction.
+ */
+export interface SessionInput extends Omit<SessionRecordInput, 'transactions'> {
+  transactions: (TransactionRecord & {
     /** The whole message (explain --message), CRLF line ends, not dot-stuffed, when known. */
     message?: Buffer;
-  }[];
+  })[];
 }
 
 /** A reply as data. */

@@ -46,7 +46,9 @@ export interface VerdictRecord {
 }
 
 export interface TransactionRecord {
+  /** The reverse-path without <> ('' for the null sender). */
   from: string;
+  /** MAIL parameters (SIZE, BODY…); '' for a parameter without a value (SMTPUTF8). */
   fromParams?: Record<string, string>;
   rcpts: { to: string; params?: Record<string, string> }[];
   /** The header block (record.headers: true), its bytes as latin1 characters (runOffline reads it so). */
@@ -57,11 +59,14 @@ export interface TransactionRecord {
 
 /** The session as the rules saw it: the shape runOffline takes (SessionInput). */
 export interface SessionRecordInput {
+  /** IP address text. */
   client: string;
   clientPort?: number;
+  /** Listener name from the configuration (e.g. 'smtp@0.0.0.0:25', or a named one), or a role: its first listener. */
   listener: string;
   localAddress?: string;
   tls: boolean;
+  /** AUTH login, null when none. */
   login: string | null;
   authMechanism?: string;
   helo: string | null;

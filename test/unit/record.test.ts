@@ -9,11 +9,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseAddress } from '../../src/net/ip.js';
 import type { DnsResolver } from '../../src/net/dns.js';
 import type { SessionEvent, SessionSnapshot } from '../../src/pipeline/events.js';
 import { EMPTY_VERDICT, type StageVerdict } from '../../src/pipeline/verdict.js';
-import { parsePath, type ParsedPath } from '../../src/protocol/address.js';
 import { reply } from '../../src/protocol/reply.js';
 import { RECORD_SCHEMA, type SessionRecord } from '../../src/record/format.js';
 import { Recording, recordingResolver, recordingStore } from '../../src/record/recorder.js';
@@ -21,6 +19,7 @@ import { RecordWriter } from '../../src/record/writer.js';
 import { MemoryStore } from '../../src/store/store.js';
 import { directionOf, RecordedResolver, type Fate } from '../../src/fronts/replay.js';
 import type { RecordConfig } from '../../src/config/schema.js';
+import { pathOf, snapshot as fixtureSnapshot } from '../helpers/rule-fixtures.js';
 
 const CONFIG: RecordConfig = { dir: '', sampleRate: 1, headers: true, maxFileBytes: 1 << 20, maxFileAge: 3_600_000, maxTotalBytes: 1 << 30, maxPendingBytes: 1 << 20 };
 
@@ -41,31 +40,10 @@ function recording(t: { after: (fn: () => void) => void }, cfg: Partial<RecordCo
 }
 
 function snapshot(id: string, client: string, txn = 0): SessionSnapshot {
-  return {
-    id,
-    client: parseAddress(client),
-    clientPort: 4000,
-    listener: { name: 'smtp@127.0.0.1:25', role: 'smtp' },
-    localAddress: '127.0.0.1',
-    tls: false,
-    helo: 'h.example',
-    esmtp: true,
-    auth: null,
-    transaction: txn,
-    sender: null,
-    recipients: [],
-    recipientsForwarded: 0,
-    acceptedBy: null,
-    authResults: [],
-    ended: new AbortController().signal,
-  };
+  return fixtureSnapshot({ id, ip: client, clientPort: 4000, listener: { name: 'smtp@127.0.0.1:25', role: 'smtp' }, helo: 'h.example', esmtp: true, transaction: txn });
 }
 
-const path_ = (s: string): ParsedPath => {
-  const r = parsePath(s);
-  assert.ok(r.ok);
-  return r.path;
-};
+const path_ = pathOf;
 
 /** A resolver answering A queries after `delay` ms: listed names → 127.0.0.2, others ENOTFOUND. */
 function slowResolver(listed: Set<string>, delay: () => number): DnsResolver {
