@@ -14,7 +14,7 @@
  */
 import { ENV_VARS, loadConfig } from './config/load.js';
 import { loadRuleSet, type RuleSet } from './config/rules.js';
-import { listenerName, listenerRefs } from './config/schema.js';
+import { listenerRefs } from './config/schema.js';
 import { DoormanError, formatProblem } from './errors.js';
 import cluster from 'node:cluster';
 import { limits } from './cli-limits.js';
@@ -23,7 +23,6 @@ import { RULE_TYPES } from './rules/index.js';
 import { createMetrics } from './metrics/registry.js';
 import { explainCommand, ExplainSetupError } from './fronts/explain.js';
 import { lookOnly } from './store/look-only.js';
-import { pino } from 'pino';
 import { VERSION } from './version.js';
 import { createLogger } from './log.js';
 import { formatReplay, recordFiles, replay, replayExit, ReplayInputError } from './fronts/replay.js';
@@ -171,11 +170,11 @@ function explain(args: string[], file: string | undefined, rulesDir: string | un
         rules,
         rulesDir: loaded.config.rules.dir,
         hostname: loaded.hostname,
-        listeners: loaded.config.listen.map((l) => ({ name: listenerName(l), role: l.role })),
+        listeners: listenerRefs(loaded.config),
         maxHeaderBytes: loaded.config.limits.maxHeaderBytes,
         store: store.kind,
         metrics,
-        log: pino({ level: 'silent' }),
+        log: createLogger('silent', false),
         close: async () => {
           for (const r of rules.rules) r.rule.close?.();
           await store.close();
@@ -207,7 +206,7 @@ async function replayCommand(args: string[], file: string | undefined, rulesDir:
       rulesDir,
       ruleTypes: RULE_TYPES,
       deps: base,
-      listeners: listenerRefs(loaded.config) as { name: string; role: 'smtp' }[],
+      listeners: listenerRefs(loaded.config),
       hostname: loaded.hostname,
       metrics,
       log: createLogger('silent', false),

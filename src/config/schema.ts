@@ -193,7 +193,7 @@ export const configSchema = z.strictObject({
 export type Config = z.output<typeof configSchema>;
 
 /** A listener's name in logs, metrics and rule scopes: `name`, or role@address (as listener.ts names it). */
-export function listenerRefs(config: Config): { name: string; role: string }[] {
+export function listenerRefs(config: Config): { name: string; role: ListenerConfig['role'] }[] {
   return config.listen.map((l) => ({ name: listenerName(l), role: l.role }));
 }
 export type ListenerConfig = z.output<typeof listenerSchema>;

@@ -15,6 +15,7 @@
 import { Subject } from 'rxjs';
 import type { Logger } from 'pino';
 import type { RuleSet } from '../config/rules.js';
+import type { Limits } from '../config/schema.js';
 import type { Metrics } from '../metrics/registry.js';
 import type { ClientAddress } from '../net/ip.js';
 import { SESSION_ENDED, nextSessionId, type SessionEvent, type SessionSnapshot, type Stage } from '../pipeline/events.js';
@@ -53,6 +54,21 @@ export interface FrontDeps {
   readonly log: Logger;
   /** Dry-run checks left running per session (limits.maxPendingDryRun). */
   readonly maxPendingDryRun: number;
+  /** Session records (record.dir); null or absent: off. */
+  readonly recording?: Recording | null;
+}
+
+/** What a front that an MTA calls (policy server, milter) is given; `role` is its listener role. */
+export interface MtaFrontDeps<Role extends 'policy' | 'milter'> {
+  readonly listener: { readonly name: string; readonly role: Role };
+  /** The current rule set; a session keeps the one it started with. */
+  readonly rules: () => RuleSet;
+  /** The current limits (a reload applies to new connections and sessions). */
+  readonly limits: () => Limits;
+  readonly metrics: Metrics;
+  readonly log: Logger;
+  /** Counts a rule set as used until the returned function is called (reloads close unused sets). */
+  readonly useRuleSet?: (set: RuleSet) => () => void;
   /** Session records (record.dir); null or absent: off. */
   readonly recording?: Recording | null;
 }

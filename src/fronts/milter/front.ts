@@ -25,18 +25,14 @@
  * claim that name deleted (RFC 8601 §5; index among the fields of that name). Rule errors follow
  * each rule's onError and dry-run findings are only logged: the pipeline does both.
  */
-import type { Logger } from 'pino';
 import type { RuleSet } from '../../config/rules.js';
-import type { Limits } from '../../config/schema.js';
-import type { Metrics } from '../../metrics/registry.js';
-import type { Recording } from '../../record/recorder.js';
 import { parseAddress, type ClientAddress } from '../../net/ip.js';
 import type { Stage } from '../../pipeline/events.js';
 import type { StageVerdict } from '../../pipeline/verdict.js';
 import { parsePath, splitPathArg, type ParsedPath } from '../../protocol/address.js';
 import { claimsAuthservId, formatAuthResults } from '../../protocol/auth-results.js';
 import type { MailParam } from '../../protocol/params.js';
-import { FrontSession } from '../session.js';
+import { FrontSession, type MtaFrontDeps } from '../session.js';
 import { DOORMAN_PROTOCOL, SMFIP } from './codec.js';
 import type { ConnectInfo, EomResult, HeaderAddition, HeaderDeletion, MilterHandler, MilterMacros, MilterVerdict } from './server.js';
 
@@ -49,19 +45,9 @@ const AUTH_RESULTS = 'Authentication-Results';
 const TAG_HEADER = 'X-Doorman-Tag';
 const CONTINUE: MilterVerdict = { kind: 'continue' };
 
-export interface MilterFrontDeps {
-  readonly listener: { readonly name: string; readonly role: 'milter' };
-  /** The current rule set; a session keeps the one it started with. */
-  readonly rules: () => RuleSet;
-  readonly limits: () => Limits;
-  readonly metrics: Metrics;
-  readonly log: Logger;
+export interface MilterFrontDeps extends MtaFrontDeps<'milter'> {
   /** doorman's host name: the authserv-id of its Authentication-Results. */
   readonly hostname: string;
-  /** Counts a rule set as used until the returned function is called. */
-  readonly useRuleSet?: (set: RuleSet) => () => void;
-  /** Session records (record.dir); null or absent: off. */
-  readonly recording?: Recording | null;
 }
 
 /**
@@ -76,6 +62,15 @@ export interface MilterFrontDeps {
  * final by themselves, but a HELO refusal is answered again at MAIL by the front (sticky).
  */
 export function milterProtocol(set: RuleSet): number {
+  let p = PROTOCOL_OF.get(set);
+  if (p === undefined) PROTOCOL_OF.set(set, (p = protocolOf(set)));
+  return p;
+}
+
+/** milterProtocol per rule set: computed once, not at every milter connection. */
+const PROTOCOL_OF = new WeakMap<RuleSet, number>();
+
+function protocolOf(set: RuleSet): number {
   const has = (s: Stage) => set.stages.has(s);
   const readsBody = set.rules.some((r) => r.rule.body !== undefined);
   let p = DOORMAN_PROTOCOL;

@@ -27,33 +27,17 @@
  * answered in order, one at a time: reading pauses while one is evaluated.
  */
 import type net from 'node:net';
-import type { Logger } from 'pino';
 import type { RuleSet } from '../../config/rules.js';
-import type { Limits } from '../../config/schema.js';
-import type { Metrics } from '../../metrics/registry.js';
-import type { Recording } from '../../record/recorder.js';
 import { parseAddress, type ClientAddress } from '../../net/ip.js';
 import type { SessionEvent, Stage } from '../../pipeline/events.js';
 import type { StageVerdict } from '../../pipeline/verdict.js';
 import { parsePath, type ParsedPath } from '../../protocol/address.js';
 import { ExpiringLru, type ForgetReason } from '../lru.js';
-import { FrontSession } from '../session.js';
+import { FrontSession, type MtaFrontDeps } from '../session.js';
 import { actionKind, DUNNO, formatAnswer, PolicyReader, refusalAction, tagAction, type PolicyRequest } from './protocol.js';
 import { withoutMessage } from './rules.js';
 
-export interface PolicyDeps {
-  readonly listener: { readonly name: string; readonly role: 'policy' };
-  /** The current rule set; an instance keeps the one it started with. */
-  readonly rules: () => RuleSet;
-  /** The current limits (a reload applies to new connections and instances). */
-  readonly limits: () => Limits;
-  readonly metrics: Metrics;
-  readonly log: Logger;
-  /** Counts a rule set as used until the returned function is called (reloads close unused sets). */
-  readonly useRuleSet?: (set: RuleSet) => () => void;
-  /** Session records (record.dir); null or absent: off. */
-  readonly recording?: Recording | null;
-}
+export type PolicyDeps = MtaFrontDeps<'policy'>;
 
 /** protocol_state values counted under their own label; anything else is "other". */
 const STATES = new Set(['CONNECT', 'EHLO', 'HELO', 'MAIL', 'RCPT', 'DATA', 'END-OF-MESSAGE', 'VRFY', 'ETRN']);
