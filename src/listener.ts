@@ -96,6 +96,9 @@ class Hold {
 /** A stage before the session: counted in doorman_connections_pending while it lasts. */
 type PendingStage = 'proxy_header' | 'tls_handshake';
 
+/** ms between the event-loop lag samples (limits.maxEventLoopLag). */
+const LAG_SAMPLE_MS = 250;
+
 export class Proxy {
   private readonly bound: Bound[] = [];
   /** Listeners of the fronts an MTA calls (policy; milter): fronts/listen.ts. */
@@ -107,6 +110,8 @@ export class Proxy {
   private secureContext: tls.SecureContext | null;
   private draining = false;
   private overloaded = false;
+  /** When the lag sampler last ran (performance.now()). */
+  private lastSample = 0;
   private sampler: NodeJS.Timeout | null = null;
 
   constructor(private readonly deps: ProxyDeps) {
@@ -133,13 +138,13 @@ export class Proxy {
    * limits.maxEventLoopLag, new connections get 421 4.3.2 rather than everyone getting slow.
    */
   private startSampler(): void {
-    const every = 250;
-    let last = performance.now();
+    const every = LAG_SAMPLE_MS;
+    this.lastSample = performance.now();
     this.sampler = setInterval(() => {
       const limit = this.limits.maxEventLoopLag;
       const now = performance.now();
-      const lag = Math.max(0, now - last - every);
-      last = now;
+      const lag = Math.max(0, now - this.lastSample - every);
+      this.lastSample = now;
       this.deps.metrics.eventLoopLag.set(lag / 1000);
       const over = limit > 0 && lag > limit;
       if (over !== this.overloaded) {
@@ -149,6 +154,17 @@ export class Proxy {
       }
     }, every);
     this.sampler.unref();
+  }
+
+  /**
+   * Overloaded now: the sampler found the lag over the limit, or its own tick is overdue by more
+   * than the limit — a connection accepted in the same turn as the loop's return from a stall is
+   * shed too, not admitted because the sampler's timer runs after the accept.
+   */
+  private lagging(): boolean {
+    if (this.overloaded) return true;
+    const limit = this.limits.maxEventLoopLag;
+    return limit > 0 && this.sampler !== null && performance.now() - this.lastSample - LAG_SAMPLE_MS > limit;
   }
 
   async start(): Promise<void> {
@@ -245,7 +261,7 @@ export class Proxy {
     };
     const host = this.deps.hostname;
     if (this.draining) return this.refuse(socket, b, 'shutdown', R.shuttingDown(host));
-    if (this.overloaded) return this.refuse(socket, b, 'overload', R.overloaded(host));
+    if (this.lagging()) return this.refuse(socket, b, 'overload', R.overloaded(host));
     const limits = this.limits;
     const secureContext = this.secureContext;
     if (b.config.proxyProtocol && inAnyCidr(parseAddress(direct.address), b.trusted)) {
