@@ -210,6 +210,13 @@ export class BackendConnection extends EventEmitter {
 
   /** XCLIENT attributes the backend listed at connect; null when XCLIENT is not in use. */
   private xclientAllowed: Set<string> | null = null;
+  /**
+   * The backend accepted an XCLIENT: it now takes the connection for that client, and judges any
+   * further XCLIENT by that client's address (Postfix checks smtpd_authorized_xclient_hosts against
+   * the overridden address: a client from the internet is never authorized). The connection serves
+   * that one client to its end and is never pooled.
+   */
+  private xclientBound = false;
   /** A MAIL was sent and its transaction has not ended yet (end of data, RSET, HELO/EHLO, XCLIENT). */
   private inTransaction = false;
   /** The backend waits for a SASL response (its last AUTH reply was 334). */
@@ -225,12 +232,14 @@ export class BackendConnection extends EventEmitter {
   }
 
   /**
-   * Binds the connection to a client that has said HELO/EHLO (a new connection, one taken from the
-   * pool, or the client's EHLO again after STARTTLS). With XCLIENT: one command carrying the
-   * client's address, port, reverse name and — where the backend takes them (Postfix: HELO, PROTO)
-   * — its HELO name and protocol, so no EHLO has to follow. Without XCLIENT (or without its HELO
-   * attribute) the client's HELO/EHLO is sent as given. A transaction left open by an earlier
-   * session is reset first (RSET, and its reply awaited).
+   * Binds the connection to a client that has said HELO/EHLO (a new connection, a spare taken from
+   * the pool, or the same client's HELO/EHLO again, e.g. after STARTTLS). With XCLIENT: one command
+   * carrying the client's address, port, reverse name and — where the backend takes them (Postfix:
+   * HELO, PROTO) — its HELO name and protocol, so no EHLO has to follow; once per connection (a
+   * connection already bound to the client gets its later HELO/EHLO as sent: a second XCLIENT would
+   * be judged by the client's own address, and refused). Without XCLIENT (or without its HELO
+   * attribute) the client's HELO/EHLO is sent as given. A transaction left open is reset first
+   * (RSET, and its reply awaited).
    *
    * Resolves null when bound, or with the backend's refusal of the HELO/EHLO (for the client);
    * rejects with a BackendError when XCLIENT is refused or the connection is lost.
@@ -240,7 +249,7 @@ export class BackendConnection extends EventEmitter {
     if (this.inTransaction) await this.command('RSET').catch(() => undefined);
     const allowed = this.xclientAllowed;
     let heloSent = false;
-    if (allowed) {
+    if (allowed && !this.xclientBound) {
       const x = xclientCommand(allowed, client, helo, this.opts.xclientHelo);
       heloSent = x.heloSent;
       const r = await this.command(x.line);
@@ -249,6 +258,7 @@ export class BackendConnection extends EventEmitter {
         this.destroy();
         throw new BackendError('refused', `XCLIENT ${r.code}`, r);
       }
+      this.xclientBound = true;
       this.inTransaction = false;
     }
     if (heloSent) return null;
@@ -344,12 +354,13 @@ export class BackendConnection extends EventEmitter {
   /**
    * Whether this connection can carry another client: its state is known to be clean — nothing
    * pending, no SASL exchange waiting for a response, not authenticated as a client's login, not
-   * inside DATA — and no PROXY header (that names one client for the whole connection). An open
-   * transaction is fine: bind() resets it. The next client is bound with XCLIENT, or — when the
-   * backend never learns client addresses anyway — with its own HELO/EHLO.
+   * inside DATA — and it was never told a client (an XCLIENT, or a PROXY header: both name one
+   * client for the rest of the connection). An open transaction is fine: bind() resets it. So a
+   * spare (doorman's own EHLO only) is bound with XCLIENT to its first client; a backend that is
+   * never told client addresses gets the next client's own HELO/EHLO.
    */
   get reusable(): boolean {
-    return this.quiet && !this.saslOpen && !this.authenticated && !this.dataOpen && this.opts.proxyProtocol === 'off';
+    return this.quiet && !this.saslOpen && !this.authenticated && !this.dataOpen && !this.xclientBound && this.opts.proxyProtocol === 'off';
   }
 
   /** Polite close: QUIT, then end the socket without waiting long. */

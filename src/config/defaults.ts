@@ -97,7 +97,10 @@ export const BACKEND_DEFAULTS = {
   address: '127.0.0.1:25',
   /** How long a backend that failed (refused, timed out, 421) is skipped, ms. */
   backoff: 30_000,
-  /** Idle backend connections kept per backend for the next client sessions (XCLIENT re-binds them). */
+  /**
+   * Idle backend connections kept per backend for the next client sessions: spares, and connections
+   * never told a client (one bound by XCLIENT serves its client only).
+   */
   poolSize: 32,
   /** An idle pooled backend connection is closed after this long, ms (Postfix's smtpd_timeout is 300 s). */
   poolIdleTimeout: 10_000,

@@ -48,7 +48,7 @@ export function createMetrics(opts: MetricsOptions) {
     backendPoolIdle: new Gauge({ name: 'doorman_backend_pool_idle', help: 'Idle backend connections kept for the next client sessions.', registers: r }),
     backendConnections: new Gauge({ name: 'doorman_backend_connections', help: 'Connections to a backend held now: busy, idle and being opened (at most backend.maxConnections), by backend.', labelNames: ['backend'], registers: r }),
     backendBusy: new Counter({ name: 'doorman_backend_busy_total', help: 'Client sessions answered 421 4.3.2 because every backend was at backend.maxConnections for backend.acquireTimeout.', registers: r }),
-    backendReused: new Counter({ name: 'doorman_backend_reused_total', help: 'Client sessions served by a pooled backend connection (re-bound with XCLIENT or RSET), by backend.', labelNames: ['backend'], registers: r }),
+    backendReused: new Counter({ name: 'doorman_backend_reused_total', help: 'Client sessions served by a pooled backend connection (a spare bound with XCLIENT, or an idle one never told a client), by backend.', labelNames: ['backend'], registers: r }),
     backendSessions: new Counter({ name: 'doorman_backend_sessions_total', help: 'Backend connections opened for client sessions, by backend.', labelNames: ['backend'], registers: r }),
     backendUp: new Gauge({ name: 'doorman_backend_up', help: 'Backend state: 1 in use, 0 skipped after a failure (back-off), by backend.', labelNames: ['backend'], aggregator: 'min', registers: r }),
     backendReplies: new Counter({ name: 'doorman_backend_replies_total', help: 'Backend replies, by command and reply class.', labelNames: ['command', 'class'], registers: r }),

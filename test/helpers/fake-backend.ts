@@ -173,6 +173,9 @@ export async function startFakeBackend(fault: Fault): Promise<FakeBackend> {
           reply(`250-fake.backend\r\n250-PIPELINING\r\n250-SIZE ${xclientAddr === '127.0.0.81' ? 1000000 : 100000000}\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n`);
         } else if (verb === 'EHLO' && (f === 'refuse-xclient' || f === 'xclient')) {
           reply('250-fake.backend\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n250 8BITMIME\r\n');
+        } else if (verb === 'XCLIENT' && (f === 'xclient' || f === 'xclient-per-client') && xclientAddr !== '' && xclientAddr !== '127.0.0.1') {
+          // As Postfix: a second XCLIENT is judged by the client the first one named.
+          reply('550 5.7.0 Error: insufficient authorization\r\n');
         } else if (verb === 'XCLIENT' && (f === 'xclient' || f === 'xclient-per-client')) {
           xclientAddr = /ADDR=(\S+)/.exec(line)?.[1] ?? '';
           reply('220 fake.backend ESMTP\r\n');

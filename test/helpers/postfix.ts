@@ -20,7 +20,7 @@ export interface PostfixOptions {
   sasl?: Record<string, string>;
   /** smtpd_upstream_proxy_protocol = haproxy. */
   proxyProtocol?: boolean;
-  /** XCLIENT allowed from loopback (default true). */
+  /** XCLIENT allowed from 127.0.0.1, doorman's address (default true); clients on other 127.0.0.x are not. */
   xclient?: boolean;
   /** Relay anything for anyone (to prove that doorman is what refuses). */
   openRelay?: boolean;
@@ -91,7 +91,9 @@ export async function startPostfix(opts: PostfixOptions): Promise<Postfix> {
     // Postfix refuses a literal open relay; every test client is in mynetworks (XCLIENT 127.0.0.x).
     opts.openRelay ? 'smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination' : 'smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination',
     'smtpd_recipient_restrictions = check_recipient_access inline:{ rejected@example.com=REJECT }',
-    `smtpd_authorized_xclient_hosts = ${opts.xclient === false ? '' : '127.0.0.0/8'}`,
+    // doorman's own address only, as in production: Postfix judges a second XCLIENT on a connection
+    // by the client the first one named (127.0.0.x test clients would otherwise pass).
+    `smtpd_authorized_xclient_hosts = ${opts.xclient === false ? '' : '127.0.0.1'}`,
     ...(opts.proxyProtocol ? ['smtpd_upstream_proxy_protocol = haproxy'] : []),
     ...(opts.tls ? [`smtpd_tls_cert_file = ${opts.tls.cert}`, `smtpd_tls_key_file = ${opts.tls.key}`, 'smtpd_tls_security_level = may', 'smtpd_tls_loglevel = 1'] : []),
     ...(opts.main ?? []),

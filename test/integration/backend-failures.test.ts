@@ -267,10 +267,11 @@ test('XCLIENT carries the HELO name when it fits; a name too long for the line, 
   }
 });
 
-test('a reused backend connection: the EHLO a client is shown never comes from an earlier client’s EHLO on it', async () => {
+test('a backend connection told one client is never given to another; the EHLO a client is shown is doorman’s, never an earlier client’s', async () => {
   const fb = await startFakeBackend('xclient-per-client');
   // XCLIENT, then the client's own EHLO: the backend answers it per client (SIZE 1000000 for .81).
-  const d = await startDoorman({ backendPort: fb.port, config: `${FAST}  xclientHelo: false\n` });
+  // One spare: the second client gets a prepared connection, not the first client's.
+  const d = await startDoorman({ backendPort: fb.port, config: `${FAST.replace('spares: 0', 'spares: 1')}  xclientHelo: false\n` });
   running.push(d);
   try {
     const sizes: string[] = [];
@@ -283,8 +284,11 @@ test('a reused backend connection: the EHLO a client is shown never comes from a
       assert.equal((await c.cmd('QUIT')).code, 221);
       await sleep(100);
     }
-    assert.equal(fb.connections, 1, 'the second client reused the first one’s connection');
-    assert.equal(await d.metric('doorman_backend_reused_total'), 1);
+    // Each XCLIENT went to a connection nobody had been bound to: none was refused.
+    const xclients = fb.commands.filter((l) => l.startsWith('XCLIENT '));
+    assert.deepEqual(xclients.map((l) => /ADDR=(\S+)/.exec(l)?.[1]), ['127.0.0.81', '127.0.0.82']);
+    assert.equal(await d.metric('doorman_backend_failures_total'), 0);
+    assert.equal(await d.metric('doorman_backend_reused_total'), 1, 'the second client got the spare');
     // What the backend offers doorman on the connection, for both (not .81's SIZE for .82).
     assert.deepEqual(sizes, ['52428800', '52428800']);
   } finally {
