@@ -44,6 +44,12 @@
  * (`record:`, every session, no header blocks) against the same rules without them, the two
  * alternating per repetition: the rows' direct column is recording off, the ratio on/off.
  * BENCH_ONLY=record runs these rows alone (both workloads).
+ * BENCH_COST=1 (issue 19), or BENCH_ONLY=cost for these rows alone: the cost per message against
+ * the raw pipe, like with like — doorman with the shipped rule files, limits and NODE_OPTIONS (DNS
+ * from dnsmasq at once, TTL 300 s), 1 worker against a 1-process pipe, then N workers against N pipe
+ * processes (N = BENCH_WORKERS, default one per core); (a) and (b), the two alternating per
+ * repetition; msg/s, CPU ms per message and peak RSS of each (RSS per process in the note); then
+ * (e) with the shipped rules and 1 worker.
  * BENCH_OUT puts the results in another folder (the smoke test in test/integration/bench.test.ts).
  *
  * Every loop is bounded in count; everything runs on 127.0.0.1 and is stopped by PID at the end.
@@ -76,6 +82,8 @@ const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
 
 /** The rows with the default rules and dmarc (BENCH_DMARC=0 leaves them out). */
 const DMARC_RULES = 'default rules + dmarc';
+/** doorman's environment as scripts/install.sh and the Dockerfile start it. */
+const SHIPPED_ENV: Record<string, string> = { NODE_OPTIONS: process.env.BENCH_SHIPPED_NODE_OPTIONS ?? '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info' };
 /** ms the shipped-defaults rows' resolver holds each answer. */
 const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
 const SHIPPED = 'shipped defaults (install.sh)';
@@ -435,6 +443,67 @@ function postfixQueued(pf: Postfix): number {
  * row's direct column is recording off, doorman is recording on, the ratio on/off; the note gives
  * the records written and dropped, and their mean size.
  */
+/** The names /etc/hosts gives 127.0.0.1 (the PTR answer for the load's client). */
+function loopbackNames(): string[] {
+  try {
+    return fs
+      .readFileSync('/etc/hosts', 'utf8')
+      .split('\n')
+      .map((l) => l.replace(/#.*/, '').trim().split(/\s+/))
+      .filter((f) => f[0] === '127.0.0.1')
+      .flatMap((f) => f.slice(1));
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * The cost rows (BENCH_COST=1): doorman with `env` (the shipped rules and settings, `n` workers)
+ * against a raw pipe of `n` processes in front of the same sink, the two alternating per
+ * repetition; the rows' direct column is the pipe, the ratio doorman's share of it; the note
+ * carries the pipe's CPU per message, both peak RSS per process, and the CPU ratio.
+ */
+async function costRows(sinkPort: number, rules: Record<string, string>, env: Record<string, string>, n: number, workloads: { name: string; args: string[]; messages: number }[]): Promise<Row[]> {
+  const cfg = `shipped rules, ${n} worker${n > 1 ? 's' : ''} / pipe, ${n} process${n > 1 ? 'es' : ''}`;
+  const d = await startDoorman({ backendPort: sinkPort, rules, env });
+  const pipe = spawnProc('pipe', process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'pipe.ts'), String(sinkPort), String(n)], { cwd: ROOT });
+  const rows: Row[] = [];
+  try {
+    const pipePort = Number((await pipe.waitFor(/port (\d+)/))[1]);
+    const procs = n > 1 ? n + 1 : 1; // cluster mode: a primary and n workers
+    for (const port of [pipePort, d.port]) await smtpSource(port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
+    for (const w of workloads) {
+      process.stdout.write(`${cfg}: ${w.name}…\n`);
+      const piped: Measured[] = [];
+      const through: Measured[] = [];
+      for (let i = 0; i < REPS; i++) {
+        piped.push(await measure(pipePort, pipe.pid, w.args, w.messages));
+        through.push(await measure(d.port, d.proc.pid, w.args, w.messages));
+      }
+      const pm = median(piped.map((m) => m.msgPerSec));
+      const dm = median(through.map((m) => m.msgPerSec));
+      const pCpu = median(piped.map((m) => m.cpuMsPerMsg));
+      const dCpu = median(through.map((m) => m.cpuMsPerMsg));
+      const dRss = Math.max(...through.map((m) => m.peakRssMb));
+      const pRss = Math.max(...piped.map((m) => m.peakRssMb));
+      rows.push({
+        workload: w.name, config: cfg, direct: pm, doorman: dm, ratio: dm / pm, unit: 'msg/s', cpuMsPerMsg: dCpu, peakRssMb: dRss,
+        note: `pipe ${pCpu.toFixed(3)} ms CPU/msg, CPU ×${(dCpu / pCpu).toFixed(2)}; RSS per process: doorman ${(dRss / procs).toFixed(0)} MB, pipe ${(pRss / procs).toFixed(0)} MB`,
+      });
+    }
+    if (n === 1) {
+      const b = rows.find((r) => r.workload.startsWith('(b)'));
+      process.stdout.write(`${cfg}: (e) latency…\n`);
+      const e = await latency(`shipped rules, 1 worker`, d, sinkPort, b ? b.doorman : null);
+      rows.push(e);
+    }
+  } finally {
+    await pipe.stop();
+    await d.stop();
+  }
+  return rows;
+}
+
 async function recordRows(sinkPort: number, rules: Record<string, string>, env: Record<string, string>, config: string, workloads: { name: string; args: string[]; messages: number }[]): Promise<Row[]> {
   const dir = fs.mkdtempSync(path.join((await import('node:os')).tmpdir(), 'doorman-bench-records-'));
   const off = await startDoorman({ backendPort: sinkPort, rules, env, config });
@@ -594,7 +663,7 @@ async function main(): Promise<void> {
   if (dnsmasq) {
     const rulesDir = path.join(ROOT, 'rules');
     const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
-    const env = { NODE_OPTIONS: '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info', DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
+    const env = { ...SHIPPED_ENV, DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
     configs.push({ name: SHIPPED, rules: shipped, env, workloads: ['a', 'b'] });
     if (process.env.BENCH_REDIS === '1') configs.push({ name: SHIPPED_REDIS, rules: shipped, env: { ...env, DOORMAN_REDIS_URL: redis.url }, workloads: ['a', 'b'] });
   }
@@ -680,6 +749,26 @@ async function main(): Promise<void> {
       await h.stop();
     }
     compareWith(rows, cfg, 'Haraka', 1);
+  }
+  // Cost per message (issue 19): like with like against the raw pipe.
+  if (process.env.BENCH_COST === '1' || only('cost')) {
+    // Answers with a 5-minute TTL, as real records have (dnsmasq's own default is 0). The load's
+    // client is 127.0.0.1, whose PTR names Node's resolver reads from /etc/hosts: their A records
+    // are served too, so fcrdns confirms the client as it would a real one.
+    const dns = await startDnsmasq({ ttl: 300, a: loopbackNames().map((n): [string, string] => [n, '127.0.0.1']) });
+    try {
+      const rulesDir = path.join(ROOT, 'rules');
+      const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+      const cw = [
+        { name: '(a) one message per connection', args: ['-l', '4096', '-m', String(MSGS), '-s', '20'], messages: MSGS },
+        { name: '(b) many messages per session', args: ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], messages: MSGS * 2 },
+      ];
+      for (const n of [...new Set([1, Number(workers)])]) {
+        rows.push(...(await costRows(sinkPort, shipped, { ...SHIPPED_ENV, DOORMAN_WORKERS: String(n), DOORMAN_DNS_SERVERS: dns.server }, n, cw)));
+      }
+    } finally {
+      await dns.stop();
+    }
   }
   if (process.env.BENCH_PIPE === '1' && (only('a') || only('b'))) {
     // Calibration: a raw Node byte pipe (no SMTP) in front of the same sink, same load.

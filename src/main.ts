@@ -26,6 +26,7 @@ import { createLogger } from './log.js';
 import type { RuleDeps } from './pipeline/rule.js';
 import { RULE_TYPES } from './rules/index.js';
 import { createResolver, type DnsResolver } from './net/dns.js';
+import { cachingResolver } from './net/dns-cache.js';
 import { RedisStore } from './store/redis.js';
 import { serveStore, WorkerStore } from './store/primary.js';
 import { MemoryStore, type Store } from './store/store.js';
@@ -90,7 +91,11 @@ export function ruleDeps(loaded: LoadedConfig, metrics: Metrics, log: RuleDeps['
   return {
     ownNames: [loaded.hostname.toLowerCase()],
     ownAddresses: ownAddresses(loaded),
-    resolver: createResolver({ servers: dns.servers, timeout: dns.timeout, tries: dns.tries }),
+    resolver: cachingResolver(createResolver({ servers: dns.servers, timeout: dns.timeout, tries: dns.tries }), {
+      size: dns.cacheSize,
+      maxTtl: dns.cacheMaxTtl,
+      onHit: () => metrics.dnsCacheHits.inc(),
+    }),
     store,
     metrics,
     log,

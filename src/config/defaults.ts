@@ -166,6 +166,13 @@ export const DNS_DEFAULTS = {
   timeout: 2_000,
   /** Tries per DNS query. */
   tries: 2,
+  /** DNS answers kept for later sessions (net/dns-cache.ts); 0 = no cache. */
+  cacheSize: 10_000,
+  /**
+   * Longest time a DNS answer is kept, seconds: A/AAAA for their TTL up to this; TXT, PTR, MX and
+   * "no such name/record" (whose TTL Node's resolver does not report) for this long.
+   */
+  cacheMaxTtl: 60,
 };
 
 /** Session records (`record:`, docs/operations.md "Session records"): off until `dir` is set. */

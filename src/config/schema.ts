@@ -123,6 +123,10 @@ export const configSchema = z.strictObject({
       timeout: positive.default(DNS_DEFAULTS.timeout),
       /** Tries per query. */
       tries: z.number().int().min(1).max(5).default(DNS_DEFAULTS.tries),
+      /** DNS answers kept for later sessions; 0 = no cache. */
+      cacheSize: z.number().int().nonnegative().default(DNS_DEFAULTS.cacheSize),
+      /** Longest time a DNS answer is kept, seconds (A/AAAA: their TTL up to this). */
+      cacheMaxTtl: z.number().int().nonnegative().max(86_400).default(DNS_DEFAULTS.cacheMaxTtl),
     })
     .prefault({}),
   /** Session records for `doorman replay` (docs/operations.md "Session records"); off without `dir`. */

@@ -13,6 +13,8 @@ export interface DnsRecords {
   aaaa?: [string, string][];
   ptr?: [string, string][];
   mx?: [string, string, number][];
+  /** TTL of these answers, s (dnsmasq's --local-ttl; default 0, which no cache keeps). */
+  ttl?: number;
 }
 
 export interface Dnsmasq {
@@ -26,6 +28,7 @@ export async function startDnsmasq(records: DnsRecords): Promise<Dnsmasq> {
   const port = await freePort();
   // Authoritative for *.test and the loopback reverse zone: unknown names are NXDOMAIN.
   const args = ['-k', `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', '--conf-file=/dev/null', '--user=root', '--local=/test/', '--local=/127.in-addr.arpa/', '--log-facility=-', '--log-queries'];
+  if (records.ttl) args.push(`--local-ttl=${records.ttl}`);
   for (const [name, text] of records.txt ?? []) args.push(`--txt-record=${name},${text}`);
   for (const [name, ip] of records.a ?? []) args.push(`--host-record=${name},${ip}`);
   for (const [name, ip] of records.aaaa ?? []) args.push(`--host-record=${name},${ip}`);
