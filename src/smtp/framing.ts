@@ -18,6 +18,7 @@
  * Bytes that could be the start of CRLF.CRLF are held back until the next chunk decides them,
  * so the backend never sees an end of data that doorman has not seen first.
  */
+import { copyOf } from '../protocol/bytes.js';
 
 export type BareNewlinePolicy = 'normalize' | 'reject';
 
@@ -131,7 +132,7 @@ export class Framing {
         return { type: 'too_long' };
       }
       const crlf = lf > 0 && buf[lf - 1] === CR;
-      const line = Buffer.from(buf.subarray(0, crlf ? lf - 1 : lf));
+      const line = copyOf(buf.subarray(0, crlf ? lf - 1 : lf));
       this.consume(lf + 1);
       return { type: 'line', line, bareLf: !crlf, bareCr: line.includes(CR) };
     }
@@ -250,7 +251,7 @@ export class Framing {
 
   private hold(buf: Buffer, at: number, out: Buffer[], flush: (to: number) => void): DataEvent {
     flush(at);
-    this.held = Buffer.from(buf.subarray(at));
+    this.held = copyOf(buf.subarray(at));
     this.dataBytes += at;
     return { chunks: out, end: false };
   }

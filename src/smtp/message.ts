@@ -12,6 +12,7 @@
  * DATA policy (size, lines, bare newlines, data_headers and data_end rules).
  */
 import type { BackendConnection } from '../backend/connection.js';
+import { copyOf } from '../protocol/bytes.js';
 import { R, replyClass, type Reply } from '../protocol/reply.js';
 import { Unstuffer } from './framing.js';
 
@@ -122,7 +123,7 @@ export class Message {
 
   /** Holds message bytes until the header block is complete (data_headers rules). */
   holdHeaders(chunks: readonly Buffer[]): void {
-    for (const c of chunks) this.pendingHeaders?.push(Buffer.from(c));
+    for (const c of chunks) this.pendingHeaders?.push(copyOf(c));
   }
 
   /**

@@ -12,6 +12,7 @@
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { copyOf } from '../protocol/bytes.js';
 
 /** File writes in flight, octets, before the writer waits. */
 const SPOOL_WRITE_AHEAD = 1 << 20;
@@ -44,11 +45,11 @@ export class Spool {
   write(chunks: readonly Buffer[]): void | Promise<void> {
     for (const c of chunks) {
       if (this.file === null && this.memoryBytes + c.length <= this.inMemory) {
-        this.memory.push(Buffer.from(c));
+        this.memory.push(copyOf(c));
         this.memoryBytes += c.length;
         continue;
       }
-      this.toFile(Buffer.from(c));
+      this.toFile(copyOf(c));
     }
     if (this.inFlight > SPOOL_WRITE_AHEAD) return this.writing;
   }
