@@ -83,7 +83,7 @@ const IDLE = Number(process.env.BENCH_IDLE ?? 9000);
 /** The rows with the default rules and dmarc (BENCH_DMARC=0 leaves them out). */
 const DMARC_RULES = 'default rules + dmarc';
 /** doorman's environment as scripts/install.sh and the Dockerfile start it. */
-const SHIPPED_ENV: Record<string, string> = { NODE_OPTIONS: process.env.BENCH_SHIPPED_NODE_OPTIONS ?? '--max-semi-space-size=64', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info' };
+const SHIPPED_ENV: Record<string, string> = { NODE_OPTIONS: process.env.BENCH_SHIPPED_NODE_OPTIONS ?? '--max-semi-space-size=32', DOORMAN_WORKERS: 'auto', DOORMAN_LOG_LEVEL: 'info' };
 /** ms the shipped-defaults rows' resolver holds each answer. */
 const DNS_DELAY = Number(process.env.BENCH_DNS_DELAY ?? 500);
 const SHIPPED = 'shipped defaults (install.sh)';
@@ -632,9 +632,9 @@ async function main(): Promise<void> {
   const rbl = await startRbldnsd([{ name: 'bl.test', type: 'ip4set', lines: [':127.0.0.2:listed', '127.0.0.2'] }]);
   const redis = await startRedis();
   // Production-like: info-level logs (one JSON line per session) are part of the cost.
-  // As shipped (Dockerfile, scripts/install.sh): a 64 MB young generation. BENCH_NODE_OPTIONS
+  // As shipped (Dockerfile, scripts/install.sh): a 32 MB young generation. BENCH_NODE_OPTIONS
   // overrides it ("" for Node's defaults).
-  const quiet = { DOORMAN_LOG_LEVEL: 'info', NODE_OPTIONS: process.env.BENCH_NODE_OPTIONS ?? '--max-semi-space-size=64' };
+  const quiet = { DOORMAN_LOG_LEVEL: 'info', NODE_OPTIONS: process.env.BENCH_NODE_OPTIONS ?? '--max-semi-space-size=32' };
   const defaultRules = {
     'relay.yaml': 'rule: relay\nsettings:\n  localDomains: [example.com]\n',
     'sender.yaml': 'rule: sender\nsettings:\n  localDomains: [example.com]\n',

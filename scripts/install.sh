@@ -16,7 +16,7 @@ use_supported_node
 npm ci --no-audit --no-fund
 npm run build
 "$DOORMAN_NODE" bin/doorman.js check
-# A 64 MB young generation: fewer garbage-collection pauses under load (docs/operations.md, Tuning).
-export NODE_OPTIONS="${NODE_OPTIONS:---max-semi-space-size=64}"
+# A 32 MB young generation: fewer garbage-collection pauses under load (docs/operations.md, Tuning).
+export NODE_OPTIONS="${NODE_OPTIONS:---max-semi-space-size=32}"
 echo "starting: $DOORMAN_NODE bin/doorman.js start"
 exec "$DOORMAN_NODE" bin/doorman.js start

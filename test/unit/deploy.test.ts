@@ -77,8 +77,8 @@ test('Dockerfile: multi-stage, non-root, HEALTHCHECK on /healthz, the doorman en
   assert.match(df, /^USER node$/m);
   assert.match(df, /^HEALTHCHECK .*\n?.*\/healthz/m);
   assert.match(df, /^ENTRYPOINT \["node", "bin\/doorman\.js"\]$/m);
-  assert.match(df, /^\s+NODE_OPTIONS=--max-semi-space-size=64 \\$/m, 'the tuned young generation, as install.sh and the bench use');
-  assert.match(read('scripts/install.sh'), /NODE_OPTIONS:---max-semi-space-size=64/);
+  assert.match(df, /^\s+NODE_OPTIONS=--max-semi-space-size=32 \\$/m, 'the tuned young generation, as install.sh and the bench use');
+  assert.match(read('scripts/install.sh'), /NODE_OPTIONS:---max-semi-space-size=32/);
 });
 
 test('one Node.js story: the image, the LTS the scripts download, engines and the lines CI runs', () => {
