@@ -11,7 +11,7 @@ RUN npm run build && npm prune --omit=dev
 FROM node:24-bookworm-slim
 # A 32 MB young generation (Node 22's default is 16): half the garbage-collection pauses, which set
 # the p99 command latency under load; 64 MB cost 60 MB more per process for no p99 gain
-# (docs/performance.md, "Young generation size against memory").
+# (docs/performance.md, "Cost per message against the pipe").
 ENV NODE_ENV=production \
     NODE_OPTIONS=--max-semi-space-size=32 \
     DOORMAN_LISTEN=smtp://0.0.0.0:2525 \
