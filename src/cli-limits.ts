@@ -81,7 +81,7 @@ export async function limits(argv: readonly string[], file: string | undefined, 
   if (typeof target === 'string') throw new DoormanError('DMN_ERR_USAGE', target);
 
   // Redis: asked directly. Memory: the running instance holds it, asked at metrics.listen.
-  const store = createStore(loaded, metrics, quiet);
+  const store = await createStore(loaded, metrics, quiet);
   let where: string;
   let inspect: () => Promise<RawState>;
   let reset: () => Promise<boolean>;

@@ -152,7 +152,7 @@ function explain(args: string[], file: string | undefined, rulesDir: string | un
       if (rulesDir) loaded.config.rules.dir = rulesDir;
       const quiet = { warn: () => undefined, info: () => undefined };
       const metrics = createMetrics({ version: VERSION, defaults: false });
-      const store = createStore(loaded, metrics, quiet);
+      const store = await createStore(loaded, metrics, quiet);
       if (store.kind === 'memory') process.stderr.write('note: no Redis configured; this process has its own, empty, in-memory store (the running instance\'s counts are not seen)\n');
       else if (!(await store.ready(loaded.config.redis.commandTimeout * 10))) {
         await store.close();
