@@ -10,7 +10,9 @@
  * between instances (machines).
  *
  * Each call is one IPC round trip (about 75 µs here, measured for the connection slots in
- * bench/listener-limits.ts). A call the primary does not answer within the deadline the worker
+ * bench/listener-limits.ts). The calls a worker makes in one turn of its event loop (a stage's
+ * limits, other sessions' checks) travel in one message and are answered in one. A call the
+ * primary does not answer within the deadline the worker
  * is given (main.ts: `redis.commandTimeout`, as for a Redis command) rejects: the rules apply
  * their rule file's onError (pass by default), never a crash.
  */
@@ -21,17 +23,25 @@ import { MemoryStore, type Store } from './store.js';
 const METHODS = ['rate', 'acquire', 'release', 'greylist', 'peekSlots', 'peekGreylist', 'inspect', 'reset'] as const;
 type Method = (typeof METHODS)[number];
 
-interface CallMessage {
-  doormanStore: 'call';
+interface Call {
   id: number;
   method: Method;
   args: (string | number)[];
 }
-interface AnswerMessage {
-  doormanStore: 'answer';
+interface Answer {
   id: number;
   value?: unknown;
   error?: string;
+}
+/** A worker's calls of one turn of its event loop. */
+interface CallMessage {
+  doormanStore: 'calls';
+  calls: Call[];
+}
+/** The primary's answers to one CallMessage. */
+interface AnswerMessage {
+  doormanStore: 'answers';
+  answers: Answer[];
 }
 
 function isStoreMessage(m: unknown): m is CallMessage | AnswerMessage {
@@ -43,14 +53,28 @@ export class WorkerStore implements Store {
   readonly kind = 'memory' as const;
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  /** Calls of this turn of the event loop, sent together once its I/O callbacks are done. */
+  private queue: Call[] = [];
   private readonly onMessage = (m: unknown) => {
-    if (!isStoreMessage(m) || m.doormanStore !== 'answer') return;
-    const w = this.waiting.get(m.id);
-    if (!w) return;
-    this.waiting.delete(m.id);
-    clearTimeout(w.timer);
-    if (m.error !== undefined) w.reject(new Error(m.error));
-    else w.resolve(m.value);
+    if (!isStoreMessage(m) || m.doormanStore !== 'answers') return;
+    for (const a of m.answers) {
+      const w = this.waiting.get(a.id);
+      if (!w) continue;
+      this.waiting.delete(a.id);
+      clearTimeout(w.timer);
+      if (a.error !== undefined) w.reject(new Error(a.error));
+      else w.resolve(a.value);
+    }
+  };
+  private readonly flush = () => {
+    const calls = this.queue;
+    this.queue = [];
+    if (!this.proc.send || !this.proc.connected) {
+      for (const c of calls) this.fail(c.id, new Error('store: no primary'));
+      return;
+    }
+    const msg: CallMessage = { doormanStore: 'calls', calls };
+    this.proc.send(msg);
   };
 
   constructor(
@@ -60,18 +84,22 @@ export class WorkerStore implements Store {
     proc.on('message', this.onMessage);
   }
 
+  private fail(id: number, e: Error): void {
+    const w = this.waiting.get(id);
+    if (!w) return;
+    this.waiting.delete(id);
+    clearTimeout(w.timer);
+    w.reject(e);
+  }
+
   private call<T>(method: Method, args: (string | number)[]): Promise<T> {
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
       if (!this.proc.send || !this.proc.connected) return reject(new Error('store: no primary'));
-      const timer = setTimeout(() => {
-        this.waiting.delete(id);
-        reject(new Error('store: the primary did not answer in time'));
-      }, this.timeoutMs);
+      const timer = setTimeout(() => this.fail(id, new Error('store: the primary did not answer in time')), this.timeoutMs);
       timer.unref();
       this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
-      const msg: CallMessage = { doormanStore: 'call', id, method, args };
-      this.proc.send(msg);
+      if (this.queue.push({ id, method, args }) === 1) setImmediate(this.flush);
     });
   }
 
@@ -115,7 +143,7 @@ export class WorkerStore implements Store {
 
 /** The primary's side: answers every worker's calls from one MemoryStore. */
 export function serveStore(workers: Cluster, store: MemoryStore = new MemoryStore()): MemoryStore {
-  const run = (m: CallMessage): Promise<unknown> => {
+  const run = (m: Call): Promise<unknown> => {
     const a = m.args;
     const s = (i: number) => String(a[i]);
     const n = (i: number) => Number(a[i]);
@@ -139,14 +167,19 @@ export function serveStore(workers: Cluster, store: MemoryStore = new MemoryStor
     }
   };
   workers.on('message', (w: Worker, m: unknown) => {
-    if (!isStoreMessage(m) || m.doormanStore !== 'call' || !METHODS.includes(m.method)) return;
-    const answer = (a: AnswerMessage) => {
+    if (!isStoreMessage(m) || m.doormanStore !== 'calls' || !Array.isArray(m.calls)) return;
+    const calls = m.calls.filter((c) => METHODS.includes(c.method));
+    void Promise.all(
+      calls.map((c) =>
+        run(c).then(
+          (value): Answer => ({ id: c.id, value: value ?? null }),
+          (e: unknown): Answer => ({ id: c.id, error: e instanceof Error ? e.message : String(e) }),
+        ),
+      ),
+    ).then((answers) => {
+      const a: AnswerMessage = { doormanStore: 'answers', answers };
       if (w.isConnected()) w.send(a);
-    };
-    run(m).then(
-      (value) => answer({ doormanStore: 'answer', id: m.id, value: value ?? null }),
-      (e: unknown) => answer({ doormanStore: 'answer', id: m.id, error: e instanceof Error ? e.message : String(e) }),
-    );
+    });
   });
   return store;
 }

@@ -1,7 +1,7 @@
 /**
  * The cluster's in-memory store (src/store/primary.ts): a worker's calls reach the primary's one
- * MemoryStore and come back; a primary that does not answer makes the call reject (the rules'
- * fail mode applies), never hang.
+ * MemoryStore and come back, the calls of one turn of the event loop in one message; a primary
+ * that does not answer makes the call reject (the rules' fail mode applies), never hang.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,14 +9,15 @@ import { EventEmitter } from 'node:events';
 import type { Cluster, Worker } from 'node:cluster';
 import { serveStore, WorkerStore } from '../../src/store/primary.js';
 
-/** Two workers wired to one primary through fake IPC channels. */
-function wire() {
+/** Two workers wired to one primary through fake IPC channels; `sent` counts their messages. */
+function wire(sent = { n: 0 }) {
   const primary = new EventEmitter();
   const procs = [1, 2].map((id) => {
     const proc = new EventEmitter() as EventEmitter & { send: (m: unknown) => boolean; connected: boolean };
     const worker = { id, isConnected: () => true, send: (m: unknown) => setImmediate(() => proc.emit('message', m)) } as unknown as Worker;
     proc.connected = true;
     proc.send = (m: unknown) => {
+      sent.n++;
       setImmediate(() => primary.emit('message', worker, m));
       return true;
     };
@@ -60,4 +61,20 @@ test('a primary that does not answer: the call rejects at the deadline', async (
   clearTimeout(alive);
   assert.ok(Date.now() - t0 >= 45);
   await s.close();
+});
+
+test('the calls of one turn of the event loop travel in one message, each with its own answer', async () => {
+  const sent = { n: 0 };
+  const [a] = wire(sent);
+  assert.ok(a);
+  const answers = await Promise.all([a.rate('x', 60_000, 1, 1), a.rate('x', 60_000, 1, 1), a.acquire('s', 't', 1, 60_000), a.rate('y', 60_000, 1, 1)]);
+  assert.equal(sent.n, 1);
+  assert.deepEqual(
+    answers.map((r) => ('allowed' in r ? r.allowed : r.ok)),
+    [true, false, true, true],
+    'in the order they were made',
+  );
+  assert.equal((await a.rate('y', 60_000, 1, 1)).allowed, false);
+  assert.equal(sent.n, 2);
+  await a.close();
 });
