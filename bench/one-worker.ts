@@ -16,7 +16,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { startDnsmasq } from '../test/helpers/dns.js';
+import { loopbackNames, startDnsmasq } from '../test/helpers/dns.js';
 import { startDoorman } from '../test/helpers/doorman.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc } from '../test/helpers/procs.js';
@@ -25,20 +25,6 @@ const exec = promisify(execFile);
 const n = Number(process.env.BENCH_MESSAGES ?? 4000);
 const workload = process.env.BENCH_W === 'b' ? 'b' : 'a';
 const ROOT = path.join(import.meta.dirname, '..');
-
-/** The names /etc/hosts gives 127.0.0.1 (the PTR answer Node's resolver finds for the load's client). */
-function loopbackNames(): string[] {
-  try {
-    return fs
-      .readFileSync('/etc/hosts', 'utf8')
-      .split('\n')
-      .map((l) => l.replace(/#.*/, '').trim().split(/\s+/))
-      .filter((f) => f[0] === '127.0.0.1')
-      .flatMap((f) => f.slice(1));
-  } catch {
-    return [];
-  }
-}
 
 function cpuMs(pid: number): number {
   try {

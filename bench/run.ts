@@ -66,7 +66,7 @@ import { startHaraka } from './haraka.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
 import { startRbldnsd } from '../test/helpers/rbldnsd.js';
-import { startDnsmasq, startSlowDns } from '../test/helpers/dns.js';
+import { loopbackNames, startDnsmasq, startSlowDns } from '../test/helpers/dns.js';
 import { startRedis } from '../test/helpers/redis.js';
 import { SmtpClient } from '../test/helpers/smtp.js';
 
@@ -443,20 +443,6 @@ function postfixQueued(pf: Postfix): number {
  * row's direct column is recording off, doorman is recording on, the ratio on/off; the note gives
  * the records written and dropped, and their mean size.
  */
-/** The names /etc/hosts gives 127.0.0.1 (the PTR answer for the load's client). */
-function loopbackNames(): string[] {
-  try {
-    return fs
-      .readFileSync('/etc/hosts', 'utf8')
-      .split('\n')
-      .map((l) => l.replace(/#.*/, '').trim().split(/\s+/))
-      .filter((f) => f[0] === '127.0.0.1')
-      .flatMap((f) => f.slice(1));
-  } catch {
-    return [];
-  }
-}
-
 /**
  * The cost rows (BENCH_COST=1): doorman with `env` (the shipped rules and settings, `n` workers)
  * against a raw pipe of `n` processes in front of the same sink, the two alternating per

@@ -4,6 +4,7 @@
  * answers (for timeouts), and a relay that answers late (a slow resolver).
  */
 import dgram from 'node:dgram';
+import fs from 'node:fs';
 import { freePort } from './net.js';
 import { spawnProc, trackCloser, type Proc } from './procs.js';
 
@@ -90,4 +91,21 @@ export async function startSlowDns(upstream: string, delayMs: number): Promise<{
     }));
   trackCloser(stop);
   return { server: `127.0.0.1:${sock.address().port}`, queries: () => n, stop };
+}
+
+/**
+ * The names /etc/hosts gives 127.0.0.1: Node's resolver reads that file for reverse lookups, so
+ * they are the PTR answer for a client on 127.0.0.1 (serve their A records to confirm it).
+ */
+export function loopbackNames(): string[] {
+  try {
+    return fs
+      .readFileSync('/etc/hosts', 'utf8')
+      .split('\n')
+      .map((l) => l.replace(/#.*/, '').trim().split(/\s+/))
+      .filter((f) => f[0] === '127.0.0.1')
+      .flatMap((f) => f.slice(1));
+  } catch {
+    return [];
+  }
 }
