@@ -13,54 +13,22 @@
  * in the bench's cost rows. Run `npm run build` first. Every process is stopped by PID at the end.
  */
 import { execFile } from 'node:child_process';
-import fs from 'node:fs';
-import path from 'node:path';
 import { promisify } from 'node:util';
 import { loopbackNames, startDnsmasq } from '../test/helpers/dns.js';
-import { startDoorman } from '../test/helpers/doorman.js';
+import { shippedRules, startDoorman } from '../test/helpers/doorman.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc } from '../test/helpers/procs.js';
+import { childrenOf, ownStat, procStat } from './proc-stat.js';
 
 const exec = promisify(execFile);
 const n = Number(process.env.BENCH_MESSAGES ?? 4000);
 const workload = process.env.BENCH_W === 'b' ? 'b' : 'a';
-const ROOT = path.join(import.meta.dirname, '..');
-
-function cpuMs(pid: number): number {
-  try {
-    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return ((Number(f[11]) + Number(f[12])) * 1000) / 100;
-  } catch {
-    return 0;
-  }
-}
-
-function children(pid: number): number[] {
-  try {
-    return fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-  } catch {
-    return [];
-  }
-}
-
-function rssMb(pid: number): number {
-  let kb = 0;
-  for (const p of [pid, ...children(pid)]) {
-    try {
-      kb += Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0);
-    } catch {
-      // A worker that just exited.
-    }
-  }
-  return kb / 1024;
-}
 
 const sinkPort = await freePort();
 const sink = spawnProc('smtp-sink', 'smtp-sink', ['-u', 'nobody', '-c', `127.0.0.1:${sinkPort}`, '1024']);
 await sleep(300);
 const dns = await startDnsmasq({ ttl: 300, a: loopbackNames().map((name): [string, string] => [name, '127.0.0.1']) });
-const rulesDir = path.join(ROOT, 'rules');
-const rules = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+const rules = shippedRules();
 const prof = process.env.BENCH_PROF ? ` --cpu-prof --cpu-prof-dir=${process.env.BENCH_PROF}` : '';
 const d = await startDoorman({
   backendPort: sinkPort,
@@ -74,7 +42,6 @@ const d = await startDoorman({
   },
 });
 const pid = d.proc.pid;
-const cpu = () => cpuMs(pid) + children(pid).reduce((a, k) => a + cpuMs(k), 0);
 const load = async (messages: number, extra: string[]) => {
   const t = performance.now();
   await exec('smtp-source', ['-l', '4096', '-m', String(messages), '-s', '20', ...extra, '-f', 'bench@load.example', '-t', 'user@example.com', `127.0.0.1:${d.port}`], { timeout: 300_000 });
@@ -83,14 +50,14 @@ const load = async (messages: number, extra: string[]) => {
 try {
   await load(1000, ['-d']);
   await sleep(500);
-  const c0 = cpu();
-  const p0 = cpuMs(pid);
+  const c0 = procStat(pid).cpuMs;
+  const p0 = ownStat(pid).cpuMs;
   let peak = 0;
-  const sampler = setInterval(() => (peak = Math.max(peak, rssMb(pid))), 100);
+  const sampler = setInterval(() => (peak = Math.max(peak, procStat(pid).rssKb / 1024)), 100);
   const secs = await load(n, workload === 'b' ? ['-d'] : []);
   clearInterval(sampler);
-  const primary = children(pid).length ? `, the primary ${((cpuMs(pid) - p0) / n).toFixed(3)}` : '';
-  process.stdout.write(`(${workload}): ${(n / secs).toFixed(0)} msg/s, ${((cpu() - c0) / n).toFixed(3)} ms CPU/msg${primary}, peak RSS ${peak.toFixed(0)} MB\n`);
+  const primary = childrenOf(pid).length ? `, the primary ${((ownStat(pid).cpuMs - p0) / n).toFixed(3)}` : '';
+  process.stdout.write(`(${workload}): ${(n / secs).toFixed(0)} msg/s, ${((procStat(pid).cpuMs - c0) / n).toFixed(3)} ms CPU/msg${primary}, peak RSS ${peak.toFixed(0)} MB\n`);
 } finally {
   await d.stop();
   await dns.stop();

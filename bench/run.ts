@@ -60,9 +60,10 @@ import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
-import { startDoorman, type Doorman } from '../test/helpers/doorman.js';
+import { shippedRules, startDoorman, type Doorman } from '../test/helpers/doorman.js';
 import { startPostfix, type Postfix } from '../test/helpers/postfix.js';
 import { startHaraka } from './haraka.js';
+import { procStat } from './proc-stat.js';
 import { freePort } from '../test/helpers/net.js';
 import { sleep, spawnProc, stopAll, type Proc } from '../test/helpers/procs.js';
 import { startRbldnsd } from '../test/helpers/rbldnsd.js';
@@ -117,28 +118,6 @@ const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? NaN;
 };
-
-/** CPU time and RSS of doorman: the process and its cluster workers (its children). */
-function procStat(pid: number): { cpuMs: number; rssKb: number } {
-  let cpuMs = 0;
-  let rssKb = 0;
-  let children: number[] = [];
-  try {
-    children = fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-  } catch {
-    /* no children list: count the process alone */
-  }
-  for (const p of [pid, ...children]) {
-    try {
-      const stat = fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]!.split(' ');
-      cpuMs += ((Number(stat[11]) + Number(stat[12])) * 1000) / 100; // utime + stime, 100 Hz
-      rssKb += Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0);
-    } catch {
-      /* a worker that just exited */
-    }
-  }
-  return { cpuMs, rssKb };
-}
 
 /**
  * BENCH_PIN=1 (the fronts' rows): Postfix, smtp-source and the sink on CPU 0; doorman, Redis and
@@ -216,6 +195,23 @@ async function measure(port: number, pid: number | null, args: string[], message
   };
 }
 
+/** Where a run goes: a port, and the process whose CPU and RSS are sampled (null: none). */
+interface Peer {
+  port: number;
+  pid: number | null;
+}
+
+/** `first` and `second` measured in turn, REPS times each: their measurements in run order. */
+async function alternate(first: Peer, second: Peer, args: string[], messages: number): Promise<[Measured[], Measured[]]> {
+  const a: Measured[] = [];
+  const b: Measured[] = [];
+  for (let i = 0; i < REPS; i++) {
+    a.push(await measure(first.port, first.pid, args, messages));
+    b.push(await measure(second.port, second.pid, args, messages));
+  }
+  return [a, b];
+}
+
 interface Row {
   workload: string;
   config: string;
@@ -235,14 +231,9 @@ interface Target {
 }
 
 async function throughput(name: string, cfg: string, d: Target, sinkPort: number, args: string[], messages: number): Promise<Row> {
-  const direct: number[] = [];
-  const through: Measured[] = [];
-  for (let i = 0; i < REPS; i++) {
-    direct.push((await measure(sinkPort, null, args, messages)).msgPerSec);
-    through.push(await measure(d.port, d.proc.pid, args, messages));
-  }
+  const [direct, through] = await alternate({ port: sinkPort, pid: null }, { port: d.port, pid: d.proc.pid }, args, messages);
   const dm = median(through.map((m) => m.msgPerSec));
-  const dr = median(direct);
+  const dr = median(direct.map((m) => m.msgPerSec));
   return {
     workload: name, config: cfg, direct: dr, doorman: dm, ratio: dm / dr, unit: 'msg/s',
     cpuMsPerMsg: median(through.map((m) => m.cpuMsPerMsg)), peakRssMb: Math.max(...through.map((m) => m.peakRssMb)),
@@ -438,12 +429,6 @@ function postfixQueued(pf: Postfix): number {
 }
 
 /**
- * BENCH_RECORD=1 (issue 18): (a) and (b) through two doormans with the same rules, one recording
- * every session (record.dir in a temporary folder) and one not, alternating per repetition. The
- * row's direct column is recording off, doorman is recording on, the ratio on/off; the note gives
- * the records written and dropped, and their mean size.
- */
-/**
  * The cost rows (BENCH_COST=1): doorman with `env` (the shipped rules and settings, `n` workers)
  * against a raw pipe of `n` processes in front of the same sink, the two alternating per
  * repetition; the rows' direct column is the pipe, the ratio doorman's share of it; the note
@@ -460,12 +445,7 @@ async function costRows(sinkPort: number, rules: Record<string, string>, env: Re
     for (const port of [pipePort, d.port]) await smtpSource(port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
     for (const w of workloads) {
       process.stdout.write(`${cfg}: ${w.name}…\n`);
-      const piped: Measured[] = [];
-      const through: Measured[] = [];
-      for (let i = 0; i < REPS; i++) {
-        piped.push(await measure(pipePort, pipe.pid, w.args, w.messages));
-        through.push(await measure(d.port, d.proc.pid, w.args, w.messages));
-      }
+      const [piped, through] = await alternate({ port: pipePort, pid: pipe.pid }, { port: d.port, pid: d.proc.pid }, w.args, w.messages);
       const pm = median(piped.map((m) => m.msgPerSec));
       const dm = median(through.map((m) => m.msgPerSec));
       const pCpu = median(piped.map((m) => m.cpuMsPerMsg));
@@ -490,6 +470,12 @@ async function costRows(sinkPort: number, rules: Record<string, string>, env: Re
   return rows;
 }
 
+/**
+ * BENCH_RECORD=1 (issue 18): (a) and (b) through two doormans with the same rules, one recording
+ * every session (record.dir in a temporary folder) and one not, alternating per repetition. The
+ * row's direct column is recording off, doorman is recording on, the ratio on/off; the note gives
+ * the records written and dropped, and their mean size.
+ */
 async function recordRows(sinkPort: number, rules: Record<string, string>, env: Record<string, string>, config: string, workloads: { name: string; args: string[]; messages: number }[]): Promise<Row[]> {
   const dir = fs.mkdtempSync(path.join((await import('node:os')).tmpdir(), 'doorman-bench-records-'));
   const off = await startDoorman({ backendPort: sinkPort, rules, env, config });
@@ -499,12 +485,7 @@ async function recordRows(sinkPort: number, rules: Record<string, string>, env: 
     for (const d of [off, on]) await smtpSource(d.port, ['-l', '4096', '-m', String(Math.min(1000, MSGS)), '-s', '20', '-d']);
     for (const w of workloads) {
       process.stdout.write(`recording: ${w.name}…\n`);
-      const a: Measured[] = [];
-      const b: Measured[] = [];
-      for (let i = 0; i < REPS; i++) {
-        a.push(await measure(off.port, off.proc.pid, w.args, w.messages));
-        b.push(await measure(on.port, on.proc.pid, w.args, w.messages));
-      }
+      const [a, b] = await alternate({ port: off.port, pid: off.proc.pid }, { port: on.port, pid: on.proc.pid }, w.args, w.messages);
       const offRate = median(a.map((m) => m.msgPerSec));
       const onRate = median(b.map((m) => m.msgPerSec));
       rows.push({
@@ -647,8 +628,7 @@ async function main(): Promise<void> {
   const dnsmasq = process.env.BENCH_SHIPPED === '0' || !(only('a') || only('b')) ? null : await startDnsmasq({});
   const slowDns = dnsmasq && DNS_DELAY > 0 ? await startSlowDns(dnsmasq.server, DNS_DELAY) : null;
   if (dnsmasq) {
-    const rulesDir = path.join(ROOT, 'rules');
-    const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+    const shipped = shippedRules();
     const env = { ...SHIPPED_ENV, DOORMAN_DNS_SERVERS: slowDns?.server ?? dnsmasq.server };
     configs.push({ name: SHIPPED, rules: shipped, env, workloads: ['a', 'b'] });
     if (process.env.BENCH_REDIS === '1') configs.push({ name: SHIPPED_REDIS, rules: shipped, env: { ...env, DOORMAN_REDIS_URL: redis.url }, workloads: ['a', 'b'] });
@@ -743,8 +723,7 @@ async function main(): Promise<void> {
     // are served too, so fcrdns confirms the client as it would a real one.
     const dns = await startDnsmasq({ ttl: 300, a: loopbackNames().map((n): [string, string] => [n, '127.0.0.1']) });
     try {
-      const rulesDir = path.join(ROOT, 'rules');
-      const shipped = Object.fromEntries(fs.readdirSync(rulesDir).filter((f) => f.endsWith('.yaml')).map((f) => [f, fs.readFileSync(path.join(rulesDir, f), 'utf8')]));
+      const shipped = shippedRules();
       const cw = [
         { name: '(a) one message per connection', args: ['-l', '4096', '-m', String(MSGS), '-s', '20'], messages: MSGS },
         { name: '(b) many messages per session', args: ['-l', '4096', '-m', String(MSGS * 2), '-s', '20', '-d'], messages: MSGS * 2 },

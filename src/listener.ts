@@ -138,12 +138,11 @@ export class Proxy {
    * limits.maxEventLoopLag, new connections get 421 4.3.2 rather than everyone getting slow.
    */
   private startSampler(): void {
-    const every = LAG_SAMPLE_MS;
     this.lastSample = performance.now();
     this.sampler = setInterval(() => {
       const limit = this.limits.maxEventLoopLag;
       const now = performance.now();
-      const lag = Math.max(0, now - this.lastSample - every);
+      const lag = Math.max(0, now - this.lastSample - LAG_SAMPLE_MS);
       this.lastSample = now;
       this.deps.metrics.eventLoopLag.set(lag / 1000);
       const over = limit > 0 && lag > limit;
@@ -152,7 +151,7 @@ export class Proxy {
         this.deps.metrics.overloaded.set(over ? 1 : 0);
         this.deps.log.warn({ lagMs: Math.round(lag), limitMs: limit }, over ? 'overloaded: shedding new connections' : 'load back to normal');
       }
-    }, every);
+    }, LAG_SAMPLE_MS);
     this.sampler.unref();
   }
 

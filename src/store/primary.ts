@@ -9,12 +9,12 @@
  * lands on, and `auto` is one worker per core either way. Redis is still what shares state
  * between instances (machines).
  *
- * Each call is one IPC round trip (about 75 µs here, measured for the connection slots in
- * bench/listener-limits.ts). The calls a worker makes in one turn of its event loop (a stage's
- * limits, other sessions' checks) travel in one message and are answered in one. A call the
- * primary does not answer within the deadline the worker
- * is given (main.ts: `redis.commandTimeout`, as for a Redis command) rejects: the rules apply
- * their rule file's onError (pass by default), never a crash.
+ * The calls a worker makes in one turn of its event loop (a stage's limits, other sessions'
+ * checks) travel to the primary in one IPC message and are answered in one: a round trip (about
+ * 75 µs here, measured for the connection slots in bench/listener-limits.ts) per turn, not per
+ * call. A call the primary does not answer within the deadline the worker is given (main.ts:
+ * `redis.commandTimeout`, as for a Redis command) rejects: the rules apply their rule file's
+ * onError (pass by default), never a crash.
  */
 import type { Cluster, Worker } from 'node:cluster';
 import { MemoryStore, type Store } from './store.js';
@@ -58,12 +58,9 @@ export class WorkerStore implements Store {
   private readonly onMessage = (m: unknown) => {
     if (!isStoreMessage(m) || m.doormanStore !== 'answers') return;
     for (const a of m.answers) {
-      const w = this.waiting.get(a.id);
-      if (!w) continue;
-      this.waiting.delete(a.id);
-      clearTimeout(w.timer);
-      if (a.error !== undefined) w.reject(new Error(a.error));
-      else w.resolve(a.value);
+      const w = this.settle(a.id);
+      if (a.error !== undefined) w?.reject(new Error(a.error));
+      else w?.resolve(a.value);
     }
   };
   private readonly flush = () => {
@@ -84,12 +81,17 @@ export class WorkerStore implements Store {
     proc.on('message', this.onMessage);
   }
 
-  private fail(id: number, e: Error): void {
+  /** The call's waiter, no longer waiting (undefined when it was settled already). */
+  private settle(id: number) {
     const w = this.waiting.get(id);
-    if (!w) return;
+    if (!w) return undefined;
     this.waiting.delete(id);
     clearTimeout(w.timer);
-    w.reject(e);
+    return w;
+  }
+
+  private fail(id: number, e: Error): void {
+    this.settle(id)?.reject(e);
   }
 
   private call<T>(method: Method, args: (string | number)[]): Promise<T> {

@@ -11,6 +11,17 @@ import { eventually, spawnProc, type Proc } from './procs.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
+/** The rule files of `rules/` as shipped (name → YAML text), for `rules`. */
+export function shippedRules(): Record<string, string> {
+  const dir = path.join(ROOT, 'rules');
+  return Object.fromEntries(
+    fs
+      .readdirSync(dir)
+      .filter((f) => f.endsWith('.yaml'))
+      .map((f) => [f, fs.readFileSync(path.join(dir, f), 'utf8')]),
+  );
+}
+
 export interface DoormanOptions {
   backendPort: number;
   /** Rule files: name → YAML text. Default: none (no rules). */
